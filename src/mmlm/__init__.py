@@ -1,0 +1,35 @@
+"""mmlm: CLIP and LLaVA from scratch in PyTorch.
+
+    import mmlm
+    model = mmlm.load("path/to/checkpoint-or-hf-dir")   # eval mode, float32, CPU
+    tok = mmlm.load_tokenizer("path/to/checkpoint-or-tokenizer")
+    mmlm.save(model, "out_dir", tokenizer=tok)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["load", "save", "load_tokenizer", "__version__"]
+
+
+def load(path: Any):
+    """Open a model: an mmlm checkpoint dir, or a transformers CLIPModel dir. Eval mode, float32, CPU."""
+    from .checkpoint import load as _load
+
+    return _load(path)
+
+
+def save(model: Any, directory: Any, tokenizer: Any = None, preprocess: Any = None):
+    """Write an mmlm checkpoint dir: config.json + model.safetensors (+ tokenizer.json, preprocess.json)."""
+    from .checkpoint import save as _save
+
+    return _save(model, directory, tokenizer=tokenizer, preprocess=preprocess)
+
+
+def load_tokenizer(path: Any):
+    """A checkpoint dir, tokenizer.json, CLIP bpe_simple_vocab_16e6.txt.gz or HF vocab.json+merges.txt dir."""
+    from .tokenizer import load_tokenizer as _load_tokenizer
+
+    return _load_tokenizer(path)

@@ -1,0 +1,264 @@
+"""Typed architecture configs.
+
+Every tower names its type in an explicit `kind` field (never guessed from other fields), derived
+sizes are filled in `__post_init__` so that one setting drives the rest, and every config round-trips
+through plain dicts (config.json) and YAML. Weights and preprocessing live elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh", "silu")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass
+class ViTConfig:
+    """Vision Transformer as in CLIP: patchify conv (no bias), class token, ln_pre, blocks, ln_post on CLS."""
+
+    kind: str = "vit"
+    image_size: int = 224
+    patch_size: int = 32
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_dim: int = 0  # 0 = 4 * width
+    act: str = "quick_gelu"
+    norm_eps: float = 1e-5
+    in_channels: int = 3
+
+    def __post_init__(self) -> None:
+        _check(self.kind == "vit", f"ViTConfig.kind must be 'vit', got {self.kind!r}")
+        if not self.mlp_dim:
+            self.mlp_dim = 4 * self.width
+        _check(self.image_size % self.patch_size == 0,
+               f"vision.image_size {self.image_size} is not a multiple of vision.patch_size {self.patch_size}")
+        _check(self.width % self.heads == 0, f"vision.width {self.width} is not divisible by vision.heads {self.heads}")
+        _check(self.act in ACTIVATIONS, f"vision.act {self.act!r} is not one of {ACTIVATIONS}")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid**2
+
+
+@dataclass
+class ModifiedResNetConfig:
+    """CLIP's ModifiedResNet: 3-conv stem, anti-aliased (avg-pool) strided bottlenecks, attention pooling."""
+
+    kind: str = "modified_resnet"
+    image_size: int = 224
+    layers: tuple[int, int, int, int] = (3, 4, 6, 3)
+    width: int = 64
+    heads: int = 0  # 0 = width * 32 // 64, OpenAI's rule
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        _check(self.kind == "modified_resnet", f"ModifiedResNetConfig.kind must be 'modified_resnet', got {self.kind!r}")
+        self.layers = tuple(int(n) for n in self.layers)
+        _check(len(self.layers) == 4, f"vision.layers must list 4 stage depths, got {self.layers}")
+        if not self.heads:
+            self.heads = self.width * 32 // 64
+        _check(self.image_size % 32 == 0, f"vision.image_size {self.image_size} must be a multiple of 32 for a ResNet")
+        _check((self.width * 32) % self.heads == 0,
+               f"attention-pool width {self.width * 32} is not divisible by vision.heads {self.heads}")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // 32
+
+    @property
+    def feature_dim(self) -> int:
+        return self.width * 32
+
+
+@dataclass
+class TextConfig:
+    """CLIP's text Transformer: token + position embedding, causal blocks, final LN, EOT pooling."""
+
+    kind: str = "text_transformer"
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    mlp_dim: int = 0  # 0 = 4 * width
+    act: str = "quick_gelu"
+    norm_eps: float = 1e-5
+    eot_token_id: int = 49407
+    # How the sentence vector is picked: "argmax" takes the largest id in each row (OpenAI, open_clip and
+    # transformers' legacy eos_token_id == 2 configs; right for CLIP's BPE whose EOT is the largest id);
+    # "eot" takes the first position of eot_token_id (transformers' current behaviour).
+    pool: str = "argmax"
+
+    def __post_init__(self) -> None:
+        _check(self.kind == "text_transformer", f"TextConfig.kind must be 'text_transformer', got {self.kind!r}")
+        if not self.mlp_dim:
+            self.mlp_dim = 4 * self.width
+        _check(self.width % self.heads == 0, f"text.width {self.width} is not divisible by text.heads {self.heads}")
+        _check(self.act in ACTIVATIONS, f"text.act {self.act!r} is not one of {ACTIVATIONS}")
+        _check(self.pool in ("argmax", "eot"), f"text.pool must be 'argmax' or 'eot', got {self.pool!r}")
+        _check(0 <= self.eot_token_id < self.vocab_size,
+               f"text.eot_token_id {self.eot_token_id} is outside the vocabulary (size {self.vocab_size})")
+
+
+VisionConfig = Union[ViTConfig, ModifiedResNetConfig]
+VISION_KINDS: dict[str, type] = {"vit": ViTConfig, "modified_resnet": ModifiedResNetConfig}
+
+
+@dataclass
+class CLIPConfig:
+    kind: str = "clip"
+    embed_dim: int = 512
+    vision: VisionConfig = field(default_factory=ViTConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    logit_scale_init: float = math.log(1 / 0.07)
+    logit_bias_init: float | None = None  # set (e.g. -10) for SigLIP's sigmoid loss
+
+    def __post_init__(self) -> None:
+        _check(self.kind == "clip", f"CLIPConfig.kind must be 'clip', got {self.kind!r}")
+        if isinstance(self.vision, dict):
+            self.vision = vision_config_from_dict(self.vision)
+        if isinstance(self.text, dict):
+            self.text = from_dict(TextConfig, self.text)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CLIPConfig":
+        return from_dict(cls, d)
+
+
+# ----------------------------------------------------------------------------- dict / YAML io
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict (tuples become lists)."""
+    out = {}
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            v = to_dict(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[f.name] = v
+    return out
+
+
+def from_dict(cls: type, d: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass `cls` from `d`; unknown keys are an error naming them."""
+    if not isinstance(d, dict):
+        raise ValueError(f"config{where or ''}: expected a mapping, got {type(d).__name__}")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"config{where}: unknown field(s) {unknown} for {cls.__name__}; known: {sorted(names)}")
+    return cls(**d)
+
+
+def vision_config_from_dict(d: dict[str, Any]) -> VisionConfig:
+    kind = d.get("kind")
+    if kind not in VISION_KINDS:
+        raise ValueError(f"config.vision: 'kind' must be one of {sorted(VISION_KINDS)}, got {kind!r}")
+    return from_dict(VISION_KINDS[kind], d, ".vision")
+
+
+def save_json(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a YAML mapping at the top level")
+    return data
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Apply dotted overrides (`["model.vision.width=128", ...]` or a dict) to a nested dict, in place.
+
+    Values are parsed as YAML scalars/lists (`1e-3`, `true`, `[3,4,6,3]`). A key that does not exist
+    is an error naming it, so a typo never silently does nothing.
+    """
+    items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
+    for key, value in items:
+        node = d
+        parts = key.split(".")
+        for i, p in enumerate(parts[:-1]):
+            if not isinstance(node.get(p), dict):
+                raise ValueError(f"override {key!r}: {'.'.join(parts[: i + 1])!r} is not a section of the config")
+            node = node[p]
+        if parts[-1] not in node:
+            raise ValueError(f"override {key!r}: no such field; fields here: {sorted(node)}")
+        node[parts[-1]] = value
+    return d
+
+
+def _split_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+# ----------------------------------------------------------------------------- presets
+
+def _openai_text(width: int = 512, heads: int = 8) -> TextConfig:
+    return TextConfig(width=width, heads=heads, layers=12)
+
+
+CLIP_PRESETS: dict[str, Any] = {
+    # The published OpenAI architectures (all QuickGELU, context 77, vocab 49408).
+    "RN50": lambda: CLIPConfig(embed_dim=1024, vision=ModifiedResNetConfig(image_size=224, layers=(3, 4, 6, 3), width=64),
+                               text=_openai_text()),
+    "RN101": lambda: CLIPConfig(embed_dim=512, vision=ModifiedResNetConfig(image_size=224, layers=(3, 4, 23, 3), width=64),
+                                text=_openai_text()),
+    "ViT-B-32": lambda: CLIPConfig(embed_dim=512, vision=ViTConfig(image_size=224, patch_size=32, width=768, layers=12, heads=12),
+                                   text=_openai_text()),
+    "ViT-B-16": lambda: CLIPConfig(embed_dim=512, vision=ViTConfig(image_size=224, patch_size=16, width=768, layers=12, heads=12),
+                                   text=_openai_text()),
+    "ViT-L-14": lambda: CLIPConfig(embed_dim=768, vision=ViTConfig(image_size=224, patch_size=14, width=1024, layers=24, heads=16),
+                                   text=_openai_text(768, 12)),
+    "ViT-L-14-336": lambda: CLIPConfig(embed_dim=768, vision=ViTConfig(image_size=336, patch_size=14, width=1024, layers=24, heads=16),
+                                       text=_openai_text(768, 12)),
+    # Tiny ones for tests and CPU experiments.
+    "tiny-vit": lambda: CLIPConfig(embed_dim=32, vision=ViTConfig(image_size=32, patch_size=8, width=64, layers=2, heads=4),
+                                   text=TextConfig(vocab_size=1000, eot_token_id=999, context_length=16, width=64, layers=2, heads=4)),
+    "tiny-rn": lambda: CLIPConfig(embed_dim=32, vision=ModifiedResNetConfig(image_size=64, layers=(1, 1, 1, 1), width=16),
+                                  text=TextConfig(vocab_size=1000, eot_token_id=999, context_length=16, width=64, layers=2, heads=4)),
+}
+
+
+def clip_preset(name: str) -> CLIPConfig:
+    """A named architecture; `ViT-B/32` and `ViT-B-32` both work."""
+    key = name.replace("/", "-")
+    if key not in CLIP_PRESETS:
+        raise ValueError(f"unknown CLIP preset {name!r}; known: {sorted(CLIP_PRESETS)}")
+    return CLIP_PRESETS[key]()
+
+
+MODEL_CONFIGS: dict[str, type] = {"clip": CLIPConfig}
+
+
+def model_config_from_dict(d: dict[str, Any], source: str = "config") -> Any:
+    """Dispatch on the top-level explicit `kind`."""
+    kind = d.get("kind") if isinstance(d, dict) else None
+    if kind not in MODEL_CONFIGS:
+        raise ValueError(f"{source}: top-level 'kind' must be one of {sorted(MODEL_CONFIGS)}, got {kind!r}")
+    return from_dict(MODEL_CONFIGS[kind], d)

@@ -1,0 +1,66 @@
+"""Read and write Hugging Face model directories (no transformers import needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import (PREPROCESS_NAME, build_model, load_state_dict_strict, read_json, read_state_dict, save_tensors,
+                          write_json)
+from . import hf_clip
+
+
+def read_hf_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF directory: model.safetensors, its sharded index, or pytorch_model.bin (weights_only)."""
+    d = Path(directory)
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = d / index_name
+        if index.is_file():
+            sd: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(read_json(index)["weight_map"].values())):
+                sd.update(read_state_dict(d / shard))
+            return sd
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (d / name).is_file():
+            return read_state_dict(d / name)
+    raise FileNotFoundError(f"{d}: no model.safetensors, pytorch_model.bin or shard index")
+
+
+def load_hf_clip(directory: str | Path) -> nn.Module:
+    d = Path(directory)
+    cfg = hf_clip.config_from_hf(read_json(d / "config.json"))
+    model = build_model(cfg)
+    sd = hf_clip.state_dict_from_hf(read_hf_weights(d), source=str(d))
+    load_state_dict_strict(model, sd, str(d))
+    return model
+
+
+def export_hf(model: nn.Module, out: str | Path, tokenizer=None, preprocess=None) -> Path:
+    """Write `model` as a directory that `transformers.CLIPModel.from_pretrained` loads."""
+    out = Path(out)
+    hf_cfg = hf_clip.config_to_hf(model.config)  # raises for models transformers cannot express
+    out.mkdir(parents=True, exist_ok=True)
+    save_tensors(out / "model.safetensors", hf_clip.state_dict_to_hf(model.state_dict()))
+    write_json(out / "config.json", hf_cfg)
+    if preprocess is not None:
+        write_json(out / "preprocessor_config.json", preprocess.to_hf())
+    if tokenizer is not None:
+        tokenizer.save(out)
+    return out
+
+
+def export_hf_checkpoint(src: str | Path, out: str | Path) -> Path:
+    """`mmlm export hf SRC --out DIR`: SRC is anything `mmlm.load` opens."""
+    from ..checkpoint import load, load_preprocess
+
+    src = Path(src)
+    model = load(src)
+    tokenizer = None
+    if src.is_dir() and (src / "tokenizer.json").is_file():
+        from ..tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(src)
+    preprocess = load_preprocess(src) if src.is_dir() and (src / PREPROCESS_NAME).is_file() else None
+    return export_hf(model, out, tokenizer, preprocess)
