@@ -1,0 +1,33 @@
+# Set-up and everyday commands. `make quickstart` and `make test` do all set-up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch 2.13.0 is a CPU wheel on local disk on our machines; an unpinned torch pulls a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup test quickstart clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	# OpenAI's CLIP BPE vocabulary ships inside the open_clip wheel; --no-deps: open_clip itself is never imported.
+	$(PY) -m pip install -q --no-deps "open-clip-torch==3.3.0"
+	$(PY) -m pip install -q -e ".[dev]"
+	# Fashion-MNIST (real photos) comes from Debian; skipped quietly where apt is unavailable.
+	@test -d /usr/share/datasets/fashion-mnist || (command -v apt-get >/dev/null && \
+	  (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)) || \
+	  echo "note: could not install dataset-fashion-mnist; Fashion-MNIST tests will skip")
+	touch $@
+
+test: setup
+	$(PY) -m pytest -n 2 -q
+
+quickstart: setup
+	$(VENV)/bin/mmlm quickstart
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,54 @@
+"""Contrastive objectives: CLIP's symmetric InfoNCE and SigLIP's pairwise sigmoid loss.
+
+Both take L2-normalised features and are free of distributed plumbing: a caller that holds features
+gathered from other ranks passes them as `image_all`/`text_all` with its rows' `offset` into them
+(each rank then computes its rows against every column: "local loss"); by default the batch is its own.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+              image_all: torch.Tensor | None = None, text_all: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
+    """Symmetric cross-entropy over scaled cosine similarities; sample i's positive is text i.
+
+    image, text: (B, E) normalised rows; image_all, text_all: (N, E) columns (default: the rows).
+    Returns the mean of the image->text and text->image losses over the B rows.
+    """
+    image_all = image if image_all is None else image_all
+    text_all = text if text_all is None else text_all
+    scale = logit_scale.exp()
+    labels = torch.arange(image.shape[0], device=image.device) + offset
+    logits_i2t = scale * image @ text_all.t()  # (B, N)
+    logits_t2i = scale * text @ image_all.t()  # (B, N)
+    return (F.cross_entropy(logits_i2t.float(), labels) + F.cross_entropy(logits_t2i.float(), labels)) / 2
+
+
+def siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
+                text_all: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
+    """Sigmoid loss (Zhai et al. 2023): every (image, text) pair is an independent binary problem.
+
+    Normalised by the number of rows, as in the paper (sum over columns, mean over images).
+    """
+    text_all = text if text_all is None else text_all
+    logits = (logit_scale.exp() * image @ text_all.t() + logit_bias).float()  # (B, N)
+    signs = -torch.ones_like(logits)
+    rows = torch.arange(image.shape[0], device=image.device)
+    signs[rows, rows + offset] = 1.0
+    return -F.logsigmoid(signs * logits).sum() / image.shape[0]
+
+
+def contrastive_loss(kind: str, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+                     logit_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Dispatch on the configured loss; features are normalised here."""
+    image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+    if kind == "clip":
+        return clip_loss(image, text, logit_scale)
+    if kind == "siglip":
+        if logit_bias is None:
+            raise ValueError("the siglip loss needs a model with a logit_bias (set model.logit_bias_init, e.g. -10)")
+        return siglip_loss(image, text, logit_scale, logit_bias)
+    raise ValueError(f"unknown contrastive loss {kind!r}; expected 'clip' or 'siglip'")
