@@ -75,8 +75,9 @@ def test_feature_caching_equals_one_big_batch(kind):
     g_cached = _grads(model)
     assert cached.item() == pytest.approx(big.item(), rel=1e-6)
     assert g_big.keys() == g_cached.keys() and len(g_big) == len(list(model.parameters()))
-    for name in g_big:
-        torch.testing.assert_close(g_cached[name], g_big[name], atol=1e-6, rtol=1e-4, msg=name)
+    for name in g_big:  # equal up to float32 rounding, judged against each gradient's own scale
+        err = (g_cached[name] - g_big[name]).abs().max().item()
+        assert err <= 1e-5 * g_big[name].abs().max().item() + 1e-8, (name, err)
     # Plain accumulation would differ: the objective with 4-sample batches is a different loss.
     small = sum(loss_fn(model.encode_image(px[s]), model.encode_text(ids[s])).item() for s in (slice(0, 4), slice(4, 8), slice(8, 12))) / 3
     assert abs(small - big.item()) > 1e-3

@@ -25,6 +25,44 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.model != "clip":
+        raise NotImplementedError(f"`mmlm train {args.model}` arrives with LLaVA; only `clip` trains today")
+    from .train.clip_run import load_recipe, train_clip
+
+    cfg = load_recipe(args.config, args.overrides)
+    train_clip(cfg, args.out, resume=not args.no_resume)
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from .data.shapes import write_shapes
+
+    summary = write_shapes(args.out, train=args.train, val=args.val, novel=args.novel, seed=args.seed,
+                           image_size=args.image_size, fmt=args.format)
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .eval.cli import eval_retrieval, eval_zeroshot
+
+    if args.task == "zeroshot":
+        result = eval_zeroshot(args.model, args.data, classes=args.classes, templates=args.templates,
+                               limit=args.limit)
+    else:
+        result = eval_retrieval(args.model, args.data, limit=args.limit)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from .quickstart import quickstart
+
+    quickstart(args.out, minutes=args.minutes)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmlm", description="CLIP and LLaVA from scratch: train, convert, evaluate, serve.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -42,15 +80,58 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("src", type=Path)
     e.add_argument("--out", type=Path, required=True)
     e.set_defaults(func=cmd_export)
+
+    t = sub.add_parser("train", help="train a model from a YAML recipe (resumes when --out holds a checkpoint)")
+    t.add_argument("model", choices=["clip", "llava"])
+    t.add_argument("--config", type=Path, default=None, help="recipe YAML (see configs/)")
+    t.add_argument("--out", type=Path, required=True, help="run directory")
+    t.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --out")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-3")
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("data", help="write a dataset to disk")
+    d.add_argument("dataset", choices=["shapes"])
+    d.add_argument("--out", type=Path, required=True)
+    d.add_argument("--train", type=int, default=10_000)
+    d.add_argument("--val", type=int, default=1000)
+    d.add_argument("--novel", type=int, default=1000)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--image-size", type=int, default=64)
+    d.add_argument("--format", choices=["files", "tar"], default="files")
+    d.set_defaults(func=cmd_data)
+
+    v = sub.add_parser("eval", help="evaluate a CLIP model; prints one JSON object")
+    v.add_argument("task", choices=["zeroshot", "retrieval"])
+    v.add_argument("--model", type=Path, required=True)
+    v.add_argument("--data", required=True,
+                   help="zeroshot: 'shapes', 'shapes-novel', 'fashion_mnist' or a CSV with image,label columns; "
+                        "retrieval: 'shapes' or a CSV/TSV with image,caption columns (an image may repeat)")
+    v.add_argument("--classes", default=None, help="zeroshot on a CSV: JSON/text file of class names (default: labels seen)")
+    v.add_argument("--templates", default=None, help="zeroshot: text file, one prompt template with {} per line")
+    v.add_argument("--limit", type=int, default=0, help="evaluate at most this many images (0 = all)")
+    v.set_defaults(func=cmd_eval)
+
+    q = sub.add_parser("quickstart", help="the main job: generate shapes, train a small CLIP, evaluate, report")
+    q.add_argument("--out", type=Path, default=Path("runs/quickstart"))
+    q.add_argument("--minutes", type=float, default=5.0, help="approximate training budget on this machine")
+    q.set_defaults(func=cmd_quickstart)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse cannot take positionals after options; KEY=VALUE overrides may come anywhere.
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     func: Callable[[argparse.Namespace], int] = args.func
+    from .train.loop import TrainingError
+
     try:
         return func(args)
-    except (ValueError, KeyError, FileNotFoundError, NotImplementedError) as e:
+    except (ValueError, KeyError, FileNotFoundError, NotImplementedError, TrainingError) as e:
         # Bad input is the user's to fix: say what is wrong, without a traceback.
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"mmlm {args.command}: error: {msg}", file=sys.stderr)

@@ -103,6 +103,10 @@ class ModifiedResNet(nn.Module):
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 32 * width, H / 32, W / 32) feature map before the attention pool."""
         x = pixel_values.to(self.conv1.weight.dtype)
+        if torch.is_grad_enabled():
+            # Training: oneDNN's convolutions run ~1.4x faster on NHWC ("channels_last") activations. Inference
+            # keeps NCHW, whose kernels round exactly like the reference implementations'.
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.relu(self.bn2(self.conv2(x)))
         x = self.relu(self.bn3(self.conv3(x)))

@@ -283,13 +283,17 @@ def _evaluate(task: Task, state: TrainerState, log: MetricsLog) -> dict[str, Any
 
 
 def _account_bad_samples(batch: dict[str, Any], state: TrainerState, cfg: TrainConfig, n: int) -> None:
+    """Record the batch's unreadable samples; fail once they exceed the allowed fraction.
+
+    The fraction is judged against at least min(dataset size, 1000) samples, so that one bad image in
+    the first batch does not end a run that would have seen 1% bad overall.
+    """
     for source, reason in batch.get("bad", []):
         state.bad_samples.append([source, reason])
         print(f"skipped sample {source}: {reason}")
-    seen = state.samples_seen + batch["batch_size"] + len(state.bad_samples)
-    # Judge the fraction only once enough samples were seen for it to mean something.
-    if len(state.bad_samples) > max(cfg.max_bad_sample_fraction * max(seen, min(n, 1000)), 0):
-        if len(state.bad_samples) > cfg.max_bad_sample_fraction * max(seen, min(n, 1000)) and seen >= min(n, 1000):
-            raise TrainingError(f"{len(state.bad_samples)} of {seen} samples could not be loaded (limit "
-                                f"train.max_bad_sample_fraction={cfg.max_bad_sample_fraction}); first: "
-                                f"{state.bad_samples[0][0]}: {state.bad_samples[0][1]}")
+    bad = len(state.bad_samples)
+    attempted = state.samples_seen + batch["batch_size"] + bad
+    if bad > cfg.max_bad_sample_fraction * max(attempted, min(n, 1000)):
+        raise TrainingError(f"{bad} of {attempted} samples could not be loaded (limit "
+                            f"train.max_bad_sample_fraction={cfg.max_bad_sample_fraction}); first: "
+                            f"{state.bad_samples[0][0]}: {state.bad_samples[0][1]}")

@@ -1,0 +1,116 @@
+"""`mmlm eval zeroshot|retrieval`: evaluate a saved CLIP on built-in or file-based data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import load, load_preprocess
+from ..data.image_text import read_table
+from ..data.transforms import BadImageError, ImageProcessor, PreprocessConfig
+from .retrieval import retrieval_metrics
+from .zeroshot import zeroshot
+
+
+def _open(model_dir: str | Path):
+    from ..tokenizer import load_tokenizer
+
+    model = load(model_dir)
+    preprocess = load_preprocess(model_dir) or PreprocessConfig(image_size=model.config.vision.image_size)
+    return model, load_tokenizer(model_dir), ImageProcessor(preprocess)
+
+
+def _array_batches(images: list[np.ndarray], processor: ImageProcessor, batch: int = 256) -> Iterator[torch.Tensor]:
+    from PIL import Image
+
+    size = processor.config.image_size
+    for i in range(0, len(images), batch):
+        chunk = [im if im.shape[:2] == (size, size) else processor.pixels(Image.fromarray(im)) for im in images[i:i + batch]]
+        yield processor.normalize(torch.from_numpy(np.stack(chunk)), channels_last=True)
+
+
+def _file_images(paths: list[str], processor: ImageProcessor) -> tuple[list[np.ndarray], list[int], list[dict]]:
+    """Decode files; unreadable ones are skipped and reported, never fatal."""
+    images, kept, skipped = [], [], []
+    for i, p in enumerate(paths):
+        try:
+            images.append(processor.pixels(processor.load(p)))
+            kept.append(i)
+        except BadImageError as e:
+            skipped.append({"image": p, "reason": str(e)})
+    return images, kept, skipped
+
+
+def _builtin_zeroshot(name: str, size: int, limit: int) -> tuple[list[np.ndarray], list[int], tuple, tuple]:
+    if name in ("shapes", "shapes-novel"):
+        from ..data.shapes import CLASS_NAMES, TEMPLATES, ShapesDataset
+
+        ds = ShapesDataset("novel" if name == "shapes-novel" else "val", limit or 1000, 0, size, single=True, n_questions=0)
+        items = [ds[i] for i in range(len(ds))]
+        return [x["image"] for x in items], [x["label"] for x in items], CLASS_NAMES, TEMPLATES
+    from ..data.fashion_mnist import CLASS_NAMES, TEMPLATES, load_fashion_mnist
+
+    images, labels = load_fashion_mnist("test")
+    n = limit or len(images)
+    rgb = [np.repeat(im[..., None], 3, axis=-1) for im in images[:n]]
+    return rgb, labels[:n].tolist(), tuple(CLASS_NAMES), tuple(TEMPLATES)
+
+
+def eval_zeroshot(model_dir: str | Path, data: str, classes: str | None = None, templates: str | None = None,
+                  limit: int = 0) -> dict[str, Any]:
+    model, tok, processor = _open(model_dir)
+    skipped: list[dict] = []
+    if data in ("shapes", "shapes-novel", "fashion_mnist"):
+        images, labels, class_names, tmpl = _builtin_zeroshot(data, processor.config.image_size, limit)
+    else:
+        rows = read_table(data, ["image", "label"])[: limit or None]
+        root = Path(data).parent
+        if classes:
+            text = Path(classes).read_text()
+            class_names = tuple(json.loads(text)) if classes.endswith(".json") else tuple(l.strip() for l in text.splitlines() if l.strip())
+        else:
+            class_names = tuple(sorted({r["label"] for r in rows}))
+        unknown = sorted({r["label"] for r in rows} - set(class_names))
+        if unknown:
+            raise ValueError(f"{data}: labels {unknown[:5]} are not among the class names")
+        images, kept, skipped = _file_images([str(root / r["image"]) for r in rows], processor)
+        labels = [class_names.index(rows[i]["label"]) for i in kept]
+        tmpl = ("a photo of a {}.",)
+    if templates:
+        tmpl = tuple(l.strip() for l in Path(templates).read_text().splitlines() if l.strip())
+    with torch.no_grad():
+        result = zeroshot(model, tok, _array_batches(images, processor), torch.tensor(labels), class_names, tmpl)
+    return {"task": "zeroshot", "data": data, **result, "skipped": skipped}
+
+
+def eval_retrieval(model_dir: str | Path, data: str, limit: int = 0) -> dict[str, Any]:
+    model, tok, processor = _open(model_dir)
+    skipped: list[dict] = []
+    if data == "shapes":
+        from ..data.shapes import ShapesDataset
+
+        ds = ShapesDataset("val", limit or 1000, 1, processor.config.image_size, n_questions=0)
+        items = [ds[i] for i in range(len(ds))]
+        images, captions, text_image = [x["image"] for x in items], [x["caption"] for x in items], list(range(len(items)))
+    else:
+        rows = read_table(data, ["image", "caption"])
+        root = Path(data).parent
+        order: dict[str, int] = {}
+        for r in rows:
+            order.setdefault(r["image"], len(order))
+        paths = list(order)[: limit or None]
+        images, kept, skipped = _file_images([str(root / p) for p in paths], processor)
+        new_index = {paths[k]: j for j, k in enumerate(kept)}
+        pairs = [(r["caption"], new_index[r["image"]]) for r in rows if r["image"] in new_index]
+        captions, text_image = [c for c, _ in pairs], [j for _, j in pairs]
+    ctx = model.config.text.context_length
+    with torch.no_grad():
+        img = F.normalize(torch.cat([model.encode_image(px) for px in _array_batches(images, processor)]), dim=-1)
+        txt = F.normalize(torch.cat([model.encode_text(tok(captions[i:i + 256], context_length=ctx))
+                                     for i in range(0, len(captions), 256)]), dim=-1)
+    return {"task": "retrieval", "data": data, **retrieval_metrics(img, txt, torch.tensor(text_image)), "skipped": skipped}
