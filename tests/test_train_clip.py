@@ -22,20 +22,21 @@ from mmlm.train.clip_run import load_recipe, train_clip
 TINY = [
     "model.preset=tiny-vit", "model.vision.image_size=32", "model.vision.patch_size=8",
     "data.kind=shapes", "data.train_size=256", "data.eval_size=32",
-    "tokenizer.vocab_size=600", "train.batch_size=16", "train.lr=2e-3", "train.warmup_steps=2",
+    "tokenizer.vocab_size=600", "train.batch_size=16", "train.lr=1e-3", "train.warmup_steps=2",
     "train.log_every=1", "train.progress=false", "train.precision=fp32", "train.threads=1",
 ]
 
 
 def test_loss_falls_and_run_writes_everything(tmp_path):
-    cfg = load_recipe(None, TINY + ["train.steps=30", "train.eval_every=15", "train.ckpt_every=10", "train.keep_last=2"])
+    cfg = load_recipe(None, TINY + ["data.train_size=32", "train.steps=40", "train.eval_every=20", "train.ckpt_every=10",
+                                    "train.keep_last=2"])
     summary = train_clip(cfg, tmp_path / "run")
     import json
 
     losses = [json.loads(l)["loss"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
               if '"loss"' in l and "eval" not in l]
-    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000020", "step-00000030"]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5  # from ~3.0 (ln 16 = 2.77 is chance) to ~2.0
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000030", "step-00000040"]
     assert {"zeroshot_seen", "zeroshot_novel", "retrieval_val"} <= set(summary["eval"])
     assert (tmp_path / "run" / "final" / "tokenizer.json").is_file()
     import mmlm
