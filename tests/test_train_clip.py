@@ -104,3 +104,47 @@ def test_corrupt_and_missing_images_are_skipped_and_reported(tmp_path, capsys):
     assert main(["train", "clip", "--out", str(tmp_path / "run2"), *TINY, "data.kind=csv", f"data.path={csv2}",
                  "train.steps=20"]) == 2
     assert "could not be loaded" in capsys.readouterr().err
+
+
+def test_tar_shards_index_stream_and_report_bad_members(tmp_path):
+    import io
+    import tarfile
+
+    from mmlm.data.image_text import ImageTextCollate, TarImageText
+    from mmlm.data.shapes import ShapesDataset
+    from mmlm.data.transforms import PreprocessConfig
+    from mmlm.tokenizer import Tokenizer
+
+    ds = ShapesDataset("train", 30, 0, 32, n_questions=0)
+
+    def add(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    for shard in range(2):
+        with tarfile.open(tmp_path / f"shard-{shard:06d}.tar", "w") as tar:
+            for i in range(shard * 15, shard * 15 + 15):
+                buf = io.BytesIO()
+                Image.fromarray(ds[i]["image"]).save(buf, format="PNG")
+                png = buf.getvalue()
+                if i == 3:
+                    png = png[:40]  # truncated image
+                if i != 20:  # sample 20 has no image member
+                    add(tar, f"{i:06d}.png", png)
+                add(tar, f"{i:06d}.txt", ds[i]["caption"].encode())
+    src = TarImageText(str(tmp_path / "shard-*.tar"), PreprocessConfig(image_size=32))
+    assert len(src) == 30
+    items = [src[i] for i in range(len(src))]
+    bad = [x["bad"] for x in items if "bad" in x]
+    assert [b[0].rsplit(":", 1)[1] for b in bad] == ["000003", "000020"]
+    assert "missing image" in bad[1][1] and "shard-000000.tar" in bad[0][0]
+    good = [x for x in items if "bad" not in x]
+    assert good[0]["caption"] == ds[0]["caption"] and good[0]["image"].shape == (32, 32, 3)
+    np.testing.assert_array_equal(good[0]["image"], ds[0]["image"])  # PNG round trip is lossless
+    tok = Tokenizer.train_bpe([x["caption"] for x in good], vocab_size=600, context_length=40)
+    batch = ImageTextCollate(tok, 40, PreprocessConfig(image_size=32))(items[:8])
+    assert batch["batch_size"] == 7 and batch["pixel_values"].shape == (7, 3, 32, 32) and len(batch["bad"]) == 1
+    # Readable from DataLoader workers (file handles are reopened per process).
+    loader = torch.utils.data.DataLoader(src, batch_size=10, num_workers=2, collate_fn=lambda b: len(b))
+    assert sum(loader) == 30
