@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union
@@ -168,7 +169,26 @@ def from_dict(cls: type, d: dict[str, Any], where: str = "") -> Any:
     unknown = sorted(set(d) - names)
     if unknown:
         raise ValueError(f"config{where}: unknown field(s) {unknown} for {cls.__name__}; known: {sorted(names)}")
-    return cls(**d)
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _check_scalar(v, hints.get(k), f"config{where}.{k}") for k, v in d.items()})
+
+
+def _check_scalar(value: Any, hint: Any, where: str) -> Any:
+    """Validate (and widen int -> float) the plain scalar fields; other fields check themselves."""
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}")
+    elif hint is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    elif hint is str and not isinstance(value, str):
+        raise ValueError(f"{where}: expected a string, got {value!r}")
+    return value
 
 
 def vision_config_from_dict(d: dict[str, Any]) -> VisionConfig:

@@ -57,7 +57,8 @@ def _measure_step_time(cfg, steps: int = 6) -> float:
     return float(np.median(times[2:]))
 
 
-def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, steps: int | None = None) -> dict[str, Any]:
+def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, steps: int | None = None,
+               overrides: list[str] | None = None, eval_size: int = 1000) -> dict[str, Any]:
     from .data.shapes import write_shapes
     from .report import plot_confusion, plot_similarity, plot_training, write_report
     from .train.clip_run import load_recipe, train_clip
@@ -67,9 +68,9 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, steps:
     print(f"[1/4] writing a shapes sample to {out / 'data'}")
     write_shapes(out / "data", train=256, val=256, novel=256, seed=0, image_size=64)
 
-    cfg = load_recipe(recipe_path(RECIPE))
+    cfg = load_recipe(recipe_path(RECIPE), overrides)
     if steps is None:
-        per_step = _measure_step_time(load_recipe(recipe_path(RECIPE)))
+        per_step = _measure_step_time(load_recipe(recipe_path(RECIPE), overrides))
         # The loop also evaluates a few times; leave ~15% of the budget for it.
         steps = max(20, int(minutes * 60 * 0.85 / per_step))
         print(f"[2/4] training a CLIP on shapes: {per_step * 1000:.0f} ms/step here -> {steps} steps (~{minutes:g} min)")
@@ -84,9 +85,9 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, steps:
     from .eval.cli import eval_retrieval, eval_zeroshot
 
     final = run / "final"
-    seen = eval_zeroshot(final, "shapes")
-    novel = eval_zeroshot(final, "shapes-novel")
-    retrieval = eval_retrieval(final, "shapes")
+    seen = eval_zeroshot(final, "shapes", limit=eval_size)
+    novel = eval_zeroshot(final, "shapes-novel", limit=eval_size)
+    retrieval = eval_retrieval(final, "shapes", limit=eval_size)
     (out / "eval.json").write_text(json.dumps({"zeroshot_seen": seen, "zeroshot_novel": novel, "retrieval": retrieval}))
 
     print("[4/4] writing the report")
@@ -111,6 +112,7 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, steps:
 def _similarity_figure(model_dir: Path, path: Path, n: int = 8) -> None:
     import mmlm
     from .data.shapes import ShapesDataset
+    from .report import plot_similarity
     from .data.transforms import ImageProcessor
 
     model, tok = mmlm.load(model_dir), mmlm.load_tokenizer(model_dir)

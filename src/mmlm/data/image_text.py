@@ -173,9 +173,13 @@ class ImageTextCollate:
         if not good:
             return {"pixel_values": None, "input_ids": None, "labels": None, "bad": bad, "batch_size": 0}
         images = torch.from_numpy(np.stack([s["image"] for s in good]))  # (B, S, S, 3) uint8
+        ids = self.tokenizer([s["caption"] for s in good], context_length=self.context_length)
+        # Drop the padding columns after the batch's longest caption: the causal text tower never looks
+        # past a row's EOT, so the features are the same and short captions cost less.
+        longest = int((ids == self.tokenizer.eot_id).int().argmax(dim=1).max()) + 1
         return {
             "pixel_values": self.processor.normalize(images, channels_last=True),
-            "input_ids": self.tokenizer([s["caption"] for s in good], context_length=self.context_length),
+            "input_ids": ids[:, :longest],
             "labels": torch.tensor([s.get("label", -1) for s in good]),
             "bad": bad,
             "batch_size": len(good),

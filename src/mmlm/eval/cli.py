@@ -8,12 +8,11 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..checkpoint import load, load_preprocess
 from ..data.image_text import read_table
 from ..data.transforms import BadImageError, ImageProcessor, PreprocessConfig
-from .retrieval import retrieval_metrics
+from .retrieval import evaluate_retrieval
 from .zeroshot import zeroshot
 
 
@@ -108,9 +107,5 @@ def eval_retrieval(model_dir: str | Path, data: str, limit: int = 0) -> dict[str
         new_index = {paths[k]: j for j, k in enumerate(kept)}
         pairs = [(r["caption"], new_index[r["image"]]) for r in rows if r["image"] in new_index]
         captions, text_image = [c for c, _ in pairs], [j for _, j in pairs]
-    ctx = model.config.text.context_length
-    with torch.no_grad():
-        img = F.normalize(torch.cat([model.encode_image(px) for px in _array_batches(images, processor)]), dim=-1)
-        txt = F.normalize(torch.cat([model.encode_text(tok(captions[i:i + 256], context_length=ctx))
-                                     for i in range(0, len(captions), 256)]), dim=-1)
-    return {"task": "retrieval", "data": data, **retrieval_metrics(img, txt, torch.tensor(text_image)), "skipped": skipped}
+    metrics = evaluate_retrieval(model, tok, _array_batches(images, processor), captions, text_image)
+    return {"task": "retrieval", "data": data, **metrics, "skipped": skipped}

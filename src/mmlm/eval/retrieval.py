@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 
 @torch.no_grad()
@@ -40,3 +41,14 @@ def retrieval_metrics(image_embeds: torch.Tensor, text_embeds: torch.Tensor, tex
         out[f"i2t_R@{k}"] = round((i2t_rank < k).float().mean().item(), 4)
         out[f"t2i_R@{k}"] = round((t2i_rank < k).float().mean().item(), 4)
     return out
+
+
+@torch.no_grad()
+def evaluate_retrieval(model, tokenizer, image_batches: Iterable[torch.Tensor], captions: Sequence[str],
+                       text_image: Sequence[int], batch_size: int = 256) -> dict[str, float]:
+    """Embed images (an iterable of pixel batches) and captions with a CLIP, then `retrieval_metrics`."""
+    ctx = model.config.text.context_length
+    img = F.normalize(torch.cat([model.encode_image(px).float() for px in image_batches]), dim=-1)
+    txt = F.normalize(torch.cat([model.encode_text(tokenizer(list(captions[i:i + batch_size]), context_length=ctx)).float()
+                                 for i in range(0, len(captions), batch_size)]), dim=-1)
+    return retrieval_metrics(img, txt, torch.as_tensor(text_image))

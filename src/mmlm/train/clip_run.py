@@ -16,7 +16,7 @@ from ..checkpoint import load_state_dict_strict
 from ..config import to_dict
 from ..data.image_text import ArrayImageText, CsvImageText, TarImageText
 from ..data.transforms import ImageProcessor, PreprocessConfig
-from ..eval.retrieval import retrieval_metrics
+from ..eval.retrieval import evaluate_retrieval
 from ..eval.zeroshot import zeroshot
 from ..models.clip import CLIP
 from .clip_task import ClipRunConfig, ClipTask, run_config_from_dict
@@ -141,11 +141,7 @@ def build_evaluator(cfg: ClipRunConfig, model: CLIP, tok, preprocess: Preprocess
                          with_confusion=False)
             out[name] = {"top1": m["top1"], "top5": m["top5"]}
         for name, imgs, caps in ret:
-            img = torch.nn.functional.normalize(torch.cat([model.encode_image(px) for px in _pixel_batches(imgs, processor)]), dim=-1)
-            txt = torch.cat([model.encode_text(tok(caps[i:i + 256], context_length=model.config.text.context_length))
-                             for i in range(0, len(caps), 256)])
-            txt = torch.nn.functional.normalize(txt, dim=-1)
-            m = retrieval_metrics(img, txt, torch.arange(len(caps)))
+            m = evaluate_retrieval(model, tok, _pixel_batches(imgs, processor), caps, range(len(caps)))
             out[name] = {k: v for k, v in m.items() if "@" in k}
         return out
 

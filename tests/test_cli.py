@@ -1,0 +1,51 @@
+"""The command line end to end on tiny settings: data, eval, quickstart (smoke), error messages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import mmlm
+from mmlm.cli import main
+from mmlm.config import clip_preset
+from mmlm.models.clip import CLIP
+
+
+def test_data_shapes_then_eval_on_the_written_csv(tmp_path, capsys):
+    assert main(["data", "shapes", "--out", str(tmp_path / "shapes"), "--train", "8", "--val", "24", "--novel", "8",
+                 "--image-size", "32"]) == 0
+    capsys.readouterr()
+    from mmlm.tokenizer import Tokenizer
+
+    cfg = clip_preset("tiny-vit")
+    tok = Tokenizer.train_bpe(["a red circle", "a blue star"] * 10, vocab_size=600, context_length=16)
+    cfg.text.vocab_size, cfg.text.eot_token_id = tok.vocab_size, tok.eot_id
+    mmlm.save(CLIP(cfg), tmp_path / "model", tokenizer=tok)
+    assert main(["eval", "retrieval", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "shapes" / "val.csv")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 24 and 0 <= result["i2t_R@1"] <= 1 and result["skipped"] == []
+    assert main(["eval", "zeroshot", "--model", str(tmp_path / "model"),
+                 "--data", str(tmp_path / "shapes" / "val_zeroshot.csv")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 24 and len(result["confusion"]) == result["classes"]
+
+
+def test_user_errors_are_one_line_messages(tmp_path, capsys):
+    assert main(["eval", "zeroshot", "--model", str(tmp_path / "nope"), "--data", "shapes"]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+    (tmp_path / "r.yaml").write_text("train: {stpes: 3}\n")
+    assert main(["train", "clip", "--config", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run")]) == 2
+    assert "unknown field(s) ['stpes']" in capsys.readouterr().err
+    assert main(["train", "clip", "--out", str(tmp_path / "run"), "train.lr=oops"]) == 2
+
+
+def test_quickstart_smoke(tmp_path):
+    from mmlm.quickstart import quickstart
+
+    result = quickstart(tmp_path / "qs", steps=4, eval_size=32,
+                        overrides=["data.eval_size=32", "train.num_workers=0", "train.progress=false"])
+    assert (tmp_path / "qs" / "run" / "report.md").is_file()
+    for name in ("loss.png", "eval.png", "confusion_seen.png", "similarity.png"):
+        assert (tmp_path / "qs" / "run" / name).is_file(), name
+    assert set(result) >= {"zeroshot_seen", "zeroshot_novel", "retrieval", "report"}
