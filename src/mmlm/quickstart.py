@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 RECIPE = "clip-shapes.yaml"
 
@@ -60,7 +59,7 @@ def _measure_step_time(cfg, steps: int = 6) -> float:
 def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, steps: int | None = None,
                overrides: list[str] | None = None, eval_size: int = 1000) -> dict[str, Any]:
     from .data.shapes import write_shapes
-    from .report import plot_confusion, plot_similarity, plot_training, write_report
+    from .report import plot_confusion, plot_training, write_report
     from .train.clip_run import load_recipe, train_clip
 
     out = Path(out)

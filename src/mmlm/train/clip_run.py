@@ -13,7 +13,6 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from ..checkpoint import load as load_model
 from ..checkpoint import load_state_dict_strict
-from ..config import to_dict
 from ..data.image_text import ArrayImageText, CsvImageText, TarImageText
 from ..data.transforms import ImageProcessor, PreprocessConfig
 from ..eval.retrieval import evaluate_retrieval
@@ -160,7 +159,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     return run_config_from_dict(raw, overrides)
 
 
-def train_clip(cfg: ClipRunConfig, out: str | Path, resume: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+def train_clip(cfg: ClipRunConfig, out: str | Path, resume: bool = True) -> dict[str, Any]:
     """Train a CLIP per `cfg` into run directory `out` (resuming from its latest checkpoint if any)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -177,6 +176,6 @@ def train_clip(cfg: ClipRunConfig, out: str | Path, resume: bool = True, stop_af
         src = load_model(cfg.init_from)
         load_state_dict_strict(model, src.state_dict(), cfg.init_from)
     task = ClipTask(cfg, model, tok, data, preprocess, build_evaluator(cfg, model, tok, preprocess))
-    summary = train(task, cfg.train, out, resume=resume, stop_after=stop_after)
+    summary = train(task, cfg.train, out, resume=resume)
     print(json.dumps({"run": str(out), **summary}))
     return summary

@@ -194,12 +194,10 @@ def _autocast(precision: str) -> Callable[[], contextlib.AbstractContextManager]
     return contextlib.nullcontext
 
 
-def train(task: Task, cfg: TrainConfig, run: str | Path, resume: bool = True,
-          stop_after: int | None = None) -> dict[str, Any]:
+def train(task: Task, cfg: TrainConfig, run: str | Path, resume: bool = True) -> dict[str, Any]:
     """Train `task.model` for `cfg.steps` optimizer steps, writing everything under `run`.
 
-    A run directory that already holds a checkpoint resumes from its latest one. `stop_after` ends the
-    process-level run early at that step (after checkpointing), as a kill would; used by tests.
+    A run directory that already holds a checkpoint resumes from its latest one.
     """
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
@@ -260,8 +258,6 @@ def train(task: Task, cfg: TrainConfig, run: str | Path, resume: bool = True,
                 last_eval = _evaluate(task, state, log)
             if (cfg.ckpt_every and state.step % cfg.ckpt_every == 0) or state.step == cfg.steps:
                 save_checkpoint(task, opt, state, run, cfg.keep_last)
-            if stop_after is not None and state.step >= stop_after:
-                return {"step": state.step, "stopped_early": True}
     finally:
         if bar is not None:
             bar.close()
