@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import CLIPConfig, model_config_from_dict, to_dict
+from .config import CLIPConfig, LMConfig, model_config_from_dict, to_dict
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -30,6 +30,10 @@ def build_model(cfg: Any) -> nn.Module:
         from .models.clip import CLIP
 
         return CLIP(cfg)
+    if isinstance(cfg, LMConfig):
+        from .models.lm import LM
+
+        return LM(cfg)
     raise TypeError(f"no model for config type {type(cfg).__name__}")
 
 
@@ -122,7 +126,8 @@ def _finish(model: nn.Module) -> nn.Module:
 
 
 def load(path: str | Path) -> nn.Module:
-    """Open a model: an mmlm checkpoint dir or a transformers CLIPModel dir. Eval mode, float32, CPU."""
+    """Open a model: an mmlm checkpoint dir, a transformers CLIPModel / LlamaForCausalLM / Qwen2ForCausalLM dir,
+    or a llama-architecture .gguf file. Eval mode, float32, CPU."""
     path = Path(path)
     if path.is_dir() and (path / CONFIG_NAME).is_file():
         cfg_dict = read_json(path / CONFIG_NAME)
@@ -135,13 +140,21 @@ def load(path: str | Path) -> nn.Module:
             from .convert.hf import load_hf_clip
 
             return _finish(load_hf_clip(path))
+        if cfg_dict.get("model_type") in ("llama", "qwen2"):
+            from .convert.hf import load_hf_llama
+
+            return _finish(load_hf_llama(path))
         raise ValueError(f"{path / CONFIG_NAME}: neither an mmlm config (no 'kind') nor a supported transformers "
-                         f"model_type (got {cfg_dict.get('model_type')!r}; supported: 'clip')")
+                         f"model_type (got {cfg_dict.get('model_type')!r}; supported: 'clip', 'llama', 'qwen2')")
     if path.is_dir():
         raise FileNotFoundError(f"{path}: no config.json; expected an mmlm checkpoint or a transformers model directory")
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
-    raise ValueError(f"{path}: cannot open this file as a model (expected a checkpoint directory)")
+    if path.suffix == ".gguf":
+        from .convert.gguf import load_gguf
+
+        return _finish(load_gguf(path))
+    raise ValueError(f"{path}: cannot open this file as a model (expected a checkpoint directory or a .gguf file)")
 
 
 def load_preprocess(directory: str | Path) -> Any:

@@ -13,7 +13,7 @@ import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -143,6 +143,68 @@ class CLIPConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CLIPConfig":
+        return from_dict(cls, d)
+
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class LMConfig:
+    """A Llama-family decoder (Llama 1-3, SmolLM, Qwen2, Mistral without sliding window).
+
+    RMSNorm, rotary positions, SwiGLU MLP, grouped-query attention. Qwen2 is Llama with q/k/v biases
+    (`qkv_bias`); Llama's `attention_bias` sets both `qkv_bias` and `out_bias`.
+    """
+
+    kind: str = "llama"
+    vocab_size: int = 32000
+    width: int = 4096
+    layers: int = 32
+    heads: int = 32
+    kv_heads: int = 0  # 0 = heads (multi-head); fewer = grouped-query attention
+    head_dim: int = 0  # 0 = width // heads
+    mlp_dim: int = 11008
+    act: str = "silu"
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # None, or {"rope_type": "linear", "factor": F} / {"rope_type": "llama3", "factor", "low_freq_factor",
+    # "high_freq_factor", "original_max_position_embeddings"} as transformers writes it.
+    rope_scaling: Optional[dict] = None
+    max_seq_len: int = 2048
+    qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+    tie_embeddings: bool = False
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[list] = None  # every id that ends a reply (a list; an int is widened)
+
+    def __post_init__(self) -> None:
+        _check(self.kind == "llama", f"LMConfig.kind must be 'llama', got {self.kind!r}")
+        if not self.kv_heads:
+            self.kv_heads = self.heads
+        if not self.head_dim:
+            _check(self.width % self.heads == 0, f"lm.width {self.width} is not divisible by lm.heads {self.heads}")
+            self.head_dim = self.width // self.heads
+        _check(self.heads % self.kv_heads == 0, f"lm.heads {self.heads} is not a multiple of lm.kv_heads {self.kv_heads}")
+        _check(self.head_dim % 2 == 0, f"lm.head_dim {self.head_dim} must be even for rotary embeddings")
+        _check(self.act in ACTIVATIONS, f"lm.act {self.act!r} is not one of {ACTIVATIONS}")
+        if isinstance(self.eos_token_id, int):
+            self.eos_token_id = [self.eos_token_id]
+        if self.rope_scaling is not None:
+            _check(isinstance(self.rope_scaling, dict), f"lm.rope_scaling must be a mapping, got {self.rope_scaling!r}")
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+            _check(kind in ROPE_TYPES, f"lm.rope_scaling type {kind!r} is not supported; known: {ROPE_TYPES}")
+            self.rope_scaling = {k: v for k, v in self.rope_scaling.items() if k not in ("type", "rope_theta")}
+            self.rope_scaling["rope_type"] = kind
+            if kind == "default":
+                self.rope_scaling = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LMConfig":
         return from_dict(cls, d)
 
 
@@ -279,7 +341,7 @@ def clip_preset(name: str) -> CLIPConfig:
     return CLIP_PRESETS[key]()
 
 
-MODEL_CONFIGS: dict[str, type] = {"clip": CLIPConfig}
+MODEL_CONFIGS: dict[str, type] = {"clip": CLIPConfig, "llama": LMConfig}
 
 
 def model_config_from_dict(d: dict[str, Any], source: str = "config") -> Any:

@@ -9,7 +9,8 @@ from torch import nn
 
 from ..checkpoint import (PREPROCESS_NAME, build_model, load_state_dict_strict, read_json, read_state_dict, save_tensors,
                           write_json)
-from . import hf_clip
+from ..config import LMConfig
+from . import hf_clip, hf_llama
 
 
 def read_hf_weights(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -37,12 +38,28 @@ def load_hf_clip(directory: str | Path) -> nn.Module:
     return model
 
 
+def load_hf_llama(directory: str | Path) -> nn.Module:
+    """A transformers LlamaForCausalLM / Qwen2ForCausalLM directory -> mmlm LM."""
+    d = Path(directory)
+    cfg = hf_llama.config_from_hf(read_json(d / "config.json"))
+    model = build_model(cfg)
+    sd = hf_llama.state_dict_from_hf(read_hf_weights(d), cfg, source=str(d))
+    load_state_dict_strict(model, sd, str(d))
+    return model
+
+
 def export_hf(model: nn.Module, out: str | Path, tokenizer=None, preprocess=None) -> Path:
-    """Write `model` as a directory that `transformers.CLIPModel.from_pretrained` loads."""
+    """Write `model` as a directory that transformers' `from_pretrained` loads (CLIPModel, LlamaForCausalLM
+    or Qwen2ForCausalLM)."""
     out = Path(out)
-    hf_cfg = hf_clip.config_to_hf(model.config)  # raises for models transformers cannot express
+    if isinstance(model.config, LMConfig):
+        hf_cfg = hf_llama.config_to_hf(model.config)
+        tensors = hf_llama.state_dict_to_hf(model.state_dict(), model.config)
+    else:
+        hf_cfg = hf_clip.config_to_hf(model.config)  # raises for models transformers cannot express
+        tensors = hf_clip.state_dict_to_hf(model.state_dict())
     out.mkdir(parents=True, exist_ok=True)
-    save_tensors(out / "model.safetensors", hf_clip.state_dict_to_hf(model.state_dict()))
+    save_tensors(out / "model.safetensors", tensors)
     write_json(out / "config.json", hf_cfg)
     if preprocess is not None:
         write_json(out / "preprocessor_config.json", preprocess.to_hf())

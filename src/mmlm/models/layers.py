@@ -1,12 +1,15 @@
 """The building blocks every mmlm model shares: one attention, one MLP, one pre-norm residual block.
 
 CLIP's vision and text towers, the ResNet attention pool and the decoder LLM all use these; there is
-no second attention anywhere in the package.
+no second attention anywhere in the package. The LLM adds what CLIP does not use: rotary position
+embeddings (`rope`), a preallocated key/value cache (`KVCache`), RMSNorm and the SwiGLU MLP.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,14 +35,21 @@ ACT_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
            is_causal: bool) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + mask) v for (B, H, T, d) tensors.
+    """softmax(q k^T / sqrt(d) + mask) v for q (B, H, T, d) and k, v (B, Hkv, S, d), H a multiple of Hkv.
 
     PyTorch's fused CPU kernel is fast forward but its backward is slow at CLIP-sized sequences (measured:
     a small CLIP trained ~2x faster with plain matmuls), so while training on a CPU the same maths runs
-    as three plain ops; everywhere else (inference, GPUs) the fused kernel does.
+    as three plain ops; everywhere else (inference, GPUs) the fused kernel does, sharing each k/v head
+    among its query heads without copying (grouped-query attention).
     """
+    gqa = k.shape[1] != q.shape[1]
     if not (q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad):
+        if gqa:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=True)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    if gqa:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, H, T, S)
     if is_causal:
         T, S = scores.shape[-2:]
@@ -49,13 +59,88 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.T
     return scores.softmax(dim=-1).to(v.dtype) @ v
 
 
+# ----------------------------------------------------------------------------- rotary position embedding
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None) -> torch.Tensor:
+    """(head_dim/2,) rotation frequencies theta^(-2i/d), rescaled as `scaling` says.
+
+    scaling (transformers' `rope_parameters` / `rope_scaling`): None or type "default" leaves them;
+    "linear" divides every frequency by `factor` (positions stretched); "llama3" (Llama 3.1) divides only
+    the low frequencies (wavelengths longer than original_max_position_embeddings / low_freq_factor), keeps
+    the high ones and interpolates smoothly between.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    if kind == "llama3":
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(is_mid, mid, scaled)
+    raise ValueError(f"rope scaling type {kind!r} is not supported; known: default, linear, llama3")
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """position_ids (B, T) -> cos, sin (B, 1, T, head_dim), computed in float32 like transformers."""
+    freqs = position_ids[:, :, None].float() * inv_freq.float()  # (B, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (x_i, x_{i+d/2}) pair by its angle: the half-split layout of transformers' Llama.
+
+    (llama.cpp's GGUF files store q/k rows interleaved instead; the GGUF loader permutes them back.)
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# ----------------------------------------------------------------------------- key/value cache
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_len` positions: k, v (L, B, Hkv, S, hd).
+
+    `pos` positions are filled; a forward pass of T new tokens writes slots pos..pos+T-1 of each layer
+    and the model then advances `pos`. Nothing is reallocated while decoding.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: int = 0
+
+    @classmethod
+    def empty(cls, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
+              dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "KVCache":
+        shape = (layers, batch, kv_heads, max_len, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows `rows` (finished sequences stop costing attention work)."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+
+
 class Attention(nn.Module):
     """Multi-head scaled-dot-product attention with a fused q/k/v projection.
 
     `n_kv_heads < n_heads` gives grouped-query attention (each k/v head serves n_heads // n_kv_heads
     query heads). The fused weight stacks [q; k; v] row-wise, the layout of OpenAI's `in_proj_weight`.
     `out_dim` lets the output projection change width (CLIP's ResNet attention pool projects to the
-    embedding size).
+    embedding size). A decoder passes `rope` (cos, sin) to rotate q and k, and `cache` (the layer's
+    k, v buffers (B, Hkv, S, hd) and the first free slot) to attend over earlier tokens too.
     """
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None,
@@ -71,16 +156,22 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, self.q_dim + 2 * self.kv_dim, bias=qkv_bias)
         self.proj = nn.Linear(self.q_dim, out_dim or dim, bias=out_bias)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        """x: (B, T, C); attn_mask: bool (True = may attend) or additive float, broadcastable to (B, H, T, T)."""
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
+        """x: (B, T, C); attn_mask: bool (True = may attend) or additive float, broadcastable to (B, H, T, S)."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.n_kv_heads != self.n_heads:
-            rep = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k_buf, v_buf, pos = cache
+            k_buf[:, :, pos : pos + T] = k
+            v_buf[:, :, pos : pos + T] = v
+            k, v = k_buf[:, :, : pos + T], v_buf[:, :, : pos + T]  # (B, Hkv, S, hd)
         y = attend(q, k, v, attn_mask, is_causal and attn_mask is None)
         y = y.transpose(1, 2).reshape(B, T, self.q_dim)  # (B, T, H*hd)
         return self.proj(y)
@@ -99,8 +190,39 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class SwiGLU(nn.Module):
+    """Llama's gated MLP: down(act(gate(x)) * up(x)); gate and up are one fused matmul (fc1 = [gate; up])."""
+
+    def __init__(self, dim: int, hidden: int, act: str = "silu", bias: bool = False):
+        super().__init__()
+        self.hidden = hidden
+        self.fc1 = nn.Linear(dim, 2 * hidden, bias=bias)
+        self.act = ACT_FNS[act]
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.fc1(x).split(self.hidden, dim=-1)
+        return self.fc2(self.act(gate) * up)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, normalised in float32 (transformers' LlamaRMSNorm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    """Pre-norm residual block: x + attn(norm1(x)), then x + mlp(norm2(x)).
+
+    `norm` is a class (or factory) called with the width: LayerNorm for CLIP, RMSNorm for Llama; `mlp`
+    is the MLP module (GELU MLP or SwiGLU). `rope` and `cache` pass through to the attention.
+    """
 
     def __init__(self, dim: int, attn: Attention, mlp: nn.Module, norm: Callable[[int], nn.Module]):
         super().__init__()
@@ -109,8 +231,10 @@ class Block(nn.Module):
         self.norm2 = norm(dim)
         self.mlp = mlp
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cache: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, rope=rope, cache=cache)
         return x + self.mlp(self.norm2(x))
 
 
