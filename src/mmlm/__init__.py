@@ -4,6 +4,7 @@
     model = mmlm.load("path/to/checkpoint-or-hf-dir")   # eval mode, float32, CPU
     tok = mmlm.load_tokenizer("path/to/checkpoint-or-tokenizer")
     mmlm.save(model, "out_dir", tokenizer=tok)
+    new_ids = mmlm.generate(lm, input_ids, attention_mask, max_new_tokens=32)   # (B, new_tokens)
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["load", "save", "load_tokenizer", "__version__"]
+__all__ = ["load", "save", "load_tokenizer", "generate", "__version__"]
 
 
 def load(path: Any):
-    """Open a model: an mmlm checkpoint dir, or a transformers CLIPModel dir. Eval mode, float32, CPU."""
+    """Open a model: an mmlm checkpoint dir, a transformers CLIPModel / LlamaForCausalLM / Qwen2ForCausalLM dir,
+    or a llama-architecture .gguf file. Eval mode, float32, CPU."""
     from .checkpoint import load as _load
 
     return _load(path)
@@ -33,3 +35,10 @@ def load_tokenizer(path: Any):
     from .tokenizer import load_tokenizer as _load_tokenizer
 
     return _load_tokenizer(path)
+
+
+def generate(model: Any, input_ids: Any, attention_mask: Any = None, **kwargs: Any):
+    """New tokens (B, n) after each (left-padded) prompt; greedy when temperature == 0. See mmlm.generate.generate."""
+    from .generate import generate as _generate
+
+    return _generate(model, input_ids, attention_mask, **kwargs)

@@ -71,6 +71,10 @@ class LM(nn.Module):
         if module.config.tie_embeddings and prefix + "embed.weight" in state_dict:
             state_dict.setdefault(prefix + "lm_head.weight", state_dict[prefix + "embed.weight"])
 
+    @property
+    def max_seq_len(self) -> int:
+        return self.config.max_seq_len
+
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty key/value cache for `batch` sequences of up to `max_len` tokens, in the model's dtype."""
         cfg, w = self.config, self.embed.weight
@@ -78,12 +82,13 @@ class LM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> LMOutput:
+                cache: KVCache | None = None, only_last: bool = False) -> LMOutput:
         """input_ids (B, T) (or inputs_embeds (B, T, C)) -> logits (B, T, V).
 
         attention_mask (B, S), 1 = real token, covers the cached tokens too (S = cache.pos + T); padding
         may be on either side. Without position_ids, positions count real tokens only. With `cache`, the
-        new keys/values are written at cache.pos and cache.pos advances by T.
+        new keys/values are written at cache.pos and cache.pos advances by T. `only_last` computes the
+        logits of the last position only (B, 1, V): all that generation needs after a prefill.
         """
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, _ = x.shape
@@ -115,4 +120,6 @@ class LM(nn.Module):
             x = block(x, attn_mask=mask, is_causal=is_causal, rope=rope, cache=layer_cache)
         if cache is not None:
             cache.pos = S
+        if only_last:
+            x = x[:, -1:]
         return LMOutput(logits=self.lm_head(self.norm(x)))

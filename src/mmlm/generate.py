@@ -1,0 +1,137 @@
+"""Batched text generation with a preallocated key/value cache.
+
+One prefill pass runs the (left-padded) prompts; then each step feeds one token per sequence and attends
+over the cache. A row that hits EOS or a stop string leaves the batch (its cache rows are dropped), so
+finished sequences stop costing work. Sampling follows transformers' order: repetition penalty,
+temperature, top-k, top-p; greedy when temperature == 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from .models.lm import position_ids_from_mask
+
+
+def _check_left_padded(mask: torch.Tensor) -> None:
+    if not bool((mask[:, 1:] >= mask[:, :-1]).all()):
+        raise ValueError("generate needs left-padded prompts: each attention_mask row must be 0...0 1...1")
+    if not bool(mask[:, -1].all()):
+        raise ValueError("every prompt needs at least one real token (an attention_mask row is all zeros)")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty (as transformers): seen tokens' positive logits / penalty, negative ones * penalty."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) logits -> (B,) token ids: argmax when temperature == 0, else a sample from the filtered softmax."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > top_p  # tokens after the nucleus (the first is always kept)
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+
+@torch.inference_mode()
+def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             pixel_values: torch.Tensor | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+             eos_token_id: int | Sequence[int] | None = None, stop: Sequence[str] | None = None,
+             tokenizer: Any = None, stream: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Continue each prompt; returns the new tokens, LongTensor (B, n) with n <= max_new_tokens.
+
+    input_ids (B, T) are left-padded when attention_mask (B, T) has zeros. A row ends at an EOS id
+    (`eos_token_id`, default the model config's) or when its decoded text contains one of `stop` (needs
+    `tokenizer`); the ending token is kept and the rest of the row is filled with the first EOS id (or 0).
+    `stream(row, token_id)` is called for each new token as it is chosen. `seed` makes sampling repeatable.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
+    if pixel_values is not None:
+        raise NotImplementedError("images in generate arrive with LLaVA; this model is text-only")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or repetition_penalty <= 0 or max_new_tokens < 0:
+        raise ValueError(f"bad sampling settings: temperature={temperature} (>= 0), top_k={top_k} (>= 0), "
+                         f"top_p={top_p} (0 < p <= 1), repetition_penalty={repetition_penalty} (> 0), "
+                         f"max_new_tokens={max_new_tokens} (>= 0)")
+    if stop and tokenizer is None:
+        raise ValueError("stop strings need the tokenizer (pass tokenizer=...)")
+    device = input_ids.device
+    B, T = input_ids.shape
+    total = T + max_new_tokens
+    if total > model.max_seq_len:
+        raise ValueError(f"the prompt ({T} tokens) plus max_new_tokens ({max_new_tokens}) is {total} tokens, more than "
+                         f"the model's context of {model.max_seq_len}: shorten the prompt or ask for fewer tokens")
+    if eos_token_id is None:
+        eos_token_id = getattr(model.config, "eos_token_id", None)
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
+                       dtype=torch.long, device=device)
+    fill = int(eos[0]) if len(eos) else 0
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device=device, dtype=torch.long)
+    _check_left_padded(mask)
+    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+
+    out = torch.full((B, max_new_tokens), fill, dtype=torch.long, device=device)
+    if max_new_tokens == 0:
+        return out
+    full_mask = torch.zeros(B, total, dtype=torch.long, device=device)
+    full_mask[:, :T] = mask
+    positions = position_ids_from_mask(mask)
+    seen = None
+    if repetition_penalty != 1.0:
+        vocab = model.config.vocab_size
+        seen = torch.zeros(B, vocab, dtype=torch.bool, device=device)
+        seen.scatter_(1, input_ids.masked_fill(mask == 0, 0), mask.bool())
+    cache = model.new_cache(B, total)
+    active = torch.arange(B, device=device)  # which original rows are still in the batch
+    texts = [""] * B
+
+    logits = model(input_ids, attention_mask=full_mask[:, :T], position_ids=positions, cache=cache,
+                   only_last=True).logits[:, -1]
+    next_pos = positions[:, -1:] + 1  # (b, 1)
+    steps = 0
+    for step in range(max_new_tokens):
+        if seen is not None:
+            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+        token = sample_next(logits, temperature, top_k, top_p, generator)  # (b,)
+        out[active, step] = token
+        steps = step + 1
+        if stream is not None:
+            for row, t in zip(active.tolist(), token.tolist()):
+                stream(row, t)
+        done = torch.isin(token, eos) if len(eos) else torch.zeros_like(token, dtype=torch.bool)
+        if stop:
+            for j, row in enumerate(active.tolist()):
+                texts[row] = tokenizer.decode(out[row, :steps].tolist())
+                if any(s in texts[row] for s in stop):
+                    done[j] = True
+        if step == max_new_tokens - 1:
+            break
+        if bool(done.any()):
+            keep = (~done).nonzero().squeeze(1)
+            if len(keep) == 0:
+                break
+            active, token, next_pos, full_mask = active[keep], token[keep], next_pos[keep], full_mask[keep]
+            cache.keep(keep)
+            if seen is not None:
+                seen = seen[keep]
+        if seen is not None:
+            seen[torch.arange(len(token), device=device), token] = True
+        full_mask[:, T + step] = 1
+        logits = model(token[:, None], attention_mask=full_mask[:, : T + step + 1], position_ids=next_pos,
+                       cache=cache).logits[:, -1]
+        next_pos = next_pos + 1
+    return out[:, :steps]
