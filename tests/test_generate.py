@@ -8,7 +8,7 @@ import torch
 
 import mmlm
 from mmlm.config import LMConfig
-from mmlm.generate import generate
+from mmlm.generation import generate
 from mmlm.models.lm import LM
 
 CFG = dict(vocab_size=96, width=32, layers=2, heads=4, kv_heads=2, mlp_dim=48, max_seq_len=64, qkv_bias=True)

@@ -38,7 +38,7 @@ def load_tokenizer(path: Any):
 
 
 def generate(model: Any, input_ids: Any, attention_mask: Any = None, **kwargs: Any):
-    """New tokens (B, n) after each (left-padded) prompt; greedy when temperature == 0. See mmlm.generate.generate."""
-    from .generate import generate as _generate
+    """New tokens (B, n) after each (left-padded) prompt; greedy when temperature == 0. See mmlm.generation.generate."""
+    from .generation import generate as _generate
 
     return _generate(model, input_ids, attention_mask, **kwargs)

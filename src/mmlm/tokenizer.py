@@ -114,6 +114,7 @@ class Tokenizer:
         pad_id: int = 0,
         clean: Clean = "none",
         context_length: int = 77,
+        chat_template: str | None = None,
     ) -> None:
         if clean not in ("clip", "none"):
             raise ValueError(f"clean must be 'clip' or 'none', got {clean!r}")
@@ -123,6 +124,7 @@ class Tokenizer:
         self.sot_id, self.eot_id, self.pad_id = sot_id, eot_id, pad_id
         self.clean: Clean = clean
         self.context_length = context_length
+        self.chat_template = chat_template  # a Jinja template (Hugging Face / GGUF convention), for LLMs
 
     # --- constructors ---------------------------------------------------------------------------
 
@@ -190,6 +192,7 @@ class Tokenizer:
         tok = tokenizers.Tokenizer.from_file(str(file))
         config_file = file.parent / CONFIG_FILE
         config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        chat_template = config.get("chat_template")  # mmlm's and Hugging Face's tokenizer_config.json both keep it here
         if "clean" not in config:  # no mmlm settings beside it (maybe HF's): guess from the special tokens
             config = _default_config(tok)
 
@@ -208,6 +211,7 @@ class Tokenizer:
             pad_id=token_id("pad_token") if config.get("pad_token") is not None else 0,
             clean=config.get("clean", "none"),
             context_length=int(config.get("context_length", 77)),
+            chat_template=chat_template,
         )
 
     def save(self, directory: str | Path) -> None:
@@ -223,6 +227,8 @@ class Tokenizer:
             "pad_token": name(self.pad_id),
             "context_length": self.context_length,
         }
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     # --- text <-> ids ---------------------------------------------------------------------------
@@ -267,6 +273,19 @@ class Tokenizer:
         suffix = getattr(self.tokenizer.model, "end_of_word_suffix", None)
         return text.replace(suffix, " ").strip() if suffix else text
 
+    def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """Render `messages` ([{"role": "user", "content": "..."}, ...]) with the model's chat template.
+
+        The text holds the special tokens written out (e.g. ChatML's `<|im_start|>`); `encode` maps them to
+        their ids. Rendered in Jinja's sandbox, as transformers does (a template is data from a file).
+        """
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template")
+        name = lambda i: "" if i is None else self.tokenizer.id_to_token(i)  # noqa: E731
+        return _jinja_template(self.chat_template).render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt,
+            bos_token=name(self.sot_id), eos_token=name(self.eot_id))
+
     def __call__(
         self, texts: str | Sequence[str], context_length: int | None = None, truncate: bool = True
     ) -> torch.Tensor:
@@ -300,6 +319,18 @@ class Tokenizer:
         )
 
 
+@lru_cache(maxsize=8)
+def _jinja_template(source: str):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str):
+        raise ValueError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source)
+
+
 def _default_config(tok: tokenizers.Tokenizer) -> dict:
     """Settings for a bare tokenizer.json: CLIP's when it holds CLIP's special tokens, else plain text."""
     vocab = tok.get_vocab(with_added_tokens=True)
@@ -312,16 +343,18 @@ def _default_config(tok: tokenizers.Tokenizer) -> dict:
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """A Tokenizer from a checkpoint dir (tokenizer.json [+ tokenizer_config.json]), a tokenizer.json,
-    CLIP's bpe_simple_vocab_16e6.txt.gz, or a dir with Hugging Face vocab.json + merges.txt."""
+    CLIP's bpe_simple_vocab_16e6.txt.gz, a dir with Hugging Face vocab.json + merges.txt, or a .gguf file."""
     path = Path(path)
     expected = (
         "a directory with tokenizer.json (or vocab.json + merges.txt), a tokenizer.json file, "
         f"CLIP's {CLIP_BPE_FILE}, or a .gguf file"
     )
-    if path.suffix == ".gguf":
-        raise NotImplementedError("GGUF tokenizers arrive with the LLM loader")
     if not path.exists():
         raise FileNotFoundError(f"no such tokenizer path: {path} (expected {expected})")
+    if path.suffix == ".gguf":
+        from .convert.gguf import tokenizer_from_gguf
+
+        return tokenizer_from_gguf(path)
     if path.is_dir():
         if (path / TOKENIZER_FILE).is_file():
             return Tokenizer.load(path)

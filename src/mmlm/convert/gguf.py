@@ -1,0 +1,141 @@
+"""llama.cpp GGUF files (llama architecture) -> mmlm LM and Tokenizer.
+
+Tensors are dequantised to float32 with the `gguf` package (F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q4_K/Q6_K, ...).
+llama.cpp's converter permutes the rows of q and k so that each head's rotary pairs sit side by side
+(interleaved RoPE); mmlm uses transformers' half-split layout, so those rows are permuted back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..checkpoint import build_model, load_state_dict_strict
+from ..config import LMConfig
+from .mapping import Rule, rename
+
+_L, _T = "blocks.{i}", "blk.{i}"
+RULES: list[Rule] = [
+    Rule("embed.weight", "token_embd.weight"),
+    Rule(f"{_L}.norm1.weight", f"{_T}.attn_norm.weight"),
+    *[Rule(f"{_L}.attn.qkv.{p}", tuple(f"{_T}.attn_{x}.{p}" for x in "qkv")) for p in ("weight", "bias")],
+    Rule(f"{_L}.attn.proj.weight", f"{_T}.attn_output.weight"),
+    Rule(f"{_L}.norm2.weight", f"{_T}.ffn_norm.weight"),
+    Rule(f"{_L}.mlp.fc1.weight", (f"{_T}.ffn_gate.weight", f"{_T}.ffn_up.weight")),
+    Rule(f"{_L}.mlp.fc2.weight", f"{_T}.ffn_down.weight"),
+    Rule("norm.weight", "output_norm.weight"),
+    Rule("lm_head.weight", "output.weight"),
+]
+
+
+def _reader(path: str | Path):
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError("reading .gguf files needs the `gguf` package: pip install gguf "
+                          "(or pip install 'mmlm[interop]')") from None
+    return gguf.GGUFReader(str(path))
+
+
+def read_metadata(reader: Any) -> dict[str, Any]:
+    """Every key/value of the file's header as plain Python values."""
+    return {name: field.contents() for name, field in reader.fields.items()}
+
+
+def unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row order (per head: [pair0 (a, b), pair1 (a, b), ...] -> [a..., b...])."""
+    rest = w.shape[1:]
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
+
+
+def config_from_gguf(meta: dict[str, Any], path: str = "gguf") -> LMConfig:
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
+    a = lambda key, default=None: meta.get(f"llama.{key}", default)  # noqa: E731
+    width, heads = int(a("embedding_length")), int(a("attention.head_count"))
+    scaling = None
+    kind = a("rope.scaling.type")
+    if kind not in (None, "none"):
+        if kind != "linear":
+            raise ValueError(f"{path}: GGUF rope scaling {kind!r} is not supported (only 'linear')")
+        scaling = {"rope_type": "linear", "factor": float(a("rope.scaling.factor"))}
+    tokens = meta.get("tokenizer.ggml.tokens")
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    return LMConfig(
+        vocab_size=int(a("vocab_size") or len(tokens)), width=width, layers=int(a("block_count")), heads=heads,
+        kv_heads=int(a("attention.head_count_kv", heads)), head_dim=int(a("rope.dimension_count", width // heads)),
+        mlp_dim=int(a("feed_forward_length")), norm_eps=float(a("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(a("rope.freq_base", 10000.0)), rope_scaling=scaling,
+        max_seq_len=int(a("context_length", 2048)), bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=None if eos is None else [int(eos)],
+    )
+
+
+def state_dict_from_gguf(reader: Any, cfg: LMConfig, path: str = "gguf") -> dict[str, torch.Tensor]:
+    """Dequantised tensors, renamed to mmlm's; q/k rows back in transformers' order."""
+    from gguf.quants import dequantize
+
+    sd: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            raise ValueError(f"{path}: per-dimension RoPE frequency factors (rope_freqs, Llama 3.1 scaling) are not supported")
+        w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))  # a writable copy
+        shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists the fastest-varying dimension first
+        w = w.reshape(shape)
+        if t.name.endswith("attn_q.weight") or t.name.endswith("attn_q.bias"):
+            w = unpermute_rope(w, cfg.heads)
+        elif t.name.endswith("attn_k.weight") or t.name.endswith("attn_k.bias"):
+            w = unpermute_rope(w, cfg.kv_heads)
+        sd[t.name] = w
+    if "output.weight" not in sd:  # no output matrix: the head shares the token embedding
+        cfg.tie_embeddings = True
+    return rename(sd, RULES, "to_ours", path)
+
+
+def load_gguf(path: str | Path) -> torch.nn.Module:
+    """A llama-architecture .gguf file -> mmlm LM (float32)."""
+    reader = _reader(path)
+    cfg = config_from_gguf(read_metadata(reader), str(path))
+    sd = state_dict_from_gguf(reader, cfg, str(path))
+    cfg.qkv_bias = any(k.endswith("attn.qkv.bias") for k in sd)
+    model = build_model(cfg)
+    load_state_dict_strict(model, sd, str(path))
+    return model
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def tokenizer_from_gguf(path: str | Path):
+    """The file's byte-level BPE (`tokenizer.ggml.model == "gpt2"`), special tokens and chat template."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from ..tokenizer import Tokenizer
+
+    meta = read_metadata(_reader(path))
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(f"{path}: GGUF tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2')")
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    types = list(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))
+    tok = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    # llama.cpp's "smollm" / "starcoder"-style pre-tokenizers split digits one by one before GPT-2's regex.
+    if meta.get("tokenizer.ggml.pre") in ("smollm", "starcoder", "refact", "qwen2"):
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+    # token_type 3 = CONTROL, 4 = USER_DEFINED: matched whole in text, never split by the BPE
+    tok.add_special_tokens([tokenizers.AddedToken(t, normalized=False, special=(ty == 3))
+                            for t, ty in zip(tokens, types) if ty in (3, 4)])
+    bos, eos = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
+    pad = meta.get("tokenizer.ggml.padding_token_id", eos)
+    return Tokenizer(tok, sot_id=bos if meta.get("tokenizer.ggml.add_bos_token", False) else None, eot_id=eos,
+                     pad_id=pad if pad is not None else 0, clean="none", context_length=meta.get("llama.context_length", 2048),
+                     chat_template=meta.get("tokenizer.chat_template"))
