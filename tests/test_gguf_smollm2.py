@@ -110,3 +110,23 @@ def test_greedy_32_tokens_identical_to_transformers(ours, tok, reference):
 def test_capital_of_france(ours, tok):
     out = mmlm.generate(ours, _chat_ids(tok, "What is the capital of France?"), max_new_tokens=24)
     assert "Paris" in tok.decode(out[0].tolist(), skip_special_tokens=True)
+
+
+def test_chat_cli_one_shot(capsys):
+    from mmlm.cli import main
+
+    assert main(["chat", "--model", str(GGUF), "--prompt", "What is the capital of France?",
+                 "--max-new-tokens", "16"]) == 0
+    assert "Paris" in capsys.readouterr().out
+
+
+def test_chat_interactive_keeps_history():
+    import io
+
+    from mmlm.chat import chat
+
+    turns = iter(["What is the capital of France?", "exit"])
+    out = io.StringIO()
+    messages = chat(GGUF, read=lambda _: next(turns), out=out, max_new_tokens=12)
+    assert [m["role"] for m in messages] == ["user", "assistant"] and "Paris" in messages[1]["content"]
+    assert "Paris" in out.getvalue()

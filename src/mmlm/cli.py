@@ -56,6 +56,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat import chat
+
+    chat(args.model, prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
+         temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from .quickstart import quickstart
 
@@ -110,6 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--templates", default=None, help="zeroshot: text file, one prompt template with {} per line")
     v.add_argument("--limit", type=int, default=0, help="evaluate at most this many images (0 = all)")
     v.set_defaults(func=cmd_eval)
+
+    h = sub.add_parser("chat", help="chat with a language model (one answer with --prompt, else interactive); streams")
+    h.add_argument("--model", type=Path, required=True, help="a .gguf file or a model directory with tokenizer.json")
+    h.add_argument("--prompt", default=None, help="answer this one message and exit")
+    h.add_argument("--system", default=None, help="system message (default: the chat template's own, if any)")
+    h.add_argument("--max-new-tokens", type=int, default=256)
+    h.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    h.add_argument("--top-p", type=float, default=1.0)
+    h.add_argument("--seed", type=int, default=None)
+    h.set_defaults(func=cmd_chat)
 
     q = sub.add_parser("quickstart", help="the main job: generate shapes, train a small CLIP, evaluate, report")
     q.add_argument("--out", type=Path, default=Path("runs/quickstart"))
