@@ -28,32 +28,35 @@ def recipe_path(name: str) -> Path:
     return Path(str(resources.files("mmlm") / "recipes" / name))
 
 
-def _measure_step_time(cfg, steps: int = 6) -> float:
-    """Seconds per optimizer step for this recipe on this machine (a few steps of a throwaway model)."""
+def _measure_step_time(cfg, steps: int = 12, skip: int = 4) -> float:
+    """Seconds per optimizer step for this recipe on this machine, data loading included: a few real
+    steps of a throwaway model fed by the same DataLoader set-up as training."""
     from .data.transforms import PreprocessConfig
     from .models.clip import CLIP
-    from .train.clip_run import train_data
-    from .train.clip_task import ClipTask
     from .tokenizer import Tokenizer
+    from .train.clip_run import caption_corpus, fit_text_to_tokenizer, train_data
+    from .train.clip_task import ClipTask
+    from .train.loop import _autocast, make_loader
 
     preprocess = PreprocessConfig(image_size=cfg.model.vision.image_size)
     data = train_data(cfg, preprocess)
-    tok = Tokenizer.train_bpe([data[i]["caption"] for i in range(200)], vocab_size=600, context_length=cfg.model.text.context_length)
-    model_cfg = cfg.model
-    model_cfg.text.vocab_size, model_cfg.text.eot_token_id, model_cfg.text.pool = tok.vocab_size, tok.eot_id, "eot"
-    task = ClipTask(cfg, CLIP(model_cfg), tok, data, preprocess)
-    opt = torch.optim.AdamW(task.model.parameters(), lr=1e-4)
-    from .train.loop import _autocast
-
-    batch = task.collate([data[i] for i in range(cfg.train.batch_size)])
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        task.step(batch, _autocast(cfg.train.precision))
+    tok = Tokenizer.train_bpe(caption_corpus(cfg, data, limit=2000), vocab_size=cfg.tokenizer.vocab_size,
+                              context_length=cfg.model.text.context_length)
+    fit_text_to_tokenizer(cfg, tok)
+    task = ClipTask(cfg, CLIP(cfg.model), tok, data, preprocess)
+    opt = torch.optim.AdamW(task.model.parameters(), lr=1e-5)
+    loader = make_loader(data, task.collate, cfg.train.batch_size, 12345, 0, cfg.train.num_workers)
+    autocast = _autocast(cfg.train.precision)
+    start = 0.0
+    for i, batch in enumerate(loader):
+        if i == skip:
+            start = time.perf_counter()
+        if i == steps:
+            break
+        task.step(batch, autocast)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times[2:]))
+    return (time.perf_counter() - start) / (steps - skip)
 
 
 def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, steps: int | None = None,
@@ -70,8 +73,8 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, steps:
     cfg = load_recipe(recipe_path(RECIPE), overrides)
     if steps is None:
         per_step = _measure_step_time(load_recipe(recipe_path(RECIPE), overrides))
-        # The loop also evaluates a few times; leave ~15% of the budget for it.
-        steps = max(20, int(minutes * 60 * 0.85 / per_step))
+        # The loop also evaluates and checkpoints a few times; leave ~10% of the budget for that.
+        steps = max(20, int(minutes * 60 * 0.9 / per_step))
         print(f"[2/4] training a CLIP on shapes: {per_step * 1000:.0f} ms/step here -> {steps} steps (~{minutes:g} min)")
     cfg.train.steps = steps
     cfg.train.warmup_steps = min(cfg.train.warmup_steps, steps // 10)

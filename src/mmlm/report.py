@@ -66,17 +66,19 @@ def plot_training(run: Path, out: Path) -> list[str]:
 def plot_similarity(images: np.ndarray, captions: Sequence[str], sims: np.ndarray, path: Path) -> None:
     """The CLIP paper's figure: images across the top, captions down the side, cosine similarities in cells."""
     plt = _plt()
-    n = len(captions)
-    fig = plt.figure(figsize=(2 + 0.9 * n, 1.5 + 0.6 * n))
-    ax = fig.add_axes([0.35, 0.05, 0.6, 0.6 * n / (n + 1.5)])
+    rows, cols = sims.shape
+    cell, left, pad = 0.8, 3.4, 0.2  # inches
+    width, height = left + cols * cell + pad, (rows + 1) * cell + 2 * pad
+    fig = plt.figure(figsize=(width, height))
+    ax = fig.add_axes([left / width, pad / height, cols * cell / width, rows * cell / height])
     ax.imshow(sims, vmin=sims.min(), vmax=sims.max(), cmap="viridis", aspect="auto")
-    for i in range(n):
-        for j in range(sims.shape[1]):
-            ax.text(j, i, f"{sims[i, j]:.2f}", ha="center", va="center", fontsize=7, color="white")
-    ax.set_yticks(range(n), [c[:40] for c in captions], fontsize=7)
+    for i in range(rows):
+        for j in range(cols):
+            ax.text(j, i, f"{sims[i, j]:.2f}", ha="center", va="center", fontsize=8, color="white")
+    ax.set_yticks(range(rows), [c if len(c) <= 48 else c[:47] + "…" for c in captions], fontsize=8)
     ax.set_xticks([])
     for j, im in enumerate(images):
-        iax = fig.add_axes([0.35 + 0.6 * j / sims.shape[1], 0.05 + 0.6 * n / (n + 1.5) + 0.01, 0.6 / sims.shape[1], 0.2])
+        iax = fig.add_axes([(left + j * cell) / width, (pad + rows * cell + 0.05) / height, cell / width, (cell - 0.1) / height])
         iax.imshow(im)
         iax.axis("off")
     fig.savefig(path, dpi=100)
