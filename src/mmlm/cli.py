@@ -71,6 +71,13 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench_decode
+
+    bench_decode(models=args.model, quick=args.quick, threads=args.threads, memory=not args.no_memory)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmlm", description="CLIP and LLaVA from scratch: train, convert, evaluate, serve.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -128,6 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--top-p", type=float, default=1.0)
     h.add_argument("--seed", type=int, default=None)
     h.set_defaults(func=cmd_chat)
+
+    b = sub.add_parser("bench", help="speed against transformers in the same run; prints JSON lines (needs transformers)")
+    b.add_argument("what", choices=["decode"], help="decode: greedy generate() tokens/s, prefill tokens/s, peak memory")
+    b.add_argument("--quick", action="store_true", help="fewer tokens and repeats (about a minute less)")
+    b.add_argument("--model", action="append", choices=["tiny", "smollm2-135m"], default=None,
+                   help="benchmark only this model (repeatable; default: both)")
+    b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, i.e. the cores)")
+    b.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    b.set_defaults(func=cmd_bench)
 
     q = sub.add_parser("quickstart", help="the main job: generate shapes, train a small CLIP, evaluate, report")
     q.add_argument("--out", type=Path, default=Path("runs/quickstart"))
