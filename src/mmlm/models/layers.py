@@ -89,9 +89,13 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = 
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """position_ids (B, T) -> cos, sin (B, 1, T, head_dim), computed in float32 like transformers."""
+    """position_ids (B, T) -> cos, sin (B, T, 1, head_dim), computed in float32 like transformers.
+
+    The head axis comes after T so that q and k, still in the (B, T, heads, hd) layout of the projection,
+    rotate in one go (see Attention.forward).
+    """
     freqs = position_ids[:, :, None].float() * inv_freq.float()  # (B, T, hd/2)
-    emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # (B, 1, T, hd)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None]  # (B, T, 1, hd)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -161,12 +165,14 @@ class Attention(nn.Module):
                 cache: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
         """x: (B, T, C); attn_mask: bool (True = may attend) or additive float, broadcastable to (B, H, T, S)."""
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        H, Hkv = self.n_heads, self.n_kv_heads
+        qkv = self.qkv(x).view(B, T, H + 2 * Hkv, self.head_dim)  # (B, T, H + 2 Hkv, hd): q heads, k heads, v heads
+        qk, v = qkv[:, :, : H + Hkv], qkv[:, :, H + Hkv :]
+        if rope is not None:  # q and k heads rotate together: half the small ops of a token-by-token decode step
+            qk = apply_rope(qk, *rope)
+        q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, hd)
+        k = qk[:, :, H:].transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.transpose(1, 2)
         if cache is not None:
             k_buf, v_buf, pos = cache
             k_buf[:, :, pos : pos + T] = k
@@ -214,6 +220,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # the same product, one op fewer
+            return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 

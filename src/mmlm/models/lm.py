@@ -107,7 +107,10 @@ class LM(nn.Module):
         rope = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
 
         mask, is_causal = None, cache is None or start == 0
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if T == 1 and attention_mask is not None and not bool(attention_mask.all()) and bool(attention_mask[:, -1].all()):
+            # the decoding step: one new real token per row after cached ones; it sees every real key (B, 1, 1, S)
+            mask = attention_mask.bool()[:, None, None, :]
+        elif attention_mask is not None and not bool(attention_mask.all()):
             # (B, 1, T, S): causal, padded keys hidden; a padded query still sees itself (no empty softmax rows).
             q_pos = torch.arange(start, S, device=x.device)[:, None]
             k_pos = torch.arange(S, device=x.device)[None, :]
