@@ -233,7 +233,7 @@ def bench_decode(models: list[str] | None = None, quick: bool = False, threads: 
         for name in models:
             ours, hf, srcs = load_pair(name, Path(tmp))
             vocab = ours.config.vocab_size
-            new_tokens = (32 if quick else 128) if name == "tiny" else (16 if quick else 64)
+            new_tokens = (32 if quick else 128) if name == "tiny" else (16 if quick else 32)
             for batch in batches:
                 lengths = prompt_lengths(batch, 32)
                 ids, mask = prompts(vocab, lengths, seed=batch)
