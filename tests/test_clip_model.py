@@ -36,10 +36,11 @@ def test_every_parameter_gets_a_gradient(preset):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.01)
     pixels, ids = _batch(cfg)
-    out = model(pixels, ids)
-    labels = torch.arange(len(ids))
-    loss = (torch.nn.functional.cross_entropy(out.logits_per_image, labels)
-            + torch.nn.functional.cross_entropy(out.logits_per_text, labels)) / 2
+    # SigLIP's loss: with softmax cross-entropy a shared logit_bias has an exactly zero gradient.
+    from mmlm.train.objectives import contrastive_loss
+
+    loss = contrastive_loss("siglip", model.encode_image(pixels), model.encode_text(ids), model.logit_scale,
+                            model.logit_bias)
     loss.backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()
                or p.grad.abs().sum() == 0]
