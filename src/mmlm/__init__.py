@@ -5,6 +5,7 @@
     tok = mmlm.load_tokenizer("path/to/checkpoint-or-tokenizer")
     mmlm.save(model, "out_dir", tokenizer=tok)
     new_ids = mmlm.generate(lm, input_ids, attention_mask, max_new_tokens=32)   # (B, new_tokens)
+    new_ids = mmlm.generate(llava, input_ids, attention_mask, pixel_values=images)   # images (N_images, C, H, W)
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ __all__ = ["load", "save", "load_tokenizer", "generate", "__version__"]
 
 
 def load(path: Any):
-    """Open a model: an mmlm checkpoint dir, a transformers CLIPModel / LlamaForCausalLM / Qwen2ForCausalLM dir,
-    or a llama-architecture .gguf file. Eval mode, float32, CPU."""
+    """Open a model: an mmlm checkpoint dir, a transformers CLIPModel / LlamaForCausalLM / Qwen2ForCausalLM /
+    LlavaForConditionalGeneration dir, or a llama-architecture .gguf file. Eval mode, float32, CPU."""
     from .checkpoint import load as _load
 
     return _load(path)

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import CLIPConfig, LMConfig, model_config_from_dict, to_dict
+from .config import CLIPConfig, LlavaConfig, LMConfig, model_config_from_dict, to_dict
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -34,6 +34,10 @@ def build_model(cfg: Any) -> nn.Module:
         from .models.lm import LM
 
         return LM(cfg)
+    if isinstance(cfg, LlavaConfig):
+        from .models.llava import Llava
+
+        return Llava(cfg)
     raise TypeError(f"no model for config type {type(cfg).__name__}")
 
 
@@ -126,8 +130,8 @@ def _finish(model: nn.Module) -> nn.Module:
 
 
 def load(path: str | Path) -> nn.Module:
-    """Open a model: an mmlm checkpoint dir, a transformers CLIPModel / LlamaForCausalLM / Qwen2ForCausalLM dir,
-    or a llama-architecture .gguf file. Eval mode, float32, CPU."""
+    """Open a model: an mmlm checkpoint dir, a transformers CLIPModel / LlamaForCausalLM / Qwen2ForCausalLM /
+    LlavaForConditionalGeneration dir, or a llama-architecture .gguf file. Eval mode, float32, CPU."""
     path = Path(path)
     if path.is_dir() and (path / CONFIG_NAME).is_file():
         cfg_dict = read_json(path / CONFIG_NAME)
@@ -144,8 +148,12 @@ def load(path: str | Path) -> nn.Module:
             from .convert.hf import load_hf_llama
 
             return _finish(load_hf_llama(path))
+        if cfg_dict.get("model_type") == "llava":
+            from .convert.hf import load_hf_llava
+
+            return _finish(load_hf_llava(path))
         raise ValueError(f"{path / CONFIG_NAME}: neither an mmlm config (no 'kind') nor a supported transformers "
-                         f"model_type (got {cfg_dict.get('model_type')!r}; supported: 'clip', 'llama', 'qwen2')")
+                         f"model_type (got {cfg_dict.get('model_type')!r}; supported: 'clip', 'llama', 'qwen2', 'llava')")
     if path.is_dir():
         raise FileNotFoundError(f"{path}: no config.json; expected an mmlm checkpoint or a transformers model directory")
     if not path.exists():

@@ -208,6 +208,77 @@ class LMConfig:
         return from_dict(cls, d)
 
 
+PROJECTORS = ("linear", "mlp2x_gelu")
+
+
+@dataclass
+class LlavaConfig:
+    """LLaVA: a CLIP ViT's patch tokens, projected into a decoder LM's embedding space.
+
+    The vision features are the hidden states of `vision_layer` (an index into the tower's hidden states,
+    where 0 is the input of the first block: -2 is LLaVA-1.5's penultimate layer; a list concatenates
+    several layers along the feature axis); `drop_cls` removes the class token. Each image becomes
+    `image_tokens` positions holding `image_token_id` in input_ids. The image size is `vision.image_size`;
+    how images are resized/padded is preprocessing (preprocess.json), kept apart from the architecture.
+    """
+
+    kind: str = "llava"
+    vision: ViTConfig = field(default_factory=lambda: ViTConfig(image_size=336, patch_size=14, width=1024, layers=24,
+                                                                heads=16))
+    lm: LMConfig = field(default_factory=LMConfig)
+    vision_layer: Union[int, list] = -2
+    drop_cls: bool = True
+    projector: str = "mlp2x_gelu"
+    projector_bias: bool = True
+    image_token_id: int = 32000
+
+    def __post_init__(self) -> None:
+        _check(self.kind == "llava", f"LlavaConfig.kind must be 'llava', got {self.kind!r}")
+        if isinstance(self.vision, dict):
+            self.vision = vision_config_from_dict(self.vision)
+        _check(isinstance(self.vision, ViTConfig), "llava.vision must be a ViT (kind 'vit'): LLaVA reads patch tokens")
+        if isinstance(self.lm, dict):
+            self.lm = from_dict(LMConfig, self.lm, ".lm")
+        _check(self.projector in PROJECTORS, f"llava.projector must be one of {PROJECTORS}, got {self.projector!r}")
+        layers = self.vision_layers
+        _check(len(layers) > 0 and all(isinstance(i, int) and not isinstance(i, bool) for i in layers),
+               f"llava.vision_layer must be an integer or a non-empty list of integers, got {self.vision_layer!r}")
+        n = self.vision.layers + 1  # hidden states: the first block's input, then each block's output
+        bad = [i for i in layers if not -n <= i < n]
+        _check(not bad, f"llava.vision_layer {bad} is outside the {n} hidden states of a {self.vision.layers}-layer ViT")
+        if isinstance(self.vision_layer, tuple):
+            self.vision_layer = list(self.vision_layer)
+
+    @property
+    def vision_layers(self) -> list:
+        return list(self.vision_layer) if isinstance(self.vision_layer, (list, tuple)) else [self.vision_layer]
+
+    @property
+    def image_tokens(self) -> int:
+        """Positions one image occupies in the LM's sequence."""
+        return self.vision.num_patches + (0 if self.drop_cls else 1)
+
+    @property
+    def vision_feature_dim(self) -> int:
+        return self.vision.width * len(self.vision_layers)
+
+    # What generation reads from a model's config.
+    @property
+    def eos_token_id(self) -> Optional[list]:
+        return self.lm.eos_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm.vocab_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LlavaConfig":
+        return from_dict(cls, d)
+
+
 # ----------------------------------------------------------------------------- dict / YAML io
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -341,7 +412,7 @@ def clip_preset(name: str) -> CLIPConfig:
     return CLIP_PRESETS[key]()
 
 
-MODEL_CONFIGS: dict[str, type] = {"clip": CLIPConfig, "llama": LMConfig}
+MODEL_CONFIGS: dict[str, type] = {"clip": CLIPConfig, "llama": LMConfig, "llava": LlavaConfig}
 
 
 def model_config_from_dict(d: dict[str, Any], source: str = "config") -> Any:

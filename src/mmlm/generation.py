@@ -8,6 +8,7 @@ temperature, top-k, top-p; greedy when temperature == 0.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Sequence
 
 import torch
@@ -57,12 +58,13 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     input_ids (B, T) are left-padded when attention_mask (B, T) has zeros. A row ends at an EOS id
     (`eos_token_id`, default the model config's) or when its decoded text contains one of `stop` (needs
     `tokenizer`); the ending token is kept and the rest of the row is filled with the first EOS id (or 0).
+    pixel_values (N_images, C, H, W) are a LLaVA model's images, read once by the prefill pass.
     `stream(row, token_id)` is called for each new token as it is chosen. `seed` makes sampling repeatable.
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
-    if pixel_values is not None:
-        raise NotImplementedError("images in generate arrive with LLaVA; this model is text-only")
+    if pixel_values is not None and "pixel_values" not in inspect.signature(model.forward).parameters:
+        raise ValueError(f"{type(model).__name__} takes no images (pixel_values); a LLaVA model does")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or repetition_penalty <= 0 or max_new_tokens < 0:
         raise ValueError(f"bad sampling settings: temperature={temperature} (>= 0), top_k={top_k} (>= 0), "
                          f"top_p={top_p} (0 < p <= 1), repetition_penalty={repetition_penalty} (> 0), "
@@ -99,8 +101,9 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     active = torch.arange(B, device=device)  # which original rows are still in the batch
     texts = [""] * B
 
+    images = {} if pixel_values is None else {"pixel_values": pixel_values.to(device)}  # the prefill reads the images
     logits = model(input_ids, attention_mask=full_mask[:, :T], position_ids=positions, cache=cache,
-                   only_last=True).logits[:, -1]
+                   only_last=True, **images).logits[:, -1]
     next_pos = positions[:, -1:] + 1  # (b, 1)
     steps = 0
     for step in range(max_new_tokens):

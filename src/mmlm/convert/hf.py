@@ -9,8 +9,8 @@ from torch import nn
 
 from ..checkpoint import (PREPROCESS_NAME, build_model, load_state_dict_strict, read_json, read_state_dict, save_tensors,
                           write_json)
-from ..config import LMConfig
-from . import hf_clip, hf_llama
+from ..config import LlavaConfig, LMConfig
+from . import hf_clip, hf_llama, hf_llava
 
 
 def read_hf_weights(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -48,11 +48,24 @@ def load_hf_llama(directory: str | Path) -> nn.Module:
     return model
 
 
+def load_hf_llava(directory: str | Path) -> nn.Module:
+    """A transformers LlavaForConditionalGeneration directory -> mmlm Llava."""
+    d = Path(directory)
+    cfg = hf_llava.config_from_hf(read_json(d / "config.json"))
+    model = build_model(cfg)
+    sd = hf_llava.state_dict_from_hf(read_hf_weights(d), cfg, source=str(d))
+    load_state_dict_strict(model, sd, str(d))
+    return model
+
+
 def export_hf(model: nn.Module, out: str | Path, tokenizer=None, preprocess=None) -> Path:
-    """Write `model` as a directory that transformers' `from_pretrained` loads (CLIPModel, LlamaForCausalLM
-    or Qwen2ForCausalLM)."""
+    """Write `model` as a directory that transformers' `from_pretrained` loads (CLIPModel, LlamaForCausalLM,
+    Qwen2ForCausalLM or LlavaForConditionalGeneration)."""
     out = Path(out)
-    if isinstance(model.config, LMConfig):
+    if isinstance(model.config, LlavaConfig):
+        hf_cfg = hf_llava.config_to_hf(model.config)
+        tensors = hf_llava.state_dict_to_hf(model.state_dict(), model.config)
+    elif isinstance(model.config, LMConfig):
         hf_cfg = hf_llama.config_to_hf(model.config)
         tensors = hf_llama.state_dict_to_hf(model.state_dict(), model.config)
     else:

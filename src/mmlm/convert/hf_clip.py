@@ -52,16 +52,30 @@ def _act(name: str, where: str) -> str:
     return _HF_ACT[name]
 
 
+def vit_config_from_hf(v: dict[str, Any]) -> ViTConfig:
+    """An HF CLIPVisionConfig dict (CLIPModel's or LLaVA's `vision_config`) -> ViTConfig."""
+    return ViTConfig(image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 32),
+                     width=v.get("hidden_size", 768), layers=v.get("num_hidden_layers", 12),
+                     heads=v.get("num_attention_heads", 12), mlp_dim=v.get("intermediate_size", 3072),
+                     act=_act(v.get("hidden_act", "quick_gelu"), "vision_config"),
+                     norm_eps=v.get("layer_norm_eps", 1e-5), in_channels=v.get("num_channels", 3))
+
+
+def vit_config_to_hf(v: ViTConfig, projection_dim: int) -> dict[str, Any]:
+    return {
+        "model_type": "clip_vision_model", "hidden_size": v.width, "intermediate_size": v.mlp_dim,
+        "num_hidden_layers": v.layers, "num_attention_heads": v.heads, "image_size": v.image_size,
+        "patch_size": v.patch_size, "num_channels": v.in_channels, "hidden_act": _ACT_HF[v.act],
+        "layer_norm_eps": v.norm_eps, "projection_dim": projection_dim,
+    }
+
+
 def config_from_hf(hf: dict[str, Any]) -> CLIPConfig:
     """An HF CLIPModel config.json dict -> CLIPConfig."""
     if hf.get("model_type") != "clip":
         raise ValueError(f"expected a transformers CLIP config (model_type 'clip'), got {hf.get('model_type')!r}")
     v, t = hf.get("vision_config") or {}, hf.get("text_config") or {}
-    vision = ViTConfig(image_size=v.get("image_size", 224), patch_size=v.get("patch_size", 32),
-                       width=v.get("hidden_size", 768), layers=v.get("num_hidden_layers", 12),
-                       heads=v.get("num_attention_heads", 12), mlp_dim=v.get("intermediate_size", 3072),
-                       act=_act(v.get("hidden_act", "quick_gelu"), "vision_config"),
-                       norm_eps=v.get("layer_norm_eps", 1e-5), in_channels=v.get("num_channels", 3))
+    vision = vit_config_from_hf(v)
     vocab = t.get("vocab_size", 49408)
     eos = t.get("eos_token_id", 49407)
     # transformers pools at argmax(input_ids) when eos_token_id == 2 (configs older than its PR #24773).
@@ -91,12 +105,7 @@ def config_to_hf(cfg: CLIPConfig) -> dict[str, Any]:
         "projection_dim": cfg.embed_dim,
         "logit_scale_init_value": cfg.logit_scale_init,
         "torch_dtype": "float32",
-        "vision_config": {
-            "model_type": "clip_vision_model", "hidden_size": v.width, "intermediate_size": v.mlp_dim,
-            "num_hidden_layers": v.layers, "num_attention_heads": v.heads, "image_size": v.image_size,
-            "patch_size": v.patch_size, "num_channels": v.in_channels, "hidden_act": _ACT_HF[v.act],
-            "layer_norm_eps": v.norm_eps, "projection_dim": cfg.embed_dim,
-        },
+        "vision_config": vit_config_to_hf(v, cfg.embed_dim),
         "text_config": {
             "model_type": "clip_text_model", "vocab_size": t.vocab_size, "max_position_embeddings": t.context_length,
             "hidden_size": t.width, "intermediate_size": t.mlp_dim, "num_hidden_layers": t.layers,

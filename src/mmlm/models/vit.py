@@ -10,7 +10,8 @@ from .layers import Transformer
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, cfg: ViTConfig, embed_dim: int):
+    def __init__(self, cfg: ViTConfig, embed_dim: int | None):
+        """embed_dim None builds the tower without CLIP's output projection (LLaVA reads patch tokens only)."""
         super().__init__()
         self.cfg = cfg
         w = cfg.width
@@ -20,14 +21,15 @@ class VisionTransformer(nn.Module):
         self.norm_pre = nn.LayerNorm(w, eps=cfg.norm_eps)
         self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_dim, cfg.act, cfg.norm_eps)
         self.norm_post = nn.LayerNorm(w, eps=cfg.norm_eps)
-        self.proj = nn.Linear(w, embed_dim, bias=False)
+        self.proj = nn.Linear(w, embed_dim, bias=False) if embed_dim is not None else None
 
     def init_weights(self) -> None:
         """OpenAI's init: embeddings and projection ~ N(0, width^-1/2); blocks as nn.MultiheadAttention leaves them."""
         scale = self.cfg.width**-0.5
         nn.init.normal_(self.class_embedding, std=scale)
         nn.init.normal_(self.pos_embed, std=scale)
-        nn.init.normal_(self.proj.weight, std=scale)
+        if self.proj is not None:
+            nn.init.normal_(self.proj.weight, std=scale)
         self.transformer.init_torch_mha()
 
     def forward_tokens(self, pixel_values: torch.Tensor, hidden_states: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -48,5 +50,5 @@ class VisionTransformer(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, embed_dim): the class token, normalised and projected."""
-        x = self.forward_tokens(pixel_values)
-        return self.proj(self.norm_post(x[:, 0]))
+        x = self.norm_post(self.forward_tokens(pixel_values)[:, 0])
+        return x if self.proj is None else self.proj(x)
