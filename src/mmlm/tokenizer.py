@@ -174,6 +174,29 @@ class Tokenizer:
         return cls._clip(vocab, merges, context_length)
 
     @classmethod
+    def train_byte_level(cls, texts: Sequence[str], vocab_size: int = 512, special_tokens: Sequence[str] = ("<s>", "</s>"),
+                         sot: str | None = "<s>", eot: str | None = "</s>", chat_template: str | None = None) -> Tokenizer:
+        """A GPT-2-style byte-level BPE for a small LM, fitted to `texts`: no cleaning, so every text decodes
+        back exactly (case, spaces, punctuation), which chat training needs. `special_tokens` take the
+        first ids and are never split; `sot`/`eot` name the start and end tokens among them."""
+        missing = [t for t in (sot, eot) if t is not None and t not in special_tokens]
+        if missing:
+            raise ValueError(f"sot/eot {missing} must be among special_tokens {list(special_tokens)}")
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        if vocab_size < len(alphabet) + len(special_tokens):
+            raise ValueError(f"a byte-level BPE needs vocab_size >= {len(alphabet) + len(special_tokens)}, got {vocab_size}")
+        tok = tokenizers.Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet, show_progress=False,
+                                                 special_tokens=[tokenizers.AddedToken(t, normalized=False, special=True)
+                                                                 for t in special_tokens])
+        tok.train_from_iterator(texts, trainer=trainer)
+        ids = {t: tok.token_to_id(t) for t in special_tokens}
+        return cls(tok, sot_id=ids.get(sot), eot_id=ids.get(eot), pad_id=ids.get(eot, 0), clean="none",
+                   context_length=2048, chat_template=chat_template)
+
+    @classmethod
     def _clip(cls, vocab: dict[str, int], merges: list, context_length: int) -> Tokenizer:
         return cls(
             _clip_bpe(vocab, merges),
