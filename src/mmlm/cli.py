@@ -26,8 +26,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if args.model != "clip":
-        raise NotImplementedError(f"`mmlm train {args.model}` arrives with LLaVA; only `clip` trains today")
+    if args.model == "llava":
+        from .train.llava_run import load_recipe as load_llava_recipe
+        from .train.llava_run import train_llava
+
+        train_llava(load_llava_recipe(args.config, args.overrides), args.out, resume=not args.no_resume)
+        return 0
     from .train.clip_run import load_recipe, train_clip
 
     cfg = load_recipe(args.config, args.overrides)

@@ -52,3 +52,11 @@ def contrastive_loss(kind: str, image: torch.Tensor, text: torch.Tensor, logit_s
             raise ValueError("the siglip loss needs a model with a logit_bias (set model.logit_bias_init, e.g. -10)")
         return siglip_loss(image, text, logit_scale, logit_bias)
     raise ValueError(f"unknown contrastive loss {kind!r}; expected 'clip' or 'siglip'")
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of token t+1 given tokens <= t, over labels that are not -100 (masked prompt, padding).
+
+    logits (B, T, V); labels (B, T), unshifted (label t is the id at position t), as transformers takes them.
+    """
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)

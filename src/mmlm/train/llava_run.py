@@ -1,0 +1,115 @@
+"""`mmlm train llava`: build data, tokenizer, model and VQA evaluation from a recipe, then run the loop."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+from ..checkpoint import load as load_model
+from ..checkpoint import load_state_dict_strict
+from ..config import LlavaConfig, apply_overrides, from_dict, to_dict
+from ..data.conversation import VICUNA_SYSTEM
+from ..data.transforms import ImageProcessor, PreprocessConfig
+from ..models.llava import Llava
+from .llava_task import LlavaDataConfig, LlavaRunConfig, LlavaTask, ShapesConversations, vqa_accuracy
+from .loop import TrainConfig, train
+
+SPECIAL_TOKENS = ["<s>", "</s>", "<image>", "<pad>"]
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any], where: str) -> dict[str, Any]:
+    for k, v in extra.items():
+        if k not in base:
+            raise ValueError(f"recipe{where}: unknown field {k!r}; known: {sorted(base)}")
+        base[k] = _merge(base[k], v, f"{where}.{k}") if isinstance(v, dict) and isinstance(base[k], dict) else v
+    return base
+
+
+def run_config_from_dict(d: dict[str, Any], overrides: list[str] | None = None) -> LlavaRunConfig:
+    """A recipe dict (YAML) over the defaults (a tiny LLaVA); dotted overrides apply last."""
+    base = to_dict(LlavaRunConfig())
+    base["template"] = ""  # "" = the stage's default template
+    full = _merge(base, d or {}, "")
+    if overrides:
+        apply_overrides(full, overrides)
+    return LlavaRunConfig(model=LlavaConfig.from_dict(full.pop("model")), data=from_dict(LlavaDataConfig, full.pop("data"), ".data"),
+                          train=from_dict(TrainConfig, full.pop("train"), ".train"), **full)
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> LlavaRunConfig:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a YAML mapping at the top level")
+    return run_config_from_dict(raw, overrides)
+
+
+def build_tokenizer(cfg: LlavaRunConfig, data: ShapesConversations, run: Path):
+    from ..tokenizer import Tokenizer, load_tokenizer
+
+    saved = run / "tokenizer"
+    for src in (saved, Path(cfg.init_from) if cfg.init_from else None):  # resume / stage 2: tokenize as before
+        if src is not None and (src / "tokenizer.json").is_file():
+            return load_tokenizer(src)
+    n = min(len(data), 5000)
+    texts = [t["value"] for i in range(n) for t in data[i]["conversations"]] + [data[i]["caption"] for i in range(n)]
+    texts.append(VICUNA_SYSTEM + " USER: ASSISTANT: ")
+    tok = Tokenizer.train_byte_level(texts, vocab_size=cfg.vocab_size, special_tokens=SPECIAL_TOKENS)
+    tok.pad_id = tok.tokenizer.token_to_id("<pad>")
+    tok.save(saved)
+    return tok
+
+
+def build_model(cfg: LlavaRunConfig, tok) -> Llava:
+    """The LM's vocabulary, end token and image token follow the tokenizer (one setting drives the rest)."""
+    mc = cfg.model
+    if not cfg.init_from:
+        mc.lm.vocab_size = tok.vocab_size
+        mc.lm.eos_token_id = [tok.eot_id]
+        mc.lm.bos_token_id = tok.sot_id
+        mc.image_token_id = tok.tokenizer.token_to_id("<image>")
+    model = Llava(mc)
+    if cfg.init_from:
+        src = load_model(cfg.init_from)
+        load_state_dict_strict(model, src.state_dict(), cfg.init_from)
+    elif cfg.vision_from:
+        clip = load_model(cfg.vision_from)
+        sd = {k.removeprefix("visual."): v for k, v in clip.state_dict().items()
+              if k.startswith("visual.") and k != "visual.proj.weight"}
+        load_state_dict_strict(model.vision, sd, f"{cfg.vision_from} (vision tower)")
+    return model
+
+
+def build_evaluator(cfg: LlavaRunConfig, model: Llava, tok, preprocess: PreprocessConfig) -> Callable[[], dict[str, Any]]:
+    if cfg.stage == 1 or cfg.data.eval_size <= 0:
+        return lambda: {}
+    processor = ImageProcessor(preprocess)
+    size = cfg.model.vision.image_size
+    sets = {split: [ds[i] for i in range(len(ds))] for split in ("val", "novel")
+            for ds in [ShapesConversations(split, cfg.data.eval_size, cfg.data.seed, size, 1)]}
+    return lambda: {f"vqa_{split}": vqa_accuracy(model, tok, processor, items, cfg.template)
+                    for split, items in sets.items()}
+
+
+def train_llava(cfg: LlavaRunConfig, out: str | Path, resume: bool = True) -> dict[str, Any]:
+    """Train a LLaVA stage per `cfg` into run directory `out` (resuming from its latest checkpoint if any)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    preprocess = PreprocessConfig(image_size=cfg.model.vision.image_size, mode=cfg.preprocess)
+    data = ShapesConversations("train", cfg.data.train_size, cfg.data.seed, cfg.model.vision.image_size,
+                               cfg.data.n_questions)
+    tok = build_tokenizer(cfg, data, out)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, tok)
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    task = LlavaTask(cfg, model, tok, data, preprocess, build_evaluator(cfg, model, tok, preprocess))
+    summary = train(task, cfg.train, out, resume=resume)
+    print(json.dumps({"run": str(out), **summary}))
+    return summary

@@ -1,0 +1,166 @@
+"""LLaVA's two training stages as a `Task` for the one loop, plus its run config.
+
+Stage 1 (feature alignment) trains the projector only, on image -> caption (`plain` template); stage 2
+(visual instruction tuning) trains projector + LM on conversations (`vicuna_v1` or the LM's `chat`
+template). The vision tower is always frozen. Labels come from `data.conversation`, built by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..checkpoint import save
+from ..config import LlavaConfig, LMConfig, ViTConfig
+from ..data.conversation import IGNORE, TEMPLATES, encode_conversation, encode_prompt
+from ..data.transforms import ImageProcessor, PreprocessConfig
+from .loop import TrainConfig
+from .objectives import next_token_loss
+
+
+def tiny_llava_config() -> LlavaConfig:
+    """A LLaVA small enough to train on a laptop CPU in minutes (64 px images, 8 px patches -> 64 image tokens)."""
+    return LlavaConfig(vision=ViTConfig(image_size=64, patch_size=8, width=128, layers=4, heads=4),
+                       lm=LMConfig(vocab_size=512, width=128, layers=4, heads=4, kv_heads=2, mlp_dim=384, max_seq_len=256),
+                       image_token_id=2)
+
+
+@dataclass
+class LlavaDataConfig:
+    kind: str = "shapes"
+    train_size: int = 20_000
+    n_questions: int = 3  # questions per conversation (stage 2)
+    seed: int = 0
+    eval_size: int = 200
+
+    def __post_init__(self) -> None:
+        if self.kind != "shapes":
+            raise ValueError(f"data.kind must be 'shapes' (LLaVA JSON files are not wired in yet), got {self.kind!r}")
+
+
+@dataclass
+class LlavaRunConfig:
+    model: LlavaConfig = field(default_factory=tiny_llava_config)
+    stage: int = 1  # 1: projector only; 2: projector + LM
+    template: str = ""  # "" = "plain" in stage 1, "vicuna_v1" in stage 2
+    max_len: int = 256
+    preprocess: str = "pad_square"  # how images become squares: pad_square (LLaVA) | resize_crop | resize
+    init_from: str = ""  # a LLaVA checkpoint to start from (stage 2 starts from stage 1's final/)
+    vision_from: str = ""  # a CLIP checkpoint with a ViT whose vision tower is copied in (stage 1)
+    vocab_size: int = 512  # byte-level BPE fitted to the data when no init_from brings a tokenizer
+    data: LlavaDataConfig = field(default_factory=LlavaDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {self.stage!r}")
+        if not self.template:
+            self.template = "plain" if self.stage == 1 else "vicuna_v1"
+        if self.template not in TEMPLATES:
+            raise ValueError(f"template must be one of {TEMPLATES}, got {self.template!r}")
+
+
+def set_trainable(model: nn.Module, stage: int) -> None:
+    """Vision frozen always; the LM learns only in stage 2; the projector always learns."""
+    model.vision.requires_grad_(False)
+    model.lm.requires_grad_(stage == 2)
+    model.projector.requires_grad_(True)
+
+
+class ShapesConversations(Dataset):
+    """Shapes items as LLaVA samples: {id, images: [uint8 (H, W, 3)], conversations, caption}."""
+
+    def __init__(self, split: str, size: int, seed: int, image_size: int, n_questions: int):
+        from ..data.shapes import ShapesDataset
+
+        self.split = split
+        self.ds = ShapesDataset(split, size, seed, image_size, n_questions=n_questions)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.ds[i]
+        return {"id": f"shapes-{self.split}-{i}", "images": [item["image"]], "conversations": item["conversations"],
+                "caption": item["caption"]}
+
+
+def sample_turns(sample: dict[str, Any], template: str) -> list[dict[str, str]]:
+    if template == "plain":  # stage 1: the image, then its caption
+        return [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": sample["caption"]}]
+    return sample["conversations"]
+
+
+class LlavaTask:
+    def __init__(self, cfg: LlavaRunConfig, model: nn.Module, tokenizer: Any, train_data: Dataset,
+                 preprocess: PreprocessConfig, evaluate: Callable[[], dict[str, Any]] | None = None):
+        self.cfg, self.model, self.tokenizer, self.preprocess = cfg, model, tokenizer, preprocess
+        self.data, self._evaluate = train_data, evaluate
+        self.processor = ImageProcessor(preprocess)
+        set_trainable(model, cfg.stage)
+
+    def train_dataset(self) -> Dataset:
+        return self.data
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """Right-padded ids/labels/mask (B, T) and every sample's images in order (N_images, C, H, W)."""
+        mc = self.model.config
+        encoded = [encode_conversation(sample_turns(s, self.cfg.template), self.tokenizer, self.cfg.template,
+                                       mc.image_token_id, mc.image_tokens, max_len=self.cfg.max_len,
+                                       n_images=len(s["images"]), name=s["id"]) for s in samples]
+        T = max(len(e.input_ids) for e in encoded)
+        pad = self.tokenizer.pad_id
+        ids = torch.tensor([e.input_ids + [pad] * (T - len(e.input_ids)) for e in encoded])
+        labels = torch.tensor([e.labels + [IGNORE] * (T - len(e.labels)) for e in encoded])
+        mask = torch.tensor([[1] * len(e.input_ids) + [0] * (T - len(e.input_ids)) for e in encoded])
+        images = [Image.fromarray(np.asarray(im)) for s in samples for im in s["images"]]
+        pixels = self.processor(images) if images else None
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels,
+                "batch_size": len(samples)}
+
+    def step(self, batch: dict[str, Any], autocast) -> dict[str, float]:
+        self.model.vision.eval()
+        with autocast():
+            logits = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                pixel_values=batch["pixel_values"]).logits
+        loss = next_token_loss(logits, batch["labels"])
+        loss.backward()
+        return {"loss": loss.item()}
+
+    def after_optimizer_step(self) -> None:
+        pass
+
+    def evaluate(self) -> dict[str, Any]:
+        return self._evaluate() if self._evaluate is not None else {}
+
+    def save_model(self, directory: Path) -> None:
+        save(self.model, directory, tokenizer=self.tokenizer, preprocess=self.preprocess)
+
+
+def vqa_accuracy(model: nn.Module, tokenizer: Any, processor: ImageProcessor, samples: list[dict[str, Any]],
+                 template: str, batch_size: int = 32, max_new_tokens: int = 24) -> float:
+    """Exact-match accuracy of greedy answers to each sample's first question."""
+    from ..generation import generate
+
+    mc, correct = model.config, 0
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        prompts = [encode_prompt(s["conversations"][:1], tokenizer, template, mc.image_token_id, mc.image_tokens)
+                   for s in chunk]
+        T = max(map(len, prompts))
+        ids = torch.tensor([[tokenizer.pad_id] * (T - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+        pixels = processor([Image.fromarray(np.asarray(s["images"][0])) for s in chunk])
+        out = generate(model, ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=max_new_tokens,
+                       eos_token_id=tokenizer.eot_id)
+        for s, row in zip(chunk, out.tolist()):
+            answer = tokenizer.decode([t for t in row if t != tokenizer.eot_id]).strip()
+            correct += answer == s["conversations"][1]["value"]
+    return correct / max(1, len(samples))
