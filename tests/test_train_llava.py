@@ -88,3 +88,32 @@ def test_batch_of_text_only_two_image_and_one_image_samples_trains_and_generates
     out = mmlm.generate(task.model.eval(), ids, attention_mask=mask, pixel_values=batch["pixel_values"],
                         max_new_tokens=4)
     assert out.shape[0] == 3
+
+
+def test_cli_two_stages_then_export_to_transformers(tmp_path):
+    """`mmlm train llava` stage 1 -> stage 2 (init_from) -> `mmlm export hf` -> transformers gives the same logits."""
+    import json
+
+    import mmlm
+    from mmlm.cli import main
+
+    tiny = ["model.vision.image_size=32", "model.vision.width=32", "model.vision.layers=2", "model.lm.width=48",
+            "model.lm.layers=2", "model.lm.mlp_dim=96", "model.lm.max_seq_len=512", "max_len=512", "vocab_size=400",
+            "data.train_size=32", "data.eval_size=4", "train.batch_size=8", "train.progress=false", "train.steps=2",
+            "train.precision=fp32"]
+    config = "configs/llava-shapes.yaml"
+    assert main(["train", "llava", "--config", config, "--out", str(tmp_path / "s1"), *tiny]) == 0
+    assert main(["train", "llava", "--config", config, "--out", str(tmp_path / "s2"), *tiny, "stage=2",
+                 f"init_from={tmp_path / 's1' / 'final'}"]) == 0
+    summary = json.loads((tmp_path / "s2" / "summary.json").read_text())
+    assert set(summary["eval"]) == {"vqa_val", "vqa_novel"}
+    assert main(["export", "hf", str(tmp_path / "s2" / "final"), "--out", str(tmp_path / "hf")]) == 0
+    ours = mmlm.load(tmp_path / "s2" / "final")
+    transformers = __import__("pytest").importorskip("transformers")
+    theirs = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    n = ours.config.image_tokens
+    ids = torch.tensor([[0] + [ours.config.image_token_id] * n + [5, 6, 7]])
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, pixel_values=pixels).logits,
+                                   theirs(input_ids=ids, pixel_values=pixels).logits, atol=1e-4, rtol=0)

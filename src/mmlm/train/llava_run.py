@@ -66,18 +66,21 @@ def build_tokenizer(cfg: LlavaRunConfig, data: ShapesConversations, run: Path):
 
 
 def build_model(cfg: LlavaRunConfig, tok) -> Llava:
-    """The LM's vocabulary, end token and image token follow the tokenizer (one setting drives the rest)."""
-    mc = cfg.model
-    if not cfg.init_from:
-        mc.lm.vocab_size = tok.vocab_size
-        mc.lm.eos_token_id = [tok.eot_id]
-        mc.lm.bos_token_id = tok.sot_id
-        mc.image_token_id = tok.tokenizer.token_to_id("<image>")
-    model = Llava(mc)
+    """A new model whose LM vocabulary, end token and image token follow the tokenizer (one setting drives
+    the rest), or, with `init_from`, that checkpoint's model and architecture (stage 2 after stage 1)."""
     if cfg.init_from:
-        src = load_model(cfg.init_from)
-        load_state_dict_strict(model, src.state_dict(), cfg.init_from)
-    elif cfg.vision_from:
+        model = load_model(cfg.init_from)
+        if not isinstance(model, Llava):
+            raise ValueError(f"init_from={cfg.init_from!r} is a {type(model).__name__}, not a LLaVA model")
+        cfg.model = model.config
+        return model
+    mc = cfg.model
+    mc.lm.vocab_size = tok.vocab_size
+    mc.lm.eos_token_id = [tok.eot_id]
+    mc.lm.bos_token_id = tok.sot_id
+    mc.image_token_id = tok.tokenizer.token_to_id("<image>")
+    model = Llava(mc)
+    if cfg.vision_from:
         clip = load_model(cfg.vision_from)
         sd = {k.removeprefix("visual."): v for k, v in clip.state_dict().items()
               if k.startswith("visual.") and k != "visual.proj.weight"}
