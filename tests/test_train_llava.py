@@ -117,3 +117,25 @@ def test_cli_two_stages_then_export_to_transformers(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ours(ids, pixel_values=pixels).logits,
                                    theirs(input_ids=ids, pixel_values=pixels).logits, atol=1e-4, rtol=0)
+
+
+def test_llava_json_data_with_a_missing_image_trains_and_reports_it(tmp_path, capsys):
+    """The shapes writer's LLaVA JSON trains through the CLI; a missing image is skipped and reported."""
+    import json
+
+    from mmlm.cli import main
+    from mmlm.data.shapes import write_shapes
+
+    write_shapes(tmp_path / "shapes", train=16, val=4, novel=0, image_size=32, single_eval=False)
+    records = json.loads((tmp_path / "shapes" / "train_vqa.json").read_text())
+    (tmp_path / "shapes" / records[3]["image"]).unlink()
+    tiny = ["model.vision.image_size=32", "model.vision.width=32", "model.vision.layers=2", "model.lm.width=48",
+            "model.lm.layers=2", "model.lm.mlp_dim=96", "model.lm.max_seq_len=512", "max_len=512", "vocab_size=400",
+            "data.kind=json", f"data.path={tmp_path / 'shapes' / 'train_vqa.json'}",
+            f"data.eval_path={tmp_path / 'shapes' / 'val_vqa.json'}", "data.eval_size=4", "stage=2",
+            "train.batch_size=8", "train.progress=false", "train.steps=2", "train.precision=fp32",
+            "train.max_bad_sample_fraction=0.2"]
+    assert main(["train", "llava", "--config", "configs/llava-shapes.yaml", "--out", str(tmp_path / "run"), *tiny]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["bad_samples"] == 1 and set(summary["eval"]) == {"vqa_eval"}
+    assert records[3]["id"] in capsys.readouterr().out

@@ -8,11 +8,13 @@ from typing import Any, Callable
 
 import torch
 import yaml
+from torch.utils.data import Dataset
 
 from ..checkpoint import load as load_model
 from ..checkpoint import load_state_dict_strict
 from ..config import LlavaConfig, apply_overrides, from_dict, to_dict
 from ..data.conversation import VICUNA_SYSTEM
+from ..data.llava_json import LlavaJson
 from ..data.transforms import ImageProcessor, PreprocessConfig
 from ..models.llava import Llava
 from .llava_task import LlavaDataConfig, LlavaRunConfig, LlavaTask, ShapesConversations, vqa_accuracy
@@ -49,7 +51,14 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     return run_config_from_dict(raw, overrides)
 
 
-def build_tokenizer(cfg: LlavaRunConfig, data: ShapesConversations, run: Path):
+def train_data(cfg: LlavaRunConfig) -> Dataset:
+    d = cfg.data
+    if d.kind == "json":
+        return LlavaJson(d.path, d.image_root)
+    return ShapesConversations("train", d.train_size, d.seed, cfg.model.vision.image_size, d.n_questions)
+
+
+def build_tokenizer(cfg: LlavaRunConfig, data: Dataset, run: Path):
     from ..tokenizer import Tokenizer, load_tokenizer
 
     saved = run / "tokenizer"
@@ -57,7 +66,8 @@ def build_tokenizer(cfg: LlavaRunConfig, data: ShapesConversations, run: Path):
         if src is not None and (src / "tokenizer.json").is_file():
             return load_tokenizer(src)
     n = min(len(data), 5000)
-    texts = [t["value"] for i in range(n) for t in data[i]["conversations"]] + [data[i]["caption"] for i in range(n)]
+    records = data.records[:n] if isinstance(data, LlavaJson) else [data[i] for i in range(n)]  # no image decoding
+    texts = [t["value"] for r in records for t in r["conversations"]] + [r.get("caption", "") for r in records]
     texts.append(VICUNA_SYSTEM + " USER: ASSISTANT: ")
     tok = Tokenizer.train_byte_level(texts, vocab_size=cfg.vocab_size, special_tokens=SPECIAL_TOKENS)
     tok.pad_id = tok.tokenizer.token_to_id("<pad>")
@@ -92,11 +102,17 @@ def build_evaluator(cfg: LlavaRunConfig, model: Llava, tok, preprocess: Preproce
     if cfg.stage == 1 or cfg.data.eval_size <= 0:
         return lambda: {}
     processor = ImageProcessor(preprocess)
-    size = cfg.model.vision.image_size
-    sets = {split: [ds[i] for i in range(len(ds))] for split in ("val", "novel")
-            for ds in [ShapesConversations(split, cfg.data.eval_size, cfg.data.seed, size, 1)]}
-    return lambda: {f"vqa_{split}": vqa_accuracy(model, tok, processor, items, cfg.template)
-                    for split, items in sets.items()}
+    size, d = cfg.model.vision.image_size, cfg.data
+    if d.kind == "json":
+        if not d.eval_path:
+            return lambda: {}
+        ds = LlavaJson(d.eval_path, d.image_root)
+        items = [ds[i] for i in range(min(len(ds), d.eval_size))]
+        sets = {"vqa_eval": [x for x in items if "bad" not in x]}
+    else:
+        sets = {f"vqa_{split}": [ds[i] for i in range(len(ds))] for split in ("val", "novel")
+                for ds in [ShapesConversations(split, d.eval_size, d.seed, size, 1)]}
+    return lambda: {name: vqa_accuracy(model, tok, processor, items, cfg.template) for name, items in sets.items()}
 
 
 def train_llava(cfg: LlavaRunConfig, out: str | Path, resume: bool = True) -> dict[str, Any]:
@@ -106,8 +122,7 @@ def train_llava(cfg: LlavaRunConfig, out: str | Path, resume: bool = True) -> di
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     preprocess = PreprocessConfig(image_size=cfg.model.vision.image_size, mode=cfg.preprocess)
-    data = ShapesConversations("train", cfg.data.train_size, cfg.data.seed, cfg.model.vision.image_size,
-                               cfg.data.n_questions)
+    data = train_data(cfg)
     tok = build_tokenizer(cfg, data, out)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, tok)

@@ -34,15 +34,20 @@ def tiny_llava_config() -> LlavaConfig:
 
 @dataclass
 class LlavaDataConfig:
-    kind: str = "shapes"
-    train_size: int = 20_000
-    n_questions: int = 3  # questions per conversation (stage 2)
+    kind: str = "shapes"  # shapes (generated on the fly) | json (LLaVA's conversation JSON)
+    path: str = ""  # json: the training file
+    image_root: str = ""  # json: image paths are relative to this (default: the file's directory)
+    eval_path: str = ""  # json: a file whose first question/answer per record is scored by exact match
+    train_size: int = 20_000  # shapes
+    n_questions: int = 3  # shapes: questions per conversation (stage 2)
     seed: int = 0
     eval_size: int = 200
 
     def __post_init__(self) -> None:
-        if self.kind != "shapes":
-            raise ValueError(f"data.kind must be 'shapes' (LLaVA JSON files are not wired in yet), got {self.kind!r}")
+        if self.kind not in ("shapes", "json"):
+            raise ValueError(f"data.kind must be 'shapes' or 'json', got {self.kind!r}")
+        if self.kind == "json" and not self.path:
+            raise ValueError("data.kind 'json' needs data.path (a LLaVA conversation JSON file)")
 
 
 @dataclass
@@ -92,6 +97,10 @@ class ShapesConversations(Dataset):
                 "caption": item["caption"]}
 
 
+def _pil(image: Any) -> Image.Image:
+    return image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+
+
 def sample_turns(sample: dict[str, Any], template: str) -> list[dict[str, str]]:
     if template == "plain":  # stage 1: the image, then its caption
         return [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": sample["caption"]}]
@@ -110,8 +119,16 @@ class LlavaTask:
         return self.data
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        """Right-padded ids/labels/mask (B, T) and every sample's images in order (N_images, C, H, W)."""
+        """Right-padded ids/labels/mask (B, T) and every sample's images in order (N_images, C, H, W).
+
+        Unreadable samples ({"bad": ...}) are dropped and passed on for the loop to count and report.
+        """
         mc = self.model.config
+        bad = [s["bad"] for s in samples if "bad" in s]
+        samples = [s for s in samples if "bad" not in s]
+        if not samples:
+            return {"input_ids": None, "labels": None, "attention_mask": None, "pixel_values": None, "bad": bad,
+                    "batch_size": 0}
         encoded = [encode_conversation(sample_turns(s, self.cfg.template), self.tokenizer, self.cfg.template,
                                        mc.image_token_id, mc.image_tokens, max_len=self.cfg.max_len,
                                        n_images=len(s["images"]), name=s["id"]) for s in samples]
@@ -120,12 +137,14 @@ class LlavaTask:
         ids = torch.tensor([e.input_ids + [pad] * (T - len(e.input_ids)) for e in encoded])
         labels = torch.tensor([e.labels + [IGNORE] * (T - len(e.labels)) for e in encoded])
         mask = torch.tensor([[1] * len(e.input_ids) + [0] * (T - len(e.input_ids)) for e in encoded])
-        images = [Image.fromarray(np.asarray(im)) for s in samples for im in s["images"]]
+        images = [_pil(im) for s in samples for im in s["images"]]
         pixels = self.processor(images) if images else None
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels,
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels, "bad": bad,
                 "batch_size": len(samples)}
 
     def step(self, batch: dict[str, Any], autocast) -> dict[str, float]:
+        if batch["batch_size"] == 0:
+            return {"loss": float("nan")}
         self.model.vision.eval()
         with autocast():
             logits = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -157,7 +176,7 @@ def vqa_accuracy(model: nn.Module, tokenizer: Any, processor: ImageProcessor, sa
         T = max(map(len, prompts))
         ids = torch.tensor([[tokenizer.pad_id] * (T - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
-        pixels = processor([Image.fromarray(np.asarray(s["images"][0])) for s in chunk])
+        pixels = processor([_pil(im) for s in chunk for im in s["images"]]) if any(s["images"] for s in chunk) else None
         out = generate(model, ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=max_new_tokens,
                        eos_token_id=tokenizer.eot_id)
         for s, row in zip(chunk, out.tolist()):
