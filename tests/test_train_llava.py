@@ -139,3 +139,8 @@ def test_llava_json_data_with_a_missing_image_trains_and_reports_it(tmp_path, ca
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["bad_samples"] == 1 and set(summary["eval"]) == {"vqa_eval"}
     assert records[3]["id"] in capsys.readouterr().out
+    val = tmp_path / "shapes" / "val_vqa.json"
+    assert main(["eval", "vqa", "--model", str(tmp_path / "run" / "final"), "--data", str(val), "--limit", "2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    n_questions = sum(t["from"] == "gpt" for r in json.loads(val.read_text())[:2] for t in r["conversations"])
+    assert result["n"] == n_questions and 0 <= result["accuracy"] <= 1 and result["examples"]

@@ -49,9 +49,11 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .eval.cli import eval_retrieval, eval_zeroshot
+    from .eval.cli import eval_retrieval, eval_vqa, eval_zeroshot
 
-    if args.task == "zeroshot":
+    if args.task == "vqa":
+        result = eval_vqa(args.model, args.data, template=args.template, limit=args.limit)
+    elif args.task == "zeroshot":
         result = eval_zeroshot(args.model, args.data, classes=args.classes, templates=args.templates,
                                limit=args.limit)
     else:
@@ -119,15 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--format", choices=["files", "tar"], default="files")
     d.set_defaults(func=cmd_data)
 
-    v = sub.add_parser("eval", help="evaluate a CLIP model; prints one JSON object")
-    v.add_argument("task", choices=["zeroshot", "retrieval"])
+    v = sub.add_parser("eval", help="evaluate a CLIP (zeroshot, retrieval) or LLaVA (vqa) model; prints one JSON object")
+    v.add_argument("task", choices=["zeroshot", "retrieval", "vqa"])
     v.add_argument("--model", type=Path, required=True)
     v.add_argument("--data", required=True,
                    help="zeroshot: 'shapes', 'shapes-novel', 'fashion_mnist' or a CSV with image,label columns; "
-                        "retrieval: 'shapes' or a CSV/TSV with image,caption columns (an image may repeat)")
+                        "retrieval: 'shapes' or a CSV/TSV with image,caption columns (an image may repeat); "
+                        "vqa: a LLaVA conversation JSON with reference answers")
     v.add_argument("--classes", default=None, help="zeroshot on a CSV: JSON/text file of class names (default: labels seen)")
     v.add_argument("--templates", default=None, help="zeroshot: text file, one prompt template with {} per line")
     v.add_argument("--limit", type=int, default=0, help="evaluate at most this many images (0 = all)")
+    v.add_argument("--template", default="vicuna_v1", choices=["plain", "vicuna_v1", "chat"],
+                   help="vqa: the conversation template the model was trained with")
     v.set_defaults(func=cmd_eval)
 
     h = sub.add_parser("chat", help="chat with a language model (one answer with --prompt, else interactive); streams")

@@ -1,4 +1,4 @@
-"""`mmlm eval zeroshot|retrieval`: evaluate a saved CLIP on built-in or file-based data."""
+"""`mmlm eval zeroshot|retrieval|vqa`: evaluate a saved CLIP (or, for vqa, LLaVA) on built-in or file-based data."""
 
 from __future__ import annotations
 
@@ -109,3 +109,16 @@ def eval_retrieval(model_dir: str | Path, data: str, limit: int = 0) -> dict[str
         captions, text_image = [c for c, _ in pairs], [j for _, j in pairs]
     metrics = evaluate_retrieval(model, tok, _array_batches(images, processor), captions, text_image)
     return {"task": "retrieval", "data": data, **metrics, "skipped": skipped}
+
+
+def eval_vqa(model_dir: str | Path, data: str, template: str = "vicuna_v1", limit: int = 0) -> dict[str, Any]:
+    """Exact-match VQA of a LLaVA model on a LLaVA-JSON file with reference answers (greedy decoding)."""
+    from ..data.llava_json import LlavaJson
+    from .vqa import evaluate_vqa
+
+    model, tok, processor = _open(model_dir)
+    ds = LlavaJson(data)
+    items = [ds[i] for i in range(len(ds) if limit <= 0 else min(limit, len(ds)))]
+    bad = [x["bad"] for x in items if "bad" in x]
+    result = evaluate_vqa(model, tok, processor, [x for x in items if "bad" not in x], template)
+    return {"model": str(model_dir), "data": data, "template": template, **result, "skipped": len(bad)}

@@ -17,7 +17,8 @@ from ..data.conversation import VICUNA_SYSTEM
 from ..data.llava_json import LlavaJson
 from ..data.transforms import ImageProcessor, PreprocessConfig
 from ..models.llava import Llava
-from .llava_task import LlavaDataConfig, LlavaRunConfig, LlavaTask, ShapesConversations, vqa_accuracy
+from ..eval.vqa import evaluate_vqa
+from .llava_task import LlavaDataConfig, LlavaRunConfig, LlavaTask, ShapesConversations
 from .loop import TrainConfig, train
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<image>", "<pad>"]
@@ -112,7 +113,8 @@ def build_evaluator(cfg: LlavaRunConfig, model: Llava, tok, preprocess: Preproce
     else:
         sets = {f"vqa_{split}": [ds[i] for i in range(len(ds))] for split in ("val", "novel")
                 for ds in [ShapesConversations(split, d.eval_size, d.seed, size, 1)]}
-    return lambda: {name: vqa_accuracy(model, tok, processor, items, cfg.template) for name, items in sets.items()}
+    return lambda: {name: evaluate_vqa(model, tok, processor, items, cfg.template)["accuracy"]
+                    for name, items in sets.items()}
 
 
 def train_llava(cfg: LlavaRunConfig, out: str | Path, resume: bool = True) -> dict[str, Any]:

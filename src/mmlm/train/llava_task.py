@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from ..checkpoint import save
 from ..config import LlavaConfig, LMConfig, ViTConfig
-from ..data.conversation import IGNORE, TEMPLATES, encode_conversation, encode_prompt
+from ..data.conversation import IGNORE, TEMPLATES, encode_conversation
 from ..data.transforms import ImageProcessor, PreprocessConfig
 from .loop import TrainConfig
 from .objectives import next_token_loss
@@ -161,25 +161,3 @@ class LlavaTask:
 
     def save_model(self, directory: Path) -> None:
         save(self.model, directory, tokenizer=self.tokenizer, preprocess=self.preprocess)
-
-
-def vqa_accuracy(model: nn.Module, tokenizer: Any, processor: ImageProcessor, samples: list[dict[str, Any]],
-                 template: str, batch_size: int = 32, max_new_tokens: int = 24) -> float:
-    """Exact-match accuracy of greedy answers to each sample's first question."""
-    from ..generation import generate
-
-    mc, correct = model.config, 0
-    for i in range(0, len(samples), batch_size):
-        chunk = samples[i:i + batch_size]
-        prompts = [encode_prompt(s["conversations"][:1], tokenizer, template, mc.image_token_id, mc.image_tokens)
-                   for s in chunk]
-        T = max(map(len, prompts))
-        ids = torch.tensor([[tokenizer.pad_id] * (T - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
-        pixels = processor([_pil(im) for s in chunk for im in s["images"]]) if any(s["images"] for s in chunk) else None
-        out = generate(model, ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=max_new_tokens,
-                       eos_token_id=tokenizer.eot_id)
-        for s, row in zip(chunk, out.tolist()):
-            answer = tokenizer.decode([t for t in row if t != tokenizer.eot_id]).strip()
-            correct += answer == s["conversations"][1]["value"]
-    return correct / max(1, len(samples))

@@ -1,0 +1,74 @@
+"""Visual question answering: exact-match accuracy of greedy answers, overall and per question type.
+
+Every question of a conversation is asked with the turns before it (reference answers as history), so a
+multi-turn record yields one scored question per user turn. A record's `qtype` (or `question_types`, one
+per question) names its type; records without one count under "all" only.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data.conversation import ROLES, encode_prompt
+
+
+def _pil(image: Any) -> Image.Image:
+    return image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+
+
+def questions(records: Sequence[dict[str, Any]]) -> list[tuple[dict[str, Any], list[dict[str, str]], str, str]]:
+    """(record, prompt turns, reference answer, qtype) for every assistant turn of every record."""
+    out = []
+    for r in records:
+        types = r.get("question_types") or []
+        k = 0
+        for j, t in enumerate(r["conversations"]):
+            if ROLES.get(t.get("from", t.get("role"))) == "assistant":
+                qtype = types[k] if k < len(types) else r.get("qtype", "")
+                out.append((r, r["conversations"][:j], t.get("value", t.get("content")), qtype))
+                k += 1
+    return out
+
+
+@torch.inference_mode()
+def evaluate_vqa(model: Any, tokenizer: Any, processor: Any, records: Sequence[dict[str, Any]], template: str,
+                 batch_size: int = 32, max_new_tokens: int = 32) -> dict[str, Any]:
+    """records: LLaVA samples ({id, images: [PIL or uint8 array], conversations}). Returns
+    {"accuracy", "n", "per_type": {qtype: {"accuracy", "n"}}, "examples": first few (question, answer, reference)}."""
+    from ..generation import generate
+
+    mc = model.config
+    hits: dict[str, list[int]] = defaultdict(list)
+    examples = []
+    items = questions(records)
+    for i in range(0, len(items), batch_size):
+        chunk = items[i:i + batch_size]
+        prompts = [encode_prompt(turns, tokenizer, template, mc.image_token_id, mc.image_tokens, name=str(r.get("id")))
+                   for r, turns, _, _ in chunk]
+        T = max(map(len, prompts))
+        ids = torch.tensor([[tokenizer.pad_id] * (T - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+        # Each prompt carries its record's images, in order (a record with two questions sends them twice).
+        images = [_pil(im) for r, turns, _, _ in chunk
+                  for im in r["images"][: sum(t.get("value", t.get("content", "")).count("<image>") for t in turns)]]
+        pixels = processor(images) if images else None
+        out = generate(model, ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=max_new_tokens,
+                       eos_token_id=tokenizer.eot_id)
+        for (r, turns, ref, qtype), row in zip(chunk, out.tolist()):
+            answer = tokenizer.decode([t for t in row if t != tokenizer.eot_id]).strip()
+            ok = int(answer == ref.strip())
+            hits["all"].append(ok)
+            if qtype:
+                hits[qtype].append(ok)
+            if len(examples) < 8:
+                examples.append({"id": r.get("id"), "question": turns[-1].get("value", turns[-1].get("content")),
+                                 "answer": answer, "reference": ref})
+    acc = lambda v: sum(v) / len(v) if v else 0.0  # noqa: E731
+    return {"accuracy": acc(hits["all"]), "n": len(hits["all"]),
+            "per_type": {k: {"accuracy": acc(v), "n": len(v)} for k, v in sorted(hits.items()) if k != "all"},
+            "examples": examples}
