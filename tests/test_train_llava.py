@@ -107,6 +107,11 @@ def test_cli_two_stages_then_export_to_transformers(tmp_path):
                  f"init_from={tmp_path / 's1' / 'final'}"]) == 0
     summary = json.loads((tmp_path / "s2" / "summary.json").read_text())
     assert set(summary["eval"]) == {"vqa_val", "vqa_novel"}
+    from PIL import Image
+
+    Image.new("RGB", (40, 24), (200, 30, 30)).save(tmp_path / "red.png")  # not square: padded as in training
+    assert main(["chat", "--model", str(tmp_path / "s2" / "final"), "--image", str(tmp_path / "red.png"),
+                 "--prompt", "What colour is the square?", "--max-new-tokens", "4"]) == 0
     assert main(["export", "hf", str(tmp_path / "s2" / "final"), "--out", str(tmp_path / "hf")]) == 0
     ours = mmlm.load(tmp_path / "s2" / "final")
     transformers = __import__("pytest").importorskip("transformers")

@@ -27,34 +27,59 @@ class TextStream:
 
 
 def reply(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int = 256, temperature: float = 0.0,
-          top_p: float = 1.0, seed: int | None = None, out: TextIO | None = None) -> str:
-    """The assistant's answer to `messages` (rendered with the tokenizer's chat template); streamed to `out`."""
+          top_p: float = 1.0, seed: int | None = None, out: TextIO | None = None,
+          pixel_values: torch.Tensor | None = None, template: str = "chat") -> str:
+    """The assistant's answer to `messages` (rendered with the tokenizer's chat template); streamed to `out`.
+
+    A LLaVA model takes `pixel_values` (one image per `<image>` in the messages) and encodes the messages
+    with its conversation `template` ("plain", "vicuna_v1" or "chat"), exactly as it was trained.
+    """
     from .generation import generate
 
-    ids = torch.tensor([tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))])
+    if hasattr(model.config, "image_token_id"):
+        from .data.conversation import encode_prompt
+
+        mc = model.config
+        ids = torch.tensor([encode_prompt(messages, tokenizer, template, mc.image_token_id, mc.image_tokens)])
+    else:
+        ids = torch.tensor([tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))])
     eos = set(model.config.eos_token_id or []) | ({tokenizer.eot_id} if tokenizer.eot_id is not None else set())
     max_new = min(max_new_tokens, model.max_seq_len - ids.shape[1])
     if max_new <= 0:
         raise ValueError(f"the conversation ({ids.shape[1]} tokens) fills the model's context of {model.max_seq_len}")
     stream = TextStream(tokenizer, out) if out is not None else None
     new = generate(model, ids, max_new_tokens=max_new, temperature=temperature, top_p=top_p, seed=seed,
-                   eos_token_id=sorted(eos), stream=stream)
+                   eos_token_id=sorted(eos), stream=stream, pixel_values=pixel_values)
     return tokenizer.decode(new[0].tolist(), skip_special_tokens=True).strip()
 
 
 def chat(model_path: str | Path, prompt: str | None = None, system: str | None = None, max_new_tokens: int = 256,
          temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, out: TextIO = sys.stdout,
-         read: Callable[[str], str] = input) -> list[dict[str, str]]:
+         read: Callable[[str], str] = input, image: str | Path | None = None,
+         template: str | None = None) -> list[dict[str, str]]:
     """Answer `prompt` and return, or (prompt None) loop reading user turns until EOF / "exit".
 
     The model and its tokenizer come from the same path: a .gguf file, or a directory with tokenizer.json.
-    Returns the conversation.
+    With a LLaVA model, `image` is placed before the first user turn and `template` (default "vicuna_v1")
+    is the conversation template it was trained with. Returns the conversation.
     """
-    from .checkpoint import load
+    from .checkpoint import load, load_preprocess
     from .tokenizer import load_tokenizer
 
     model, tokenizer = load(model_path), load_tokenizer(model_path)
-    if not getattr(tokenizer, "chat_template", None):
+    llava = hasattr(model.config, "image_token_id")
+    pixel_values = None
+    if image is not None:
+        if not llava:
+            raise ValueError(f"{model_path}: a {type(model).__name__} takes no images; chat about an image with a LLaVA model")
+        from .data.transforms import ImageProcessor, PreprocessConfig
+
+        preprocess = load_preprocess(model_path) or PreprocessConfig(image_size=model.config.vision.image_size,
+                                                                     mode="pad_square")
+        processor = ImageProcessor(preprocess)
+        pixel_values = processor([processor.load(image)])
+    template = template or ("vicuna_v1" if llava else "chat")
+    if template == "chat" and not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"{model_path}: the tokenizer has no chat template, so it cannot chat")
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     turns = [prompt] if prompt is not None else None
@@ -73,7 +98,10 @@ def chat(model_path: str | Path, prompt: str | None = None, system: str | None =
                 return messages
             if not text.strip():
                 continue
+        if pixel_values is not None and not any(m["role"] == "user" for m in messages):
+            text = "<image>\n" + text  # the image comes first, as in LLaVA's training conversations
         messages.append({"role": "user", "content": text})
-        answer = reply(model, tokenizer, messages, max_new_tokens, temperature, top_p, seed, out)
+        answer = reply(model, tokenizer, messages, max_new_tokens, temperature, top_p, seed, out,
+                       pixel_values=pixel_values, template=template)
         out.write("\n")
         messages.append({"role": "assistant", "content": answer})

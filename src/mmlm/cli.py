@@ -66,7 +66,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from .chat import chat
 
     chat(args.model, prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
-         temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+         temperature=args.temperature, top_p=args.top_p, seed=args.seed, image=args.image, template=args.template)
     return 0
 
 
@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vqa: the conversation template the model was trained with")
     v.set_defaults(func=cmd_eval)
 
-    h = sub.add_parser("chat", help="chat with a language model (one answer with --prompt, else interactive); streams")
+    h = sub.add_parser("chat", help="chat with a language model or, with --image, a LLaVA (one answer with --prompt, "
+                                    "else interactive); streams")
     h.add_argument("--model", type=Path, required=True, help="a .gguf file or a model directory with tokenizer.json")
     h.add_argument("--prompt", default=None, help="answer this one message and exit")
     h.add_argument("--system", default=None, help="system message (default: the chat template's own, if any)")
@@ -143,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     h.add_argument("--top-p", type=float, default=1.0)
     h.add_argument("--seed", type=int, default=None)
+    h.add_argument("--image", type=Path, default=None, help="LLaVA: the image to talk about")
+    h.add_argument("--template", default=None, choices=["plain", "vicuna_v1", "chat"],
+                   help="LLaVA: the conversation template it was trained with (default vicuna_v1)")
     h.set_defaults(func=cmd_chat)
 
     b = sub.add_parser("bench", help="speed against transformers in the same run; prints JSON lines (needs transformers)")
