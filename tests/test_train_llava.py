@@ -12,7 +12,7 @@ from mmlm.train.llava_task import LlavaRunConfig, LlavaTask, ShapesConversations
 from mmlm.train.loop import TrainConfig, train
 
 
-def _setup(stage: int, steps: int):
+def _setup(stage: int, steps: int, lora_rank: int = 0):
     data = ShapesConversations("train", 64, seed=0, image_size=32, n_questions=2)
     texts = [t["value"] for i in range(64) for t in data[i]["conversations"]] + [data[i]["caption"] for i in range(64)]
     texts.append("A chat between a curious user and an artificial intelligence assistant. USER: ASSISTANT:")
@@ -20,7 +20,7 @@ def _setup(stage: int, steps: int):
     cfg = LlavaConfig(vision=ViTConfig(image_size=32, patch_size=8, width=32, layers=2, heads=4),
                       lm=LMConfig(vocab_size=tok.vocab_size, width=48, layers=2, heads=4, kv_heads=2, mlp_dim=96,
                                   max_seq_len=512, eos_token_id=tok.eot_id),
-                      image_token_id=tok.tokenizer.token_to_id("<image>"))
+                      image_token_id=tok.tokenizer.token_to_id("<image>"), lora_rank=lora_rank)
     run = LlavaRunConfig(model=cfg, stage=stage, max_len=512, train=TrainConfig(steps=steps, batch_size=8, lr=3e-3, warmup_steps=2,
                                                                    weight_decay=0.0, log_every=1, progress=False))
     torch.manual_seed(0)
@@ -149,3 +149,31 @@ def test_llava_json_data_with_a_missing_image_trains_and_reports_it(tmp_path, ca
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     n_questions = sum(t["from"] == "gpt" for r in json.loads(val.read_text())[:2] for t in r["conversations"])
     assert result["n"] == n_questions and 0 <= result["accuracy"] <= 1 and result["examples"]
+
+
+def test_stage2_lora_trains_only_low_rank_updates_and_exports_merged(tmp_path):
+    import mmlm
+    from mmlm.convert.hf import export_hf
+
+    task = _setup(stage=2, steps=15, lora_rank=4)
+    before = {n: p.detach().clone() for n, p in task.model.named_parameters()}
+    train(task, task.cfg.train, tmp_path / "run")
+    changed = {n for n, p in task.model.named_parameters() if not torch.equal(p, before[n])}
+    assert {n.split(".")[0] for n in changed} == {"projector", "lm"}
+    assert all(n.endswith((".lora_a", ".lora_b")) for n in changed if n.startswith("lm."))
+    assert any(n.endswith(".lora_b") for n in changed)
+    model = task.model.eval()
+    again = mmlm.load(tmp_path / "run" / "final")  # LoRA tensors are kept in mmlm checkpoints
+    assert again.config.lora_rank == 4
+    export_hf(model, tmp_path / "hf")
+    transformers = __import__("pytest").importorskip("transformers")
+    theirs = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    batch = task.collate([task.data[i] for i in range(2)])
+    with torch.no_grad():
+        ours = model(batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]).logits
+        ref = theirs(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     pixel_values=batch["pixel_values"]).logits
+        torch.testing.assert_close(again(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                         pixel_values=batch["pixel_values"]).logits, ours, atol=0, rtol=0)
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], ref[real], atol=1e-4, rtol=0)

@@ -231,6 +231,8 @@ class LlavaConfig:
     projector: str = "mlp2x_gelu"
     projector_bias: bool = True
     image_token_id: int = 32000
+    lora_rank: int = 0  # > 0: the LM's block linears carry a trainable low-rank update (merged on export)
+    lora_alpha: float = 16.0
 
     def __post_init__(self) -> None:
         _check(self.kind == "llava", f"LlavaConfig.kind must be 'llava', got {self.kind!r}")
@@ -246,6 +248,7 @@ class LlavaConfig:
         n = self.vision.layers + 1  # hidden states: the first block's input, then each block's output
         bad = [i for i in layers if not -n <= i < n]
         _check(not bad, f"llava.vision_layer {bad} is outside the {n} hidden states of a {self.vision.layers}-layer ViT")
+        _check(self.lora_rank >= 0, f"llava.lora_rank must be >= 0, got {self.lora_rank}")
         if isinstance(self.vision_layer, tuple):
             self.vision_layer = list(self.vision_layer)
 

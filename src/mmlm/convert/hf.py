@@ -64,7 +64,7 @@ def export_hf(model: nn.Module, out: str | Path, tokenizer=None, preprocess=None
     out = Path(out)
     if isinstance(model.config, LlavaConfig):
         hf_cfg = hf_llava.config_to_hf(model.config)
-        tensors = hf_llava.state_dict_to_hf(model.state_dict(), model.config)
+        tensors = hf_llava.state_dict_to_hf(model.merged_state_dict(), model.config)  # LoRA merged
     elif isinstance(model.config, LMConfig):
         hf_cfg = hf_llama.config_to_hf(model.config)
         tensors = hf_llama.state_dict_to_hf(model.state_dict(), model.config)

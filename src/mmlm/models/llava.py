@@ -15,6 +15,7 @@ from torch import nn
 from ..config import LlavaConfig
 from .layers import KVCache
 from .lm import LM, LMOutput
+from .lora import add_lora, merge_lora
 from .projector import Projector
 from .vit import VisionTransformer
 
@@ -27,6 +28,20 @@ class Llava(nn.Module):
         self.projector = Projector(cfg.projector, cfg.vision_feature_dim, cfg.lm.width, bias=cfg.projector_bias)
         self.lm = LM(cfg.lm)
         self.vision.init_weights()
+        if cfg.lora_rank:
+            add_lora(self.lm.blocks, cfg.lora_rank, cfg.lora_alpha)
+
+    def add_lora(self, rank: int, alpha: float) -> None:
+        """Give the LM's block linears a LoRA update (stage 2 after a stage 1 without one); the config records it."""
+        if self.config.lora_rank:
+            raise ValueError(f"this model already has LoRA (rank {self.config.lora_rank})")
+        add_lora(self.lm.blocks, rank, alpha)
+        self.config.lora_rank, self.config.lora_alpha = rank, alpha
+
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict with any LoRA update folded into the weights: a plain LLaVA's tensors."""
+        sd = self.state_dict()
+        return merge_lora(sd, self.config.lora_alpha / self.config.lora_rank) if self.config.lora_rank else sd
 
     @property
     def max_seq_len(self) -> int:

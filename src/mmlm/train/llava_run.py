@@ -83,9 +83,13 @@ def build_model(cfg: LlavaRunConfig, tok) -> Llava:
         model = load_model(cfg.init_from)
         if not isinstance(model, Llava):
             raise ValueError(f"init_from={cfg.init_from!r} is a {type(model).__name__}, not a LLaVA model")
+        if cfg.lora_rank and cfg.stage == 2 and not model.config.lora_rank:
+            model.add_lora(cfg.lora_rank, cfg.lora_alpha)
         cfg.model = model.config
         return model
     mc = cfg.model
+    if cfg.lora_rank and cfg.stage == 2:
+        mc.lora_rank, mc.lora_alpha = cfg.lora_rank, cfg.lora_alpha
     mc.lm.vocab_size = tok.vocab_size
     mc.lm.eos_token_id = [tok.eot_id]
     mc.lm.bos_token_id = tok.sot_id

@@ -58,6 +58,8 @@ class LlavaRunConfig:
     max_len: int = 256
     preprocess: str = "pad_square"  # how images become squares: pad_square (LLaVA) | resize_crop | resize
     init_from: str = ""  # a LLaVA checkpoint to start from (stage 2 starts from stage 1's final/)
+    lora_rank: int = 0  # stage 2: > 0 trains LoRA updates of this rank instead of the whole LM
+    lora_alpha: float = 16.0
     vision_from: str = ""  # a CLIP checkpoint with a ViT whose vision tower is copied in (stage 1)
     vocab_size: int = 512  # byte-level BPE fitted to the data when no init_from brings a tokenizer
     data: LlavaDataConfig = field(default_factory=LlavaDataConfig)
@@ -73,10 +75,13 @@ class LlavaRunConfig:
 
 
 def set_trainable(model: nn.Module, stage: int) -> None:
-    """Vision frozen always; the LM learns only in stage 2; the projector always learns."""
+    """Vision frozen always; the projector always learns; in stage 2 the LM learns too: all of it, or only its
+    LoRA updates when the model has them."""
     model.vision.requires_grad_(False)
-    model.lm.requires_grad_(stage == 2)
     model.projector.requires_grad_(True)
+    lora = bool(model.config.lora_rank)
+    for name, p in model.lm.named_parameters():
+        p.requires_grad_(stage == 2 and (not lora or name.endswith((".lora_a", ".lora_b"))))
 
 
 class ShapesConversations(Dataset):
