@@ -54,7 +54,7 @@ def reply(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int 
 
 
 def chat(model_path: str | Path, prompt: str | None = None, system: str | None = None, max_new_tokens: int = 256,
-         temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, out: TextIO = sys.stdout,
+         temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, out: TextIO | None = None,
          read: Callable[[str], str] = input, image: str | Path | None = None,
          template: str | None = None) -> list[dict[str, str]]:
     """Answer `prompt` and return, or (prompt None) loop reading user turns until EOF / "exit".
@@ -65,6 +65,8 @@ def chat(model_path: str | Path, prompt: str | None = None, system: str | None =
     """
     from .checkpoint import load, load_preprocess
     from .tokenizer import load_tokenizer
+
+    out = out if out is not None else sys.stdout  # looked up per call: a default bound at import goes stale
 
     model, tokenizer = load(model_path), load_tokenizer(model_path)
     llava = hasattr(model.config, "image_token_id")
