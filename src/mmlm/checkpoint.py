@@ -140,20 +140,9 @@ def load(path: str | Path) -> nn.Module:
             model = build_model(cfg)
             load_state_dict_strict(model, read_state_dict(path / WEIGHTS_NAME), str(path / WEIGHTS_NAME))
             return _finish(model)
-        if cfg_dict.get("model_type") == "clip":
-            from .convert.hf import load_hf_clip
+        from .convert.hf import load_hf
 
-            return _finish(load_hf_clip(path))
-        if cfg_dict.get("model_type") in ("llama", "qwen2"):
-            from .convert.hf import load_hf_llama
-
-            return _finish(load_hf_llama(path))
-        if cfg_dict.get("model_type") == "llava":
-            from .convert.hf import load_hf_llava
-
-            return _finish(load_hf_llava(path))
-        raise ValueError(f"{path / CONFIG_NAME}: neither an mmlm config (no 'kind') nor a supported transformers "
-                         f"model_type (got {cfg_dict.get('model_type')!r}; supported: 'clip', 'llama', 'qwen2', 'llava')")
+        return _finish(load_hf(path))
     if path.is_dir():
         raise FileNotFoundError(f"{path}: no config.json; expected an mmlm checkpoint or a transformers model directory")
     if not path.exists():

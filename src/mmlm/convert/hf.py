@@ -29,32 +29,21 @@ def read_hf_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{d}: no model.safetensors, pytorch_model.bin or shard index")
 
 
-def load_hf_clip(directory: str | Path) -> nn.Module:
+# transformers `model_type` -> the module that converts its config and tensor names (same functions in each).
+CONVERTERS = {"clip": hf_clip, "llama": hf_llama, "qwen2": hf_llama, "llava": hf_llava}
+
+
+def load_hf(directory: str | Path) -> nn.Module:
+    """A transformers CLIPModel / LlamaForCausalLM / Qwen2ForCausalLM / LlavaForConditionalGeneration dir -> mmlm."""
     d = Path(directory)
-    cfg = hf_clip.config_from_hf(read_json(d / "config.json"))
+    hf_cfg = read_json(d / "config.json")
+    conv = CONVERTERS.get(hf_cfg.get("model_type"))
+    if conv is None:
+        raise ValueError(f"{d / 'config.json'}: neither an mmlm config (no 'kind') nor a supported transformers "
+                         f"model_type (got {hf_cfg.get('model_type')!r}; supported: {sorted(CONVERTERS)})")
+    cfg = conv.config_from_hf(hf_cfg)
     model = build_model(cfg)
-    sd = hf_clip.state_dict_from_hf(read_hf_weights(d), source=str(d))
-    load_state_dict_strict(model, sd, str(d))
-    return model
-
-
-def load_hf_llama(directory: str | Path) -> nn.Module:
-    """A transformers LlamaForCausalLM / Qwen2ForCausalLM directory -> mmlm LM."""
-    d = Path(directory)
-    cfg = hf_llama.config_from_hf(read_json(d / "config.json"))
-    model = build_model(cfg)
-    sd = hf_llama.state_dict_from_hf(read_hf_weights(d), cfg, source=str(d))
-    load_state_dict_strict(model, sd, str(d))
-    return model
-
-
-def load_hf_llava(directory: str | Path) -> nn.Module:
-    """A transformers LlavaForConditionalGeneration directory -> mmlm Llava."""
-    d = Path(directory)
-    cfg = hf_llava.config_from_hf(read_json(d / "config.json"))
-    model = build_model(cfg)
-    sd = hf_llava.state_dict_from_hf(read_hf_weights(d), cfg, source=str(d))
-    load_state_dict_strict(model, sd, str(d))
+    load_state_dict_strict(model, conv.state_dict_from_hf(read_hf_weights(d), cfg, source=str(d)), str(d))
     return model
 
 

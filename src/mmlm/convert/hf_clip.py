@@ -121,7 +121,7 @@ def _hf_ignored(name: str) -> bool:
     return name.endswith("position_ids")  # a buffer older transformers saved
 
 
-def state_dict_from_hf(sd: dict[str, torch.Tensor], source: str = "hf") -> dict[str, torch.Tensor]:
+def state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: CLIPConfig | None = None, source: str = "hf") -> dict[str, torch.Tensor]:
     return rename(sd, RULES, "to_ours", source, ignore=_hf_ignored)
 
 
