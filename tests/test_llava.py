@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import mmlm
+from hf_round_trip import hf_round_trip
 from mmlm.config import LlavaConfig, LMConfig, ViTConfig
 from mmlm.convert.hf import export_hf
 from mmlm.models.llava import Llava
@@ -80,11 +81,7 @@ def test_load_hf_directory_matches_transformers(case, tmp_path):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_export_hf_round_trip(case, tmp_path):
     hf = _hf_model(case, seed=3)
-    hf.save_pretrained(tmp_path / "hf")
-    ours = mmlm.load(tmp_path / "hf")
-    mmlm.save(ours, tmp_path / "mmlm")
-    export_hf(mmlm.load(tmp_path / "mmlm"), tmp_path / "exported")
-    again = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "exported").eval()
+    ours, again = hf_round_trip(hf, tmp_path, transformers.LlavaForConditionalGeneration)
     _assert_same(ours, again)
     ref = hf.state_dict()
     for k, v in again.state_dict().items():

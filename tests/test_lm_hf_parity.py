@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import mmlm
+from hf_round_trip import hf_round_trip
 from mmlm.config import LMConfig
-from mmlm.convert.hf import export_hf
 from mmlm.models.lm import LM, position_ids_from_mask
 
 transformers = pytest.importorskip("transformers")
@@ -79,11 +79,7 @@ def test_load_hf_directory_matches_transformers(case, tmp_path):
 @pytest.mark.parametrize("case", ["llama_gqa_tied_bias", "qwen2_gqa_untied", "llama3_rope"])
 def test_export_hf_round_trip(case, tmp_path):
     hf = _hf_model(case, seed=3)
-    hf.save_pretrained(tmp_path / "hf")
-    ours = mmlm.load(tmp_path / "hf")
-    mmlm.save(ours, tmp_path / "mmlm")
-    export_hf(mmlm.load(tmp_path / "mmlm"), tmp_path / "exported")
-    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    ours, again = hf_round_trip(hf, tmp_path, transformers.AutoModelForCausalLM)
     assert type(again) is type(hf)
     _assert_same(ours, again)
     ref = hf.state_dict()
