@@ -138,7 +138,9 @@ def test_captions():
     scene = S.Scene(
         [S.ShapeObject("square", "green", "large", "bottom"), S.ShapeObject("cross", "white", "small", "left")]
     )
-    assert S.describe(scene) == "two objects: a large green square at the bottom and a small white cross on the left."
+    # reading order (top left to bottom right), whatever order the scene lists them in
+    assert S.describe(scene) == "two objects: a small white cross on the left and a large green square at the bottom."
+    assert S.describe(S.Scene(scene.objects[::-1])) == S.describe(scene)
 
 
 def test_vqa_answers_match_scene():

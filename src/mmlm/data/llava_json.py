@@ -50,5 +50,9 @@ class LlavaJson(Dataset):
             except (OSError, ValueError) as e:
                 return {"bad": (f"{name} ({self.root / p})", str(e))}
         replies = [t.get("value", "") for t in r["conversations"] if t.get("from") in ("gpt", "assistant")]
-        return {"id": name, "images": images, "conversations": r["conversations"],
+        item = {"id": name, "images": images, "conversations": r["conversations"],
                 "caption": replies[0] if replies else ""}
+        for key in ("qtype", "question_types"):  # per-question-type VQA scores
+            if key in r:
+                item[key] = r[key]
+        return item

@@ -272,8 +272,11 @@ def _join(parts: list[str]) -> str:
 
 
 def describe(scene: Scene) -> str:
-    """The full canonical description (every attribute of every object): the answer to "Describe the image."."""
-    parts = [_noun_phrase(o, True, True) for o in scene.objects]
+    """The full canonical description (every attribute of every object): the answer to "Describe the image.".
+
+    Objects are listed in reading order (top left to bottom right), so the answer follows from the image alone."""
+    ordered = sorted(scene.objects, key=lambda o: POSITIONS.index(o.position))
+    parts = [_noun_phrase(o, True, True) for o in ordered]
     if len(parts) == 1:
         return parts[0] + "."
     return f"{_NUMBER_WORDS[len(parts)]} objects: {_join(parts)}."
@@ -386,8 +389,12 @@ def conversations(
     scene: Scene, rng: np.random.Generator, n_questions: int = 3, qtypes: Sequence[str] = QUESTION_TYPES
 ) -> list[dict[str, str]]:
     """LLaVA-format turns [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}, ...]."""
+    return _turns(vqa_triples(scene, rng, n=n_questions, qtypes=qtypes))
+
+
+def _turns(triples: Sequence[tuple[str, str, str]]) -> list[dict[str, str]]:
     turns: list[dict[str, str]] = []
-    for k, (q, a, _) in enumerate(vqa_triples(scene, rng, n=n_questions, qtypes=qtypes)):
+    for k, (q, a, _) in enumerate(triples):
         turns.append({"from": "human", "value": "<image>\n" + q if k == 0 else q})
         turns.append({"from": "gpt", "value": a})
     return turns
@@ -400,7 +407,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     """`size` items of a split, each generated on demand from (seed, split, index) alone.
 
     Item: dict(image=(H, W, 3) uint8, caption=str, label=class index of the first object,
-    scene=Scene, conversations=LLaVA turns)."""
+    scene=Scene, conversations=LLaVA turns, question_types=one qtype per question)."""
 
     def __init__(
         self,
@@ -432,10 +439,10 @@ class ShapesDataset(torch.utils.data.Dataset):
         scene = sample_scene(rng, self.split, self.max_objects, self.single)
         image = render(scene, self.image_size, rng)
         text = caption(scene, rng)
-        turns = conversations(scene, rng, self.n_questions)
+        triples = vqa_triples(scene, rng, n=self.n_questions)
         first = scene.objects[0]
         return dict(image=image, caption=text, label=class_index(first.colour, first.shape), scene=scene,
-                    conversations=turns)
+                    conversations=_turns(triples), question_types=[t for _, _, t in triples])
 
     def __repr__(self) -> str:
         return (f"ShapesDataset(split={self.split!r}, size={self.size}, seed={self.seed}, "
@@ -581,7 +588,8 @@ def write_shapes(
             rel = _write_image_dir(out, split, items)
             rows = [(r, it["caption"]) for r, (_, it) in zip(rel, items)]
             _write_atomic(out / f"{split}.csv", _csv_bytes(("image", "caption"), rows))
-            vqa = [dict(id=f"{split}-{i:06d}", image=r, conversations=it["conversations"])
+            vqa = [dict(id=f"{split}-{i:06d}", image=r, conversations=it["conversations"],
+                        question_types=it["question_types"])
                    for r, (i, it) in zip(rel, items)]
             _write_atomic(out / f"{split}_vqa.json", json.dumps(vqa, indent=1).encode())
             files += [f"images/{split}", f"{split}.csv", f"{split}_vqa.json"]

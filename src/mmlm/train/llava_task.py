@@ -99,7 +99,7 @@ class ShapesConversations(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.ds[i]
         return {"id": f"shapes-{self.split}-{i}", "images": [item["image"]], "conversations": item["conversations"],
-                "caption": item["caption"]}
+                "caption": item["caption"], "question_types": item["question_types"]}
 
 
 def _pil(image: Any) -> Image.Image:
