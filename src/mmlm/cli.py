@@ -26,16 +26,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .train import distributed
+
     if args.model == "llava":
-        from .train.llava_run import load_recipe as load_llava_recipe
-        from .train.llava_run import train_llava
-
-        train_llava(load_llava_recipe(args.config, args.overrides), args.out, resume=not args.no_resume)
-        return 0
-    from .train.clip_run import load_recipe, train_clip
-
+        from .train.llava_run import load_recipe, train_llava as train_fn
+    else:
+        from .train.clip_run import load_recipe, train_clip as train_fn
     cfg = load_recipe(args.config, args.overrides)
-    train_clip(cfg, args.out, resume=not args.no_resume)
+    distributed.setup(cfg.train.dist_timeout_s)  # under torchrun: join the process group (else nothing)
+    try:
+        train_fn(cfg, args.out, resume=not args.no_resume)
+    finally:
+        distributed.shutdown()  # a failing rank leaves the group at once; torchrun then stops the others
     return 0
 
 
@@ -67,6 +69,23 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     chat(args.model, prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
          temperature=args.temperature, top_p=args.top_p, seed=args.seed, image=args.image, template=args.template)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve import ServeConfig, serve
+    except ImportError as e:
+        raise ValueError(f"the server needs the serve extra: pip install 'mmlm[serve]' ({e})") from None
+
+    config = ServeConfig(name=args.name, template=args.template, local_dir=args.allow_local_dir,
+                         allow_remote=args.allow_remote_images, max_queue=args.max_queue, max_batch=args.max_batch,
+                         timeout_s=args.timeout, api_key=args.api_key)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    serve(args.model, host=args.host, port=args.port, config=config)
     return 0
 
 
@@ -157,6 +176,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, i.e. the cores)")
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     b.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP API (chat, embeddings, zero-shot) and a web page at /")
+    s.add_argument("--model", type=Path, required=True, help="a checkpoint dir (CLIP, LLaVA, LM) or a .gguf file")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--name", default=None, help="the model id clients send (default: the directory name)")
+    s.add_argument("--template", default=None, choices=["plain", "vicuna_v1", "chat"],
+                   help="LLaVA: the conversation template it was trained with (default vicuna_v1)")
+    s.add_argument("--allow-local-dir", default=None, help="image_url may name files under this directory")
+    s.add_argument("--allow-remote-images", action="store_true", help="image_url may be an http(s) URL to fetch")
+    s.add_argument("--max-queue", type=int, default=64, help="requests waiting before the server answers 429")
+    s.add_argument("--max-batch", type=int, default=8, help="generation requests batched together")
+    s.add_argument("--timeout", type=float, default=60.0, help="seconds per request, queueing included")
+    s.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
+    s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, i.e. the cores)")
+    s.set_defaults(func=cmd_serve)
 
     q = sub.add_parser("quickstart", help="the main job: generate shapes, train a small CLIP, evaluate, report")
     q.add_argument("--out", type=Path, default=Path("runs/quickstart"))

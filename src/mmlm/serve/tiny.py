@@ -1,0 +1,50 @@
+"""Tiny random CLIP and LLaVA checkpoints, for the server's tests and load benchmark (seconds to build).
+
+Their answers are noise; they exercise every code path of the server at the real models' shapes of data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import save
+from ..config import CLIPConfig, LlavaConfig, LMConfig, TextConfig, ViTConfig
+from ..data.transforms import PreprocessConfig
+from ..tokenizer import Tokenizer
+
+WORDS = ("a photo of a red green blue yellow purple orange cyan white circle square triangle star cross diamond "
+         "hexagon pentagon small large top left right bottom center what shape colour is in the image there "
+         "how many objects describe A chat between a curious user and an artificial intelligence assistant. "
+         "USER: ASSISTANT: yes no one two three").split()
+
+
+def _corpus() -> list[str]:
+    g = torch.Generator().manual_seed(0)
+    return [" ".join(WORDS[i] for i in torch.randint(len(WORDS), (12,), generator=g).tolist()) for _ in range(400)]
+
+
+def tiny_llava(directory: str | Path, max_seq_len: int = 512) -> Path:
+    """A LLaVA (ViT 32 px, patch 8 -> 16 image tokens; a 2-layer LM) with a byte-level tokenizer."""
+    tok = Tokenizer.train_byte_level(_corpus(), vocab_size=320, special_tokens=["<s>", "</s>", "<image>"])
+    cfg = LlavaConfig(vision=ViTConfig(image_size=32, patch_size=8, width=32, layers=2, heads=4),
+                      lm=LMConfig(vocab_size=tok.vocab_size, width=48, layers=2, heads=4, kv_heads=2, mlp_dim=96,
+                                  max_seq_len=max_seq_len, eos_token_id=tok.eot_id),
+                      image_token_id=tok.tokenizer.token_to_id("<image>"))
+    from ..models.llava import Llava
+
+    torch.manual_seed(0)
+    return save(Llava(cfg), directory, tokenizer=tok, preprocess=PreprocessConfig(image_size=32, mode="pad_square"))
+
+
+def tiny_clip(directory: str | Path) -> Path:
+    """A CLIP (ViT 32 px, 2-layer text tower, embed 32) with a CLIP-style BPE tokenizer."""
+    tok = Tokenizer.train_bpe(_corpus(), vocab_size=600, context_length=16)
+    cfg = CLIPConfig(embed_dim=32, vision=ViTConfig(image_size=32, patch_size=8, width=64, layers=2, heads=4),
+                     text=TextConfig(vocab_size=tok.vocab_size, eot_token_id=tok.eot_id, context_length=16, width=64,
+                                     layers=2, heads=4))
+    from ..models.clip import CLIP
+
+    torch.manual_seed(0)
+    return save(CLIP(cfg), directory, tokenizer=tok, preprocess=PreprocessConfig(image_size=32))
