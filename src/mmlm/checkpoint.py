@@ -76,8 +76,11 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
 
 # ----------------------------------------------------------------------------- strict loading
 
-def load_state_dict_strict(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
-    """Load `sd` into `model`; any missing, unexpected or mis-shaped tensor is a ValueError naming it."""
+def load_state_dict_strict(model: nn.Module, sd: dict[str, torch.Tensor], source: str, assign: bool = False) -> None:
+    """Load `sd` into `model`; any missing, unexpected or mis-shaped tensor is a ValueError naming it.
+
+    `assign` makes the tensors of `sd` the model's parameters instead of copying them (a model built on the
+    meta device holds no memory before)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
@@ -92,7 +95,7 @@ def load_state_dict_strict(model: nn.Module, sd: dict[str, torch.Tensor], source
         problems.append(f"mis-shaped tensor(s) {mis_shaped[:8]}")
     if problems:
         raise ValueError(f"{source}: " + "; ".join(problems))
-    model.load_state_dict(sd, strict=True)
+    model.load_state_dict(sd, strict=True, assign=assign)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -112,11 +115,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- save / load
 
-def save(model: nn.Module, directory: str | Path, tokenizer: Any = None, preprocess: Any = None) -> Path:
-    """Write an mmlm checkpoint directory: config.json, model.safetensors (+ tokenizer, preprocess.json)."""
+def save(model: nn.Module, directory: str | Path, tokenizer: Any = None, preprocess: Any = None,
+         state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write an mmlm checkpoint directory: config.json, model.safetensors (+ tokenizer, preprocess.json).
+
+    `state_dict` replaces model.state_dict() (a sharded model's weights gathered by the caller)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_tensors(directory / WEIGHTS_NAME, model.state_dict())
+    save_tensors(directory / WEIGHTS_NAME, model.state_dict() if state_dict is None else state_dict)
     write_json(directory / CONFIG_NAME, to_dict(model.config))
     if tokenizer is not None:
         tokenizer.save(directory)

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from ..checkpoint import save
 from ..config import CLIPConfig, apply_overrides, clip_preset, from_dict, to_dict
 from ..data.transforms import PreprocessConfig
+from .distributed import all_gather_objects, all_mean
 from .feature_cache import contrastive_step
 from .loop import TrainConfig
 from .objectives import contrastive_loss
@@ -68,6 +69,7 @@ class ClipRunConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: str = "clip"  # clip | siglip
+    loss_gather: str = "local"  # under torchrun: local (each rank's rows vs all columns) | global (whole loss per rank)
     lock: LockConfig = field(default_factory=LockConfig)
     init_from: str = ""  # start from a checkpoint (anything mmlm.load opens) instead of random weights
 
@@ -96,7 +98,8 @@ def run_config_from_dict(d: dict[str, Any], overrides: list[str] | None = None) 
     defaults = ClipRunConfig()
     for name in ("data", "tokenizer", "train", "lock"):
         full[name] = {**to_dict(getattr(defaults, name)), **(d.get(name) or {})}
-    full["loss"], full["init_from"] = d.get("loss", defaults.loss), d.get("init_from", defaults.init_from)
+    for name in ("loss", "loss_gather", "init_from"):
+        full[name] = d.get(name, getattr(defaults, name))
     unknown = sorted(set(d) - set(full))
     if unknown:
         raise ValueError(f"recipe: unknown section(s) {unknown}; known: {sorted(full)}")
@@ -105,6 +108,7 @@ def run_config_from_dict(d: dict[str, Any], overrides: list[str] | None = None) 
     return ClipRunConfig(model=CLIPConfig.from_dict(full["model"]), data=from_dict(DataConfig, full["data"], ".data"),
                          tokenizer=from_dict(TokenizerConfig, full["tokenizer"], ".tokenizer"),
                          train=from_dict(TrainConfig, full["train"], ".train"), loss=full["loss"],
+                         loss_gather=full["loss_gather"],
                          lock=from_dict(LockConfig, full["lock"], ".lock"), init_from=full["init_from"])
 
 
@@ -148,18 +152,19 @@ class ClipTask:
         return self._collate(samples)
 
     def step(self, batch: dict[str, Any], autocast) -> dict[str, float]:
-        if batch["batch_size"] < 2:
+        sizes = all_gather_objects(batch["batch_size"])  # every rank skips together, or none does
+        if min(sizes) == 0 or sum(sizes) < 2:
             return {"loss": float("nan")}
         model = self.model
         if self.cfg.lock.image and not self.cfg.lock.image_unlocked_layers:
             model.visual.eval()  # a locked tower keeps its BatchNorm statistics too
 
         def loss_fn(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
-            return contrastive_loss(self.cfg.loss, img, txt, model.logit_scale, model.logit_bias)
+            return contrastive_loss(self.cfg.loss, img, txt, model.logit_scale, model.logit_bias, self.cfg.loss_gather)
 
         loss = contrastive_step(model, batch["pixel_values"], batch["input_ids"], loss_fn,
                                 micro_batch=self.cfg.train.micro_batch, autocast=autocast)
-        return {"loss": loss.item(), "logit_scale": model.logit_scale.exp().item()}
+        return {"loss": all_mean(loss.item()), "logit_scale": model.logit_scale.exp().item()}
 
     def after_optimizer_step(self) -> None:
         with torch.no_grad():
@@ -168,5 +173,5 @@ class ClipTask:
     def evaluate(self) -> dict[str, Any]:
         return self._evaluate() if self._evaluate is not None else {}
 
-    def save_model(self, directory: Path) -> None:
-        save(self.model, directory, tokenizer=self.tokenizer, preprocess=self.preprocess)
+    def save_model(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        save(self.model, directory, tokenizer=self.tokenizer, preprocess=self.preprocess, state_dict=state_dict)

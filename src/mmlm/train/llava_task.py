@@ -21,6 +21,7 @@ from ..checkpoint import save
 from ..config import LlavaConfig, LMConfig, ViTConfig
 from ..data.conversation import IGNORE, TEMPLATES, encode_conversation
 from ..data.transforms import ImageProcessor, PreprocessConfig
+from .distributed import all_gather_objects, all_sum, fully_shard_model, global_mean_factor, world
 from .loop import TrainConfig
 from .objectives import next_token_loss
 
@@ -61,6 +62,7 @@ class LlavaRunConfig:
     lora_rank: int = 0  # stage 2: > 0 trains LoRA updates of this rank instead of the whole LM
     lora_alpha: float = 16.0
     vision_from: str = ""  # a CLIP checkpoint with a ViT whose vision tower is copied in (stage 1)
+    stage1_trains_lm: bool = False  # stage 1 trains the LM too: for an LM trained from scratch (nothing to keep)
     vocab_size: int = 512  # byte-level BPE fitted to the data when no init_from brings a tokenizer
     data: LlavaDataConfig = field(default_factory=LlavaDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -74,14 +76,15 @@ class LlavaRunConfig:
             raise ValueError(f"template must be one of {TEMPLATES}, got {self.template!r}")
 
 
-def set_trainable(model: nn.Module, stage: int) -> None:
+def set_trainable(model: nn.Module, stage: int, stage1_trains_lm: bool = False) -> None:
     """Vision frozen always; the projector always learns; in stage 2 the LM learns too: all of it, or only its
-    LoRA updates when the model has them."""
+    LoRA updates when the model has them. A from-scratch LM (`stage1_trains_lm`) learns in stage 1 as well."""
     model.vision.requires_grad_(False)
     model.projector.requires_grad_(True)
     lora = bool(model.config.lora_rank)
+    train_lm = stage == 2 or stage1_trains_lm
     for name, p in model.lm.named_parameters():
-        p.requires_grad_(stage == 2 and (not lora or name.endswith((".lora_a", ".lora_b"))))
+        p.requires_grad_(train_lm and (not lora or name.endswith((".lora_a", ".lora_b"))))
 
 
 class ShapesConversations(Dataset):
@@ -118,7 +121,9 @@ class LlavaTask:
         self.cfg, self.model, self.tokenizer, self.preprocess = cfg, model, tokenizer, preprocess
         self.data, self._evaluate = train_data, evaluate
         self.processor = ImageProcessor(preprocess)
-        set_trainable(model, cfg.stage)
+        set_trainable(model, cfg.stage, cfg.stage1_trains_lm)
+        if cfg.train.fsdp and world().enabled:  # before the loop builds the optimizer over the sharded parameters
+            fully_shard_model(model, model.lm.blocks, cfg.train.precision)
 
     def train_dataset(self) -> Dataset:
         return self.data
@@ -148,15 +153,20 @@ class LlavaTask:
                 "batch_size": len(samples)}
 
     def step(self, batch: dict[str, Any], autocast) -> dict[str, float]:
-        if batch["batch_size"] == 0:
+        w = world()
+        if min(all_gather_objects(batch["batch_size"])) == 0:  # every rank skips together (FSDP needs all)
             return {"loss": float("nan")}
         self.model.vision.eval()
         with autocast():
             logits = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
                                 pixel_values=batch["pixel_values"]).logits
-        loss = next_token_loss(logits, batch["labels"])
+        if not w.enabled:
+            loss = next_token_loss(logits, batch["labels"])
+        else:  # sum over this rank's answer tokens / all ranks' count, x world size: the ranks' mean is the global mean
+            total, _ = global_mean_factor(int((batch["labels"][:, 1:] != IGNORE).sum()))
+            loss = next_token_loss(logits, batch["labels"], reduction="sum") * (w.world_size / max(total, 1))
         loss.backward()
-        return {"loss": loss.item()}
+        return {"loss": all_sum(loss.item()) / w.world_size}
 
     def after_optimizer_step(self) -> None:
         pass
@@ -164,5 +174,5 @@ class LlavaTask:
     def evaluate(self) -> dict[str, Any]:
         return self._evaluate() if self._evaluate is not None else {}
 
-    def save_model(self, directory: Path) -> None:
-        save(self.model, directory, tokenizer=self.tokenizer, preprocess=self.preprocess)
+    def save_model(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        save(self.model, directory, tokenizer=self.tokenizer, preprocess=self.preprocess, state_dict=state_dict)

@@ -29,6 +29,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..checkpoint import read_json, write_json
+from .distributed import (all_gather_objects, average_gradients, barrier, broadcast_object, broadcast_parameters,
+                          full_optimizer_state_dict, full_state_dict, grad_norm_value, is_sharded, load_full_state_dicts,
+                          load_sharded, save_sharded, unsharded)
+from .distributed import world as dist_world
 from .optim import build_optimizer, lr_at
 
 
@@ -55,11 +59,17 @@ class TrainConfig:
     max_bad_steps: int = 10  # abort after this many non-finite losses/gradients
     max_bad_sample_fraction: float = 0.01  # abort when more than this fraction of samples fail to load
     progress: bool = True
+    # under torchrun (see train/distributed.py): batch_size is the global batch, split evenly over the ranks
+    fsdp: bool = False  # shard the model with FSDP2 (LLaVA's LM blocks); else every rank holds all of it
+    checkpoint_format: str = "consolidated"  # consolidated: one model.safetensors | sharded: DCP shards per rank
+    dist_timeout_s: float = 1800.0  # a rank waiting longer than this for a peer (that died) gives up
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"train.precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.checkpoint_format not in ("consolidated", "sharded"):
+            raise ValueError(f"train.checkpoint_format must be 'consolidated' or 'sharded', got {self.checkpoint_format!r}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("train.steps and train.batch_size must be positive")
 
@@ -72,7 +82,8 @@ class Task(Protocol):
     def step(self, batch: dict[str, Any], autocast: Callable[[], contextlib.AbstractContextManager]) -> dict[str, float]: ...
     def after_optimizer_step(self) -> None: ...
     def evaluate(self) -> dict[str, Any]: ...
-    def save_model(self, directory: Path) -> None: ...
+    def save_model(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None: ...
+    # state_dict: given (gathered by the loop) only for a model sharded with FSDP2
 
 
 class TrainingError(RuntimeError):
@@ -82,13 +93,21 @@ class TrainingError(RuntimeError):
 # ----------------------------------------------------------------------------- data order
 
 class EpochBatchSampler(Sampler[list[int]]):
-    """Infinite stream of index batches; batch b is a pure function of (seed, b). Drops the last partial batch."""
+    """Infinite stream of index batches; batch b is a pure function of (seed, b). Drops the last partial batch.
 
-    def __init__(self, n: int, batch_size: int, seed: int, start_batch: int = 0):
+    With `world_size` > 1, `batch_size` is the global batch and rank `rank` gets its contiguous part of it:
+    the ranks together see exactly the batches of one process (any world size; every sample once per epoch).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0, world_size: int = 1):
         if n < batch_size:
             raise ValueError(f"the dataset has {n} samples, fewer than one batch of {batch_size}")
+        if batch_size % world_size:
+            raise ValueError(f"train.batch_size={batch_size} (the global batch) must be divisible by the "
+                             f"{world_size} processes")
         self.n, self.batch_size, self.seed, self.start_batch = n, batch_size, seed, start_batch
         self.per_epoch = n // batch_size
+        self.rank_slice = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
 
     def __iter__(self) -> Iterator[list[int]]:
         b = self.start_batch
@@ -97,7 +116,7 @@ class EpochBatchSampler(Sampler[list[int]]):
             e, i = divmod(b, self.per_epoch)
             if e != epoch:
                 epoch, perm = e, torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + e))
-            yield perm[i * self.batch_size:(i + 1) * self.batch_size].tolist()
+            yield perm[i * self.batch_size:(i + 1) * self.batch_size][self.rank_slice].tolist()
             b += 1
 
     def __len__(self) -> int:  # DataLoader asks; the stream is endless
@@ -110,8 +129,9 @@ def _worker_init(_: int) -> None:
 
 
 def make_loader(dataset: Dataset, collate: Callable, batch_size: int, seed: int, start_batch: int,
-                num_workers: int) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=EpochBatchSampler(len(dataset), batch_size, seed, start_batch),
+                num_workers: int, rank: int = 0, world_size: int = 1) -> DataLoader:
+    sampler = EpochBatchSampler(len(dataset), batch_size, seed, start_batch, rank, world_size)
+    return DataLoader(dataset, batch_sampler=sampler,
                       collate_fn=collate, num_workers=num_workers, worker_init_fn=_worker_init if num_workers else None,
                       prefetch_factor=4 if num_workers else None, persistent_workers=False,
                       generator=torch.Generator().manual_seed(seed + start_batch))  # keeps the global RNG untouched
@@ -140,23 +160,54 @@ def _set_rng_state(s: dict[str, Any]) -> None:
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
 
 
-def save_checkpoint(task: Task, opt: torch.optim.Optimizer, state: TrainerState, run: Path, keep_last: int) -> Path:
-    """Write checkpoints/step-NNNNNNNN atomically (a temp dir renamed into place), then prune to the last K."""
+def save_checkpoint(task: Task, opt: torch.optim.Optimizer, state: TrainerState, run: Path, keep_last: int,
+                    fmt: str = "consolidated") -> Path:
+    """Write checkpoints/step-NNNNNNNN atomically (a temp dir renamed into place), then prune to the last K.
+
+    Under torch.distributed every rank calls this; rank 0 writes the files (with `fmt` "sharded" every rank
+    writes its DCP shards of model and optimizer into dcp/, and the model is not consolidated).
+    """
+    w = dist_world()
+    sharded = is_sharded(task.model)
     root = run / "checkpoints"
     final = root / f"step-{state.step:08d}"
-    tmp = root / f".tmp-step-{state.step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    task.save_model(tmp)
-    # Optimizer tensors and torch's RNG go through torch.save; they are read back with weights_only=True.
-    torch.save({"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
-    write_json(tmp / "trainer_state.json", {"state": state.__dict__, "rng": _rng_state()})
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    tmp = root / f".tmp-step-{state.step:08d}-{broadcast_object(os.getpid())}"
+    if w.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    optimizer: dict[str, Any] | None = None
+    if fmt == "sharded":
+        save_sharded(tmp / "dcp", task.model, opt)
+    elif sharded:  # consolidated from shards: every rank takes part in the gathers, rank 0 keeps the result
+        model_sd = full_state_dict(task.model)
+        optimizer = full_optimizer_state_dict(task.model, opt)
+    else:
+        optimizer = opt.state_dict()
+    if w.is_main:
+        if fmt == "consolidated":
+            if sharded:
+                task.save_model(tmp, state_dict=model_sd)
+            else:
+                task.save_model(tmp)
+        # Optimizer tensors and torch's RNG go through torch.save; they are read back with weights_only=True.
+        torch.save({"optimizer": optimizer, "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
+        write_json(tmp / "trainer_state.json", {"state": state.__dict__, "rng": _rng_state(), "format": fmt,
+                                                "world_size": w.world_size})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    barrier()
+    if not w.is_main:
+        return final
     for old in sorted(root.glob("step-*"))[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _keyed_by_name(optimizer_state: dict[str, Any]) -> bool:
+    """An optimizer state consolidated from FSDP shards is keyed by parameter names, torch's own by index."""
+    return any(isinstance(k, str) for k in optimizer_state.get("state", {}))
 
 
 def latest_checkpoint(run: Path) -> Path | None:
@@ -165,11 +216,17 @@ def latest_checkpoint(run: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, task: Task, opt: torch.optim.Optimizer) -> TrainerState:
+    """Resume from a checkpoint written at any world size, sharded (dcp/) or consolidated."""
     from ..checkpoint import load_state_dict_strict, read_state_dict
 
-    load_state_dict_strict(task.model, read_state_dict(path / "model.safetensors"), str(path / "model.safetensors"))
     blob = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
-    opt.load_state_dict(blob["optimizer"])
+    if (path / "dcp").is_dir():
+        load_sharded(path / "dcp", task.model, opt)
+    elif is_sharded(task.model) or _keyed_by_name(blob["optimizer"]):
+        load_full_state_dicts(task.model, opt, read_state_dict(path / "model.safetensors"), blob["optimizer"])
+    else:
+        load_state_dict_strict(task.model, read_state_dict(path / "model.safetensors"), str(path / "model.safetensors"))
+        opt.load_state_dict(blob["optimizer"])
     torch.set_rng_state(blob["torch_rng"])
     meta = read_json(path / "trainer_state.json")
     _set_rng_state(meta["rng"])
@@ -179,11 +236,14 @@ def load_checkpoint(path: Path, task: Task, opt: torch.optim.Optimizer) -> Train
 # ----------------------------------------------------------------------------- the loop
 
 class MetricsLog:
-    def __init__(self, path: Path):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = path, enabled  # under torch.distributed only rank 0 writes
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -198,25 +258,37 @@ def train(task: Task, cfg: TrainConfig, run: str | Path, resume: bool = True) ->
     """Train `task.model` for `cfg.steps` optimizer steps, writing everything under `run`.
 
     A run directory that already holds a checkpoint resumes from its latest one.
+
+    Under torch.distributed (torchrun; see train/distributed.py) every rank runs this with the same arguments:
+    each takes its part of every global batch, gradients are averaged over ranks (by FSDP2 for a sharded model),
+    rank 0 alone logs and writes files, and a resumed run may use a different world size.
     """
     run = Path(run)
-    run.mkdir(parents=True, exist_ok=True)
+    w = dist_world()
+    if w.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+    barrier()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model = task.model.train()
+    replicated = w.enabled and not is_sharded(model)
+    if replicated:
+        broadcast_parameters(model)  # every rank starts from rank 0's weights, as DDP does
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
     state = TrainerState()
     ckpt = latest_checkpoint(run) if resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, task, opt)
-        print(f"resuming from {ckpt} (step {state.step})")
-    log = MetricsLog(run / "metrics.jsonl")
+        if w.is_main:
+            print(f"resuming from {ckpt} (step {state.step})")
+    log = MetricsLog(run / "metrics.jsonl", enabled=w.is_main)
     dataset = task.train_dataset()
-    loader = make_loader(dataset, task.collate, cfg.batch_size, cfg.seed, state.step, cfg.num_workers)
+    loader = make_loader(dataset, task.collate, cfg.batch_size, cfg.seed, state.step, cfg.num_workers,
+                         w.rank, w.world_size)
     params = [p for p in model.parameters() if p.requires_grad]
     autocast = _autocast(cfg.precision)
     bar = None
-    if cfg.progress:
+    if cfg.progress and w.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=state.step, desc="train", dynamic_ncols=True)
@@ -226,15 +298,23 @@ def train(task: Task, cfg: TrainConfig, run: str | Path, resume: bool = True) ->
         for batch in loader:
             if state.step >= cfg.steps:
                 break
-            _account_bad_samples(batch, state, cfg, len(dataset))
+            if w.enabled:  # the global batch's size and unreadable samples, the same on every rank
+                parts = all_gather_objects((batch["batch_size"], batch.get("bad", [])))
+                global_size, global_bad = sum(n for n, _ in parts), [b for _, bad in parts for b in bad]
+            else:
+                global_size, global_bad = batch["batch_size"], batch.get("bad", [])
+            _account_bad_samples(global_size, global_bad, state, cfg, len(dataset), w.is_main)
             lr = lr_at(state.step, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
             for g in opt.param_groups:
                 g["lr"] = lr
             metrics = task.step(batch, autocast)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            state.samples_seen += batch["batch_size"]
-            samples_last += batch["batch_size"]
-            if not (math.isfinite(metrics["loss"]) and torch.isfinite(grad_norm)):
+            if replicated:
+                average_gradients(params)
+            grad_norm = grad_norm_value(
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
+            state.samples_seen += global_size
+            samples_last += global_size
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)):
                 opt.zero_grad(set_to_none=True)
                 state.bad_steps += 1
                 log.write({"step": state.step, "skipped": "non-finite loss or gradient", "loss": metrics["loss"]})
@@ -257,38 +337,47 @@ def train(task: Task, cfg: TrainConfig, run: str | Path, resume: bool = True) ->
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
                 last_eval = _evaluate(task, state, log)
             if (cfg.ckpt_every and state.step % cfg.ckpt_every == 0) or state.step == cfg.steps:
-                save_checkpoint(task, opt, state, run, cfg.keep_last)
+                save_checkpoint(task, opt, state, run, cfg.keep_last, cfg.checkpoint_format)
     finally:
         if bar is not None:
             bar.close()
     last_eval = _evaluate(task, state, log)
-    task.save_model(run / "final")
+    final_sd = full_state_dict(model) if is_sharded(model) else None  # a collective: every rank
+    if w.is_main:
+        if final_sd is not None:
+            task.save_model(run / "final", state_dict=final_sd)
+        else:
+            task.save_model(run / "final")
     summary = {"step": state.step, "samples_seen": state.samples_seen, "bad_steps": state.bad_steps,
                "bad_samples": len(state.bad_samples), "eval": last_eval}
-    write_json(run / "summary.json", summary)
+    if w.is_main:
+        write_json(run / "summary.json", summary)
+    barrier()
     return summary
 
 
 def _evaluate(task: Task, state: TrainerState, log: MetricsLog) -> dict[str, Any]:
     task.model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), unsharded(task.model):  # FSDP: ranks may then run different numbers of forwards
         result = task.evaluate()
     task.model.train()
     log.write({"step": state.step, "eval": result})
     return result
 
 
-def _account_bad_samples(batch: dict[str, Any], state: TrainerState, cfg: TrainConfig, n: int) -> None:
-    """Record the batch's unreadable samples; fail once they exceed the allowed fraction.
+def _account_bad_samples(batch_size: int, bad_samples: list, state: TrainerState, cfg: TrainConfig, n: int,
+                         report: bool = True) -> None:
+    """Record the (global) batch's unreadable samples; fail once they exceed the allowed fraction.
 
     The fraction is judged against at least min(dataset size, 1000) samples, so that one bad image in
     the first batch does not end a run that would have seen 1% bad overall.
     """
-    for source, reason in batch.get("bad", []):
+    for source, reason in bad_samples:
         state.bad_samples.append([source, reason])
-        print(f"skipped sample {source}: {reason}")
+        if report:
+            print(f"skipped sample {source}: {reason}")
     bad = len(state.bad_samples)
-    attempted = state.samples_seen + batch["batch_size"] + bad
+    attempted = state.samples_seen + batch_size + bad
     if bad > cfg.max_bad_sample_fraction * max(attempted, min(n, 1000)):
         raise TrainingError(f"{bad} of {attempted} samples could not be loaded (limit "
                             f"train.max_bad_sample_fraction={cfg.max_bad_sample_fraction}); first: "

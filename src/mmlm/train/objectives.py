@@ -42,21 +42,42 @@ def siglip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tens
 
 
 def contrastive_loss(kind: str, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-                     logit_bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Dispatch on the configured loss; features are normalised here."""
+                     logit_bias: torch.Tensor | None = None, gather: str = "local") -> torch.Tensor:
+    """Dispatch on the configured loss; features are normalised here.
+
+    Under torch.distributed the features of every rank are gathered (with gradients) and `gather` picks
+    "local" (this rank's rows against all columns, scaled so that averaging the ranks' gradients gives the
+    global-batch gradient) or "global" (every rank computes the whole global loss). In one process both are
+    the plain batch loss.
+    """
+    if gather not in ("local", "global"):
+        raise ValueError(f"contrastive gather mode must be 'local' or 'global', got {gather!r}")
+    if kind not in ("clip", "siglip"):
+        raise ValueError(f"unknown contrastive loss {kind!r}; expected 'clip' or 'siglip'")
+    if kind == "siglip" and logit_bias is None:
+        raise ValueError("the siglip loss needs a model with a logit_bias (set model.logit_bias_init, e.g. -10)")
+    from .distributed import gather_rows, global_mean_factor
+
     image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
+    image_all, offset = gather_rows(image)
+    text_all, _ = gather_rows(text)
+    if gather == "global":  # identical on every rank: the rank-average of its gradients is its gradient
+        image, text, offset = image_all, text_all, 0
+        factor = 1.0
+    else:
+        factor = global_mean_factor(image.shape[0])[1]
     if kind == "clip":
-        return clip_loss(image, text, logit_scale)
-    if kind == "siglip":
-        if logit_bias is None:
-            raise ValueError("the siglip loss needs a model with a logit_bias (set model.logit_bias_init, e.g. -10)")
-        return siglip_loss(image, text, logit_scale, logit_bias)
-    raise ValueError(f"unknown contrastive loss {kind!r}; expected 'clip' or 'siglip'")
+        loss = clip_loss(image, text, logit_scale, image_all, text_all, offset)
+    else:
+        loss = siglip_loss(image, text, logit_scale, logit_bias, text_all, offset)
+    return loss if factor == 1.0 else loss * factor
 
 
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of token t+1 given tokens <= t, over labels that are not -100 (masked prompt, padding).
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of token t+1 given tokens <= t, over labels that are not -100 (masked prompt, padding):
+    their mean, or with reduction="sum" their sum (a distributed caller divides by the global count).
 
     logits (B, T, V); labels (B, T), unshifted (label t is the id at position t), as transformers takes them.
     """
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+                           reduction=reduction)
