@@ -35,7 +35,8 @@ def tone(frequencies: Sequence[float] = (440.0,), seconds: float = 1.0, sample_r
     if sweep_to is not None:  # instantaneous frequency f0 + (f1 - f0) t / seconds
         f0 = frequencies[0]
         wave = wave + torch.sin(2 * math.pi * (f0 * t + (sweep_to - f0) * t**2 / (2 * seconds)))
-    return (wave / wave.abs().max()).float()
+    fade = torch.clamp(torch.minimum(t, t[-1] - t) / 0.01, max=1.0)  # 10 ms fade in/out: no click at the edges
+    return (wave * fade / wave.abs().max()).float()
 
 
 def stft_power(wave: torch.Tensor, n_fft: int = 400, hop: int = 160) -> torch.Tensor:
@@ -100,7 +101,8 @@ def moving_shapes_video(n_frames: int = 8, image_size: int = 64, n_objects: int 
     colours = rng.choice(len(COLOURS), n_objects, replace=False)
     shapes = rng.choice(len(SHAPES), n_objects, replace=False)
     pos = rng.uniform(radius, S - radius, size=(n_objects, 2))  # (n, 2) centre x, y
-    vel = rng.uniform(-1, 1, size=(n_objects, 2)) * S / 10  # pixels per frame
+    angle = rng.uniform(0, 2 * np.pi, size=n_objects)
+    vel = np.stack([np.cos(angle), np.sin(angle)], axis=1) * S / 12  # (n, 2) pixels per frame
     background = (np.frombuffer(rng.bytes(S * S), dtype=np.uint8).reshape(S, S, 1) >> 3) + np.uint8(12)
     frames = np.empty((n_frames, S, S, 3), dtype=np.uint8)
     for t in range(n_frames):
