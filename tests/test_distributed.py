@@ -102,6 +102,7 @@ def _everything(rank: int, out: Path) -> None:
     _clip_steps(rank, out)
     _llava_fsdp_step(rank, out)
     _llava_train_two_steps(rank, out)
+    _evaluations(rank, out)
 
 
 @pytest.fixture(scope="module")
@@ -268,3 +269,53 @@ def test_fsdp2_checkpoints_saved_by_two_processes_resume_in_one(two_processes, t
         assert len(got) == 3
         for a, b in zip(got, expected):  # float32: FSDP's reduce-scatter sums in another order
             assert abs(a - b) <= 1e-4 * abs(b), (fmt, got, expected)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+class _StubTokenizer:
+    """CLIP-style ids from characters: enough to embed class prompts and captions deterministically."""
+
+    def __call__(self, texts, context_length):
+        ids = torch.zeros(len(texts), context_length, dtype=torch.long)
+        for i, t in enumerate(texts):
+            row = [1 + ord(c) % 900 for c in t][:context_length - 1] + [999]
+            ids[i, :len(row)] = torch.tensor(row)
+        return ids
+
+
+def _evaluations(rank: int | None, out: Path) -> dict:
+    """Zero-shot and retrieval with a CLIP, VQA with an FSDP-sharded LLaVA (each rank generates for its own
+    questions: the model is held unsharded meanwhile). rank None: one process."""
+    import json
+
+    from mmlm.eval.retrieval import evaluate_retrieval
+    from mmlm.eval.vqa import evaluate_vqa
+    from mmlm.eval.zeroshot import zeroshot
+    from mmlm.train.llava_task import ShapesConversations
+
+    task, batch = _clip_case("clip", "local", 0)
+    model, px, tok = task.model.eval(), batch["pixel_values"], _StubTokenizer()
+    with torch.no_grad():
+        zs = zeroshot(model, tok, (px[i:i + 3] for i in range(0, 8, 3)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]),
+                      ["cat", "dog", "car"], ["a {}.", "the {}!"], with_confusion=True)
+        ret = evaluate_retrieval(model, tok, (px[i:i + 3] for i in range(0, 8, 3)), [f"pic {i}" for i in range(8)],
+                                 range(8), batch_size=3)
+    llava = _llava_train_task(out / "tok", steps=1)
+    records = [ShapesConversations("val", 5, seed=0, image_size=32, n_questions=1)[i] for i in range(5)]
+    with torch.no_grad(), distributed.unsharded(llava.model):
+        vqa = evaluate_vqa(llava.model.eval(), llava.tokenizer, llava.processor, records, "vicuna_v1", batch_size=2,
+                           max_new_tokens=6)
+    result = {"zeroshot": zs, "retrieval": ret, "vqa": vqa}
+    if rank is not None:
+        (out / f"eval-rank{rank}.json").write_text(json.dumps(result))
+    return result
+
+
+def test_evaluation_shared_by_two_processes_equals_one_process(two_processes):
+    import json
+
+    alone = json.loads(json.dumps(_evaluations(None, two_processes)))
+    assert alone["vqa"]["n"] == 5 and alone["retrieval"]["images"] == 8 and alone["zeroshot"]["n"] == 8
+    for r in range(WORLD):
+        assert json.loads((two_processes / f"eval-rank{r}.json").read_text()) == alone

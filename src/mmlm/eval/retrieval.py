@@ -7,6 +7,8 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..train.distributed import map_shards
+
 
 @torch.no_grad()
 def retrieval_metrics(image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_image: torch.Tensor,
@@ -46,9 +48,12 @@ def retrieval_metrics(image_embeds: torch.Tensor, text_embeds: torch.Tensor, tex
 @torch.no_grad()
 def evaluate_retrieval(model, tokenizer, image_batches: Iterable[torch.Tensor], captions: Sequence[str],
                        text_image: Sequence[int], batch_size: int = 256) -> dict[str, float]:
-    """Embed images (an iterable of pixel batches) and captions with a CLIP, then `retrieval_metrics`."""
+    """Embed images (an iterable of pixel batches) and captions with a CLIP, then `retrieval_metrics`.
+
+    Under torch.distributed the ranks share the embedding work and every rank scores all of it."""
     ctx = model.config.text.context_length
-    img = F.normalize(torch.cat([model.encode_image(px).float() for px in image_batches]), dim=-1)
-    txt = F.normalize(torch.cat([model.encode_text(tokenizer(list(captions[i:i + batch_size]), context_length=ctx)).float()
-                                 for i in range(0, len(captions), batch_size)]), dim=-1)
+    img = F.normalize(torch.cat(map_shards(lambda px: model.encode_image(px).float(), image_batches)), dim=-1)
+    txt = F.normalize(torch.cat(map_shards(
+        lambda i: model.encode_text(tokenizer(list(captions[i:i + batch_size]), context_length=ctx)).float(),
+        range(0, len(captions), batch_size))), dim=-1)
     return retrieval_metrics(img, txt, torch.as_tensor(text_image))

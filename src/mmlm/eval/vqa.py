@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from ..data.conversation import ROLES, encode_prompt
+from ..train.distributed import map_shards
 
 
 def _pil(image: Any) -> Image.Image:
@@ -43,11 +44,9 @@ def evaluate_vqa(model: Any, tokenizer: Any, processor: Any, records: Sequence[d
     from ..generation import generate
 
     mc = model.config
-    hits: dict[str, list[int]] = defaultdict(list)
-    examples = []
     items = questions(records)
-    for i in range(0, len(items), batch_size):
-        chunk = items[i:i + batch_size]
+
+    def answer(chunk: list) -> list[str]:
         prompts = [encode_prompt(turns, tokenizer, template, mc.image_token_id, mc.image_tokens, name=str(r.get("id")))
                    for r, turns, _, _ in chunk]
         T = max(map(len, prompts))
@@ -59,15 +58,21 @@ def evaluate_vqa(model: Any, tokenizer: Any, processor: Any, records: Sequence[d
         pixels = processor(images) if images else None
         out = generate(model, ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=max_new_tokens,
                        eos_token_id=tokenizer.eot_id)
-        for (r, turns, ref, qtype), row in zip(chunk, out.tolist()):
-            answer = tokenizer.decode([t for t in row if t != tokenizer.eot_id]).strip()
-            ok = int(answer == ref.strip())
-            hits["all"].append(ok)
-            if qtype:
-                hits[qtype].append(ok)
-            if len(examples) < 8:
-                examples.append({"id": r.get("id"), "question": turns[-1].get("value", turns[-1].get("content")),
-                                 "answer": answer, "reference": ref})
+        return [tokenizer.decode([t for t in row if t != tokenizer.eot_id]).strip() for row in out.tolist()]
+
+    # Under torch.distributed each rank answers every W-th chunk; all ranks then score every answer.
+    chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    answers = [a for part in map_shards(answer, chunks) for a in part]
+    hits: dict[str, list[int]] = defaultdict(list)
+    examples = []
+    for (r, turns, ref, qtype), ans in zip(items, answers):
+        ok = int(ans == ref.strip())
+        hits["all"].append(ok)
+        if qtype:
+            hits[qtype].append(ok)
+        if len(examples) < 8:
+            examples.append({"id": r.get("id"), "question": turns[-1].get("value", turns[-1].get("content")),
+                             "answer": ans, "reference": ref})
     acc = lambda v: sum(v) / len(v) if v else 0.0  # noqa: E731
     return {"accuracy": acc(hits["all"]), "n": len(hits["all"]),
             "per_type": {k: {"accuracy": acc(v), "n": len(v)} for k, v in sorted(hits.items()) if k != "all"},

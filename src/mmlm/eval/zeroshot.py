@@ -7,6 +7,8 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..train.distributed import map_shards
+
 
 @torch.no_grad()
 def text_classifier(model, tokenizer, class_names: Sequence[str], templates: Sequence[str],
@@ -19,18 +21,21 @@ def text_classifier(model, tokenizer, class_names: Sequence[str], templates: Seq
         raise ValueError("zero-shot needs at least one class name and one template")
     prompts = [t.format(c) for c in class_names for t in templates]
     ctx = model.config.text.context_length
-    feats = []
-    for i in range(0, len(prompts), batch_size):
-        ids = tokenizer(prompts[i:i + batch_size], context_length=ctx)
-        feats.append(F.normalize(model.encode_text(ids).float(), dim=-1))
-    per_prompt = torch.cat(feats).view(len(class_names), len(templates), -1)
+
+    def embed(start: int) -> torch.Tensor:
+        ids = tokenizer(prompts[start:start + batch_size], context_length=ctx)
+        return F.normalize(model.encode_text(ids).float(), dim=-1)
+
+    per_prompt = torch.cat(map_shards(embed, range(0, len(prompts), batch_size))).view(len(class_names), len(templates), -1)
     return F.normalize(per_prompt.mean(dim=1), dim=-1)
 
 
 @torch.no_grad()
 def image_embeddings(model, batches: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Normalised image embeddings of an iterable of (B, C, H, W) pixel batches, concatenated."""
-    return torch.cat([F.normalize(model.encode_image(px).float(), dim=-1) for px in batches])
+    """Normalised image embeddings of an iterable of (B, C, H, W) pixel batches, concatenated.
+
+    Under torch.distributed each rank embeds every W-th batch and all ranks get every embedding."""
+    return torch.cat(map_shards(lambda px: F.normalize(model.encode_image(px).float(), dim=-1), batches))
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str],

@@ -320,12 +320,16 @@ def consolidate(directory: str | os.PathLike, out_file: str | os.PathLike) -> No
 
 # ----------------------------------------------------------------------------- distributed evaluation
 
-def map_shards(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+def map_shards(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
     """[fn(x) for x in items], with rank r computing items r, r + W, ... and every rank getting all results
-    back in order. Each rank must be able to run `fn` on its own (no collectives inside)."""
+    back in order (evaluation: features computed once, gathered, then scored). `fn` must not use collectives."""
     w = world()
     if not w.enabled:
         return [fn(x) for x in items]
-    mine = [fn(x) for x in items[w.rank::w.world_size]]
+    mine, n = [], 0
+    for i, x in enumerate(items):
+        n = i + 1
+        if i % w.world_size == w.rank:
+            mine.append(fn(x))
     parts = all_gather_objects(mine)
-    return [parts[i % w.world_size][i // w.world_size] for i in range(len(items))]
+    return [parts[i % w.world_size][i // w.world_size] for i in range(n)]
