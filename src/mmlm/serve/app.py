@@ -21,14 +21,15 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 
 from .engine import Job, QueueFull
 from .errors import APIError, error_response, install_error_handlers
-from .schemas import ChatCompletionRequest, ClassifyRequest, EmbeddingRequest
+from .schemas import ChatCompletionRequest, ClassifyRequest, EmbeddingRequest, ErrorResponse
 from .service import ServeConfig, Service
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"description": "bad request: the error names the field"}, 404: {"description": "unknown model"},
-    413: {"description": "body or image too large"}, 429: {"description": "queue full: retry later"},
-    504: {"description": "the request timed out"}}
+    status: {"model": ErrorResponse, "description": what} for status, what in [
+        (400, "bad request: the error names the field (`param`)"), (401, "missing or wrong API key"),
+        (404, "unknown model"), (413, "body or image too large"), (429, "the queue is full: retry later"),
+        (504, "the request did not finish in time")]}
 
 
 class BodyLimit:
@@ -82,6 +83,7 @@ def create_app(model_path: str | Path, config: ServeConfig | None = None, **serv
                   description=f"OpenAI-compatible API for {service.name} ({service.kind})")
     app.state.service = service
     install_error_handlers(app)
+    _document_errors_as_400(app)
     app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
 
     async def check_key(request: Request) -> None:
@@ -166,6 +168,24 @@ def create_app(model_path: str | Path, config: ServeConfig | None = None, **serv
         return {"object": "classification", "model": service.name, "label": best["label"], "data": data}
 
     return app
+
+
+def _document_errors_as_400(app: FastAPI) -> None:
+    """FastAPI documents validation errors as 422; this server answers them with 400 in OpenAI's shape."""
+    make_schema = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = make_schema()
+            for ops in schema.get("paths", {}).values():
+                for op in ops.values():
+                    op.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def _usage(done: dict[str, Any]) -> dict[str, int]:

@@ -83,3 +83,14 @@ class ClassifyRequest(_Body):
     image: Union[ImageURL, str] = Field(description="the image: a data: URI (or a file path / URL if allowed)")
     labels: list[str] = Field(min_length=1, max_length=1000, description="candidate class names")
     template: str = Field("a photo of a {}.", description="prompt with {} where the label goes")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

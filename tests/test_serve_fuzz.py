@@ -1,0 +1,60 @@
+"""Fuzzing the server through its own OpenAPI schema (schemathesis, bounded): no request gets a 5xx, and every
+status it answers is one the schema documents."""
+
+from __future__ import annotations
+
+import pytest
+
+schemathesis = pytest.importorskip("schemathesis")
+pytest.importorskip("fastapi")
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from schemathesis.checks import not_a_server_error  # noqa: E402
+from schemathesis.specs.openapi.checks import status_code_conformance  # noqa: E402
+
+from mmlm.serve import ServeConfig, create_app  # noqa: E402
+from mmlm.serve.tiny import tiny_clip, tiny_llava  # noqa: E402
+
+FUZZ = settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+
+
+def _schema(app):
+    return schemathesis.openapi.from_asgi("/openapi.json", app)
+
+
+@pytest.fixture(scope="module")
+def llava_api(tmp_path_factory):
+    app = create_app(tiny_llava(tmp_path_factory.mktemp("fuzz") / "tiny-llava"), ServeConfig(default_max_tokens=16))
+    yield _schema(app)
+    app.state.service.close()
+
+
+@pytest.fixture(scope="module")
+def clip_api(tmp_path_factory):
+    app = create_app(tiny_clip(tmp_path_factory.mktemp("fuzz") / "tiny-clip"))
+    yield _schema(app)
+    app.state.service.close()
+
+
+def fuzz(schema) -> list[str]:
+    """Run each operation of the schema on FUZZ's bounded examples; returns the operations run."""
+    ran = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+
+        @FUZZ
+        @given(case=operation.as_strategy())
+        def check(case):
+            case.call_and_validate(checks=[not_a_server_error, status_code_conformance])
+
+        check()
+        ran.append(operation.label)
+    return ran
+
+
+def test_fuzz_llava_server(llava_api):
+    assert "POST /v1/chat/completions" in fuzz(llava_api)
+
+
+def test_fuzz_clip_server(clip_api):
+    assert {"POST /v1/embeddings", "POST /v1/classify"} <= set(fuzz(clip_api))
