@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--data", required=True,
                    help="zeroshot: 'shapes', 'shapes-novel', 'fashion_mnist' or a CSV with image,label columns; "
                         "retrieval: 'shapes' or a CSV/TSV with image,caption columns (an image may repeat); "
-                        "vqa: a LLaVA conversation JSON with reference answers")
+                        "vqa: shapes | shapes-novel | a LLaVA conversation JSON with reference answers")
     v.add_argument("--classes", default=None, help="zeroshot on a CSV: JSON/text file of class names (default: labels seen)")
     v.add_argument("--templates", default=None, help="zeroshot: text file, one prompt template with {} per line")
     v.add_argument("--limit", type=int, default=0, help="evaluate at most this many images (0 = all)")

@@ -112,12 +112,20 @@ def eval_retrieval(model_dir: str | Path, data: str, limit: int = 0) -> dict[str
 
 
 def eval_vqa(model_dir: str | Path, data: str, template: str = "vicuna_v1", limit: int = 0) -> dict[str, Any]:
-    """Exact-match VQA of a LLaVA model on a LLaVA-JSON file with reference answers (greedy decoding)."""
+    """Exact-match VQA of a LLaVA model (greedy decoding) on a LLaVA-JSON file with reference answers, or on the
+    built-in shapes questions: "shapes" (val, seen colour-shape pairs) or "shapes-novel" (held-out pairs), one
+    question per image, `limit` images (default 500)."""
     from ..data.llava_json import LlavaJson
     from .vqa import evaluate_vqa
 
     model, tok, processor = _open(model_dir)
-    ds = LlavaJson(data)
+    if data in ("shapes", "shapes-novel"):
+        from ..train.llava_task import ShapesConversations
+
+        ds = ShapesConversations("val" if data == "shapes" else "novel", limit if limit > 0 else 500, 0,
+                                 model.config.vision.image_size, 1)
+    else:
+        ds = LlavaJson(data)
     items = [ds[i] for i in range(len(ds) if limit <= 0 else min(limit, len(ds)))]
     bad = [x["bad"] for x in items if "bad" in x]
     result = evaluate_vqa(model, tok, processor, [x for x in items if "bad" not in x], template)

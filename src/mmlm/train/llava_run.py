@@ -33,12 +33,23 @@ def _merge(base: dict[str, Any], extra: dict[str, Any], where: str) -> dict[str,
 
 
 def run_config_from_dict(d: dict[str, Any], overrides: list[str] | None = None) -> LlavaRunConfig:
-    """A recipe dict (YAML) over the defaults (a tiny LLaVA); dotted overrides apply last."""
+    """A recipe dict (YAML) over the defaults (a tiny LLaVA); dotted overrides apply last.
+
+    A recipe may hold a `stage2:` mapping: the fields that differ in stage 2 (lr, steps, ...), applied over the
+    recipe when the run is a stage-2 run (`stage: 2` in the recipe or `stage=2` on the command line)."""
+    d = dict(d or {})
+    stage2 = d.pop("stage2", None) or {}
+    if not isinstance(stage2, dict):
+        raise ValueError("recipe.stage2 must be a mapping of the fields that change in stage 2")
     base = to_dict(LlavaRunConfig())
     base["template"] = ""  # "" = the stage's default template
-    full = _merge(base, d or {}, "")
+    full = _merge(base, d, "")
     if overrides:
         apply_overrides(full, overrides)
+    if full["stage"] == 2 and stage2:
+        full = _merge(full, stage2, ".stage2")
+        if overrides:  # the command line still wins
+            apply_overrides(full, overrides)
     return LlavaRunConfig(model=LlavaConfig.from_dict(full.pop("model")), data=from_dict(LlavaDataConfig, full.pop("data"), ".data"),
                           train=from_dict(TrainConfig, full.pop("train"), ".train"), **full)
 
@@ -88,6 +99,14 @@ def build_model(cfg: LlavaRunConfig, tok) -> Llava:
         cfg.model = model.config
         return model
     mc = cfg.model
+    clip = None
+    if cfg.vision_from:  # the tower is that CLIP's: its architecture wins over the recipe's `model.vision`
+        clip = load_model(cfg.vision_from)
+        vision = getattr(getattr(clip, "config", None), "vision", None)
+        if getattr(vision, "kind", None) != "vit":
+            raise ValueError(f"vision_from={cfg.vision_from!r} must be a CLIP with a ViT image tower "
+                             f"(LLaVA reads its patch tokens), got {getattr(vision, 'kind', type(clip).__name__)!r}")
+        mc.vision = vision
     if cfg.lora_rank and cfg.stage == 2:
         mc.lora_rank, mc.lora_alpha = cfg.lora_rank, cfg.lora_alpha
     mc.lm.vocab_size = tok.vocab_size
@@ -95,8 +114,7 @@ def build_model(cfg: LlavaRunConfig, tok) -> Llava:
     mc.lm.bos_token_id = tok.sot_id
     mc.image_token_id = tok.tokenizer.token_to_id("<image>")
     model = Llava(mc)
-    if cfg.vision_from:
-        clip = load_model(cfg.vision_from)
+    if clip is not None:
         sd = {k.removeprefix("visual."): v for k, v in clip.state_dict().items()
               if k.startswith("visual.") and k != "visual.proj.weight"}
         load_state_dict_strict(model.vision, sd, f"{cfg.vision_from} (vision tower)")
@@ -127,11 +145,11 @@ def train_llava(cfg: LlavaRunConfig, out: str | Path, resume: bool = True) -> di
     out.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    preprocess = PreprocessConfig(image_size=cfg.model.vision.image_size, mode=cfg.preprocess)
     data = train_data(cfg)
     tok = build_tokenizer(cfg, data, out)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, tok)
+    preprocess = PreprocessConfig(image_size=cfg.model.vision.image_size, mode=cfg.preprocess)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     task = LlavaTask(cfg, model, tok, data, preprocess, build_evaluator(cfg, model, tok, preprocess))
     summary = train(task, cfg.train, out, resume=resume)
