@@ -1,0 +1,98 @@
+"""The web page in headless Chromium (selenium + Debian's chromium-driver): upload an image, get a streamed
+answer equal to the API's, and a zero-shot bar chart equal to /v1/classify."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+pytest.importorskip("fastapi")
+webdriver = pytest.importorskip("selenium.webdriver")
+
+from serve_helpers import data_uri, png_bytes, running  # noqa: E402
+
+from mmlm.serve import create_app  # noqa: E402
+from mmlm.serve.tiny import tiny_clip, tiny_llava  # noqa: E402
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                                reason="needs Debian's chromium and chromium-driver (make setup installs them)")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--window-size=1200,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)  # no driver download: a given path
+    yield driver
+    driver.quit()
+
+
+def wait(driver, css: str, timeout: float = 60):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(ec.presence_of_element_located((By.CSS_SELECTOR, css)))
+
+
+def upload(driver, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    image = tmp_path / "red.png"
+    image.write_bytes(png_bytes())
+    driver.find_element(By.ID, "file").send_keys(str(image))
+    wait(driver, "#preview[src^='data:image/png;base64,']")
+    return data_uri(image.read_bytes())
+
+
+def test_page_uploads_an_image_and_streams_an_answer(browser, tmp_path):
+    import httpx
+    from selenium.webdriver.common.by import By
+
+    app = create_app(tiny_llava(tmp_path / "tiny-llava"))
+    with running(app) as url:
+        browser.get(url + "/")
+        wait(browser, "#chat:not(.hidden)")
+        uri = upload(browser, tmp_path)
+        browser.find_element(By.ID, "prompt").send_keys("what shape is this?")
+        browser.find_element(By.ID, "send").click()
+        answer = wait(browser, ".assistant[data-done='1']")
+        expected = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+            "max_tokens": 128, "temperature": 0, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": uri}}, {"type": "text", "text": "what shape is this?"}]}]}
+        ).json()["choices"][0]["message"]["content"]
+        assert "error" not in answer.get_attribute("class")
+        assert int(answer.get_attribute("data-chunks")) >= 2  # it arrived in pieces
+        assert answer.get_attribute("textContent") == expected
+
+
+def test_page_draws_a_zero_shot_chart(browser, tmp_path):
+    import httpx
+    from selenium.webdriver.common.by import By
+
+    app = create_app(tiny_clip(tmp_path / "tiny-clip"))
+    with running(app) as url:
+        browser.get(url + "/")
+        wait(browser, "#zeroshot:not(.hidden)")
+        uri = upload(browser, tmp_path)
+        labels = browser.find_element(By.ID, "labels")
+        labels.clear()
+        labels.send_keys("circle, star, cross")
+        browser.find_element(By.ID, "classify").click()
+        wait(browser, "#chart .bar-row:nth-child(3)")
+        rows = browser.find_elements(By.CSS_SELECTOR, "#chart .bar-row")
+        drawn = {r.find_element(By.TAG_NAME, "span").text: float(r.find_element(By.CLASS_NAME, "bar").get_attribute(
+            "data-probability")) for r in rows}
+        api = httpx.post(url + "/v1/classify", json={"image": uri, "labels": ["circle", "star", "cross"]}).json()
+    assert drawn == pytest.approx({d["label"]: d["probability"] for d in api["data"]}, abs=1e-6)
+    widths = [float(r.find_element(By.CLASS_NAME, "bar").get_attribute("style").split("width:")[1].split("%")[0])
+              for r in rows]
+    assert widths == sorted(widths, reverse=True) and abs(sum(widths) - 100) < 0.5  # bars sized by probability
