@@ -23,6 +23,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	  (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
 	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)) || \
 	  echo "note: could not install dataset-fashion-mnist; Fashion-MNIST tests will skip")
+	# Headless Chromium for the web page's browser test (`mmlm serve`); skipped quietly where apt is unavailable.
+	@(command -v chromium >/dev/null && command -v chromedriver >/dev/null) || (command -v apt-get >/dev/null && \
+	  (apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1)) || \
+	  echo "note: could not install chromium + chromium-driver; the browser test will skip")
 	touch $@
 
 test: setup
