@@ -1,0 +1,151 @@
+"""Load test of `mmlm serve` on loopback: N concurrent clients for S seconds; latency p50/p99, throughput, errors.
+
+    python benchmarks/bench_serve.py [--endpoint chat|embeddings|both] [--clients 50] [--seconds 60]
+                                     [--model DIR] [--max-tokens 16] [--threads 1]
+
+The server runs as its own process (`mmlm serve`), as in production; each client sends its next request as
+soon as the last is answered. chat: one image + a question per request (the tiny random LLaVA unless --model),
+greedy, `max_tokens` new tokens; embeddings: 4 texts + 1 image per request (the tiny random CLIP). Prints one
+JSON line per endpoint; exits 1 if any request failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+
+def png_uri(seed: int, size: int = 64) -> str:
+    rng = np.random.default_rng(seed)
+    pixels = (rng.random((size, size, 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def request_body(endpoint: str, k: int, max_tokens: int) -> tuple[str, dict]:
+    if endpoint == "chat":
+        question = ["what shape is this?", "what colour is the object?", "how many objects are there?"][k % 3]
+        return "/v1/chat/completions", {"max_tokens": max_tokens, "temperature": 0, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": png_uri(k % 16)}}, {"type": "text", "text": question}]}]}
+    texts = [f"a photo of a {c} {s}." for c, s in zip(["red", "blue", "green", "white"],
+                                                       ["circle", "star", "square", "cross"][k % 4:] + ["circle"] * 4)]
+    return "/v1/embeddings", {"input": texts + [png_uri(k % 16)], "encoding_format": "base64"}
+
+
+async def client(url: str, endpoint: str, k: int, until: float, max_tokens: int, http: httpx.AsyncClient,
+                 latencies: list, errors: list, tokens: list) -> None:
+    n = 0
+    while time.monotonic() < until:
+        path, body = request_body(endpoint, k * 1000 + n, max_tokens)
+        start = time.monotonic()
+        try:
+            r = await http.post(url + path, json=body)
+            if r.status_code != 200:
+                errors.append(f"HTTP {r.status_code}: {r.text[:200]}")
+            else:
+                latencies.append(time.monotonic() - start)
+                if endpoint == "chat":
+                    tokens.append(r.json()["usage"]["completion_tokens"])
+        except httpx.HTTPError as e:
+            errors.append(f"{type(e).__name__}: {e}")
+        n += 1
+
+
+async def load(url: str, endpoint: str, clients: int, seconds: float, max_tokens: int) -> dict:
+    latencies: list[float] = []
+    errors: list[str] = []
+    tokens: list[int] = []
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as http:
+        before = (await http.get(url + "/health")).json()
+        start = time.monotonic()
+        await asyncio.gather(*(client(url, endpoint, k, start + seconds, max_tokens, http, latencies, errors, tokens)
+                               for k in range(clients)))
+        wall = time.monotonic() - start
+        after = (await http.get(url + "/health")).json()
+    lat = np.array(latencies) * 1000
+    batches = after["batches"] - before["batches"]
+    out = {"endpoint": endpoint, "clients": clients, "seconds": round(wall, 1), "requests": len(latencies),
+           "errors": len(errors), "throughput_rps": round(len(latencies) / wall, 2),
+           "p50_ms": round(float(np.percentile(lat, 50)), 1) if len(lat) else None,
+           "p99_ms": round(float(np.percentile(lat, 99)), 1) if len(lat) else None,
+           "max_ms": round(float(lat.max()), 1) if len(lat) else None,
+           "mean_batch_rows": round((after["rows"] - before["rows"]) / batches, 2) if batches else None}
+    if endpoint == "chat":
+        out["completion_tokens_per_s"] = round(sum(tokens) / wall, 1)
+    if errors:
+        out["first_errors"] = errors[:3]
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: Path, threads: int | None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "mmlm", "serve", "--model", str(model), "--port", str(port)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mmlm serve exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("mmlm serve did not start within 120 s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--endpoint", choices=["chat", "embeddings", "both"], default="both")
+    p.add_argument("--clients", type=int, default=50)
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--model", type=Path, default=None, help="serve this model (default: tiny random LLaVA / CLIP)")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1, help="the server's torch threads (0: torch's default)")
+    args = p.parse_args(argv)
+    from mmlm.serve.tiny import tiny_clip, tiny_llava
+
+    failed = False
+    with tempfile.TemporaryDirectory() as tmp:
+        for endpoint in (["chat", "embeddings"] if args.endpoint == "both" else [args.endpoint]):
+            model = args.model or (tiny_llava if endpoint == "chat" else tiny_clip)(Path(tmp) / f"tiny-{endpoint}")
+            proc, url = start_server(model, args.threads)
+            try:
+                result = asyncio.run(load(url, endpoint, args.clients, args.seconds, args.max_tokens))
+            finally:
+                proc.terminate()
+                proc.wait(30)
+            result.update(model=str(args.model or f"tiny random ({endpoint})"), server_threads=args.threads,
+                          cpus=os.cpu_count())
+            print(json.dumps(result), flush=True)
+            failed |= result["errors"] > 0 or result["requests"] == 0
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
