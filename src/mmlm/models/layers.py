@@ -69,7 +69,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = 
     the low frequencies (wavelengths longer than original_max_position_embeddings / low_freq_factor), keeps
     the high ones and interpolates smoothly between.
     """
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    # always a real CPU tensor, also while a model is built on the meta device (its weights loaded later):
+    # the frequencies follow from the config, no file holds them
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim)
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind == "default":
         return inv_freq
@@ -144,7 +146,8 @@ class Attention(nn.Module):
     query heads). The fused weight stacks [q; k; v] row-wise, the layout of OpenAI's `in_proj_weight`.
     `out_dim` lets the output projection change width (CLIP's ResNet attention pool projects to the
     embedding size). A decoder passes `rope` (cos, sin) to rotate q and k, and `cache` (the layer's
-    k, v buffers (B, Hkv, S, hd) and the first free slot) to attend over earlier tokens too.
+    k, v buffers (B, Hkv, S, hd) and the first free slot) to attend over earlier tokens too; when that slot
+    is a LongTensor of slot indices, every shape stays the same from one decoding step to the next.
     """
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None,
@@ -175,9 +178,14 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)
         if cache is not None:
             k_buf, v_buf, pos = cache
-            k_buf[:, :, pos : pos + T] = k
-            v_buf[:, :, pos : pos + T] = v
-            k, v = k_buf[:, :, : pos + T], v_buf[:, :, : pos + T]  # (B, Hkv, S, hd)
+            if isinstance(pos, torch.Tensor):  # static shapes (a compilable decoding step): write slots `pos`,
+                k_buf.index_copy_(2, pos, k)  # attend over the whole buffer; attn_mask hides the empty slots
+                v_buf.index_copy_(2, pos, v)
+                k, v = k_buf, v_buf
+            else:
+                k_buf[:, :, pos : pos + T] = k
+                v_buf[:, :, pos : pos + T] = v
+                k, v = k_buf[:, :, : pos + T], v_buf[:, :, : pos + T]  # (B, Hkv, S, hd)
         y = attend(q, k, v, attn_mask, is_causal and attn_mask is None)
         y = y.transpose(1, 2).reshape(B, T, self.q_dim)  # (B, T, H*hd)
         return self.proj(y)

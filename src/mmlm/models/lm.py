@@ -80,6 +80,22 @@ class LM(nn.Module):
         cfg, w = self.config, self.embed.weight
         return KVCache.empty(cfg.layers, batch, cfg.kv_heads, max_len, cfg.head_dim, w.dtype, w.device)
 
+    def decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor,
+                    cache: KVCache, slot: torch.Tensor) -> torch.Tensor:
+        """One generation step with static shapes: the same computation as `forward` for one new token per row.
+
+        input_ids, position_ids (B, 1); key_mask (B, S) bool over every cache slot, True for the real tokens
+        (this one included), so the empty slots of the preallocated cache are hidden; slot (1,) long: where
+        this token's keys/values go. Returns logits (B, V). No Python branch reads tensor values and no shape
+        changes between steps, so `torch.compile` traces it once; `cache.pos` is left to the caller.
+        """
+        x = self.embed(input_ids)  # (B, 1, C)
+        rope = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
+        mask = key_mask[:, None, None, :]  # (B, 1, 1, S)
+        for i, block in enumerate(self.blocks):
+            x = block(x, attn_mask=mask, rope=rope, cache=(cache.k[i], cache.v[i], slot))
+        return self.lm_head(self.norm(x))[:, -1]
+
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None, only_last: bool = False) -> LMOutput:
