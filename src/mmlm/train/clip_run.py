@@ -18,6 +18,7 @@ from ..data.transforms import ImageProcessor, PreprocessConfig
 from ..eval.retrieval import evaluate_retrieval
 from ..eval.zeroshot import zeroshot
 from ..models.clip import CLIP
+from . import distributed
 from .clip_task import ClipRunConfig, ClipTask, run_config_from_dict
 from .loop import train
 
@@ -162,14 +163,17 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
 def train_clip(cfg: ClipRunConfig, out: str | Path, resume: bool = True) -> dict[str, Any]:
     """Train a CLIP per `cfg` into run directory `out` (resuming from its latest checkpoint if any)."""
     out = Path(out)
+    w = distributed.setup(cfg.train.dist_timeout_s)  # under torchrun (else nothing)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     preprocess = PreprocessConfig(image_size=cfg.model.vision.image_size)
     data = train_data(cfg, preprocess)
-    tok = build_tokenizer(cfg, data, out)
+    with distributed.main_first():  # rank 0 fits and saves the tokenizer, the other ranks load it
+        tok = build_tokenizer(cfg, data, out)
     fit_text_to_tokenizer(cfg, tok)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if w.is_main:
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     torch.manual_seed(cfg.train.seed)
     model = CLIP(cfg.model)
     if cfg.init_from:
@@ -177,5 +181,6 @@ def train_clip(cfg: ClipRunConfig, out: str | Path, resume: bool = True) -> dict
         load_state_dict_strict(model, src.state_dict(), cfg.init_from)
     task = ClipTask(cfg, model, tok, data, preprocess, build_evaluator(cfg, model, tok, preprocess))
     summary = train(task, cfg.train, out, resume=resume)
-    print(json.dumps({"run": str(out), **summary}))
+    if w.is_main:
+        print(json.dumps({"run": str(out), **summary}))
     return summary

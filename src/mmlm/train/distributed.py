@@ -130,7 +130,7 @@ class _GatherRows(torch.autograd.Function):
         w = world()
         ctx.rank = w.rank
         out = x.new_empty((w.world_size * x.shape[0], *x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous())
+        dist.all_gather_single(out, x.contiguous())
         return out
 
     @staticmethod
@@ -209,14 +209,17 @@ def average_gradients(params: Sequence[nn.Parameter]) -> None:
 
 def fully_shard_model(model: nn.Module, blocks: Iterable[nn.Module], precision: str = "fp32") -> nn.Module:
     """FSDP2: each of `blocks` is its own shard unit (all-gathered just before its forward), the rest of the
-    model one root unit. bf16 mixed precision computes in bf16 and reduces gradients in fp32."""
+    model one root unit. bf16 mixed precision all-gathers and computes in bf16 (under autocast), keeps fp32
+    master weights and optimizer state, and reduces gradients in fp32."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     w = world()
     mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (w.world_size,))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" \
-        else MixedPrecisionPolicy()
+    # Inputs are not cast: FSDP would cast copies of a KV cache (a dataclass / tuple of tensors) that generation
+    # then never sees filled. The loop's bf16 autocast reconciles fp32 inputs with bf16 weights instead.
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
+        if precision == "bf16" else MixedPrecisionPolicy()
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)

@@ -335,13 +335,13 @@ def train(task: Task, cfg: TrainConfig, run: str | Path, resume: bool = True) ->
                            "samples_per_s": samples_last / max(now - t_last, 1e-9), "time": time.time()})
                 t_last, samples_last = now, 0
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
-                last_eval = _evaluate(task, state, log)
+                last_eval = _evaluate(task, state, log, autocast)
             if (cfg.ckpt_every and state.step % cfg.ckpt_every == 0) or state.step == cfg.steps:
                 save_checkpoint(task, opt, state, run, cfg.keep_last, cfg.checkpoint_format)
     finally:
         if bar is not None:
             bar.close()
-    last_eval = _evaluate(task, state, log)
+    last_eval = _evaluate(task, state, log, autocast)
     final_sd = full_state_dict(model) if is_sharded(model) else None  # a collective: every rank
     if w.is_main:
         if final_sd is not None:
@@ -356,9 +356,11 @@ def train(task: Task, cfg: TrainConfig, run: str | Path, resume: bool = True) ->
     return summary
 
 
-def _evaluate(task: Task, state: TrainerState, log: MetricsLog) -> dict[str, Any]:
+def _evaluate(task: Task, state: TrainerState, log: MetricsLog, autocast: Callable) -> dict[str, Any]:
     task.model.eval()
-    with torch.no_grad(), unsharded(task.model):  # FSDP: ranks may then run different numbers of forwards
+    # FSDP: the model is held unsharded (ranks may then run different numbers of forwards), in its compute dtype
+    precision = autocast() if is_sharded(task.model) else contextlib.nullcontext()
+    with torch.no_grad(), unsharded(task.model), precision:
         result = task.evaluate()
     task.model.train()
     log.write({"step": state.step, "eval": result})
