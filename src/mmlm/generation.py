@@ -9,6 +9,7 @@ temperature, top-k, top-p; greedy when temperature == 0.
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -47,12 +48,42 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, 
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
+_COMPILED: dict[type, Callable] = {}  # model class -> its torch.compile'd decode_step (None: compiling failed)
+
+
+def decode_step_fn(model: nn.Module, compile: bool = False) -> Callable:
+    """`model.decode_step` as a function of (model, input_ids, position_ids, key_mask, cache, slot); with `compile`,
+    torch.compile'd once per model class (dynamo re-specialises per config and batch size). Compiling needs a
+    C++ compiler and takes seconds to a minute; when it fails, a warning says why and the eager step runs."""
+    eager = type(model).decode_step
+    if not compile:
+        return eager
+    cls = type(model)
+    if cls not in _COMPILED:
+        _COMPILED[cls] = torch.compile(eager, dynamic=False)
+    compiled = _COMPILED[cls]
+    if compiled is None:
+        return eager
+
+    def step(*args):
+        try:
+            return compiled(*args)
+        except Exception as e:  # no compiler, an unsupported op, ...: the same maths, eagerly
+            warnings.warn(f"torch.compile of {cls.__name__}.decode_step failed, decoding eagerly: "
+                          f"{type(e).__name__}: {str(e)[:300]}", stacklevel=3)
+            _COMPILED[cls] = None
+            return eager(*args)
+
+    return step
+
+
 @torch.inference_mode()
 def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
              pixel_values: torch.Tensor | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
              eos_token_id: int | Sequence[int] | None = None, stop: Sequence[str] | None = None,
-             tokenizer: Any = None, stream: Callable[[int, int], None] | None = None) -> torch.Tensor:
+             tokenizer: Any = None, stream: Callable[[int, int], None] | None = None,
+             compile: bool = False) -> torch.Tensor:
     """Continue each prompt; returns the new tokens, LongTensor (B, n) with n <= max_new_tokens.
 
     input_ids (B, T) are left-padded when attention_mask (B, T) has zeros. A row ends at an EOS id
@@ -60,6 +91,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     `tokenizer`); the ending token is kept and the rest of the row is filled with the first EOS id (or 0).
     pixel_values (N_images, C, H, W) are a LLaVA model's images, read once by the prefill pass.
     `stream(row, token_id)` is called for each new token as it is chosen. `seed` makes sampling repeatable.
+    `compile` runs the one-token decoding step through torch.compile (see `decode_step_fn`); its shapes then
+    never change, so finished rows stay in the batch (their tokens ignored) instead of leaving it.
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
@@ -89,8 +122,6 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     out = torch.full((B, max_new_tokens), fill, dtype=torch.long, device=device)
     if max_new_tokens == 0:
         return out
-    full_mask = torch.zeros(B, total, dtype=torch.long, device=device)
-    full_mask[:, :T] = mask
     positions = position_ids_from_mask(mask)
     seen = None
     if repetition_penalty != 1.0:
@@ -98,43 +129,66 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
         seen = torch.zeros(B, vocab, dtype=torch.bool, device=device)
         seen.scatter_(1, input_ids.masked_fill(mask == 0, 0), mask.bool())
     cache = model.new_cache(B, total)
-    active = torch.arange(B, device=device)  # which original rows are still in the batch
     texts = [""] * B
 
     images = {} if pixel_values is None else {"pixel_values": pixel_values.to(device)}  # the prefill reads the images
-    logits = model(input_ids, attention_mask=full_mask[:, :T], position_ids=positions, cache=cache,
+    logits = model(input_ids, attention_mask=mask, position_ids=positions, cache=cache,
                    only_last=True, **images).logits[:, -1]
+
+    # Everything the decoding steps need, allocated once: which cache slots hold real tokens (B, total), the
+    # slot the next token goes to, its position. Per step: one token chosen, one mask column set, one step.
+    key_mask = torch.zeros(B, total, dtype=torch.bool, device=device)
+    key_mask[:, :T] = mask.bool()
+    slot = torch.tensor([T], device=device)
     next_pos = positions[:, -1:] + 1  # (b, 1)
+    step_fn = decode_step_fn(model, compile)
+    rows = None  # original row of each batch row, once rows have left (None: all still there, in order)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)  # with compile: rows done but kept
+    ends = len(eos) > 0 or bool(stop)
     steps = 0
     for step in range(max_new_tokens):
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, repetition_penalty)
         token = sample_next(logits, temperature, top_k, top_p, generator)  # (b,)
-        out[active, step] = token
+        if compile and ends:
+            token = token.masked_fill(finished, fill)
+        if rows is None:
+            out[:, step] = token
+        else:
+            out[rows, step] = token
         steps = step + 1
+        row_ids = range(B) if rows is None else rows.tolist()
         if stream is not None:
-            for row, t in zip(active.tolist(), token.tolist()):
-                stream(row, t)
-        done = torch.isin(token, eos) if len(eos) else torch.zeros_like(token, dtype=torch.bool)
-        if stop:
-            for j, row in enumerate(active.tolist()):
-                texts[row] = tokenizer.decode(out[row, :steps].tolist())
-                if any(s in texts[row] for s in stop):
-                    done[j] = True
+            for row, t, gone in zip(row_ids, token.tolist(), finished.tolist()):
+                if not gone:
+                    stream(row, t)
+        if ends:
+            done = torch.isin(token, eos) if len(eos) else torch.zeros_like(token, dtype=torch.bool)
+            if stop:
+                for j, row in enumerate(row_ids):
+                    texts[row] = tokenizer.decode(out[row, :steps].tolist())
+                    if any(s in texts[row] for s in stop):
+                        done[j] = True
+            if compile:
+                finished |= done
+                if bool(finished.all()):
+                    break
+            elif bool(done.any()):  # finished rows leave the batch and stop costing work
+                keep = (~done).nonzero().squeeze(1)
+                if len(keep) == 0:
+                    break
+                rows = keep if rows is None else rows[keep]
+                token, next_pos, key_mask, finished = token[keep], next_pos[keep], key_mask[keep], finished[keep]
+                cache.keep(keep)
+                if seen is not None:
+                    seen = seen[keep]
         if step == max_new_tokens - 1:
             break
-        if bool(done.any()):
-            keep = (~done).nonzero().squeeze(1)
-            if len(keep) == 0:
-                break
-            active, token, next_pos, full_mask = active[keep], token[keep], next_pos[keep], full_mask[keep]
-            cache.keep(keep)
-            if seen is not None:
-                seen = seen[keep]
         if seen is not None:
             seen[torch.arange(len(token), device=device), token] = True
-        full_mask[:, T + step] = 1
-        logits = model(token[:, None], attention_mask=full_mask[:, : T + step + 1], position_ids=next_pos,
-                       cache=cache).logits[:, -1]
+        key_mask[:, T + step] = True
+        logits = step_fn(model, token[:, None], next_pos, key_mask, cache, slot)
+        slot += 1
         next_pos = next_pos + 1
+    cache.pos = T + steps - 1
     return out[:, :steps]

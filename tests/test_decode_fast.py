@@ -1,0 +1,93 @@
+"""The fast decoding path: LM.decode_step (static shapes over the whole preallocated cache) equals a full
+forward; generate(compile=True) keeps finished rows in the batch and gives the same tokens; a failing
+torch.compile falls back to the eager step with a warning. (torch.compile itself is exercised by
+`mmlm bench decode --compile`, not here: compiling takes a minute on a busy CPU.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmlm import generation
+from mmlm.config import LMConfig
+from mmlm.generation import generate
+from mmlm.models.lm import LM, position_ids_from_mask
+
+CFG = dict(vocab_size=96, width=32, layers=2, heads=4, kv_heads=2, mlp_dim=48, max_seq_len=64, qkv_bias=True)
+
+
+def _model(seed: int = 0) -> LM:
+    torch.manual_seed(seed)
+    model = LM(LMConfig(**CFG)).eval()
+    with torch.no_grad():  # a sharper random model: greedy choices are not near-ties
+        model.lm_head.weight.mul_(20)
+    return model
+
+
+def _left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(map(len, rows))
+    ids = torch.tensor([[0] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def test_decode_step_equals_full_forward():
+    """Left-padded prefill, then 5 decode_steps over a 12-slot cache: each step's logits == the full forward's."""
+    model = _model()
+    ids, mask = _left_pad([[5, 6, 7, 8, 9], [11, 12]])
+    new = torch.randint(3, 96, (2, 5))
+    full_ids = torch.cat([ids, new], dim=1)
+    full_mask = torch.cat([mask, torch.ones_like(new)], dim=1)
+    T, total = ids.shape[1], 12
+    with torch.no_grad():
+        full = model(full_ids, attention_mask=full_mask).logits  # (2, 10, V)
+        cache = model.new_cache(2, total)
+        model(ids, attention_mask=mask, cache=cache)
+        key_mask = torch.zeros(2, total, dtype=torch.bool)
+        key_mask[:, :T] = mask.bool()
+        pos = position_ids_from_mask(full_mask)
+        for j in range(new.shape[1]):
+            key_mask[:, T + j] = True
+            got = model.decode_step(new[:, j : j + 1], pos[:, T + j : T + j + 1], key_mask, cache, torch.tensor([T + j]))
+            torch.testing.assert_close(got, full[:, T + j], atol=1e-5, rtol=0)
+
+
+@pytest.fixture
+def compile_as(monkeypatch):
+    """Replace torch.compile (for generation's decode step) by `make(fn)`; the per-class cache starts empty."""
+    def use(make):
+        monkeypatch.setattr(generation, "_COMPILED", {})
+        monkeypatch.setattr(torch, "compile", lambda fn, **kw: make(fn))
+    return use
+
+
+def test_compiled_path_keeps_finished_rows_same_tokens(compile_as):
+    compile_as(lambda fn: fn)  # the static-shape path, run eagerly
+    model = _model(3)
+    ids, mask = _left_pad([[1, 2, 3], [4, 5, 6, 7], [8, 9]])
+    free = generate(model, ids, mask, max_new_tokens=10)
+    eos = int(free[0, 2])
+    streamed = {False: [], True: []}
+    for compile in (False, True):
+        got = generate(model, ids, mask, max_new_tokens=10, eos_token_id=[eos], compile=compile,
+                       stream=lambda row, t, c=compile: streamed[c].append((row, t)))
+        if compile:
+            assert got.tolist() == eager.tolist()
+        eager = got
+    assert (eager[0, 3:] == eos).all() and eager[0, :3].tolist() == free[0, :3].tolist()
+    assert streamed[True] == streamed[False]
+
+
+def test_failed_compile_falls_back_with_a_warning(compile_as):
+    def broken(fn):
+        def run(*args):
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    compile_as(broken)
+    model = _model(5)
+    ids, mask = _left_pad([[1, 2, 3], [4, 5]])
+    with pytest.warns(UserWarning, match="decoding eagerly.*no C\\+\\+ compiler"):
+        got = generate(model, ids, mask, max_new_tokens=6, compile=True)
+    assert got.tolist() == generate(model, ids, mask, max_new_tokens=6).tolist()
+    assert generation._COMPILED[LM] is None  # not tried again
