@@ -42,9 +42,13 @@ def test_user_errors_are_one_line_messages(tmp_path, capsys):
 def test_quickstart_smoke(tmp_path):
     from mmlm.quickstart import quickstart
 
-    result = quickstart(tmp_path / "qs", steps=4, eval_size=32,
-                        overrides=["data.eval_size=32", "train.num_workers=0", "train.progress=false"])
+    result = quickstart(tmp_path / "qs", steps=4, eval_size=16, llava_steps=(3, 3, 3),
+                        overrides=["data.eval_size=16", "train.num_workers=0", "train.progress=false"])
     assert (tmp_path / "qs" / "run" / "report.md").is_file()
     for name in ("loss.png", "eval.png", "confusion_seen.png", "similarity.png"):
         assert (tmp_path / "qs" / "run" / name).is_file(), name
-    assert set(result) >= {"zeroshot_seen", "zeroshot_novel", "retrieval", "report"}
+    assert set(result) >= {"zeroshot_seen", "zeroshot_novel", "retrieval", "report", "llava"}
+    llava = result["llava"]
+    assert (tmp_path / "qs" / "llava-s2" / "answers.png").is_file()
+    assert "Answered questions" in (tmp_path / "qs" / "llava-s2" / "report.md").read_text()
+    assert 0.0 <= llava["vqa_val"]["accuracy"] <= 1.0 and "count" in json.dumps(llava)

@@ -92,7 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from .quickstart import quickstart
 
-    quickstart(args.out, minutes=args.minutes)
+    quickstart(args.out, minutes=args.minutes, llava=not args.no_llava)
     return 0
 
 
@@ -193,9 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, i.e. the cores)")
     s.set_defaults(func=cmd_serve)
 
-    q = sub.add_parser("quickstart", help="the main job: generate shapes, train a small CLIP, evaluate, report")
+    q = sub.add_parser("quickstart", help="the main job: generate shapes, train a small CLIP and a tiny LLaVA, "
+                                          "evaluate, report")
     q.add_argument("--out", type=Path, default=Path("runs/quickstart"))
-    q.add_argument("--minutes", type=float, default=5.0, help="approximate training budget on this machine")
+    q.add_argument("--minutes", type=float, default=5.0, help="approximate CLIP training budget on this machine")
+    q.add_argument("--no-llava", action="store_true", help="stop after the CLIP part")
     q.set_defaults(func=cmd_quickstart)
     return p
 

@@ -80,7 +80,9 @@ def build_tokenizer(cfg: LlavaRunConfig, data: Dataset, run: Path):
     n = min(len(data), 5000)
     records = data.records[:n] if isinstance(data, LlavaJson) else [data[i] for i in range(n)]  # no image decoding
     texts = [t["value"] for r in records for t in r["conversations"]] + [r.get("caption", "") for r in records]
-    texts.append(VICUNA_SYSTEM + " USER: ASSISTANT: ")
+    # The template's fixed text opens every conversation: fitted as often as the model will read it, it becomes
+    # a few tokens instead of ~70 bytes-and-pieces per sample.
+    texts += [VICUNA_SYSTEM + " USER: ASSISTANT: "] * len(records)
     tok = Tokenizer.train_byte_level(texts, vocab_size=cfg.vocab_size, special_tokens=SPECIAL_TOKENS)
     tok.pad_id = tok.tokenizer.token_to_id("<pad>")
     tok.save(saved)
