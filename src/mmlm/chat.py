@@ -80,7 +80,7 @@ def chat(model_path: str | Path, prompt: str | None = None, system: str | None =
                                                                      mode="pad_square")
         processor = ImageProcessor(preprocess)
         pixel_values = processor([processor.load(image)])
-    template = template or ("vicuna_v1" if llava else "chat")
+    template = template or (getattr(model.config, "template", "vicuna_v1") if llava else "chat")
     if template == "chat" and not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"{model_path}: the tokenizer has no chat template, so it cannot chat")
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []

@@ -150,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--classes", default=None, help="zeroshot on a CSV: JSON/text file of class names (default: labels seen)")
     v.add_argument("--templates", default=None, help="zeroshot: text file, one prompt template with {} per line")
     v.add_argument("--limit", type=int, default=0, help="evaluate at most this many images (0 = all)")
-    v.add_argument("--template", default="vicuna_v1", choices=["plain", "vicuna_v1", "chat"],
-                   help="vqa: the conversation template the model was trained with")
+    v.add_argument("--template", default=None, choices=["plain", "vicuna_v1", "chat"],
+                   help="vqa: the conversation template (default: the one the model was tuned with, from its config)")
     v.set_defaults(func=cmd_eval)
 
     h = sub.add_parser("chat", help="chat with a language model or, with --image, a LLaVA (one answer with --prompt, "
@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--seed", type=int, default=None)
     h.add_argument("--image", type=Path, default=None, help="LLaVA: the image to talk about")
     h.add_argument("--template", default=None, choices=["plain", "vicuna_v1", "chat"],
-                   help="LLaVA: the conversation template it was trained with (default vicuna_v1)")
+                   help="LLaVA: the conversation template (default: the one it was tuned with, from its config)")
     h.set_defaults(func=cmd_chat)
 
     b = sub.add_parser("bench", help="speed against transformers in the same run; prints JSON lines (needs transformers)")
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--name", default=None, help="the model id clients send (default: the directory name)")
     s.add_argument("--template", default=None, choices=["plain", "vicuna_v1", "chat"],
-                   help="LLaVA: the conversation template it was trained with (default vicuna_v1)")
+                   help="LLaVA: the conversation template (default: the one it was tuned with, from its config)")
     s.add_argument("--allow-local-dir", default=None, help="image_url may name files under this directory")
     s.add_argument("--allow-remote-images", action="store_true", help="image_url may be an http(s) URL to fetch")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting before the server answers 429")

@@ -233,9 +233,14 @@ class LlavaConfig:
     image_token_id: int = 32000
     lora_rank: int = 0  # > 0: the LM's block linears carry a trainable low-rank update (merged on export)
     lora_alpha: float = 16.0
+    # The conversation template the model was tuned with (plain | vicuna_v1 | chat): chat, serving and VQA
+    # evaluation prompt it the same way. Not architecture: transformers' config has no such field.
+    template: str = "vicuna_v1"
 
     def __post_init__(self) -> None:
         _check(self.kind == "llava", f"LlavaConfig.kind must be 'llava', got {self.kind!r}")
+        _check(self.template in ("plain", "vicuna_v1", "chat"),
+               f"llava.template must be plain, vicuna_v1 or chat, got {self.template!r}")
         if isinstance(self.vision, dict):
             self.vision = vision_config_from_dict(self.vision)
         _check(isinstance(self.vision, ViTConfig), "llava.vision must be a ViT (kind 'vit'): LLaVA reads patch tokens")

@@ -85,7 +85,7 @@ def answers_figure(model_dir: Path, path: Path, n: int = 8) -> None:
     model, tok, processor = _open(model_dir)
     ds = ShapesConversations("val", n, 11, model.config.vision.image_size, 1)
     items = [ds[i] for i in range(n)]
-    result = evaluate_vqa(model, tok, processor, items, "vicuna_v1", max_new_tokens=48)
+    result = evaluate_vqa(model, tok, processor, items, model.config.template, max_new_tokens=48)
     plt = _plt()
     fig, axes = plt.subplots(2, (n + 1) // 2, figsize=(3.2 * ((n + 1) // 2), 7.4))
     for ax, item, ex in zip(axes.flat, items, result["examples"]):

@@ -152,6 +152,7 @@ def train_llava(cfg: LlavaRunConfig, out: str | Path, resume: bool = True) -> di
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, tok)
     preprocess = PreprocessConfig(image_size=cfg.model.vision.image_size, mode=cfg.preprocess)
+    model.config.template = cfg.template  # saved with the model: chat and eval prompt it as it was tuned
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     task = LlavaTask(cfg, model, tok, data, preprocess, build_evaluator(cfg, model, tok, preprocess))
     summary = train(task, cfg.train, out, resume=resume)
