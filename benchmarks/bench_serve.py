@@ -56,13 +56,13 @@ async def client(url: str, endpoint: str, k: int, until: float, max_tokens: int,
         try:
             r = await http.post(url + path, json=body)
             if r.status_code != 200:
-                errors.append(f"HTTP {r.status_code}: {r.text[:200]}")
+                errors.append(f"{time.monotonic() - start:.1f}s: HTTP {r.status_code}: {r.text[:200]}")
             else:
                 latencies.append(time.monotonic() - start)
                 if endpoint == "chat":
                     tokens.append(r.json()["usage"]["completion_tokens"])
         except httpx.HTTPError as e:
-            errors.append(f"{type(e).__name__}: {e}")
+            errors.append(f"{time.monotonic() - start:.1f}s: {type(e).__name__}: {e!r}")
         n += 1
 
 
@@ -99,17 +99,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, threads: int | None) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, threads: int | None, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "mmlm", "serve", "--model", str(model), "--port", str(port)]
     if threads:
         cmd += ["--threads", str(threads)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"))  # a pipe nobody reads would fill
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"mmlm serve exited: {proc.stderr.read()[-2000:]}")
+            raise RuntimeError(f"mmlm serve exited: {log.read_text()[-2000:]}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return proc, url
@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for endpoint in (["chat", "embeddings"] if args.endpoint == "both" else [args.endpoint]):
             model = args.model or (tiny_llava if endpoint == "chat" else tiny_clip)(Path(tmp) / f"tiny-{endpoint}")
-            proc, url = start_server(model, args.threads)
+            log = Path(tmp) / f"server-{endpoint}.log"
+            proc, url = start_server(model, args.threads, log)
             try:
                 result = asyncio.run(load(url, endpoint, args.clients, args.seconds, args.max_tokens))
             finally:
@@ -143,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             result.update(model=str(args.model or f"tiny random ({endpoint})"), server_threads=args.threads,
                           cpus=os.cpu_count())
             print(json.dumps(result), flush=True)
+            if result["errors"]:
+                print(f"server log ({endpoint}), last lines:\n{log.read_text()[-3000:]}", file=sys.stderr)
             failed |= result["errors"] > 0 or result["requests"] == 0
     return 1 if failed else 0
 

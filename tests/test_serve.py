@@ -359,3 +359,16 @@ def test_api_key(llava_dir):
         assert httpx.get(url + "/v1/models").status_code == 401
         assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer sesame"}).status_code == 200
         assert httpx.get(url + "/health").status_code == 200
+
+
+def test_cli_serve_passes_its_options(monkeypatch, llava_dir):
+    from mmlm.cli import main
+
+    seen = {}
+    monkeypatch.setattr("mmlm.serve.app.serve", lambda model, host, port, config: seen.update(
+        model=model, host=host, port=port, config=config))
+    assert main(["serve", "--model", str(llava_dir), "--port", "9001", "--max-queue", "3", "--timeout", "5",
+                 "--allow-local-dir", "/srv/images", "--name", "demo"]) == 0
+    cfg = seen["config"]
+    assert (seen["port"], seen["host"], cfg.max_queue, cfg.timeout_s, cfg.local_dir, cfg.name, cfg.allow_remote) == (
+        9001, "127.0.0.1", 3, 5.0, "/srv/images", "demo", False)

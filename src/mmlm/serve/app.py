@@ -228,5 +228,7 @@ def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, con
     """Run the server until interrupted (`mmlm serve`)."""
     import uvicorn
 
-    uvicorn.run(create_app(model_path, config), host=host, port=port, log_level=log_level)
+    # Keep idle connections longer than clients do (httpx, and so the openai package, drop theirs after 5 s, as
+    # does uvicorn by default): otherwise a client can reuse a connection the server is closing, and fail.
+    uvicorn.run(create_app(model_path, config), host=host, port=port, log_level=log_level, timeout_keep_alive=15)
 
