@@ -319,3 +319,27 @@ def test_evaluation_shared_by_two_processes_equals_one_process(two_processes):
     assert alone["vqa"]["n"] == 5 and alone["retrieval"]["images"] == 8 and alone["zeroshot"]["n"] == 8
     for r in range(WORLD):
         assert json.loads((two_processes / f"eval-rank{r}.json").read_text()) == alone
+
+
+# ----------------------------------------------------------------------------- failure
+
+def _one_rank_fails(rank: int, out: Path) -> None:
+    if rank == 1:
+        raise RuntimeError("rank 1 fails on purpose")
+    distributed.all_sum(1.0)  # waits for rank 1, which has left: must raise, not hang
+
+
+def test_a_failing_rank_ends_the_others_without_a_launcher(tmp_path):
+    """No torchrun agent to kill the survivors: rank 0 must see the broken group and exit by itself."""
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, WORLD, port, "_one_rank_fails", str(tmp_path), ())) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=150)  # well beyond the workers' 60 s collective timeout
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, "a rank hung after its peer failed"
+    assert all(p.exitcode != 0 for p in procs), [p.exitcode for p in procs]

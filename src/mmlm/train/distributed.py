@@ -52,8 +52,9 @@ def world() -> World:
 def setup(timeout_s: float = 1800.0) -> World:
     """Join the process group that torchrun describes (WORLD_SIZE, RANK, MASTER_ADDR/PORT in the environment).
 
-    NCCL when CUDA is available (each rank on GPU LOCAL_RANK), gloo on CPU. Without WORLD_SIZE > 1 nothing
-    is initialised. `timeout_s` bounds how long a rank waits in a collective for a peer that died.
+    gloo for CPU tensors; where CUDA is available NCCL too, for CUDA tensors (each rank on GPU LOCAL_RANK), so
+    that collectives work whichever device a tensor is on. Without WORLD_SIZE > 1 nothing is initialised.
+    `timeout_s` bounds how long a rank waits in a collective for a peer that died.
     """
     if dist.is_available() and dist.is_initialized():
         return world()
@@ -64,8 +65,8 @@ def setup(timeout_s: float = 1800.0) -> World:
         if name not in os.environ:
             raise ValueError(f"WORLD_SIZE={size} but {name} is not set: launch with torchrun")
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
         torch.cuda.set_device(local)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return world()
@@ -215,7 +216,7 @@ def fully_shard_model(model: nn.Module, blocks: Iterable[nn.Module], precision: 
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     w = world()
-    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (w.world_size,))
+    mesh = init_device_mesh(next(model.parameters()).device.type, (w.world_size,))  # where the model lives
     # Inputs are not cast: FSDP would cast copies of a KV cache (a dataclass / tuple of tensors) that generation
     # then never sees filled. The loop's bf16 autocast reconciles fp32 inputs with bf16 weights instead.
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
