@@ -372,3 +372,28 @@ def test_cli_serve_passes_its_options(monkeypatch, llava_dir):
     cfg = seen["config"]
     assert (seen["port"], seen["host"], cfg.max_queue, cfg.timeout_s, cfg.local_dir, cfg.name, cfg.allow_remote) == (
         9001, "127.0.0.1", 3, 5.0, "/srv/images", "demo", False)
+
+
+def test_worker_batches_same_settings_that_fit_the_context_and_seeded_requests_alone():
+    from mmlm.serve.engine import GenerationJob, Worker
+
+    seen, gate = [], threading.Event()
+
+    def run(batch):
+        gate.wait(30)
+        seen.append([(len(j.ids), j.max_tokens) for j in batch])
+
+    worker = Worker(run, max_queue=8, max_batch=8)
+
+    def job(prompt, max_tokens, temperature=0.0, seed=None):
+        return GenerationJob([1] * prompt, None, max_tokens, temperature, 1.0, seed, [], context=420)
+
+    worker.submit(job(1, 1))  # taken at once; the thread waits at the gate while the rest queue up
+    wait_for(lambda: worker.depth == 0, "the first job to be taken")
+    for j in [job(100, 10), job(10, 400), job(20, 10), job(5, 5, temperature=1.0), job(6, 6, 1.0, seed=3),
+              job(7, 7, 1.0, seed=3), job(8, 8, 1.0)]:
+        worker.submit(j)
+    gate.set()
+    wait_for(lambda: len(seen) == 6, "six batches")
+    worker.close()
+    assert seen == [[(1, 1)], [(100, 10), (20, 10)], [(10, 400)], [(5, 5), (8, 8)], [(6, 6)], [(7, 7)]]

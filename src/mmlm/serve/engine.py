@@ -52,6 +52,10 @@ class Job:
     def batch_key(self) -> Any:
         raise NotImplementedError
 
+    def fits(self, batch: list[Job]) -> bool:
+        """Whether this job can join `batch` (same batch key already checked)."""
+        return True
+
     def emit(self, kind: str, value: Any) -> None:
         if self.loop is not None and not self.cancelled.is_set():
             try:
@@ -107,7 +111,8 @@ class Worker:
             for job in list(self._jobs):
                 if rows >= self.max_batch:
                     break
-                if job.batch_key() == key and rows + job.size <= self.max_batch and not job.expired():
+                if (job.batch_key() == key and rows + job.size <= self.max_batch and not job.expired()
+                        and job.fits(batch)):
                     self._jobs.remove(job)
                     batch.append(job)
                     rows += job.size
@@ -141,15 +146,20 @@ _unique = itertools.count()
 
 class GenerationJob(Job):
     def __init__(self, ids: list[int], pixel_values: torch.Tensor | None, max_tokens: int, temperature: float,
-                 top_p: float, seed: int | None, stop: Sequence[str]):
+                 top_p: float, seed: int | None, stop: Sequence[str], context: int):
         super().__init__()
-        self.ids, self.pixel_values, self.max_tokens = ids, pixel_values, max_tokens
+        self.ids, self.pixel_values, self.max_tokens, self.context = ids, pixel_values, max_tokens, context
         self.temperature, self.top_p, self.seed, self.stop = temperature, top_p, seed, tuple(stop)
 
     def batch_key(self) -> Any:
         # Rows share one sampler: same settings. A seeded request runs alone, so its seed alone decides it.
         seed = None if self.seed is None else ("alone", id(self))
         return ("generate", self.temperature, self.top_p if self.temperature > 0 else 1.0, self.stop, seed)
+
+    def fits(self, batch: list[Job]) -> bool:
+        # Left padding to the longest prompt must leave room for the most new tokens any row asks for.
+        rows = [*batch, self]
+        return max(len(j.ids) for j in rows) + max(j.max_tokens for j in rows) <= self.context
 
 
 class _AllRowsDone(Exception):

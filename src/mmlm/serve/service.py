@@ -137,7 +137,7 @@ class Service:
             raise APIError(400, "stop: at most 4 non-empty strings", "invalid_value", "stop")
         temperature = 1.0 if req.temperature is None else req.temperature
         top_p = 1.0 if req.top_p is None else req.top_p
-        return GenerationJob(ids, pixel_values, max_tokens, temperature, top_p, req.seed, stop)
+        return GenerationJob(ids, pixel_values, max_tokens, temperature, top_p, req.seed, stop, self.model.max_seq_len)
 
     def _prompt_ids(self, messages: list[dict[str, str]], n_images: int) -> list[int]:
         try:
