@@ -1,7 +1,7 @@
 """The fast decoding path: LM.decode_step (static shapes over the whole preallocated cache) equals a full
 forward; generate(compile=True) keeps finished rows in the batch and gives the same tokens; a failing
 torch.compile falls back to the eager step with a warning. (torch.compile itself is exercised by
-`mmlm bench decode --compile`, not here: compiling takes a minute on a busy CPU.)"""
+`mmlm bench decode`, not here: compiling takes a minute on a busy CPU.)"""
 
 from __future__ import annotations
 

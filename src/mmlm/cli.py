@@ -97,9 +97,10 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import bench_decode
+    from .bench import run_bench
 
-    bench_decode(models=args.model, quick=args.quick, threads=args.threads, memory=not args.no_memory)
+    run_bench(args.what, models=args.model, quick=args.quick, threads=args.threads, memory=not args.no_memory,
+              compile=not args.no_compile)
     return 0
 
 
@@ -169,12 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     h.set_defaults(func=cmd_chat)
 
     b = sub.add_parser("bench", help="speed against transformers in the same run; prints JSON lines (needs transformers)")
-    b.add_argument("what", choices=["decode"], help="decode: greedy generate() tokens/s, prefill tokens/s, peak memory")
+    b.add_argument("what", choices=["decode", "clip", "llava", "data", "all"],
+                   help="decode: LM greedy generate() tokens/s, prefill tokens/s, peak memory; clip: bench-vit train step "
+                        "(fp32, bf16) and image/text embedding; llava: tiny LLaVA decode and prefill; data: the CLIP "
+                        "input pipeline per DataLoader worker count; all: every one")
     b.add_argument("--quick", action="store_true", help="fewer tokens and repeats (about a minute less)")
     b.add_argument("--model", action="append", choices=["tiny", "smollm2-135m"], default=None,
                    help="benchmark only this model (repeatable; default: both)")
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, i.e. the cores)")
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    b.add_argument("--no-compile", action="store_true", help="decode/llava: skip the torch.compile'd contender")
     b.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP API (chat, embeddings, zero-shot) and a web page at /")

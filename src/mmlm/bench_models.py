@@ -1,0 +1,325 @@
+"""`mmlm bench clip|llava|data`: CLIP training and embedding, LLaVA decoding and the data pipeline, each next
+to transformers in the same process (issue 8).
+
+The model is "bench-vit": a CLIP ViT (width 256, 4 layers, patch 16, 64 px) and text transformer (width 256,
+4 layers, context 32), embedding 256, batch 64. transformers' CLIPModel is built at random, saved, and mmlm
+loads the same directory, so both run identical weights. Runs alternate A/B (see bench.time_ab) and report
+median and spread. MFU is the model's FLOPs per second (counted by torch's FlopCounterMode on mmlm's step)
+over the matmul peak measured here at the same precision and thread count.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .bench import _transformers, time_ab
+
+BENCH_VIT_HF = dict(
+    vision_config=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                       image_size=64, patch_size=16),
+    text_config=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                     max_position_embeddings=32, vocab_size=49408),
+    projection_dim=256,
+)
+TINY_LLAVA_TEXT = dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+IMAGE_TOKEN = 31999  # the last id of the tiny LLaVA's vocabulary marks image positions
+TARGETS = {"clip_train": 1.5, "image_embed": 1.5, "text_embed": 1.5, "llava_decode": 3.0, "data_vs_train": 3.0}
+
+Emit = Callable[[dict], None]
+
+
+def _print(row: dict) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def rates(items: int, seconds: list[float]) -> dict[str, float]:
+    """items/s: median, spread (max - min) / median, min, max."""
+    r = sorted(items / s for s in seconds)
+    med = r[len(r) // 2] if len(r) % 2 else (r[len(r) // 2 - 1] + r[len(r) // 2]) / 2
+    return {"per_s_median": round(med, 1), "spread": round((r[-1] - r[0]) / med, 3),
+            "per_s_min": round(r[0], 1), "per_s_max": round(r[-1], 1)}
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of an n x n x n matmul at `dtype` (the best of `repeats`, after a warm-up)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _features(x) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else x.pooler_output  # transformers 5 returns a ModelOutput
+
+
+def _autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else torch.autocast("cpu", enabled=False)
+
+
+# ----------------------------------------------------------------------------- CLIP pair and batch
+
+def clip_pair(workdir: Path, seed: int = 0, hf_config: dict | None = None):
+    """(mmlm CLIP, transformers CLIPModel) with the same random weights (bench-vit by default), in eval mode."""
+    transformers = _transformers()
+    import mmlm
+
+    torch.manual_seed(seed)
+    hf = transformers.CLIPModel(transformers.CLIPConfig(**(hf_config or BENCH_VIT_HF))).eval()
+    hf.save_pretrained(workdir / "bench-vit")
+    return mmlm.load(workdir / "bench-vit"), hf
+
+
+def clip_batch(batch: int, seed: int = 0, image_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """pixel_values (B, 3, S, S), input_ids (B, 32): random tokens of varied length, EOT (the largest id) last."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(batch, 3, image_size, image_size, generator=g)
+    ids = torch.zeros(batch, 32, dtype=torch.long)
+    for row in range(batch):
+        n = int(torch.randint(4, 31, (1,), generator=g))
+        ids[row, 0] = 49406
+        ids[row, 1 : n + 1] = torch.randint(1, 49000, (n,), generator=g)
+        ids[row, n + 1] = 49407
+    return pixels, ids
+
+
+def train_steps(ours, hf, precision: str, lr: float = 1e-5):
+    """(one mmlm training step, one transformers training step): forward, CLIP loss, backward, AdamW."""
+    from .train.feature_cache import contrastive_step
+    from .train.objectives import contrastive_loss
+
+    ours, hf = copy.deepcopy(ours).train(), copy.deepcopy(hf).train()
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=lr)
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=lr)
+
+    def loss_fn(img, txt):
+        return contrastive_loss("clip", img, txt, ours.logit_scale, ours.logit_bias)
+
+    def step_ours(pixels, ids):
+        loss = contrastive_step(ours, pixels, ids, loss_fn, autocast=lambda: _autocast(precision))
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+        return loss
+
+    def step_hf(pixels, ids):
+        with _autocast(precision):
+            loss = hf(input_ids=ids, pixel_values=pixels, return_loss=True).loss
+        loss.backward()
+        opt_hf.step()
+        opt_hf.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step_ours, step_hf
+
+
+def bench_clip(quick: bool = False, batch: int = 64, precisions: tuple[str, ...] = ("fp32", "bf16"),
+               emit: Emit = _print, hf_config: dict | None = None, peak_size: int = 1024) -> list[dict]:
+    """CLIP train step (per precision) and image/text embedding (fp32), mmlm vs transformers. `hf_config`
+    replaces bench-vit (tests run a smaller one)."""
+    repeats = 3 if quick else 5
+    rows: list[dict] = []
+
+    def out(row: dict) -> None:
+        row = {**row, "model": "bench-vit", "batch": batch, "threads": torch.get_num_threads(), "repeats": repeats}
+        rows.append(row)
+        emit(row)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ours, hf = clip_pair(Path(tmp), hf_config=hf_config)
+    pixels, ids = clip_batch(batch, image_size=ours.config.vision.image_size)
+    with torch.inference_mode():  # same weights, same numbers: a wrong comparison shows here first
+        diff = (ours.encode_image(pixels) - _features(hf.get_image_features(pixel_values=pixels))).abs().max().item()
+        diff_t = (ours.encode_text(ids) - _features(hf.get_text_features(input_ids=ids))).abs().max().item()
+    out({"bench": "clip_parity", "image_max_abs_diff": diff, "text_max_abs_diff": diff_t})
+
+    for precision in precisions:
+        peak = matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32, peak_size)
+        step_ours, step_hf = train_steps(ours, hf, precision)
+        flops = count_flops(lambda: step_ours(pixels, ids))
+        times = time_ab({"mmlm": lambda: step_ours(pixels, ids), "transformers": lambda: step_hf(pixels, ids)}, repeats)
+        med = {}
+        for lib, secs in times.items():
+            r = rates(batch, secs)
+            med[lib] = r["per_s_median"]
+            out({"bench": "clip_train", "precision": precision, "library": lib, "unit": "images/s", **r,
+                 **({"mfu": round(flops / (batch / r["per_s_median"]) / peak, 3), "step_gflop": round(flops / 1e9, 3),
+                     "matmul_peak_tflops": round(peak / 1e12, 3)} if lib == "mmlm" else {})})
+        ratio = med["mmlm"] / med["transformers"]
+        out({"bench": "clip_train", "precision": precision, "library": "mmlm/transformers", "ratio": round(ratio, 2),
+             "target": TARGETS["clip_train"], "met": ratio >= TARGETS["clip_train"]})
+
+    for what, ours_fn, hf_fn in (
+        ("image_embed", lambda: ours.encode_image(pixels), lambda: hf.get_image_features(pixel_values=pixels)),
+        ("text_embed", lambda: ours.encode_text(ids), lambda: hf.get_text_features(input_ids=ids)),
+    ):
+        with torch.inference_mode():
+            times = time_ab({"mmlm": ours_fn, "transformers": hf_fn}, repeats)
+        med = {}
+        for lib, secs in times.items():
+            r = rates(batch, secs)
+            med[lib] = r["per_s_median"]
+            out({"bench": what, "precision": "fp32", "library": lib, "unit": "items/s", **r})
+        ratio = med["mmlm"] / med["transformers"]
+        out({"bench": what, "precision": "fp32", "library": "mmlm/transformers", "ratio": round(ratio, 2),
+             "target": TARGETS[what], "met": ratio >= TARGETS[what]})
+    return rows
+
+
+# ----------------------------------------------------------------------------- LLaVA
+
+def llava_pair(workdir: Path, seed: int = 0, text_config: dict | None = None):
+    """(mmlm Llava, transformers LlavaForConditionalGeneration): bench-vit's vision tower (layer -2, CLS
+    dropped: 16 image tokens) + a 2-layer MLP projector + the tiny Llama (hidden 256, 4 layers, GQA)."""
+    transformers = _transformers()
+    import mmlm
+
+    cfg = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**BENCH_VIT_HF["vision_config"]),
+                                   text_config=transformers.LlamaConfig(**(text_config or TINY_LLAVA_TEXT)),
+                                   image_token_id=IMAGE_TOKEN,
+                                   vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    hf = transformers.LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # sharper logits: greedy choices are not near-ties, so both libraries must agree
+        hf.lm_head.weight.mul_(20)
+    hf.save_pretrained(workdir / "tiny-llava")
+    hf.generation_config.eos_token_id, hf.generation_config.pad_token_id = None, 0
+    return mmlm.load(workdir / "tiny-llava"), hf
+
+
+def llava_prompts(batch: int, text_tokens: int, image_tokens: int = 16, seed: int = 0):
+    """Left-padded prompts of one image each: 2 text tokens, the image tokens, then the rest of the text
+    (rows from text_tokens/2 to text_tokens long); input_ids, attention_mask, pixel_values (B, 3, 64, 64)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(batch):
+        n = text_tokens if batch == 1 else text_tokens // 2 + (text_tokens - text_tokens // 2) * i // (batch - 1)
+        text = torch.randint(3, 31000, (n,), generator=g).tolist()
+        rows.append(text[:2] + [IMAGE_TOKEN] * image_tokens + text[2:])
+    T = max(map(len, rows))
+    ids, mask = torch.zeros(batch, T, dtype=torch.long), torch.zeros(batch, T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):], mask[i, T - len(r):] = torch.tensor(r), 1
+    return ids, mask, torch.randn(batch, 3, 64, 64, generator=g)
+
+
+def bench_llava(quick: bool = False, batches: tuple[int, ...] = (1, 8), compile: bool = True,
+                emit: Emit = _print, text_config: dict | None = None) -> list[dict]:
+    """Greedy decode tokens/s (prefill of image + text included, as a chat sees it) and prefill tokens/s.
+    `text_config` replaces the tiny Llama (its vocabulary must hold IMAGE_TOKEN)."""
+    from .generation import generate
+
+    repeats, new_tokens = (3, 32) if quick else (5, 128)
+    rows: list[dict] = []
+
+    def out(row: dict) -> None:
+        row = {**row, "model": "tiny-llava", "threads": torch.get_num_threads(), "repeats": repeats}
+        rows.append(row)
+        emit(row)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ours, hf = llava_pair(Path(tmp), text_config=text_config)
+
+    def ours_gen(ids, mask, px, n, comp=False):
+        return generate(ours, ids, mask, pixel_values=px, max_new_tokens=n, eos_token_id=[], compile=comp)
+
+    def hf_gen(ids, mask, px, n):
+        with torch.inference_mode():
+            res = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=px, max_new_tokens=n, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+        return res[:, ids.shape[1]:]
+
+    for batch in batches:
+        ids, mask, px = llava_prompts(batch, 16, seed=batch)
+        a, b = ours_gen(ids, mask, px, new_tokens), hf_gen(ids, mask, px, new_tokens)
+        out({"bench": "llava_greedy_match", "batch": batch, "same_tokens": a.shape == b.shape and torch.equal(a, b)})
+        runs = {"mmlm": lambda: ours_gen(ids, mask, px, new_tokens),
+                "transformers": lambda: hf_gen(ids, mask, px, new_tokens)}
+        if compile:
+            t0 = time.perf_counter()
+            ours_gen(ids, mask, px, new_tokens, True)
+            out({"bench": "compile", "batch": batch, "library": "mmlm-compiled",
+                 "first_call_s": round(time.perf_counter() - t0, 1)})
+            runs["mmlm-compiled"] = lambda: ours_gen(ids, mask, px, new_tokens, True)
+        times = time_ab(runs, repeats)
+        med = {}
+        for lib, secs in times.items():
+            r = rates(batch * new_tokens, secs)
+            med[lib] = r["per_s_median"]
+            out({"bench": "llava_decode", "batch": batch, "library": lib, "unit": "tokens/s", **r, "new_tokens": new_tokens,
+                 "prompt_tokens": int(mask.sum(1).max())})
+        for lib in [k for k in runs if k != "transformers"]:
+            ratio = med[lib] / med["transformers"]
+            out({"bench": "llava_decode", "batch": batch, "library": f"{lib}/transformers", "ratio": round(ratio, 2),
+                 "target": TARGETS["llava_decode"], "met": ratio >= TARGETS["llava_decode"]})
+
+        pids, pmask, ppx = llava_prompts(batch, 112, seed=100 + batch)  # 128 tokens per row: 16 image + 112 text
+        times = time_ab({"mmlm": lambda: ours_gen(pids, pmask, ppx, 1), "transformers": lambda: hf_gen(pids, pmask, ppx, 1)},
+                        repeats)
+        med = {}
+        for lib, secs in times.items():
+            r = rates(int(pmask.sum()), secs)
+            med[lib] = r["per_s_median"]
+            out({"bench": "llava_prefill", "batch": batch, "library": lib, "unit": "tokens/s", **r,
+                 "prompt_tokens": int(pmask.sum(1).max())})
+        out({"bench": "llava_prefill", "batch": batch, "library": "mmlm/transformers",
+             "ratio": round(med["mmlm"] / med["transformers"], 2)})
+    return rows
+
+
+# ----------------------------------------------------------------------------- data pipeline
+
+def bench_data(quick: bool = False, batch: int = 64, workers: tuple[int, ...] = (0, 1, 2),
+               train_images_per_s: dict[str, float] | None = None, emit: Emit = _print) -> list[dict]:
+    """Batches/s of the CLIP training input (shapes images rendered, captions tokenised with CLIP's BPE,
+    collated to pixel_values and input_ids) through the training loop's own DataLoader, per worker count;
+    compared with the train step's consumption rate when `train_images_per_s` {precision: images/s} is given."""
+    from .data.image_text import ArrayImageText, ImageTextCollate
+    from .data.shapes import ShapesDataset
+    from .data.transforms import PreprocessConfig
+    from .tokenizer import find_clip_bpe, load_tokenizer
+    from .train.loop import TrainConfig, make_loader
+
+    n_batches = 4 if quick else 12
+    preprocess = PreprocessConfig(image_size=64)
+    dataset = ArrayImageText(ShapesDataset("train", batch * (n_batches + 4), 0, 64, single=False, n_questions=0),
+                             preprocess)
+    collate = ImageTextCollate(load_tokenizer(find_clip_bpe()), 32, preprocess)
+    default_workers = TrainConfig().num_workers
+    rows: list[dict] = []
+    for w in sorted(set(workers) | {default_workers}):
+        loader = iter(make_loader(dataset, collate, batch, seed=0, start_batch=0, num_workers=w))
+        next(loader)  # workers started, first batch out
+        t0 = time.perf_counter()
+        for _ in range(n_batches):
+            next(loader)
+        secs = time.perf_counter() - t0
+        del loader
+        row = {"bench": "data_pipeline", "workers": w, "default": w == default_workers, "batch": batch,
+               "images_per_s": round(batch * n_batches / secs, 1), "batches": n_batches,
+               "threads": torch.get_num_threads()}
+        if w == default_workers and train_images_per_s:
+            row["vs_train_step"] = {p: round(row["images_per_s"] / r, 2) for p, r in train_images_per_s.items()}
+            row["target"] = TARGETS["data_vs_train"]
+            row["met"] = all(v >= TARGETS["data_vs_train"] for v in row["vs_train_step"].values())
+        rows.append(row)
+        emit(row)
+    return rows

@@ -1,0 +1,71 @@
+"""Each `mmlm bench` measurement runs end to end at tiny sizes and reports what it should (no timings asserted:
+the rates themselves are the benchmark's output, not a test)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+bench_models = pytest.importorskip("mmlm.bench_models")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+SMALL_CLIP = dict(vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     image_size=32, patch_size=16),
+                  text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   max_position_embeddings=32, vocab_size=49408),
+                  projection_dim=32)
+SMALL_LLAMA = dict(vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=1024)
+
+
+def _by(rows, **kw):
+    return [r for r in rows if all(r.get(k) == v for k, v in kw.items())]
+
+
+def test_clip_bench_rows_and_parity():
+    rows = bench_models.bench_clip(quick=True, batch=4, precisions=("bf16",), emit=lambda r: None,
+                                   hf_config=SMALL_CLIP, peak_size=128)
+    parity = _by(rows, bench="clip_parity")[0]
+    assert parity["image_max_abs_diff"] < 1e-4 and parity["text_max_abs_diff"] < 1e-4  # same weights, same numbers
+    for what in ("clip_train", "image_embed", "text_embed"):
+        libs = {r["library"] for r in _by(rows, bench=what)}
+        assert libs == {"mmlm", "transformers", "mmlm/transformers"}, what
+    ours = _by(rows, bench="clip_train", library="mmlm")[0]
+    assert ours["per_s_median"] > 0 and 0 < ours["mfu"] and ours["step_gflop"] > 0.001
+
+
+def test_clip_train_step_learns():
+    """The benchmarked mmlm step is a real training step: repeated on one batch, the loss falls."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ours, hf = bench_models.clip_pair(Path(tmp), hf_config=SMALL_CLIP)
+    pixels, ids = bench_models.clip_batch(8, image_size=32)
+    step_ours, _ = bench_models.train_steps(ours, hf, "fp32", lr=1e-3)
+    losses = [float(step_ours(pixels, ids)) for _ in range(4)]
+    assert losses[-1] < losses[0]
+
+
+def test_llava_bench_same_tokens():
+    rows = bench_models.bench_llava(quick=True, batches=(2,), compile=False, emit=lambda r: None,
+                                    text_config=SMALL_LLAMA)
+    assert _by(rows, bench="llava_greedy_match")[0]["same_tokens"]
+    assert {r["library"] for r in _by(rows, bench="llava_decode")} == {"mmlm", "transformers", "mmlm/transformers"}
+    assert _by(rows, bench="llava_prefill", library="mmlm")[0]["prompt_tokens"] == 128
+
+
+def test_data_bench_compares_with_the_train_step():
+    rows = bench_models.bench_data(quick=True, batch=8, workers=(0,), train_images_per_s={"fp32": 1.0},
+                                   emit=lambda r: None)
+    default = [r for r in rows if r["default"]][0]
+    assert default["images_per_s"] > 0 and default["vs_train_step"]["fp32"] == pytest.approx(default["images_per_s"], rel=0.01)
