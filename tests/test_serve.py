@@ -397,3 +397,33 @@ def test_worker_batches_same_settings_that_fit_the_context_and_seeded_requests_a
     wait_for(lambda: len(seen) == 6, "six batches")
     worker.close()
     assert seen == [[(1, 1)], [(100, 10), (20, 10)], [(10, 400)], [(5, 5), (8, 8)], [(6, 6)], [(7, 7)]]
+
+
+def test_a_client_leaving_a_stream_stops_its_generation(llava_dir, monkeypatch):
+    import mmlm.serve.engine as engine
+
+    app = create_app(llava_dir)
+    worker, jobs, tokens, finished = app.state.service.worker, [], [], []
+    run_batch = worker.run_batch
+    worker.run_batch = lambda batch: (jobs.extend(batch), run_batch(batch), finished.append(len(tokens)))
+    real_generate = engine.generate
+
+    def generate(*args, stream, **kw):
+        def hold(row, token):
+            tokens.append(token)
+            if len(tokens) == 2:
+                jobs[0].cancelled.wait(30)  # generation holds here until the server sees the client leave
+            stream(row, token)
+
+        return real_generate(*args, stream=hold, **kw)
+
+    monkeypatch.setattr(engine, "generate", generate)
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 300, "temperature": 0, "stream": True}
+    with running(app) as url:
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+            next(line for line in r.iter_lines() if line.startswith("data: "))
+            wait_for(lambda: tokens, "generation to start")  # then it holds at the second token
+        wait_for(lambda: jobs and jobs[0].cancelled.is_set(), "the server to notice the client left")
+        wait_for(lambda: finished, "the batch to end")
+        assert finished[0] <= 2  # stopped at once, not after 300 tokens (greedy "hi" runs long on this model)
+        assert httpx.post(url + "/v1/chat/completions", json=_chat("hi")).status_code == 200
