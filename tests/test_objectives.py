@@ -91,3 +91,32 @@ def test_feature_caching_updates_batchnorm_stats_once():
     ids[:, 3] = 999
     contrastive_step(model, px, ids, lambda i, t: contrastive_loss("clip", i, t, model.logit_scale), micro_batch=2)
     assert model.visual.bn1.num_batches_tracked.item() == 2  # two micro-batches, one pass each
+
+
+def test_next_token_targets_equal_the_full_loss():
+    """Logits computed only where a learned token is predicted give the same loss and gradients."""
+    from mmlm.config import LMConfig
+    from mmlm.models.lm import LM
+    from mmlm.train.objectives import next_token_loss, next_token_targets
+
+    torch.manual_seed(0)
+    lm = LM(LMConfig(vocab_size=50, width=32, layers=2, heads=4, kv_heads=2, mlp_dim=64, max_seq_len=32))
+    ids = torch.randint(0, 50, (3, 12))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    labels[1, :] = -100
+    labels[1, 7:9] = ids[1, 7:9]
+    labels[2, 10:] = -100
+    mask = torch.ones_like(ids)
+    mask[2, 10:] = 0
+    full = next_token_loss(lm(ids, attention_mask=mask).logits, labels)
+    full.backward()
+    grads = [p.grad.clone() for p in lm.parameters()]
+    lm.zero_grad()
+    at, targets = next_token_targets(labels)
+    assert at.sum() == targets.numel() == (labels[:, 1:] != -100).sum()
+    part = torch.nn.functional.cross_entropy(lm(ids, attention_mask=mask, logits_at=at).logits, targets)
+    part.backward()
+    torch.testing.assert_close(part, full)
+    for g, p in zip(grads, lm.parameters()):
+        torch.testing.assert_close(p.grad, g)

@@ -98,13 +98,16 @@ class LM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                cache: KVCache | None = None, only_last: bool = False) -> LMOutput:
+                cache: KVCache | None = None, only_last: bool = False,
+                logits_at: torch.Tensor | None = None) -> LMOutput:
         """input_ids (B, T) (or inputs_embeds (B, T, C)) -> logits (B, T, V).
 
         attention_mask (B, S), 1 = real token, covers the cached tokens too (S = cache.pos + T); padding
         may be on either side. Without position_ids, positions count real tokens only. With `cache`, the
         new keys/values are written at cache.pos and cache.pos advances by T. `only_last` computes the
-        logits of the last position only (B, 1, V): all that generation needs after a prefill.
+        logits of the last position only (B, 1, V): all that generation needs after a prefill. `logits_at`
+        (B, T) bool computes them only where it is True, (N, V) in row-major order: training needs them only
+        where a learned token is predicted, and the vocabulary projection is the costliest matmul of a small LM.
         """
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, _ = x.shape
@@ -141,4 +144,6 @@ class LM(nn.Module):
             cache.pos = S
         if only_last:
             x = x[:, -1:]
+        elif logits_at is not None:
+            x = x[logits_at]
         return LMOutput(logits=self.lm_head(self.norm(x)))

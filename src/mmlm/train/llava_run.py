@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -10,6 +11,7 @@ import torch
 import yaml
 from torch.utils.data import Dataset
 
+from ..assets import resolve
 from ..checkpoint import load as load_model
 from ..checkpoint import load_state_dict_strict
 from ..config import LlavaConfig, apply_overrides, from_dict, to_dict
@@ -17,6 +19,7 @@ from ..data.conversation import VICUNA_SYSTEM
 from ..data.llava_json import LlavaJson
 from ..data.transforms import ImageProcessor, PreprocessConfig
 from ..models.llava import Llava
+from ..models.lm import LM
 from ..eval.vqa import evaluate_vqa
 from .llava_task import LlavaDataConfig, LlavaRunConfig, LlavaTask, ShapesConversations
 from .loop import TrainConfig, train
@@ -77,6 +80,10 @@ def build_tokenizer(cfg: LlavaRunConfig, data: Dataset, run: Path):
     for src in (saved, Path(cfg.init_from) if cfg.init_from else None):  # resume / stage 2: tokenize as before
         if src is not None and (src / "tokenizer.json").is_file():
             return load_tokenizer(src)
+    if cfg.lm_from:  # a pretrained LM's own tokenizer, plus the image placeholder
+        tok = with_image_token(load_tokenizer(resolve(cfg.lm_from)))
+        tok.save(saved)
+        return tok
     n = min(len(data), 5000)
     records = data.records[:n] if isinstance(data, LlavaJson) else [data[i] for i in range(n)]  # no image decoding
     texts = [t["value"] for r in records for t in r["conversations"]] + [r.get("caption", "") for r in records]
@@ -87,6 +94,26 @@ def build_tokenizer(cfg: LlavaRunConfig, data: Dataset, run: Path):
     tok.pad_id = tok.tokenizer.token_to_id("<pad>")
     tok.save(saved)
     return tok
+
+
+def with_image_token(tok):
+    """The tokenizer with `<image>` as a special token (a new id at the end of the vocabulary if it is new)."""
+    from tokenizers import AddedToken
+
+    if tok.tokenizer.token_to_id("<image>") is None:
+        tok.tokenizer.add_special_tokens([AddedToken("<image>", special=True, normalized=False)])
+    return tok
+
+
+def pretrained_lm_state(lm: LM, vocab_size: int) -> dict[str, torch.Tensor]:
+    """The LM's tensors with the vocabulary grown to `vocab_size`; new rows are the mean embedding (as LLaVA
+    does for the tokens it adds), so the new token starts as an average word."""
+    sd = lm.state_dict()
+    for key in ("embed.weight", "lm_head.weight"):
+        if key in sd and sd[key].shape[0] < vocab_size:
+            w = sd[key]
+            sd[key] = torch.cat([w, w.mean(0, keepdim=True).expand(vocab_size - w.shape[0], -1)])
+    return sd
 
 
 def build_model(cfg: LlavaRunConfig, tok) -> Llava:
@@ -109,17 +136,28 @@ def build_model(cfg: LlavaRunConfig, tok) -> Llava:
             raise ValueError(f"vision_from={cfg.vision_from!r} must be a CLIP with a ViT image tower "
                              f"(LLaVA reads its patch tokens), got {getattr(vision, 'kind', type(clip).__name__)!r}")
         mc.vision = vision
-    if cfg.lora_rank and cfg.stage == 2:
-        mc.lora_rank, mc.lora_alpha = cfg.lora_rank, cfg.lora_alpha
-    mc.lm.vocab_size = tok.vocab_size
-    mc.lm.eos_token_id = [tok.eot_id]
-    mc.lm.bos_token_id = tok.sot_id
+    mc.lora_rank = 0  # added below, after the pretrained tensors are in
+    lm = None
+    if cfg.lm_from:
+        lm = load_model(resolve(cfg.lm_from))
+        if not isinstance(lm, LM):
+            raise ValueError(f"lm_from={cfg.lm_from!r} is a {type(lm).__name__}, not a language model")
+        mc.lm = dataclasses.replace(lm.config, vocab_size=tok.vocab_size)
+    else:
+        mc.lm.vocab_size = tok.vocab_size
+        mc.lm.eos_token_id = [tok.eot_id]
+        mc.lm.bos_token_id = tok.sot_id
     mc.image_token_id = tok.tokenizer.token_to_id("<image>")
     model = Llava(mc)
+    if lm is not None:
+        load_state_dict_strict(model.lm, pretrained_lm_state(lm, tok.vocab_size), f"{cfg.lm_from} (LM)")
+        del lm
     if clip is not None:
         sd = {k.removeprefix("visual."): v for k, v in clip.state_dict().items()
               if k.startswith("visual.") and k != "visual.proj.weight"}
         load_state_dict_strict(model.vision, sd, f"{cfg.vision_from} (vision tower)")
+    if cfg.lora_rank and cfg.stage == 2:
+        model.add_lora(cfg.lora_rank, cfg.lora_alpha)
     return model
 
 

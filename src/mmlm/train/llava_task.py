@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from PIL import Image
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -23,7 +24,7 @@ from ..data.conversation import IGNORE, TEMPLATES, encode_conversation
 from ..data.transforms import ImageProcessor, PreprocessConfig
 from .distributed import all_gather_objects, all_sum, fully_shard_model, global_mean_factor, world
 from .loop import TrainConfig
-from .objectives import next_token_loss
+from .objectives import next_token_targets
 
 
 def tiny_llava_config() -> LlavaConfig:
@@ -62,6 +63,9 @@ class LlavaRunConfig:
     lora_rank: int = 0  # stage 2: > 0 trains LoRA updates of this rank instead of the whole LM
     lora_alpha: float = 16.0
     vision_from: str = ""  # a CLIP checkpoint with a ViT whose vision tower is copied in (stage 1)
+    # A pretrained LM (a .gguf file, a transformers Llama/Qwen2 dir, an mmlm LM dir, or an asset name such as
+    # "smollm2"): its weights, tokenizer and chat template; `<image>` joins its vocabulary (stage 1).
+    lm_from: str = ""
     stage1_trains_lm: bool = False  # stage 1 trains the LM too: for an LM trained from scratch (nothing to keep)
     vocab_size: int = 512  # byte-level BPE fitted to the data when no init_from brings a tokenizer
     data: LlavaDataConfig = field(default_factory=LlavaDataConfig)
@@ -157,14 +161,15 @@ class LlavaTask:
         if min(all_gather_objects(batch["batch_size"])) == 0:  # every rank skips together (FSDP needs all)
             return {"loss": float("nan")}
         self.model.vision.eval()
-        with autocast():
+        at, targets = next_token_targets(batch["labels"])
+        with autocast():  # logits only where an answer token is predicted
             logits = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                                pixel_values=batch["pixel_values"]).logits
+                                pixel_values=batch["pixel_values"], logits_at=at).logits
         if not w.enabled:
-            loss = next_token_loss(logits, batch["labels"])
+            loss = F.cross_entropy(logits.float(), targets)
         else:  # sum over this rank's answer tokens / all ranks' count, x world size: the ranks' mean is the global mean
-            total, _ = global_mean_factor(int((batch["labels"][:, 1:] != IGNORE).sum()))
-            loss = next_token_loss(logits, batch["labels"], reduction="sum") * (w.world_size / max(total, 1))
+            total, _ = global_mean_factor(int(targets.numel()))
+            loss = F.cross_entropy(logits.float(), targets, reduction="sum") * (w.world_size / max(total, 1))
         loss.backward()
         return {"loss": all_sum(loss.item()) / w.world_size}
 

