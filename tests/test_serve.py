@@ -427,3 +427,28 @@ def test_a_client_leaving_a_stream_stops_its_generation(llava_dir, monkeypatch):
         wait_for(lambda: finished, "the batch to end")
         assert finished[0] <= 2  # stopped at once, not after 300 tokens (greedy "hi" runs long on this model)
         assert httpx.post(url + "/v1/chat/completions", json=_chat("hi")).status_code == 200
+
+
+def test_a_language_model_chats_with_its_chat_template(tmp_path):
+    from mmlm.config import LMConfig
+    from mmlm.models.lm import LM
+    from mmlm.serve.tiny import _corpus
+    from mmlm.tokenizer import Tokenizer
+
+    template = ("{% for m in messages %}<s>{{ m.role }}: {{ m.content }}</s>{% endfor %}"
+                "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+    tok = Tokenizer.train_byte_level(_corpus(), vocab_size=300, chat_template=template)
+    torch.manual_seed(0)
+    lm = LM(LMConfig(vocab_size=tok.vocab_size, width=48, layers=2, heads=4, kv_heads=2, mlp_dim=96, max_seq_len=128,
+                     eos_token_id=tok.eot_id))
+    mmlm.save(lm, tmp_path / "tiny-lm", tokenizer=tok)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what shape?"}]
+    with running(create_app(tmp_path / "tiny-lm")) as url:
+        got = client(url).chat.completions.create(model="tiny-lm", messages=messages, max_tokens=6, temperature=0)
+        refused = httpx.post(url + "/v1/chat/completions", json=_chat(_image(data_uri(png_bytes()))))
+    ids = torch.tensor([tok.encode(tok.apply_chat_template(messages))])
+    assert got.usage.prompt_tokens == ids.shape[1]
+    expected = mmlm.generate(mmlm.load(tmp_path / "tiny-lm"), ids, max_new_tokens=6, eos_token_id=tok.eot_id)[0]
+    assert got.choices[0].message.content == tok.decode([t for t in expected.tolist() if t != tok.eot_id],
+                                                        skip_special_tokens=True)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "images_not_supported"
