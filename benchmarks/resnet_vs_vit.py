@@ -80,7 +80,12 @@ def train_run(dataset: str, tower: str, size: int, steps: int, batch_size: int, 
     cfg = run_config(dataset, tower, steps, batch_size)
     preprocess = PreprocessConfig(image_size=IMAGE_SIZE)
     data = training_set(cfg, dataset, size, preprocess)
+    shared = run.parent / f"{dataset}-tokenizer"  # one BPE per dataset, fitted on the recipe's caption corpus
+    if (shared / "tokenizer.json").is_file():
+        cfg.tokenizer.kind, cfg.tokenizer.path = "file", str(shared / "tokenizer.json")
     tok = build_tokenizer(cfg, data, run)
+    if not (shared / "tokenizer.json").is_file():
+        tok.save(shared)
     fit_text_to_tokenizer(cfg, tok)
     torch.manual_seed(cfg.train.seed)
     model = CLIP(cfg.model)
@@ -229,7 +234,7 @@ def tower_cost(names: list[str], batch: int = 64, repeats: int = 5) -> dict[str,
 # ----------------------------------------------------------------------------- report
 
 def write_table(results: list[dict[str, Any]], cost: dict[str, dict[str, float]], out: Path, steps: int,
-                batch: int) -> str:
+                batch: int, cost_batch: int) -> str:
     lines = [f"Equal step budget: {steps} steps x batch {batch} = {steps * batch:,} images seen per run; "
              "64 px; 1 torch thread; bf16 autocast. Accuracies are fractions (1.0 = all correct).", "",
              "| data | train images | tower | zero-shot | colour | shape | position | count | class probe "
@@ -243,7 +248,7 @@ def write_table(results: list[dict[str, Any]], cost: dict[str, dict[str, float]]
         lines.append(f"| {r['dataset']} | {r['size']:,} | {r['tower']} | {cell('zero-shot')} | {cell('colour')} | "
                      f"{cell('shape')} | {cell('position')} | {cell('count')} | {cell('class')} | "
                      f"{r['train_seconds']:.0f} | {r['train_img_per_s']:.0f} |")
-    lines += ["", "| tower | parameters | forward MFLOPs / image | inference img/s (fp32, batch 64) |",
+    lines += ["", f"| tower | parameters | forward MFLOPs / image | inference img/s (fp32, batch {cost_batch}) |",
               "|---|---|---|---|"]
     for name, c in cost.items():
         lines.append(f"| {name} ({_describe(name)}) | {c['params']:,} | {c['mflops']:.0f} | {c['infer_img_per_s']:.0f} |")
@@ -292,6 +297,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--towers", default="ResNet,ViT")
     p.add_argument("--probe-train", type=int, default=2000, help="images the linear probes are fitted on")
     p.add_argument("--test", type=int, default=1000, help="test images per evaluation")
+    p.add_argument("--cost-batch", type=int, default=64, help="batch for the inference-throughput measurement")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     out, runs = Path(args.out), Path(args.runs)
@@ -303,11 +309,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for tower in args.towers.split(","):
                 run = runs / f"{dataset}-{size}-{tower}"
                 info = train_run(dataset, tower, size, args.steps, args.batch_size, run)
-                metrics = evaluate(run / "final", dataset, sets)
+                cached = run / "bench_eval.json"  # reused when the evaluation settings match
+                key = {"probe_train": args.probe_train, "test": args.test}
+                if cached.is_file() and json.loads(cached.read_text())["key"] == key:
+                    metrics = json.loads(cached.read_text())["metrics"]
+                else:
+                    metrics = evaluate(run / "final", dataset, sets)
+                    cached.write_text(json.dumps({"key": key, "metrics": metrics}))
                 results.append({"dataset": dataset, "size": size, "tower": tower, **info, "metrics": metrics})
                 print(json.dumps(results[-1]), flush=True)
-    cost = tower_cost(args.towers.split(","))
-    table = write_table(results, cost, out, args.steps, args.batch_size)
+    cost = tower_cost(args.towers.split(","), batch=args.cost_batch)
+    table = write_table(results, cost, out, args.steps, args.batch_size, args.cost_batch)
     plot(results, out)
     (out / "resnet_vs_vit.json").write_text(json.dumps({"args": vars(args), "results": results, "cost": cost}, indent=1))
     print(table)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import mmlm
 from mmlm.data.shapes import CLASS_NAMES, TEMPLATES, ShapesDataset
 from mmlm.data.transforms import ImageProcessor
-from mmlm.eval.zeroshot import image_embeddings, zeroshot
+from mmlm.eval.zeroshot import classification_metrics, image_embeddings, text_classifier
 from mmlm.report import _plt, plot_similarity, read_metrics
 from mmlm.train.objectives import clip_loss
 
@@ -63,8 +63,8 @@ def similarity(model, tok, out: Path, lines: list[str]) -> None:
               f"contrastive loss on this batch **{loss:.3f}** (chance: ln 8 = {np.log(8):.3f}).", ""]
 
 
-def temperature(model, tok, run: Path | None, out: Path, lines: list[str]) -> None:
-    items = _images("val", 128, 12, model.config.vision.image_size, single=False)
+def temperature(model, tok, run: Path | None, out: Path, lines: list[str], batch: int = 128) -> None:
+    items = _images("val", batch, 12, model.config.vision.image_size, single=False)
     img, txt = _embed(model, tok, items)
     scales = np.geomspace(1, 100, 25)
     losses = [clip_loss(img, txt, torch.tensor(float(np.log(s)))).item() for s in scales]
@@ -78,14 +78,14 @@ def temperature(model, tok, run: Path | None, out: Path, lines: list[str]) -> No
     ax[0].set(xlabel="training step", ylabel="1/T = exp(logit_scale)", title="learned inverse temperature")
     ax[1].semilogx(scales, losses, marker=".")
     ax[1].axvline(learned, color="k", ls="--", label=f"learned 1/T = {learned:.0f}")
-    ax[1].set(xlabel="1/T", ylabel="contrastive loss", title="loss of one batch of 128 vs 1/T")
+    ax[1].set(xlabel="1/T", ylabel="contrastive loss", title=f"loss of one batch of {batch} vs 1/T")
     ax[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "clip_temperature.png", dpi=80)
     plt.close(fig)
     best = scales[int(np.argmin(losses))]
     lines += ["## Temperature", "",
-              f"Loss of one batch of 128 at 1/T = 1: {losses[0]:.3f} (ln 128 = {np.log(128):.3f}); at the learned "
+              f"Loss of one batch of {batch} at 1/T = 1: {losses[0]:.3f} (ln {batch} = {np.log(batch):.3f}); at the learned "
               f"{learned:.1f}: {clip_loss(img, txt, model.logit_scale).item():.3f}; lowest on the grid at 1/T ≈ "
               f"{best:.0f}: {min(losses):.3f}.", ""]
 
@@ -113,22 +113,23 @@ def prompt_ensembles(model, tok, lines: list[str], n: int) -> None:
               f"64-way zero-shot top-1 on {n} single-object images (`eval/zeroshot.py` `text_classifier` averages the "
               "normalised text embeddings of every template per class):", "",
               "| templates | seen pairs | held-out (novel) pairs |", "|---|---|---|"]
-    sets = {split: _images(split, n, 0, size, single=True) for split in ("val", "novel")}
+    sets = []
+    for split in ("val", "novel"):
+        items = _images(split, n, 0, size, single=True)
+        sets.append((_embed(model, tok, items)[0], torch.tensor([x["label"] for x in items])))
     rows = [(f"`{t}`", (t,)) for t in TEMPLATES + EXTRA_TEMPLATES]
     rows += [("ensemble of the 3 training templates", TEMPLATES),
              ("ensemble of all 6", TEMPLATES + EXTRA_TEMPLATES)]
     for name, templates in rows:
-        accs = []
-        for items in sets.values():
-            labels = torch.tensor([x["label"] for x in items])
-            accs.append(zeroshot(model, tok, [_pixels(items)], labels, CLASS_NAMES, templates,
-                                 with_confusion=False)["top1"])
+        classifier = text_classifier(model, tok, CLASS_NAMES, templates)  # (64, E)
+        accs = [classification_metrics(img @ classifier.t(), labels, CLASS_NAMES, with_confusion=False)["top1"]
+                for img, labels in sets]
         lines.append(f"| {name} | {accs[0]:.3f} | {accs[1]:.3f} |")
     lines.append("")
 
 
-def retrieval_figure(model, tok, out: Path, queries: tuple[str, ...]) -> None:
-    items = _images("val", 300, 14, model.config.vision.image_size, single=False)
+def retrieval_figure(model, tok, out: Path, queries: tuple[str, ...], n: int = 300) -> None:
+    items = _images("val", n, 14, model.config.vision.image_size, single=False)
     img, _ = _embed(model, tok, items)
     ctx = model.config.text.context_length
     with torch.no_grad():
@@ -149,7 +150,7 @@ def retrieval_figure(model, tok, out: Path, queries: tuple[str, ...]) -> None:
 
 
 def batch_size_runs(recipe: str, sizes: list[int], images: int, micro: int, runs: Path, out: Path,
-                    eval_size: int) -> None:
+                    eval_size: int, tokenizer: list[str]) -> None:
     """Train the recipe at each batch size on the same number of images, each with feature caching in micro-batches
     of `micro` (so all fit the memory of a `micro`-image batch); tabulate the final evaluation."""
     from mmlm.train.clip_run import load_recipe, train_clip
@@ -163,7 +164,7 @@ def batch_size_runs(recipe: str, sizes: list[int], images: int, micro: int, runs
         run = runs / f"batch-{b}"
         done = run / "guide_summary.json"
         if not done.is_file():
-            cfg = load_recipe(recipe, [f"train.batch_size={b}", f"train.steps={steps}", f"train.micro_batch={micro}",
+            cfg = load_recipe(recipe, [*tokenizer, f"train.batch_size={b}", f"train.steps={steps}", f"train.micro_batch={micro}",
                                        f"train.warmup_steps={max(1, steps // 10)}", "train.eval_every=0",
                                        "train.ckpt_every=0", f"data.eval_size={eval_size}", "train.progress=false",
                                        "train.num_workers=0"])
@@ -193,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--recipe", default="configs/clip-shapes.yaml")
     p.add_argument("--runs", default="runs/guide-batch-size")
     p.add_argument("--eval-size", type=int, default=500)
+    p.add_argument("--quick", action="store_true", help="small batches and image sets (the docs test)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -201,15 +203,18 @@ def main(argv: list[str] | None = None) -> None:
     run = Path(args.model).parent if (Path(args.model).parent / "metrics.jsonl").is_file() else None
     lines = [f"# CLIP chapter figures (`python scripts/guide_clip.py --model {args.model}`)", ""]
     similarity(model, tok, out, lines)
-    temperature(model, tok, run, out, lines)
-    in_batch_accuracy(model, tok, lines)
-    prompt_ensembles(model, tok, lines, args.zeroshot_images)
-    retrieval_figure(model, tok, out, ("a red star.", "three objects.", "a large blue square in the top left."))
+    temperature(model, tok, run, out, lines, batch=16 if args.quick else 128)
+    in_batch_accuracy(model, tok, lines, sizes=(2, 8) if args.quick else (2, 8, 32, 128, 512))
+    prompt_ensembles(model, tok, lines, 16 if args.quick else args.zeroshot_images)
+    retrieval_figure(model, tok, out, ("a red star.", "three objects.", "a large blue square in the top left."),
+                     n=16 if args.quick else 300)
     (out / "clip.md").write_text("\n".join(lines))
     print("\n".join(lines))
     if args.batch_sizes:
+        # every run tokenizes as the trained model does (the recipe's BPE, fitted once)
+        tokenizer = ["tokenizer.kind=file", f"tokenizer.path={Path(args.model) / 'tokenizer.json'}"]
         batch_size_runs(args.recipe, [int(b) for b in args.batch_sizes.split(",")], args.images, args.micro_batch,
-                        Path(args.runs), out, args.eval_size)
+                        Path(args.runs), out, args.eval_size, tokenizer)
 
 
 if __name__ == "__main__":
