@@ -103,13 +103,16 @@ def clip_batch(batch: int, seed: int = 0, image_size: int = 64) -> tuple[torch.T
 
 
 def train_steps(ours, hf, precision: str, lr: float = 1e-5):
-    """(one mmlm training step, one transformers training step): forward, CLIP loss, backward, AdamW."""
+    """(one mmlm training step, one transformers training step): forward, CLIP loss, backward, AdamW. Each
+    library's own training optimiser: mmlm's (train/optim.py: fused AdamW on plain CPU parameters) and
+    transformers Trainer's default for torch >= 2.8 ("adamw_torch_fused"): the same kernel."""
     from .train.feature_cache import contrastive_step
     from .train.objectives import contrastive_loss
+    from .train.optim import build_optimizer
 
     ours, hf = copy.deepcopy(ours).train(), copy.deepcopy(hf).train()
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=lr)
-    opt_hf = torch.optim.AdamW(hf.parameters(), lr=lr)
+    opt_ours = build_optimizer(ours, lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=lr, fused=True)
 
     def loss_fn(img, txt):
         return contrastive_loss("clip", img, txt, ours.logit_scale, ours.logit_bias)
