@@ -213,7 +213,7 @@ def measure_memory(library: str, src: str, vocab: int, lengths: list[int], new_t
 # ----------------------------------------------------------------------------- the benchmark
 
 def bench_decode(models: list[str] | None = None, quick: bool = False, threads: int | None = None,
-                 batches: tuple[int, ...] = (1, 8), memory: bool = True, compile: bool = True,
+                 batches: tuple[int, ...] = (1, 8), memory: bool = True, compile: bool = False,
                  emit: Callable[[dict], None] = lambda r: print(json.dumps(r), flush=True)) -> list[dict]:
     """Decode and prefill tokens/s of mmlm.generate vs transformers' generate(), and peak memory; returns the rows
     (each also passed to `emit` as soon as it is measured). `quick` runs fewer tokens and repeats. `compile` adds
@@ -294,7 +294,7 @@ def bench_decode(models: list[str] | None = None, quick: bool = False, threads: 
 
 
 def run_bench(what: str, models: list[str] | None = None, quick: bool = False, threads: int | None = None,
-              memory: bool = True, compile: bool = True) -> None:
+              memory: bool = True, compile: bool = False) -> None:
     """`mmlm bench WHAT`: decode | clip | llava | data | all, JSON lines on stdout."""
     from .bench_models import bench_clip, bench_data, bench_llava
 

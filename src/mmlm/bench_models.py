@@ -224,7 +224,7 @@ def llava_prompts(batch: int, text_tokens: int, image_tokens: int = 16, seed: in
     return ids, mask, torch.randn(batch, 3, 64, 64, generator=g)
 
 
-def bench_llava(quick: bool = False, batches: tuple[int, ...] = (1, 8), compile: bool = True,
+def bench_llava(quick: bool = False, batches: tuple[int, ...] = (1, 8), compile: bool = False,
                 emit: Emit = _print, text_config: dict | None = None) -> list[dict]:
     """Greedy decode tokens/s (prefill of image + text included, as a chat sees it) and prefill tokens/s.
     `text_config` replaces the tiny Llama (its vocabulary must hold IMAGE_TOKEN)."""

@@ -100,7 +100,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
     run_bench(args.what, models=args.model, quick=args.quick, threads=args.threads, memory=not args.no_memory,
-              compile=not args.no_compile)
+              compile=args.compile)
     return 0
 
 
@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="benchmark only this model (repeatable; default: both)")
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, i.e. the cores)")
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    b.add_argument("--no-compile", action="store_true", help="decode/llava: skip the torch.compile'd contender")
+    b.add_argument("--compile", action="store_true",
+                   help="decode/llava: add mmlm with its decode step torch.compile'd (compiles per batch size: minutes here)")
     b.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP API (chat, embeddings, zero-shot) and a web page at /")
