@@ -90,6 +90,13 @@ def create_app(model_path: str | Path, config: ServeConfig | None = None, **serv
         if cfg.api_key and request.headers.get("authorization") != f"Bearer {cfg.api_key}":
             raise APIError(401, "missing or wrong API key (Authorization: Bearer <key>)", "invalid_api_key")
 
+    async def prepare(make_job: Any, req: Any) -> Any:
+        """The request's job, built off the event loop (image decoding, tokenizing); 429 first if the queue is full."""
+        if service.worker.depth >= service.worker.max_queue:
+            raise APIError(429, f"the server is busy: the queue is full ({service.worker.max_queue} requests "
+                                "waiting); retry shortly", "queue_full")
+        return await asyncio.to_thread(make_job, req)
+
     async def submit(job: Job) -> Job:
         job.bind(asyncio.get_running_loop(), cfg.timeout_s)
         try:
@@ -139,7 +146,7 @@ def create_app(model_path: str | Path, config: ServeConfig | None = None, **serv
 
     @app.post("/v1/chat/completions", dependencies=deps, responses=ERROR_RESPONSES)
     async def chat_completions(req: ChatCompletionRequest) -> Any:
-        job = await submit(await asyncio.to_thread(service.chat_job, req))
+        job = await submit(await prepare(service.chat_job, req))
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -153,7 +160,7 @@ def create_app(model_path: str | Path, config: ServeConfig | None = None, **serv
 
     @app.post("/v1/embeddings", dependencies=deps, responses=ERROR_RESPONSES)
     async def embeddings(req: EmbeddingRequest) -> Any:
-        job, tokens = await asyncio.to_thread(service.embedding_job, req)
+        job, tokens = await prepare(service.embedding_job, req)
         vectors = await result(await submit(job))
         return {"object": "list", "model": service.name,
                 "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
@@ -161,7 +168,7 @@ def create_app(model_path: str | Path, config: ServeConfig | None = None, **serv
 
     @app.post("/v1/classify", dependencies=deps, responses=ERROR_RESPONSES)
     async def classify(req: ClassifyRequest) -> Any:
-        out = await result(await submit(await asyncio.to_thread(service.classify_job, req)))
+        out = await result(await submit(await prepare(service.classify_job, req)))
         data = [{"index": i, "label": label, "probability": p, "logit": z}
                 for i, (label, p, z) in enumerate(zip(out["labels"], out["probabilities"], out["logits"]))]
         best = max(data, key=lambda d: d["probability"])
