@@ -159,6 +159,7 @@ def bench_clip(quick: bool = False, batch: int = 64, precisions: tuple[str, ...]
         step_ours, step_hf = train_steps(ours, hf, precision)
         flops = count_flops(lambda: step_ours(pixels, ids))
         times = time_ab({"mmlm": lambda: step_ours(pixels, ids), "transformers": lambda: step_hf(pixels, ids)}, repeats)
+        peak = max(peak, matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32, peak_size))  # busy CPU
         med = {}
         for lib, secs in times.items():
             r = rates(batch, secs)
