@@ -193,3 +193,41 @@ def test_save_load_round_trip_and_config(tmp_path):
         export_hf(model, tmp_path / "hf")
     with pytest.raises(ValueError, match="vision_layer"):
         LlavaConfig(vision=ViTConfig(image_size=16, patch_size=8, width=32, layers=2, heads=4), vision_layer=5)
+
+
+def _tiny_resnet(**kw) -> Llava:
+    from mmlm.config import ModifiedResNetConfig
+
+    lm = LMConfig(vocab_size=64, width=32, layers=2, heads=4, kv_heads=2, mlp_dim=48, max_seq_len=128, eos_token_id=1)
+    cfg = LlavaConfig(vision=ModifiedResNetConfig(image_size=32, layers=(1, 1, 1, 1), width=8), lm=lm,
+                      image_token_id=63, **kw)
+    torch.manual_seed(0)
+    return Llava(cfg)
+
+
+def test_resnet_tower_reads_a_stage_feature_map_as_tokens():
+    """A ModifiedResNet tower: layer -2 is the third stage (stride 16: a 2x2 grid at 32 px, 16*width channels),
+    one token per cell in row-major order; mixed batches, gradients and cached generation work as with a ViT."""
+    model = _tiny_resnet().eval()
+    assert model.config.image_tokens == 4 and model.config.vision_feature_dim == 8 * 16
+    assert not any(n.startswith("vision.attn_pool") for n, _ in model.named_parameters())
+    rows, ids, mask, _ = _mixed_batch(model)
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        stage3 = model.vision.forward_stages(pixels)[3]  # (3, 128, 2, 2)
+        feats = model.encode_images(pixels)
+        torch.testing.assert_close(feats, model.projector(stage3.flatten(2).transpose(1, 2)))
+        batched = model(ids, attention_mask=mask, pixel_values=pixels).logits
+        alone = model(torch.tensor([rows[2]]), pixel_values=pixels[2:3]).logits[0]
+        torch.testing.assert_close(batched[2, : len(rows[2])], alone, atol=1e-5, rtol=0)
+    model.train().vision.requires_grad_(False)
+    logits = model(ids, attention_mask=mask, pixel_values=pixels).logits
+    logits.logsumexp(-1).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if p.requires_grad)
+    model.eval()
+    out = mmlm.generate(model, torch.tensor([rows[2]]), pixel_values=pixels[2:3], max_new_tokens=3, eos_token_id=[])
+    assert out.shape == (1, 3)
+    with pytest.raises(ValueError, match="cannot export"):
+        export_hf(model, "/nonexistent/never-written")
+    with pytest.raises(ValueError, match="different sizes"):
+        _tiny_resnet(vision_layer=[-2, -1])

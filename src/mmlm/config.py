@@ -87,6 +87,13 @@ class ModifiedResNetConfig:
     def feature_dim(self) -> int:
         return self.width * 32
 
+    # The hidden states a LLaVA can read: 0 = the stem's output (stride 4), 1..4 = each stage's (stride 4..32).
+    def stage_channels(self, i: int) -> int:
+        return self.width if i % 5 == 0 else self.width * 2 ** (i % 5 - 1) * 4
+
+    def stage_grid(self, i: int) -> int:
+        return self.image_size // 4 // 2 ** max(i % 5 - 1, 0)
+
 
 @dataclass
 class TextConfig:
@@ -213,13 +220,17 @@ PROJECTORS = ("linear", "mlp2x_gelu")
 
 @dataclass
 class LlavaConfig:
-    """LLaVA: a CLIP ViT's patch tokens, projected into a decoder LM's embedding space.
+    """LLaVA: a CLIP image tower's tokens, projected into a decoder LM's embedding space.
 
     The vision features are the hidden states of `vision_layer` (an index into the tower's hidden states,
     where 0 is the input of the first block: -2 is LLaVA-1.5's penultimate layer; a list concatenates
     several layers along the feature axis); `drop_cls` removes the class token. Each image becomes
     `image_tokens` positions holding `image_token_id` in input_ids. The image size is `vision.image_size`;
     how images are resized/padded is preprocessing (preprocess.json), kept apart from the architecture.
+
+    The tower is a ViT (LLaVA's, and the only one transformers' Llava holds) or CLIP's ModifiedResNet, whose
+    hidden states are the stem's and each stage's feature maps (5; -2 = the third stage, stride 16), read as
+    one token per grid cell: a convolutional tower for small data (mmlm only; no transformers export).
     """
 
     kind: str = "llava"
@@ -243,16 +254,21 @@ class LlavaConfig:
                f"llava.template must be plain, vicuna_v1 or chat, got {self.template!r}")
         if isinstance(self.vision, dict):
             self.vision = vision_config_from_dict(self.vision)
-        _check(isinstance(self.vision, ViTConfig), "llava.vision must be a ViT (kind 'vit'): LLaVA reads patch tokens")
+        _check(isinstance(self.vision, (ViTConfig, ModifiedResNetConfig)),
+               "llava.vision must be a ViT (kind 'vit') or a ModifiedResNet (kind 'modified_resnet')")
         if isinstance(self.lm, dict):
             self.lm = from_dict(LMConfig, self.lm, ".lm")
         _check(self.projector in PROJECTORS, f"llava.projector must be one of {PROJECTORS}, got {self.projector!r}")
         layers = self.vision_layers
         _check(len(layers) > 0 and all(isinstance(i, int) and not isinstance(i, bool) for i in layers),
                f"llava.vision_layer must be an integer or a non-empty list of integers, got {self.vision_layer!r}")
-        n = self.vision.layers + 1  # hidden states: the first block's input, then each block's output
+        resnet = isinstance(self.vision, ModifiedResNetConfig)
+        n = 5 if resnet else self.vision.layers + 1  # ViT: the first block's input, then each block's output
         bad = [i for i in layers if not -n <= i < n]
-        _check(not bad, f"llava.vision_layer {bad} is outside the {n} hidden states of a {self.vision.layers}-layer ViT")
+        _check(not bad, f"llava.vision_layer {bad} is outside the {n} hidden states of the "
+                        f"{'ResNet (stem + 4 stages)' if resnet else f'{self.vision.layers}-layer ViT'}")
+        _check(not resnet or len({self.vision.stage_grid(i) for i in layers}) == 1,
+               f"llava.vision_layer {layers}: ResNet feature maps of different sizes cannot be concatenated")
         _check(self.lora_rank >= 0, f"llava.lora_rank must be >= 0, got {self.lora_rank}")
         if isinstance(self.vision_layer, tuple):
             self.vision_layer = list(self.vision_layer)
@@ -264,10 +280,14 @@ class LlavaConfig:
     @property
     def image_tokens(self) -> int:
         """Positions one image occupies in the LM's sequence."""
+        if isinstance(self.vision, ModifiedResNetConfig):  # one per cell of the feature map; no class token
+            return self.vision.stage_grid(self.vision_layers[0]) ** 2
         return self.vision.num_patches + (0 if self.drop_cls else 1)
 
     @property
     def vision_feature_dim(self) -> int:
+        if isinstance(self.vision, ModifiedResNetConfig):
+            return sum(self.vision.stage_channels(i) for i in self.vision_layers)
         return self.vision.width * len(self.vision_layers)
 
     # What generation reads from a model's config.

@@ -79,6 +79,9 @@ def config_from_hf(hf: dict[str, Any]) -> LlavaConfig:
 
 
 def config_to_hf(cfg: LlavaConfig) -> dict[str, Any]:
+    if cfg.vision.kind != "vit":
+        raise ValueError(f"transformers' LLaVA holds a CLIP ViT tower; a {cfg.vision.kind} tower cannot export "
+                         "(keep the model in mmlm format)")
     if cfg.projector != "mlp2x_gelu":
         raise ValueError(f"transformers' LLaVA projector is the 2-layer GELU MLP; projector {cfg.projector!r} "
                          "cannot export (keep the model in mmlm format)")

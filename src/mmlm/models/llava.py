@@ -1,5 +1,8 @@
 """LLaVA: a CLIP vision tower, a projector, and a decoder LM reading image features as if they were tokens.
 
+The tower is a ViT (patch tokens, as LLaVA) or CLIP's ModifiedResNet (one token per cell of a stage's
+feature map: a convolutional tower for small data, see `LlavaConfig`).
+
 Reference: Liu et al. 2023/2024 (LLaVA, LLaVA-1.5); logits equal transformers' `LlavaForConditionalGeneration`
 (tests/test_llava.py). The splice follows transformers' convention: input_ids already hold one
 `image_token_id` per image feature (the conversation encoder expands each `<image>`), and the features of
@@ -12,11 +15,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import LlavaConfig
+from ..config import LlavaConfig, ModifiedResNetConfig
 from .layers import KVCache
 from .lm import LM, LMOutput
 from .lora import add_lora, merge_lora
 from .projector import Projector
+from .resnet import ModifiedResNet
 from .vit import VisionTransformer
 
 
@@ -24,7 +28,9 @@ class Llava(nn.Module):
     def __init__(self, cfg: LlavaConfig):
         super().__init__()
         self.config = cfg
-        self.vision = VisionTransformer(cfg.vision, embed_dim=None)  # patch tokens only: no CLIP projection
+        # The tower's tokens only: no CLIP projection (nor a ResNet's attention pool).
+        resnet = isinstance(cfg.vision, ModifiedResNetConfig)
+        self.vision = ModifiedResNet(cfg.vision, embed_dim=None) if resnet else VisionTransformer(cfg.vision, embed_dim=None)
         self.projector = Projector(cfg.projector, cfg.vision_feature_dim, cfg.lm.width, bias=cfg.projector_bias)
         self.lm = LM(cfg.lm)
         self.vision.init_weights()
@@ -56,13 +62,19 @@ class Llava(nn.Module):
         A frozen tower (no parameter needing a gradient) runs without building a graph.
         """
         cfg = self.config
-        hidden: list[torch.Tensor] = []  # the first block's input, then each block's output: (N, 1 + P, Dv)
         track = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(track):
-            self.vision.forward_tokens(pixel_values, hidden_states=hidden)
-        feats = torch.cat([hidden[i] for i in cfg.vision_layers], dim=-1)  # (N, 1 + P, Dv * n_layers)
-        if cfg.drop_cls:
-            feats = feats[:, 1:]
+            if isinstance(self.vision, ModifiedResNet):
+                # the stem's and each stage's feature maps (N, C_i, H_i, W_i) -> one token per cell (N, H_i * W_i, C_i)
+                n = len(cfg.vision.layers) + 1
+                stages = self.vision.forward_stages(pixel_values, upto=max(i % n for i in cfg.vision_layers))
+                feats = torch.cat([stages[i % n].flatten(2).transpose(1, 2) for i in cfg.vision_layers], dim=-1)
+            else:
+                hidden: list[torch.Tensor] = []  # the first block's input, then each block's output: (N, 1 + P, Dv)
+                self.vision.forward_tokens(pixel_values, hidden_states=hidden)
+                feats = torch.cat([hidden[i] for i in cfg.vision_layers], dim=-1)  # (N, 1 + P, Dv * n_layers)
+                if cfg.drop_cls:
+                    feats = feats[:, 1:]
         return self.projector(feats.to(self.projector.fc1.weight.dtype))
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, decoding: bool = False) -> torch.Tensor:

@@ -68,7 +68,9 @@ class AttentionPool2d(nn.Module):
 
 
 class ModifiedResNet(nn.Module):
-    def __init__(self, cfg: ModifiedResNetConfig, embed_dim: int):
+    """`embed_dim=None` builds the trunk without the attention pool (a LLaVA tower reads the feature maps)."""
+
+    def __init__(self, cfg: ModifiedResNetConfig, embed_dim: int | None):
         super().__init__()
         self.cfg = cfg
         w, eps = cfg.width, cfg.norm_eps
@@ -89,19 +91,24 @@ class ModifiedResNet(nn.Module):
             blocks += [Bottleneck(inplanes, planes, 1, eps) for _ in range(depth - 1)]
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.attn_pool = AttentionPool2d(cfg.grid, cfg.feature_dim, cfg.heads, embed_dim)
+        self.attn_pool = AttentionPool2d(cfg.grid, cfg.feature_dim, cfg.heads, embed_dim) if embed_dim else None
 
     def init_weights(self) -> None:
         """OpenAI's init: attention-pool projections ~ N(0, C^-1/2); each block's last BN starts at zero."""
         std = self.cfg.feature_dim**-0.5
-        nn.init.normal_(self.attn_pool.attn.qkv.weight, std=std)
-        nn.init.normal_(self.attn_pool.attn.proj.weight, std=std)
+        if self.attn_pool is not None:
+            nn.init.normal_(self.attn_pool.attn.qkv.weight, std=std)
+            nn.init.normal_(self.attn_pool.attn.proj.weight, std=std)
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in stage:
                 nn.init.zeros_(block.bn3.weight)
 
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, 32 * width, H / 32, W / 32) feature map before the attention pool."""
+        return self.forward_stages(pixel_values)[-1]
+
+    def forward_stages(self, pixel_values: torch.Tensor, upto: int = 4) -> list[torch.Tensor]:
+        """The stem's feature map (stride 4), then stages 1..`upto`'s (strides 4, 8, 16, 32): (B, C_i, H_i, W_i)."""
         x = pixel_values.to(self.conv1.weight.dtype)
         if torch.is_grad_enabled():
             # Training: oneDNN's convolutions run ~1.4x faster on NHWC ("channels_last") activations. Inference
@@ -110,8 +117,10 @@ class ModifiedResNet(nn.Module):
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.relu(self.bn2(self.conv2(x)))
         x = self.relu(self.bn3(self.conv3(x)))
-        x = self.pool(x)
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        hidden = [self.pool(x)]
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4)[:upto]:
+            hidden.append(stage(hidden[-1]))
+        return hidden
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, embed_dim)."""

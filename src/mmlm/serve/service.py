@@ -76,7 +76,9 @@ class Service:
                                        mode="pad_square" if self.kind == "llava" else "resize_crop")
             found = load_preprocess(model_path) if Path(model_path).is_dir() else None
             self.processor = ImageProcessor(found or default, max_pixels=cfg.max_image_pixels)
-        self.template = cfg.template or ("vicuna_v1" if self.kind == "llava" else "chat")
+        # a LLaVA is prompted with the template it was tuned with (saved in its config)
+        self.template = cfg.template or (getattr(self.model.config, "template", "vicuna_v1")
+                                         if self.kind == "llava" else "chat")
         if self.kind == "clip":
             self.worker = Worker(lambda jobs: run_embeddings(self.model, self.tokenizer, jobs), cfg.max_queue,
                                  cfg.max_embed_batch)

@@ -132,10 +132,11 @@ def build_model(cfg: LlavaRunConfig, tok) -> Llava:
     if cfg.vision_from:  # the tower is that CLIP's: its architecture wins over the recipe's `model.vision`
         clip = load_model(cfg.vision_from)
         vision = getattr(getattr(clip, "config", None), "vision", None)
-        if getattr(vision, "kind", None) != "vit":
-            raise ValueError(f"vision_from={cfg.vision_from!r} must be a CLIP with a ViT image tower "
-                             f"(LLaVA reads its patch tokens), got {getattr(vision, 'kind', type(clip).__name__)!r}")
+        if getattr(vision, "kind", None) not in ("vit", "modified_resnet"):
+            raise ValueError(f"vision_from={cfg.vision_from!r} must be a CLIP (ViT or ModifiedResNet image tower), "
+                             f"got {getattr(vision, 'kind', type(clip).__name__)!r}")
         mc.vision = vision
+        mc.__post_init__()  # vision_layer checked against this tower
     mc.lora_rank = 0  # added below, after the pretrained tensors are in
     lm = None
     if cfg.lm_from:
@@ -153,8 +154,8 @@ def build_model(cfg: LlavaRunConfig, tok) -> Llava:
         load_state_dict_strict(model.lm, pretrained_lm_state(lm, tok.vocab_size), f"{cfg.lm_from} (LM)")
         del lm
     if clip is not None:
-        sd = {k.removeprefix("visual."): v for k, v in clip.state_dict().items()
-              if k.startswith("visual.") and k != "visual.proj.weight"}
+        sd = {k.removeprefix("visual."): v for k, v in clip.state_dict().items()  # no projection, no pooling
+              if k.startswith("visual.") and k != "visual.proj.weight" and not k.startswith("visual.attn_pool.")}
         load_state_dict_strict(model.vision, sd, f"{cfg.vision_from} (vision tower)")
     if cfg.lora_rank and cfg.stage == 2:
         model.add_lora(cfg.lora_rank, cfg.lora_alpha)
