@@ -42,7 +42,7 @@ def test_user_errors_are_one_line_messages(tmp_path, capsys):
 def test_quickstart_smoke(tmp_path):
     from mmlm.quickstart import quickstart
 
-    result = quickstart(tmp_path / "qs", steps=4, eval_size=16, llava_steps=(3, 3, 3),
+    result = quickstart(tmp_path / "qs", steps=4, eval_size=16, llava_steps=(3, 3),
                         overrides=["data.eval_size=16", "train.num_workers=0", "train.progress=false"])
     assert (tmp_path / "qs" / "run" / "report.md").is_file()
     for name in ("loss.png", "eval.png", "confusion_seen.png", "similarity.png"):

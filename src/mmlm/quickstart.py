@@ -4,7 +4,8 @@
 2. trains a small CLIP on shapes with the `configs/clip-shapes.yaml` recipe, scaled to the time budget;
 3. evaluates zero-shot (seen and held-out colour-shape pairs) and retrieval;
 4. writes plots and report.md into the run directory, and prints where it is;
-5. then trains and evaluates a tiny LLaVA on the shapes conversations (`quickstart_llava.py`).
+5. then trains and evaluates a tiny LLaVA on the shapes conversations with that CLIP's image tower
+   (`quickstart_llava.py`).
 """
 
 from __future__ import annotations
@@ -62,9 +63,10 @@ def _measure_step_time(cfg, steps: int = 12, skip: int = 4) -> float:
 
 def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, steps: int | None = None,
                overrides: list[str] | None = None, eval_size: int = 1000, llava: bool = True,
-               llava_steps: tuple[int, int, int] | None = None) -> dict[str, Any]:
+               llava_steps: tuple[int, int] | None = None) -> dict[str, Any]:
     """CLIP on shapes (`minutes` of training, or `steps`), then (with `llava`) the tiny LLaVA of
-    `quickstart_llava` with its recipes' step counts (or `llava_steps`: ViT CLIP, stage 1, stage 2)."""
+    `quickstart_llava` on that CLIP's image tower, with its recipe's step counts (or `llava_steps`: stage 1,
+    stage 2)."""
     from .data.shapes import write_shapes
     from .report import plot_confusion, plot_training, write_report
     from .train.clip_run import load_recipe, train_clip
@@ -114,8 +116,7 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, steps:
     if llava:
         from .quickstart_llava import quickstart_llava
 
-        result["llava"] = quickstart_llava(out, clip_overrides=overrides,
-                                           overrides=[o for o in overrides or [] if o.startswith("train.")],
+        result["llava"] = quickstart_llava(out, final, overrides=[o for o in overrides or [] if o.startswith("train.")],
                                            steps=llava_steps, eval_size=min(eval_size, 500))
     print(json.dumps(result, indent=2))
     return result

@@ -1,10 +1,10 @@
-"""The LLaVA half of `mmlm quickstart`: a ViT CLIP as the vision tower, LLaVA stage 1 and stage 2 on the
+"""The LLaVA half of `mmlm quickstart`: the quickstart's CLIP image tower, LLaVA stage 1 and stage 2 on the
 shapes conversations, VQA on seen and held-out colour-shape pairs, and a figure of answered questions.
 
-1. trains a ViT CLIP on shapes (`configs/clip-shapes-vit.yaml`): LLaVA reads a ViT's patch tokens;
-2. stage 1 (`configs/llava-shapes.yaml`): projector (and the from-scratch LM) on image -> caption;
-3. stage 2 (the recipe's `stage2:` block): projector + LM on VQA conversations;
-4. exact-match VQA per question type on val (seen pairs) and novel (held-out pairs), and report.md.
+1. stage 1 (`configs/llava-shapes.yaml`): projector (and the from-scratch LM) on image -> caption, reading the
+   CLIP's ResNet feature map (frozen) as image tokens;
+2. stage 2 (the recipe's `stage2:` block): projector + LM on VQA conversations;
+3. exact-match VQA per question type on val (seen pairs) and novel (held-out pairs), and report.md.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-VIT_RECIPE = "clip-shapes-vit.yaml"
 LLAVA_RECIPE = "llava-shapes.yaml"
 
 
@@ -27,37 +26,28 @@ def _steps(overrides: list[str], steps: int | None, eval_every: int | None = Non
     return extra
 
 
-def quickstart_llava(out: Path, overrides: list[str] | None = None, steps: tuple[int, int, int] | None = None,
-                     eval_size: int = 500, clip_overrides: list[str] | None = None) -> dict[str, Any]:
-    """Train and evaluate the quickstart's tiny LLaVA under `out`; `steps` = (ViT CLIP, stage 1, stage 2) steps
-    (default: the recipes' own). `overrides` apply to the LLaVA runs (e.g. train.progress=false),
-    `clip_overrides` to the ViT CLIP run."""
+def quickstart_llava(out: Path, tower: Path, overrides: list[str] | None = None,
+                     steps: tuple[int, int] | None = None, eval_size: int = 500) -> dict[str, Any]:
+    """Train and evaluate the quickstart's tiny LLaVA under `out` on the CLIP in `tower`; `steps` = (stage 1,
+    stage 2) steps (default: the recipe's own). `overrides` apply to both runs (e.g. train.progress=false)."""
     from .eval.cli import eval_vqa
     from .quickstart import recipe_path
     from .report import plot_training, write_report
-    from .train.clip_run import load_recipe as clip_recipe
-    from .train.clip_run import train_clip
-    from .train.llava_run import load_recipe as llava_recipe
-    from .train.llava_run import train_llava
+    from .train.llava_run import load_recipe, train_llava
 
     overrides = list(overrides or [])
-    vit_steps, s1_steps, s2_steps = steps or (None, None, None)
-    print("[LLaVA 1/4] training a ViT CLIP on shapes: the vision tower")
-    vit_cfg = clip_recipe(recipe_path(VIT_RECIPE), _steps(list(clip_overrides or []), vit_steps, eval_every=vit_steps))
-    train_clip(vit_cfg, out / "vit-clip")
-    tower = out / "vit-clip" / "final"
-
-    print("[LLaVA 2/4] stage 1: feature alignment on captions")
-    s1 = llava_recipe(recipe_path(LLAVA_RECIPE), _steps(overrides, s1_steps) + [f"vision_from={tower}"])
+    s1_steps, s2_steps = steps or (None, None)
+    print(f"[LLaVA 1/3] stage 1: feature alignment on captions (vision tower: {tower}, frozen)")
+    s1 = load_recipe(recipe_path(LLAVA_RECIPE), _steps(overrides, s1_steps) + [f"vision_from={tower}"])
     train_llava(s1, out / "llava-s1")
 
-    print("[LLaVA 3/4] stage 2: visual instruction tuning on VQA conversations")
-    s2 = llava_recipe(recipe_path(LLAVA_RECIPE), ["stage=2", f"init_from={out / 'llava-s1' / 'final'}"]
-                      + _steps(overrides, s2_steps, eval_every=s2_steps) + ["data.eval_size=0"])
+    print("[LLaVA 2/3] stage 2: visual instruction tuning on VQA conversations")
+    s2 = load_recipe(recipe_path(LLAVA_RECIPE), ["stage=2", f"init_from={out / 'llava-s1' / 'final'}"]
+                     + _steps(overrides, s2_steps, eval_every=s2_steps) + ["data.eval_size=0"])
     train_llava(s2, out / "llava-s2")
     final = out / "llava-s2" / "final"
 
-    print("[LLaVA 4/4] evaluating VQA and writing the report")
+    print("[LLaVA 3/3] evaluating VQA and writing the report")
     val = eval_vqa(final, "shapes", limit=eval_size)
     novel = eval_vqa(final, "shapes-novel", limit=eval_size)
     (out / "llava-eval.json").write_text(json.dumps({"vqa_val": val, "vqa_novel": novel}, indent=1))
@@ -68,10 +58,11 @@ def quickstart_llava(out: Path, overrides: list[str] | None = None, steps: tuple
     table = {"vqa_val": {"accuracy": val["accuracy"], **{k: v["accuracy"] for k, v in val["per_type"].items()}},
              "vqa_novel": {"accuracy": novel["accuracy"], **{k: v["accuracy"] for k, v in novel["per_type"].items()}}}
     report = write_report(run, "mmlm quickstart: LLaVA on shapes", {"eval": table}, figures,
-                          notes=[f"Vision tower: the ViT CLIP in `{tower}` (frozen). Stage 1 (`{out / 'llava-s1'}`) "
-                                 "trained the projector and the from-scratch LM on captions; stage 2 trained both on "
-                                 "VQA conversations. Exact-match accuracy, greedy decoding, one question per image; "
-                                 "'novel' images hold a colour-shape pair never seen in training."])
+                          notes=[f"Vision tower: the CLIP image tower of `{tower}` (frozen). Stage 1 "
+                                 f"(`{out / 'llava-s1'}`) trained the projector and the from-scratch LM on captions; "
+                                 "stage 2 trained both on VQA conversations. Exact-match accuracy, greedy decoding, "
+                                 "one question per image; 'novel' images hold a colour-shape pair never seen in "
+                                 "training."])
     return {"report": str(report), "model": str(final), **table}
 
 
