@@ -4,8 +4,8 @@ gloo), and peak tensor memory of the contrastive loss vs global batch size, loca
     python benchmarks/bench_distributed.py [--quick] [--repeats N] [--skip-throughput] [--skip-memory]
 
 Prints JSON lines. Throughput runs the real `mmlm train clip` (configs/clip-shapes.yaml, bf16, no DataLoader workers)
-in subprocesses, alternating the two layouts (A, B, A, B, ...); samples/s comes from each run's metrics.jsonl with the
-first logging interval (warm-up) dropped; medians and the B/A ratio are reported. Memory is measured in 2 gloo
+in subprocesses, alternating the layouts (A, B, C, A, B, C, ...; C = 1 process x 1 thread, for reference); samples/s comes from each run's metrics.jsonl with the
+first logging interval (warm-up) dropped; medians, ratios and the machine's load average are reported. Memory is measured in 2 gloo
 processes (rank 0 reported): the peak of live tensor bytes (a dispatch-mode counter, exact for tensors, blind to
 allocator overhead) during forward + backward of the loss on features of width 512 that each rank already holds.
 """
@@ -51,7 +51,7 @@ def _train(out: Path, processes: int, threads: int, steps: int, log_every: int, 
 
 
 def throughput(repeats: int, steps: int, log_every: int, batch: int) -> None:
-    layouts = {"1proc_x_2threads": (1, 2), "2proc_x_1thread": (2, 1)}
+    layouts = {"1proc_x_2threads": (1, 2), "2proc_x_1thread": (2, 1), "1proc_x_1thread": (1, 1)}
     rates: dict[str, list[float]] = {k: [] for k in layouts}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(repeats):
@@ -63,7 +63,9 @@ def throughput(repeats: int, steps: int, log_every: int, batch: int) -> None:
     med = {k: statistics.median(v) for k, v in rates.items()}
     print(json.dumps({"bench": "throughput_summary", "model": "configs/clip-shapes.yaml (bf16)", "global_batch": batch,
                       **{f"{k}_median_samples_per_s": round(v, 1) for k, v in med.items()},
-                      "ratio_2proc_over_1proc": round(med["2proc_x_1thread"] / med["1proc_x_2threads"], 3)}), flush=True)
+                      "ratio_2proc_over_1proc_2threads": round(med["2proc_x_1thread"] / med["1proc_x_2threads"], 3),
+                      "ratio_2proc_over_1proc_1thread": round(med["2proc_x_1thread"] / med["1proc_x_1thread"], 3),
+                      "load_average_1min": round(os.getloadavg()[0], 1)}), flush=True)
 
 
 # ----------------------------------------------------------------------------- memory
