@@ -177,3 +177,48 @@ def test_stage2_lora_trains_only_low_rank_updates_and_exports_merged(tmp_path):
                                          pixel_values=batch["pixel_values"]).logits, ours, atol=0, rtol=0)
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(ours[real], ref[real], atol=1e-4, rtol=0)
+
+
+def test_pretrained_lm_and_resnet_clip_tower_build_a_llava(tmp_path):
+    """lm_from + vision_from: the LM's weights and tokenizer (with <image> appended to its vocabulary, the new
+    embedding row the mean of the others), the CLIP's ResNet trunk without its pool; stage 1 moves only the
+    projector; stage 2 then answers through the LM's own tokenizer."""
+    import json
+
+    import mmlm
+    from mmlm.cli import main
+    from mmlm.config import CLIPConfig, ModifiedResNetConfig, TextConfig
+    from mmlm.models.clip import CLIP
+    from mmlm.models.lm import LM
+
+    data = ShapesConversations("train", 32, seed=0, image_size=32, n_questions=1)
+    texts = [t["value"] for i in range(32) for t in data[i]["conversations"]] + [data[i]["caption"] for i in range(32)]
+    tok = Tokenizer.train_byte_level(texts, vocab_size=300, special_tokens=["<s>", "</s>"])
+    torch.manual_seed(0)
+    lm = LM(LMConfig(vocab_size=tok.vocab_size, width=32, layers=2, heads=4, kv_heads=2, mlp_dim=64, max_seq_len=512,
+                     eos_token_id=tok.eot_id))
+    mmlm.save(lm, tmp_path / "lm", tokenizer=tok)
+    clip = CLIP(CLIPConfig(embed_dim=16, vision=ModifiedResNetConfig(image_size=32, layers=(1, 1, 1, 1), width=8),
+                           text=TextConfig(vocab_size=50, eot_token_id=49, context_length=8, width=32, layers=1, heads=4)))
+    mmlm.save(clip, tmp_path / "clip")
+    tiny = ["data.train_size=32", "data.eval_size=2", "train.batch_size=4", "train.progress=false", "train.steps=2",
+            "train.precision=fp32", "stage1_trains_lm=false", "max_len=500"]
+    config = "configs/llava-shapes.yaml"
+    assert main(["train", "llava", "--config", config, "--out", str(tmp_path / "s1"), *tiny,
+                 f"lm_from={tmp_path / 'lm'}", f"vision_from={tmp_path / 'clip'}"]) == 0
+    s1 = mmlm.load(tmp_path / "s1" / "final")
+    new_tok = mmlm.load_tokenizer(tmp_path / "s1" / "final")
+    assert new_tok.vocab_size == tok.vocab_size + 1 and s1.config.image_token_id == tok.vocab_size
+    assert s1.config.image_tokens == 4 and s1.config.template == "plain"  # stage 3 of a 32 px ResNet: 2x2
+    w = lm.embed.weight
+    torch.testing.assert_close(s1.lm.embed.weight, torch.cat([w, w.mean(0, keepdim=True)]))
+    for name, p in s1.lm.named_parameters():
+        if name != "embed.weight" and name != "lm_head.weight":
+            torch.testing.assert_close(p, lm.get_parameter(name), msg=name)  # the LM did not move in stage 1
+    for name, p in s1.vision.named_parameters():
+        torch.testing.assert_close(p, clip.visual.get_parameter(name), msg=name)
+    assert main(["train", "llava", "--config", config, "--out", str(tmp_path / "s2"), *tiny, "stage=2",
+                 f"init_from={tmp_path / 's1' / 'final'}"]) == 0
+    summary = json.loads((tmp_path / "s2" / "summary.json").read_text())
+    assert set(summary["eval"]) == {"vqa_val", "vqa_novel"}
+    assert mmlm.load(tmp_path / "s2" / "final").config.template == "vicuna_v1"
