@@ -56,7 +56,15 @@ class TextTransformer(nn.Module):
         return is_eot.int().argmax(dim=-1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) -> (B, embed_dim): the EOT token's features, projected."""
+        """(B, T) -> (B, embed_dim): the EOT token's features, projected.
+
+        Attention is causal, so the tokens after the batch's last EOT reach no pooled feature: they are not
+        computed (captions are usually much shorter than the context; the features are the same).
+        """
+        index = self.pool_index(input_ids)  # (B,)
+        used = int(index.max()) + 1
+        input_ids = input_ids[:, :used]
+        attention_mask = None if attention_mask is None else attention_mask[:, :used]
         x = self.forward_tokens(input_ids, attention_mask)
-        x = x[torch.arange(x.shape[0], device=x.device), self.pool_index(input_ids)]  # (B, w)
+        x = x[torch.arange(x.shape[0], device=x.device), index]  # (B, w)
         return self.proj(x)
