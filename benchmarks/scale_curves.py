@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Scale curves (issue 8): mmlm's bench-vit CLIP train step vs batch size, tiny-LLaVA prefill vs prompt length.
 
-    python benchmarks/scale_curves.py [--precision bf16] [--batches 64,128,256,512,1024] [--lengths 128,256,512,1024]
+    python benchmarks/scale_curves.py [--precision bf16] [--batches 64,128,256,512,1024] [--lengths 128,256,512,1000]
 
 Each point is measured in a fresh subprocess (so peak memory, Linux VmHWM, is that point's own): one warm-up
 step, then `--steps` timed ones. Prints one JSON line per point: items/s (images or prompt tokens), seconds
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     p.add_argument("--batches", default="64,128,256,512,1024")
-    p.add_argument("--lengths", default="128,256,512,1024")
+    p.add_argument("--lengths", default="128,256,512,1000")  # + 1 new token within the 1024 context
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
