@@ -21,6 +21,7 @@ from ..data.transforms import ImageProcessor, PreprocessConfig
 from ..models.llava import Llava
 from ..models.lm import LM
 from ..eval.vqa import evaluate_vqa
+from . import distributed
 from .llava_task import LlavaDataConfig, LlavaRunConfig, LlavaTask, ShapesConversations
 from .loop import TrainConfig, train
 
@@ -183,17 +184,21 @@ def build_evaluator(cfg: LlavaRunConfig, model: Llava, tok, preprocess: Preproce
 def train_llava(cfg: LlavaRunConfig, out: str | Path, resume: bool = True) -> dict[str, Any]:
     """Train a LLaVA stage per `cfg` into run directory `out` (resuming from its latest checkpoint if any)."""
     out = Path(out)
+    w = distributed.setup(cfg.train.dist_timeout_s)  # under torchrun (else nothing)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     data = train_data(cfg)
-    tok = build_tokenizer(cfg, data, out)
+    with distributed.main_first():  # rank 0 fits and saves the tokenizer, the other ranks load it
+        tok = build_tokenizer(cfg, data, out)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, tok)
     preprocess = PreprocessConfig(image_size=cfg.model.vision.image_size, mode=cfg.preprocess)
     model.config.template = cfg.template  # saved with the model: chat and eval prompt it as it was tuned
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if w.is_main:
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     task = LlavaTask(cfg, model, tok, data, preprocess, build_evaluator(cfg, model, tok, preprocess))
     summary = train(task, cfg.train, out, resume=resume)
-    print(json.dumps({"run": str(out), **summary}))
+    if w.is_main:
+        print(json.dumps({"run": str(out), **summary}))
     return summary
