@@ -1,5 +1,5 @@
-"""The fast decoding path: LM.decode_step (static shapes over the whole preallocated cache) equals a full
-forward; generate(compile=True) keeps finished rows in the batch and gives the same tokens; a failing
+"""The decoding step: LM.decode_step (eager: over the filled cache slots; for torch.compile: static shapes
+over the whole preallocated cache) equals a full forward; generate(compile=True) keeps finished rows in the batch and gives the same tokens; a failing
 torch.compile falls back to the eager step with a warning. (torch.compile itself is exercised by
 `mmlm bench decode`, not here: compiling takes a minute on a busy CPU.)"""
 
@@ -31,8 +31,10 @@ def _left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def test_decode_step_equals_full_forward():
-    """Left-padded prefill, then 5 decode_steps over a 12-slot cache: each step's logits == the full forward's."""
+@pytest.mark.parametrize("static", [False, True], ids=["int-slot", "tensor-slot"])
+def test_decode_step_equals_full_forward(static):
+    """Left-padded prefill, then 5 decode_steps over a 12-slot cache: each step's logits == the full forward's
+    (an int slot attends over the filled slots; a tensor slot over the whole cache, empty slots masked)."""
     model = _model()
     ids, mask = _left_pad([[5, 6, 7, 8, 9], [11, 12]])
     new = torch.randint(3, 96, (2, 5))
@@ -48,7 +50,8 @@ def test_decode_step_equals_full_forward():
         pos = position_ids_from_mask(full_mask)
         for j in range(new.shape[1]):
             key_mask[:, T + j] = True
-            got = model.decode_step(new[:, j : j + 1], pos[:, T + j : T + j + 1], key_mask, cache, torch.tensor([T + j]))
+            slot = torch.tensor([T + j]) if static else T + j
+            got = model.decode_step(new[:, j : j + 1], pos[:, T + j : T + j + 1], key_mask, cache, slot)
             torch.testing.assert_close(got, full[:, T + j], atol=1e-5, rtol=0)
 
 
@@ -68,12 +71,11 @@ def test_compiled_path_keeps_finished_rows_same_tokens(compile_as):
     free = generate(model, ids, mask, max_new_tokens=10)
     eos = int(free[0, 2])
     streamed = {False: [], True: []}
-    for compile in (False, True):
-        got = generate(model, ids, mask, max_new_tokens=10, eos_token_id=[eos], compile=compile,
-                       stream=lambda row, t, c=compile: streamed[c].append((row, t)))
-        if compile:
-            assert got.tolist() == eager.tolist()
-        eager = got
+    got = {compile: generate(model, ids, mask, max_new_tokens=10, eos_token_id=[eos], compile=compile,
+                             stream=lambda row, t, c=compile: streamed[c].append((row, t)))
+           for compile in (False, True)}
+    assert got[True].tolist() == got[False].tolist()
+    eager = got[False]
     assert (eager[0, 3:] == eos).all() and eager[0, :3].tolist() == free[0, :3].tolist()
     assert streamed[True] == streamed[False]
 

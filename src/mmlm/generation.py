@@ -139,7 +139,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     # slot the next token goes to, its position. Per step: one token chosen, one mask column set, one step.
     key_mask = torch.zeros(B, total, dtype=torch.bool, device=device)
     key_mask[:, :T] = mask.bool()
-    slot = torch.tensor([T], device=device)
+    slot = torch.tensor([T], device=device) if compile else T  # a tensor: static shapes for the compiled step
     next_pos = positions[:, -1:] + 1  # (b, 1)
     step_fn = decode_step_fn(model, compile)
     rows = None  # original row of each batch row, once rows have left (None: all still there, in order)

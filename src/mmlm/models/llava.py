@@ -106,8 +106,8 @@ class Llava(nn.Module):
         return x.masked_scatter(image_mask[..., None], feats.to(x.dtype))
 
     def decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor,
-                    cache: KVCache, slot: torch.Tensor) -> torch.Tensor:
-        """The LM's static-shape generation step (LM.decode_step): a generated token is an ordinary token."""
+                    cache: KVCache, slot: int | torch.Tensor) -> torch.Tensor:
+        """The LM's generation step (LM.decode_step): a generated token is an ordinary token."""
         return self.lm.decode_step(input_ids, position_ids, key_mask, cache, slot)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,

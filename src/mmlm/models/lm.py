@@ -81,16 +81,19 @@ class LM(nn.Module):
         return KVCache.empty(cfg.layers, batch, cfg.kv_heads, max_len, cfg.head_dim, w.dtype, w.device)
 
     def decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor,
-                    cache: KVCache, slot: torch.Tensor) -> torch.Tensor:
-        """One generation step with static shapes: the same computation as `forward` for one new token per row.
+                    cache: KVCache, slot: int | torch.Tensor) -> torch.Tensor:
+        """One generation step: the same computation as `forward` for one new token per row, without its checks.
 
         input_ids, position_ids (B, 1); key_mask (B, S) bool over every cache slot, True for the real tokens
-        (this one included), so the empty slots of the preallocated cache are hidden; slot (1,) long: where
-        this token's keys/values go. Returns logits (B, V). No Python branch reads tensor values and no shape
-        changes between steps, so `torch.compile` traces it once; `cache.pos` is left to the caller.
+        (this one included); slot: where this token's keys/values go. Returns logits (B, V); `cache.pos` is
+        left to the caller. With slot an int, attention reads the filled slots only (fastest eagerly); with
+        slot a (1,) LongTensor it reads the whole preallocated cache with the empty slots masked, so no shape
+        changes between steps and `torch.compile` traces the step once.
         """
         x = self.embed(input_ids)  # (B, 1, C)
         rope = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
+        if not isinstance(slot, torch.Tensor):
+            key_mask = key_mask[:, : slot + 1]
         mask = key_mask[:, None, None, :]  # (B, 1, 1, S)
         for i, block in enumerate(self.blocks):
             x = block(x, attn_mask=mask, rope=rope, cache=(cache.k[i], cache.v[i], slot))
