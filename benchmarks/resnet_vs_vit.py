@@ -200,8 +200,9 @@ def evaluate(model_dir: Path, dataset: str, sets: EvalSets) -> dict[str, float]:
 # ----------------------------------------------------------------------------- cost
 
 def tower_cost(names: list[str], batch: int = 64, repeats: int = 5) -> dict[str, dict[str, float]]:
-    """Parameters and forward FLOPs per image of each tower, and inference throughput (fp32, 1 thread):
-    towers timed alternately in one process, median of `repeats`."""
+    """Parameters and forward FLOPs per image of each image tower, and its throughput on this machine (1 thread):
+    training (forward + backward, bf16 autocast, as the runs train) and inference (fp32, no grad). The towers are
+    timed alternately in one process and the median of `repeats` is kept, so machine load hits both alike."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from mmlm.config import ModifiedResNetConfig, ViTConfig
@@ -211,23 +212,35 @@ def tower_cost(names: list[str], batch: int = 64, repeats: int = 5) -> dict[str,
     for name in names:
         spec = dict(TOWERS[name])
         cfg = ModifiedResNetConfig(**spec) if spec["kind"] == "modified_resnet" else ViTConfig(**spec)
-        towers[name] = build_vision_tower(cfg, 128).eval()
+        towers[name] = build_vision_tower(cfg, 128)
     x = torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+    def train_step(m: torch.nn.Module) -> None:
+        m.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            m(x).float().square().mean().backward()
+
+    def infer(m: torch.nn.Module) -> None:
+        m.eval()
+        with torch.no_grad():
+            m(x)
+
     out: dict[str, dict[str, float]] = {}
-    times: dict[str, list[float]] = {n: [] for n in towers}
-    with torch.no_grad():
-        for name, m in towers.items():
-            with FlopCounterMode(display=False) as fc:
-                m(x[:1])
-            out[name] = {"params": sum(p.numel() for p in m.parameters()), "mflops": fc.get_total_flops() / 1e6}
-            m(x)  # warm up
+    for name, m in towers.items():
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            m.eval()(x[:1])
+        out[name] = {"params": sum(p.numel() for p in m.parameters()), "mflops": fc.get_total_flops() / 1e6}
+    for kind, fn in (("train_img_per_s", train_step), ("infer_img_per_s", infer)):
+        times: dict[str, list[float]] = {n: [] for n in towers}
+        for m in towers.values():
+            fn(m)  # warm up
         for _ in range(repeats):
             for name, m in towers.items():
                 t = time.perf_counter()
-                m(x)
+                fn(m)
                 times[name].append(time.perf_counter() - t)
-    for name in towers:
-        out[name]["infer_img_per_s"] = round(batch / statistics.median(times[name]), 1)
+        for name in towers:
+            out[name][kind] = round(batch / statistics.median(times[name]), 1)
     return out
 
 
@@ -235,23 +248,24 @@ def tower_cost(names: list[str], batch: int = 64, repeats: int = 5) -> dict[str,
 
 def write_table(results: list[dict[str, Any]], cost: dict[str, dict[str, float]], out: Path, steps: int,
                 batch: int, cost_batch: int) -> str:
-    lines = [f"Equal step budget: {steps} steps x batch {batch} = {steps * batch:,} images seen per run; "
-             "64 px; 1 torch thread; bf16 autocast. Accuracies are fractions (1.0 = all correct).", "",
-             "| data | train images | tower | zero-shot | colour | shape | position | count | class probe "
-             "| train s | train img/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"Equal step budget: {steps} steps x batch {batch} = {steps * batch:,} images seen per run; 64 px; "
+             "1 torch thread; bf16 autocast. Accuracies are fractions of the test images (chance: zero-shot 1/64 on "
+             "shapes, 1/10 on Fashion-MNIST; colour, shape 1/8; position 1/9; count 1/3; class 1/10). Throughput: "
+             f"the image tower alone, batch {cost_batch}, both towers timed alternately in one process (median of 5); "
+             "wall s: each run's training time on a shared machine whose load varied, not comparable across rows.", "",
+             "| data | train images | tower | params | MFLOPs / image | train img/s | infer img/s | zero-shot | colour "
+             "| shape | position | count | class probe | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        m = r["metrics"]
+        m, c = r["metrics"], cost[r["tower"]]
 
         def cell(k: str) -> str:
             return f"{m[k]:.3f}" if k in m else ""
 
-        lines.append(f"| {r['dataset']} | {r['size']:,} | {r['tower']} | {cell('zero-shot')} | {cell('colour')} | "
+        lines.append(f"| {r['dataset']} | {r['size']:,} | {r['tower']} | {c['params'] / 1e6:.2f} M | {c['mflops']:.0f} | "
+                     f"{c['train_img_per_s']:.0f} | {c['infer_img_per_s']:.0f} | {cell('zero-shot')} | {cell('colour')} | "
                      f"{cell('shape')} | {cell('position')} | {cell('count')} | {cell('class')} | "
-                     f"{r['train_seconds']:.0f} | {r['train_img_per_s']:.0f} |")
-    lines += ["", f"| tower | parameters | forward MFLOPs / image | inference img/s (fp32, batch {cost_batch}) |",
-              "|---|---|---|---|"]
-    for name, c in cost.items():
-        lines.append(f"| {name} ({_describe(name)}) | {c['params']:,} | {c['mflops']:.0f} | {c['infer_img_per_s']:.0f} |")
+                     f"{r['train_seconds']:.0f} |")
+    lines += ["", "Towers: " + "; ".join(f"{name}: {_describe(name)}" for name in cost) + "."]
     text = "\n".join(lines) + "\n"
     (out / "resnet_vs_vit.md").write_text(text)
     return text
