@@ -130,3 +130,36 @@ def test_clear_errors():
         generate(model, torch.zeros(1, 4, dtype=torch.long), torch.tensor([[1, 1, 0, 0]]))
     with pytest.raises(ValueError, match="temperature"):
         generate(model, torch.zeros(1, 4, dtype=torch.long), temperature=-1.0)
+
+
+def test_repetition_penalty_marks_exactly_the_real_prompt_tokens():
+    """Token 0 in a left-padded prompt is penalised (the padding, also id 0, must not clear its mark), and an
+    image-token id outside the vocabulary (LLaVA's -200) is ignored rather than indexing out of range."""
+    from mmlm.generation import apply_repetition_penalty
+
+    model = _model()
+    V = model.config.vocab_size
+    ids, mask = _left_pad([[5, 0, 7, 9], [3, 4]])
+    first = generate(model, ids, attention_mask=mask, max_new_tokens=1, repetition_penalty=3.0, eos_token_id=[])
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits[:, -1]
+    seen = torch.zeros(2, V, dtype=torch.bool)
+    seen[0, [5, 0, 7, 9]] = True
+    seen[1, [3, 4]] = True
+    expected = apply_repetition_penalty(logits, seen, 3.0).argmax(-1)
+    assert torch.equal(first[:, 0], expected)
+    # A LLaVA prompt whose image tokens use an id outside the vocabulary (LLaVA's -200): only text is marked.
+    from mmlm.config import LlavaConfig, ViTConfig
+    from mmlm.models.llava import Llava
+
+    torch.manual_seed(0)
+    llava = Llava(LlavaConfig(vision=ViTConfig(image_size=16, patch_size=8, width=32, layers=1, heads=4),
+                              lm=LMConfig(**CFG), image_token_id=-200)).eval()
+    prompt = torch.tensor([[5] + [-200] * llava.config.image_tokens + [7]])
+    pixels = torch.randn(1, 3, 16, 16)
+    got = generate(llava, prompt, pixel_values=pixels, max_new_tokens=1, repetition_penalty=3.0, eos_token_id=[])
+    with torch.no_grad():
+        logits = llava(prompt, pixel_values=pixels).logits[:, -1]
+    text_only = torch.zeros(1, V, dtype=torch.bool)
+    text_only[0, [5, 7]] = True
+    assert torch.equal(got[:, 0], apply_repetition_penalty(logits, text_only, 3.0).argmax(-1))

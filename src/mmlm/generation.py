@@ -127,8 +127,12 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     seen = None
     if repetition_penalty != 1.0:
         vocab = model.config.vocab_size
-        seen = torch.zeros(B, vocab, dtype=torch.bool, device=device)
-        seen.scatter_(1, input_ids.masked_fill(mask == 0, 0), mask.bool())
+        # Padding and ids outside the vocabulary (a LLaVA image token such as -200) mark a spare last column,
+        # never a real token: writing False for them could clear a real token's mark.
+        counted = mask.bool() & (input_ids >= 0) & (input_ids < vocab)
+        seen = torch.zeros(B, vocab + 1, dtype=torch.bool, device=device)
+        seen.scatter_(1, input_ids.masked_fill(~counted, vocab), True)
+        seen = seen[:, :vocab]
     cache = model.new_cache(B, total)
     texts = [""] * B
 
