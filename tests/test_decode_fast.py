@@ -9,27 +9,9 @@ import pytest
 import torch
 
 from mmlm import generation
-from mmlm.config import LMConfig
 from mmlm.generation import generate
 from mmlm.models.lm import LM, position_ids_from_mask
-
-CFG = dict(vocab_size=96, width=32, layers=2, heads=4, kv_heads=2, mlp_dim=48, max_seq_len=64, qkv_bias=True)
-
-
-def _model(seed: int = 0) -> LM:
-    torch.manual_seed(seed)
-    model = LM(LMConfig(**CFG)).eval()
-    with torch.no_grad():  # a sharper random model: greedy choices are not near-ties
-        model.lm_head.weight.mul_(20)
-    return model
-
-
-def _left_pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(map(len, rows))
-    ids = torch.tensor([[0] * (T - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
-
+from test_generate import _left_pad, _model  # the same sharp tiny LM
 
 @pytest.mark.parametrize("static", [False, True], ids=["int-slot", "tensor-slot"])
 def test_decode_step_equals_full_forward(static):
