@@ -26,6 +26,28 @@ class TextStream:
             self.printed = len(text)
 
 
+def prompt_ids(model, tokenizer, messages: list[dict[str, str]], template: str = "chat",
+               n_images: int | None = None) -> list[int]:
+    """The ids generation continues from: a LLaVA's messages in its conversation `template` (images expanded to
+    image tokens, exactly as in training), an LM's through the tokenizer's chat template."""
+    if hasattr(model.config, "image_token_id"):
+        from .data.conversation import encode_prompt
+
+        mc = model.config
+        return encode_prompt(messages, tokenizer, template, mc.image_token_id, mc.image_tokens, n_images=n_images,
+                             name="messages")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("this model's tokenizer has no chat template, so it cannot chat")
+    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+
+def end_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a reply: the model config's EOS ids and the tokenizer's end token."""
+    eos = model.config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos or [])
+    return sorted(eos | ({tokenizer.eot_id} if tokenizer.eot_id is not None else set()))
+
+
 def reply(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int = 256, temperature: float = 0.0,
           top_p: float = 1.0, seed: int | None = None, out: TextIO | None = None,
           pixel_values: torch.Tensor | None = None, template: str = "chat") -> str:
@@ -36,20 +58,13 @@ def reply(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int 
     """
     from .generation import generate
 
-    if hasattr(model.config, "image_token_id"):
-        from .data.conversation import encode_prompt
-
-        mc = model.config
-        ids = torch.tensor([encode_prompt(messages, tokenizer, template, mc.image_token_id, mc.image_tokens)])
-    else:
-        ids = torch.tensor([tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))])
-    eos = set(model.config.eos_token_id or []) | ({tokenizer.eot_id} if tokenizer.eot_id is not None else set())
+    ids = torch.tensor([prompt_ids(model, tokenizer, messages, template)])
     max_new = min(max_new_tokens, model.max_seq_len - ids.shape[1])
     if max_new <= 0:
         raise ValueError(f"the conversation ({ids.shape[1]} tokens) fills the model's context of {model.max_seq_len}")
     stream = TextStream(tokenizer, out) if out is not None else None
     new = generate(model, ids, max_new_tokens=max_new, temperature=temperature, top_p=top_p, seed=seed,
-                   eos_token_id=sorted(eos), stream=stream, pixel_values=pixel_values)
+                   eos_token_id=end_token_ids(model, tokenizer), stream=stream, pixel_values=pixel_values)
     return tokenizer.decode(new[0].tolist(), skip_special_tokens=True).strip()
 
 

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..chat import end_token_ids
 from ..generation import generate
 
 log = logging.getLogger("mmlm.serve")
@@ -211,12 +212,6 @@ class _Row:
         self.finished = True
         self.job.emit("done", {"finish_reason": reason, "text": self.text, "prompt_tokens": len(self.job.ids),
                                "completion_tokens": self.tokens})
-
-
-def end_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    eos = model.config.eos_token_id
-    eos = {eos} if isinstance(eos, int) else set(eos or [])
-    return sorted(eos | ({tokenizer.eot_id} if tokenizer.eot_id is not None else set()))
 
 
 def run_generation(model: Any, tokenizer: Any, jobs: list[GenerationJob]) -> None:

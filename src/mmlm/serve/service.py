@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from ..checkpoint import load, load_preprocess
-from ..data.conversation import IMAGE, ConversationError, encode_prompt
+from ..chat import prompt_ids
+from ..data.conversation import IMAGE, ConversationError
 from ..data.transforms import ImageProcessor, PreprocessConfig
 from ..tokenizer import load_tokenizer
 from .engine import EmbeddingJob, GenerationJob, Worker, run_embeddings, run_generation
@@ -142,14 +143,11 @@ class Service:
         return GenerationJob(ids, pixel_values, max_tokens, temperature, top_p, req.seed, stop, self.model.max_seq_len)
 
     def _prompt_ids(self, messages: list[dict[str, str]], n_images: int) -> list[int]:
+        if self.kind != "llava" and not self.tokenizer.chat_template:
+            raise APIError(400, "this model's tokenizer has no chat template, so it cannot chat", "no_chat_template")
         try:
-            if self.kind == "llava":
-                mc = self.model.config
-                return encode_prompt(messages, self.tokenizer, self.template, mc.image_token_id, mc.image_tokens,
-                                     n_images=n_images, name="messages")
-            if not self.tokenizer.chat_template:
-                raise APIError(400, "this model's tokenizer has no chat template, so it cannot chat", "no_chat_template")
-            return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+            return prompt_ids(self.model, self.tokenizer, messages, self.template,
+                              n_images=n_images if self.kind == "llava" else None)
         except ConversationError as e:
             raise APIError(400, str(e), "invalid_messages", "messages") from None
         except APIError:
