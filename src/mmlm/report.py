@@ -44,14 +44,17 @@ def plot_training(run: Path, out: Path) -> list[str]:
         fig.savefig(out / "loss.png", dpi=100)
         plt.close(fig)
         files.append("loss.png")
-    if evals:
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in evals:
+        for suite, metrics in r["eval"].items():
+            if isinstance(metrics, (int, float)):  # a single accuracy (LLaVA's VQA)
+                series.setdefault(suite, []).append((r["step"], metrics))
+                continue
+            for k, v in metrics.items():
+                if k in ("top1", "i2t_R@1", "t2i_R@1"):
+                    series.setdefault(f"{suite} {k}", []).append((r["step"], v))
+    if series:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        series: dict[str, list[tuple[int, float]]] = {}
-        for r in evals:
-            for suite, metrics in r["eval"].items():
-                for k, v in metrics.items():
-                    if k in ("top1", "i2t_R@1", "t2i_R@1"):
-                        series.setdefault(f"{suite} {k}", []).append((r["step"], v))
         for name, pts in series.items():
             ax.plot(*zip(*pts), marker="o", label=name)
         ax.set(xlabel="step", ylabel="accuracy / recall", ylim=(0, 1.02), title="evaluation")
