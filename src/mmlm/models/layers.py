@@ -266,11 +266,12 @@ class Transformer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-                hidden_states: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """x: (B, T, C). When `hidden_states` is a list, the input and each block's output are appended."""
+                hidden_states: list[torch.Tensor] | None = None, upto: int | None = None) -> torch.Tensor:
+        """x: (B, T, C). When `hidden_states` is a list, the input and each block's output are appended.
+        `upto` runs only the first `upto` blocks (a reader of layer -2 never needs the last one)."""
         if hidden_states is not None:
             hidden_states.append(x)
-        for block in self.blocks:
+        for block in self.blocks[:upto]:
             x = block(x, attn_mask=attn_mask, is_causal=is_causal)
             if hidden_states is not None:
                 hidden_states.append(x)

@@ -71,8 +71,10 @@ class Llava(nn.Module):
                 feats = torch.cat([stages[i % n].flatten(2).transpose(1, 2) for i in cfg.vision_layers], dim=-1)
             else:
                 hidden: list[torch.Tensor] = []  # the first block's input, then each block's output: (N, 1 + P, Dv)
-                self.vision.forward_tokens(pixel_values, hidden_states=hidden)
-                feats = torch.cat([hidden[i] for i in cfg.vision_layers], dim=-1)  # (N, 1 + P, Dv * n_layers)
+                n = cfg.vision.layers + 1
+                layers = [i % n for i in cfg.vision_layers]  # blocks after the last one read are never run
+                self.vision.forward_tokens(pixel_values, hidden_states=hidden, upto=max(layers))
+                feats = torch.cat([hidden[i] for i in layers], dim=-1)  # (N, 1 + P, Dv * n_layers)
                 if cfg.drop_cls:
                     feats = feats[:, 1:]
         return self.projector(feats.to(self.projector.fc1.weight.dtype))

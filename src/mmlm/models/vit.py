@@ -32,11 +32,13 @@ class VisionTransformer(nn.Module):
             nn.init.normal_(self.proj.weight, std=scale)
         self.transformer.init_torch_mha()
 
-    def forward_tokens(self, pixel_values: torch.Tensor, hidden_states: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward_tokens(self, pixel_values: torch.Tensor, hidden_states: list[torch.Tensor] | None = None,
+                       upto: int | None = None) -> torch.Tensor:
         """(B, C, H, W) -> (B, 1 + L, width): every token after the last block (before norm_post).
 
         Pass a list as `hidden_states` to collect the input of the first block (after ln_pre) and each
-        block's output, like transformers' `output_hidden_states` (LLaVA reads layer -2 from it).
+        block's output, like transformers' `output_hidden_states` (LLaVA reads layer -2 from it); `upto`
+        stops after that many blocks.
         """
         if pixel_values.shape[-2:] != (self.cfg.image_size, self.cfg.image_size):
             raise ValueError(f"pixel_values are {tuple(pixel_values.shape[-2:])}, the model expects "
@@ -46,7 +48,7 @@ class VisionTransformer(nn.Module):
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)  # (B, 1 + L, w)
         x = self.norm_pre(x)
-        return self.transformer(x, hidden_states=hidden_states)
+        return self.transformer(x, hidden_states=hidden_states, upto=upto)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, embed_dim): the class token, normalised and projected."""
