@@ -6,6 +6,7 @@
     mmlm.save(model, "out_dir", tokenizer=tok)
     new_ids = mmlm.generate(lm, input_ids, attention_mask, max_new_tokens=32)   # (B, new_tokens)
     new_ids = mmlm.generate(llava, input_ids, attention_mask, pixel_values=images)   # images (N_images, C, H, W)
+    mmlm.quantize(lm_or_llava, "int4")   # weight-only int8/int4 LM for faster CPU decoding (inference only)
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["load", "save", "load_tokenizer", "generate", "__version__"]
+__all__ = ["load", "save", "load_tokenizer", "generate", "quantize", "__version__"]
 
 
 def load(path: Any):
@@ -43,3 +44,11 @@ def generate(model: Any, input_ids: Any, attention_mask: Any = None, **kwargs: A
     from .generation import generate as _generate
 
     return _generate(model, input_ids, attention_mask, **kwargs)
+
+
+def quantize(model: Any, mode: str):
+    """Weight-only quantization of a language model's (or a LLaVA's LM's) linear layers, in place: "int8" (per
+    output row) or "int4" (groups of 32, llama.cpp's Q4_1 layout). Inference only. See mmlm.quant."""
+    from .quant import quantize as _quantize
+
+    return _quantize(model, mode)

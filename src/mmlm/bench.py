@@ -16,6 +16,7 @@ Output: JSON lines, one per measurement, then one ratio line (mmlm / transformer
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from .quant import quantize
 
 TINY_HF = dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6, tie_word_embeddings=False)
@@ -125,6 +128,16 @@ def load_pair(model: str, workdir: Path):
     return ours, hf, {"mmlm": str(ours_src), "transformers": str(hf_dir)}
 
 
+@torch.inference_mode()
+def quant_accuracy(ref, quant, ids: torch.Tensor, mask: torch.Tensor, **inputs) -> dict:
+    """What weight quantization changes, teacher-forced on the same tokens: the share of positions whose argmax
+    (the greedy choice) is unchanged, and the largest logit change relative to the largest float32 logit."""
+    a = ref(ids, attention_mask=mask, **inputs).logits[mask.bool()]
+    b = quant(ids, attention_mask=mask, **inputs).logits[mask.bool()]
+    return {"top1_agree": round(float((a.argmax(-1) == b.argmax(-1)).float().mean()), 4),
+            "max_logit_err_rel": round(float((a - b).abs().max() / a.abs().max()), 4), "positions": len(a)}
+
+
 # ----------------------------------------------------------------------------- timing
 
 def time_ab(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
@@ -214,10 +227,13 @@ def measure_memory(library: str, src: str, vocab: int, lengths: list[int], new_t
 
 def bench_decode(models: list[str] | None = None, quick: bool = False, threads: int | None = None,
                  batches: tuple[int, ...] = (1, 8), memory: bool = True, compile: bool = False,
+                 weights: tuple[str, ...] = ("int4",),
                  emit: Callable[[dict], None] = lambda r: print(json.dumps(r), flush=True)) -> list[dict]:
     """Decode and prefill tokens/s of mmlm.generate vs transformers' generate(), and peak memory; returns the rows
     (each also passed to `emit` as soon as it is measured). `quick` runs fewer tokens and repeats. `compile` adds
-    a third contender, mmlm with its decode step torch.compile'd (its compile time reported apart)."""
+    a contender, mmlm with its decode step torch.compile'd (its compile time reported apart); each of `weights`
+    ("int8", "int4") one with the LM's weights quantized (`mmlm.quantize`), with what that costs in accuracy
+    (`quant_accuracy`, against mmlm's own float32 logits)."""
     _transformers()
     models = models or ["tiny", "smollm2-135m"]
     threads = threads or torch.get_num_threads()
@@ -234,6 +250,7 @@ def bench_decode(models: list[str] | None = None, quick: bool = False, threads: 
         for name in models:
             ours, hf, srcs = load_pair(name, Path(tmp))
             vocab = ours.config.vocab_size
+            quantized = {mode: quantize(copy.deepcopy(ours), mode) for mode in weights}
             new_tokens = (32 if quick else 128) if name == "tiny" else (16 if quick else 32)
             for batch in batches:
                 lengths = prompt_lengths(batch, 32)
@@ -242,6 +259,11 @@ def bench_decode(models: list[str] | None = None, quick: bool = False, threads: 
                 same = a.shape == b.shape and torch.equal(a, b)
                 runs = {"mmlm": lambda: mmlm_generate(ours, ids, mask, new_tokens),
                         "transformers": lambda: hf_generate(hf, ids, mask, new_tokens)}
+                for mode, qmodel in quantized.items():
+                    out({"bench": "quant_accuracy", "model": name, "batch": batch, "library": f"mmlm-{mode}",
+                         **quant_accuracy(ours, qmodel, torch.cat([ids, a], 1),
+                                          torch.cat([mask, torch.ones_like(a)], 1))})
+                    runs[f"mmlm-{mode}"] = lambda m=qmodel: mmlm_generate(m, ids, mask, new_tokens)
                 if compile:
                     t0 = time.perf_counter()
                     c = mmlm_generate(ours, ids, mask, new_tokens, compile=True)  # compiles (once per batch size)
@@ -294,7 +316,7 @@ def bench_decode(models: list[str] | None = None, quick: bool = False, threads: 
 
 
 def run_bench(what: str, models: list[str] | None = None, quick: bool = False, threads: int | None = None,
-              memory: bool = True, compile: bool = False) -> None:
+              memory: bool = True, compile: bool = False, weights: tuple[str, ...] = ("int4",)) -> None:
     """`mmlm bench WHAT`: decode | clip | llava | data | all, JSON lines on stdout."""
     from .bench_models import bench_clip, bench_data, bench_llava
 
@@ -302,13 +324,13 @@ def run_bench(what: str, models: list[str] | None = None, quick: bool = False, t
     if threads:
         torch.set_num_threads(threads)
     if what in ("decode", "all"):
-        bench_decode(models=models, quick=quick, threads=threads, memory=memory, compile=compile)
+        bench_decode(models=models, quick=quick, threads=threads, memory=memory, compile=compile, weights=weights)
     train_rates = None
     if what in ("clip", "all"):
         rows = bench_clip(quick=quick)
         train_rates = {r["precision"]: r["per_s_median"] for r in rows
                        if r["bench"] == "clip_train" and r["library"] == "mmlm"}
     if what in ("llava", "all"):
-        bench_llava(quick=quick, compile=compile)
+        bench_llava(quick=quick, compile=compile, weights=weights)
     if what in ("data", "all"):
         bench_data(quick=quick, train_images_per_s=train_rates)

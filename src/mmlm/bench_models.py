@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 import torch
 
-from .bench import _transformers, time_ab
+from .bench import _transformers, quant_accuracy, time_ab
+from .quant import quantize
 
 BENCH_VIT_HF = dict(
     vision_config=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
@@ -226,9 +227,10 @@ def llava_prompts(batch: int, text_tokens: int, image_tokens: int = 16, seed: in
 
 
 def bench_llava(quick: bool = False, batches: tuple[int, ...] = (1, 8), compile: bool = False,
-                emit: Emit = _print, text_config: dict | None = None) -> list[dict]:
+                emit: Emit = _print, text_config: dict | None = None, weights: tuple[str, ...] = ("int4",)) -> list[dict]:
     """Greedy decode tokens/s (prefill of image + text included, as a chat sees it) and prefill tokens/s.
-    `text_config` replaces the tiny Llama (its vocabulary must hold IMAGE_TOKEN)."""
+    `text_config` replaces the tiny Llama (its vocabulary must hold IMAGE_TOKEN); each of `weights` adds mmlm
+    with its LM quantized (see bench_decode)."""
     from .generation import generate
 
     repeats, new_tokens = (3, 32) if quick else (5, 128)
@@ -242,8 +244,10 @@ def bench_llava(quick: bool = False, batches: tuple[int, ...] = (1, 8), compile:
     with tempfile.TemporaryDirectory() as tmp:
         ours, hf = llava_pair(Path(tmp), text_config=text_config)
 
-    def ours_gen(ids, mask, px, n, comp=False):
-        return generate(ours, ids, mask, pixel_values=px, max_new_tokens=n, eos_token_id=[], compile=comp)
+    quantized = {mode: quantize(copy.deepcopy(ours), mode) for mode in weights}
+
+    def ours_gen(ids, mask, px, n, comp=False, model=None):
+        return generate(model or ours, ids, mask, pixel_values=px, max_new_tokens=n, eos_token_id=[], compile=comp)
 
     def hf_gen(ids, mask, px, n):
         with torch.inference_mode():
@@ -257,6 +261,11 @@ def bench_llava(quick: bool = False, batches: tuple[int, ...] = (1, 8), compile:
         out({"bench": "llava_greedy_match", "batch": batch, "same_tokens": a.shape == b.shape and torch.equal(a, b)})
         runs = {"mmlm": lambda: ours_gen(ids, mask, px, new_tokens),
                 "transformers": lambda: hf_gen(ids, mask, px, new_tokens)}
+        for mode, qmodel in quantized.items():
+            out({"bench": "quant_accuracy", "batch": batch, "library": f"mmlm-{mode}",
+                 **quant_accuracy(ours, qmodel, torch.cat([ids, a], 1), torch.cat([mask, torch.ones_like(a)], 1),
+                                  pixel_values=px)})
+            runs[f"mmlm-{mode}"] = lambda m=qmodel: ours_gen(ids, mask, px, new_tokens, model=m)
         if compile:
             t0 = time.perf_counter()
             ours_gen(ids, mask, px, new_tokens, True)

@@ -71,12 +71,13 @@ def reply(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int 
 def chat(model_path: str | Path, prompt: str | None = None, system: str | None = None, max_new_tokens: int = 256,
          temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, out: TextIO | None = None,
          read: Callable[[str], str] = input, image: str | Path | None = None,
-         template: str | None = None) -> list[dict[str, str]]:
+         template: str | None = None, weights: str | None = None) -> list[dict[str, str]]:
     """Answer `prompt` and return, or (prompt None) loop reading user turns until EOF / "exit".
 
     The model and its tokenizer come from the same path: a .gguf file, or a directory with tokenizer.json.
     With a LLaVA model, `image` is placed before the first user turn and `template` (default "vicuna_v1")
-    is the conversation template it was trained with. Returns the conversation.
+    is the conversation template it was trained with. `weights` "int8" / "int4" quantizes the LM for faster
+    decoding (mmlm.quantize). Returns the conversation.
     """
     from .checkpoint import load, load_preprocess
     from .tokenizer import load_tokenizer
@@ -84,6 +85,10 @@ def chat(model_path: str | Path, prompt: str | None = None, system: str | None =
     out = out if out is not None else sys.stdout  # looked up per call: a default bound at import goes stale
 
     model, tokenizer = load(model_path), load_tokenizer(model_path)
+    if weights:
+        from .quant import quantize
+
+        quantize(model, weights)
     llava = hasattr(model.config, "image_token_id")
     pixel_values = None
     if image is not None:

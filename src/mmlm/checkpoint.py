@@ -120,6 +120,9 @@ def save(model: nn.Module, directory: str | Path, tokenizer: Any = None, preproc
     """Write an mmlm checkpoint directory: config.json, model.safetensors (+ tokenizer, preprocess.json).
 
     `state_dict` replaces model.state_dict() (a sharded model's weights gathered by the caller)."""
+    if getattr(model, "quantized", None):
+        raise ValueError(f"this model's weights were quantized to {model.quantized} for inference (mmlm.quantize); "
+                         "save the float model instead")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_tensors(directory / WEIGHTS_NAME, model.state_dict() if state_dict is None else state_dict)

@@ -54,7 +54,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.cli import eval_retrieval, eval_vqa, eval_zeroshot
 
     if args.task == "vqa":
-        result = eval_vqa(args.model, args.data, template=args.template, limit=args.limit)
+        result = eval_vqa(args.model, args.data, template=args.template, limit=args.limit, weights=args.weights)
     elif args.task == "zeroshot":
         result = eval_zeroshot(args.model, args.data, classes=args.classes, templates=args.templates,
                                limit=args.limit)
@@ -68,7 +68,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from .chat import chat
 
     chat(args.model, prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
-         temperature=args.temperature, top_p=args.top_p, seed=args.seed, image=args.image, template=args.template)
+         temperature=args.temperature, top_p=args.top_p, seed=args.seed, image=args.image, template=args.template,
+         weights=args.weights)
     return 0
 
 
@@ -80,7 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = ServeConfig(name=args.name, template=args.template, local_dir=args.allow_local_dir,
                          allow_remote=args.allow_remote_images, max_queue=args.max_queue, max_batch=args.max_batch,
-                         timeout_s=args.timeout, api_key=args.api_key)
+                         timeout_s=args.timeout, api_key=args.api_key, weights=args.weights)
     if args.threads:
         import torch
 
@@ -100,7 +101,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
     run_bench(args.what, models=args.model, quick=args.quick, threads=args.threads, memory=not args.no_memory,
-              compile=args.compile)
+              compile=args.compile, weights=tuple(args.weights or ["int4"]))
     return 0
 
 
@@ -151,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--classes", default=None, help="zeroshot on a CSV: JSON/text file of class names (default: labels seen)")
     v.add_argument("--templates", default=None, help="zeroshot: text file, one prompt template with {} per line")
     v.add_argument("--limit", type=int, default=0, help="evaluate at most this many images (0 = all)")
+    v.add_argument("--weights", default=None, choices=["int8", "int4"],
+                   help="vqa: answer with the LM's weights quantized (measures what quantization costs)")
     v.add_argument("--template", default=None, choices=["plain", "vicuna_v1", "chat"],
                    help="vqa: the conversation template (default: the one the model was tuned with, from its config)")
     v.set_defaults(func=cmd_eval)
@@ -165,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--top-p", type=float, default=1.0)
     h.add_argument("--seed", type=int, default=None)
     h.add_argument("--image", type=Path, default=None, help="LLaVA: the image to talk about")
+    h.add_argument("--weights", default=None, choices=["int8", "int4"],
+                   help="quantize the LM's weights for faster decoding on a CPU (default: as loaded, float32)")
     h.add_argument("--template", default=None, choices=["plain", "vicuna_v1", "chat"],
                    help="LLaVA: the conversation template (default: the one it was tuned with, from its config)")
     h.set_defaults(func=cmd_chat)
@@ -178,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", action="append", choices=["tiny", "smollm2-135m"], default=None,
                    help="benchmark only this model (repeatable; default: both)")
     b.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, i.e. the cores)")
+    b.add_argument("--weights", action="append", choices=["int8", "int4"], default=None,
+                   help="decode/llava: add mmlm with the LM quantized (repeatable; default: int4)")
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     b.add_argument("--compile", action="store_true",
                    help="decode/llava: add mmlm with its decode step torch.compile'd (compiles per batch size: minutes here)")
@@ -197,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=60.0, help="seconds per request, queueing included")
     s.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
     s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, i.e. the cores)")
+    s.add_argument("--weights", default=None, choices=["int8", "int4"],
+                   help="LM / LLaVA: quantize the LM's weights for faster decoding on a CPU")
     s.set_defaults(func=cmd_serve)
 
     q = sub.add_parser("quickstart", help="the main job: generate shapes, train a small CLIP and a tiny LLaVA, "

@@ -111,14 +111,19 @@ def eval_retrieval(model_dir: str | Path, data: str, limit: int = 0) -> dict[str
     return {"task": "retrieval", "data": data, **metrics, "skipped": skipped}
 
 
-def eval_vqa(model_dir: str | Path, data: str, template: str | None = None, limit: int = 0) -> dict[str, Any]:
+def eval_vqa(model_dir: str | Path, data: str, template: str | None = None, limit: int = 0,
+             weights: str | None = None) -> dict[str, Any]:
     """Exact-match VQA of a LLaVA model (greedy decoding) on a LLaVA-JSON file with reference answers, or on the
     built-in shapes questions: "shapes" (val, seen colour-shape pairs) or "shapes-novel" (held-out pairs), one
-    question per image, `limit` images (default 500)."""
+    question per image, `limit` images (default 500). `weights` "int8"/"int4" answers with the LM quantized."""
     from ..data.llava_json import LlavaJson
     from .vqa import evaluate_vqa
 
     model, tok, processor = _open(model_dir)
+    if weights:
+        from ..quant import quantize
+
+        quantize(model, weights)
     template = template or getattr(model.config, "template", "vicuna_v1")  # as the model was tuned
     if data in ("shapes", "shapes-novel"):
         from ..train.llava_task import ShapesConversations

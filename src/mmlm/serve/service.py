@@ -44,6 +44,7 @@ class ServeConfig:
     local_dir: str | None = None  # images may be read from files under this directory
     allow_remote: bool = False  # images may be fetched from http(s) URLs
     api_key: str | None = None  # if set, /v1/* needs "Authorization: Bearer <key>"
+    weights: str | None = None  # "int8" / "int4": quantize the LM for faster decoding (mmlm.quantize)
 
 
 def model_kind(model: Any) -> str:
@@ -69,6 +70,12 @@ class Service:
         self.model = model if model is not None else load(model_path)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path)
         self.kind = model_kind(self.model)
+        if cfg.weights:
+            if self.kind == "clip":
+                raise ValueError(f"--weights {cfg.weights} quantizes a language model; {model_path} is a CLIP")
+            from ..quant import quantize
+
+            quantize(self.model, cfg.weights)
         self.name = cfg.name or Path(model_path).name
         self.images = ImageLoader(cfg.max_image_bytes, cfg.max_image_pixels, cfg.local_dir, cfg.allow_remote)
         self.processor = None
