@@ -264,12 +264,13 @@ def bench_decode(models: list[str] | None = None, quick: bool = False, threads: 
                          **quant_accuracy(ours, qmodel, torch.cat([ids, a], 1),
                                           torch.cat([mask, torch.ones_like(a)], 1))})
                     runs[f"mmlm-{mode}"] = lambda m=qmodel: mmlm_generate(m, ids, mask, new_tokens)
-                if compile:
-                    t0 = time.perf_counter()
-                    c = mmlm_generate(ours, ids, mask, new_tokens, compile=True)  # compiles (once per batch size)
-                    out({"bench": "compile", "model": name, "batch": batch, "library": "mmlm-compiled",
-                         "first_call_s": round(time.perf_counter() - t0, 1), "same_tokens": torch.equal(c, a)})
-                    runs["mmlm-compiled"] = lambda: mmlm_generate(ours, ids, mask, new_tokens, compile=True)
+                if compile:  # compiles once per model and batch size
+                    for lib, m in [("mmlm", ours)] + [(f"mmlm-{k}", v) for k, v in quantized.items()]:
+                        t0 = time.perf_counter()
+                        c = mmlm_generate(m, ids, mask, new_tokens, compile=True)
+                        out({"bench": "compile", "model": name, "batch": batch, "library": f"{lib}-compiled",
+                             "first_call_s": round(time.perf_counter() - t0, 1), "same_tokens": torch.equal(c, a)})
+                        runs[f"{lib}-compiled"] = lambda m=m: mmlm_generate(m, ids, mask, new_tokens, compile=True)
                 out({"bench": "greedy_match", "model": name, "batch": batch, "same_tokens": same,
                      "new_tokens": new_tokens})
                 if name == "tiny" and not same:
