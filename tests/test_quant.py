@@ -72,6 +72,8 @@ def test_quant_linear_keeps_bias_shape_and_dtype():
         assert y.shape == (2, 3, 32) and y.dtype == torch.float32
         ref = lin(x)
         assert (y - ref).norm() / ref.norm() < (0.02 if bits == 8 else 0.15)
+    q8, many = QuantLinear(lin, 8), torch.randn(100, 64)  # over DENSE_ROWS: the dequantized-GEMM path
+    torch.testing.assert_close(q8(many), torch.cat([q8(many[i:i + 10]) for i in range(0, 100, 10)]), atol=2e-2, rtol=2e-2)
     with pytest.raises(ValueError, match="int4 needs"):
         QuantLinear(_linear(30, 64), 4)  # 30 output rows: not a multiple of 16
 
