@@ -368,10 +368,23 @@ def test_cli_serve_passes_its_options(monkeypatch, llava_dir):
     monkeypatch.setattr("mmlm.serve.app.serve", lambda model, host, port, config: seen.update(
         model=model, host=host, port=port, config=config))
     assert main(["serve", "--model", str(llava_dir), "--port", "9001", "--max-queue", "3", "--timeout", "5",
-                 "--allow-local-dir", "/srv/images", "--name", "demo"]) == 0
+                 "--allow-local-dir", "/srv/images", "--name", "demo", "--weights", "int8"]) == 0
     cfg = seen["config"]
-    assert (seen["port"], seen["host"], cfg.max_queue, cfg.timeout_s, cfg.local_dir, cfg.name, cfg.allow_remote) == (
-        9001, "127.0.0.1", 3, 5.0, "/srv/images", "demo", False)
+    assert (seen["port"], seen["host"], cfg.max_queue, cfg.timeout_s, cfg.local_dir, cfg.name, cfg.allow_remote,
+            cfg.weights) == (9001, "127.0.0.1", 3, 5.0, "/srv/images", "demo", False, "int8")
+
+
+def test_quantized_llava_serves_and_clip_refuses(llava_dir, clip_dir):
+    from mmlm.quant import is_quantized
+
+    app = create_app(llava_dir, ServeConfig(weights="int8"))
+    assert is_quantized(app.state.service.model.lm)
+    with running(app) as url:
+        reply = client(url).chat.completions.create(model="tiny-llava", max_tokens=8, temperature=0,
+                                                    messages=image_message("What shape is this?"))
+    assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
+    with pytest.raises(ValueError, match="is a CLIP"):
+        create_app(clip_dir, ServeConfig(weights="int8"))
 
 
 def test_worker_batches_same_settings_that_fit_the_context_and_seeded_requests_alone():
