@@ -24,7 +24,7 @@ from ..data.conversation import IGNORE, TEMPLATES, encode_conversation
 from ..data.transforms import ImageProcessor, PreprocessConfig
 from .distributed import all_gather_objects, all_sum, fully_shard_model, global_mean_factor, world
 from .loop import TrainConfig
-from .objectives import next_token_targets
+from .objectives import next_token_targets, reply_weights
 
 
 def tiny_llava_config() -> LlavaConfig:
@@ -67,6 +67,9 @@ class LlavaRunConfig:
     # "smollm2"): its weights, tokenizer and chat template; `<image>` joins its vocabulary (stage 1).
     lm_from: str = ""
     stage1_trains_lm: bool = False  # stage 1 trains the LM too: for an LM trained from scratch (nothing to keep)
+    # token: the loss is the mean over answer tokens (LLaVA's); reply: the mean over replies, each reply's tokens
+    # sharing one unit of weight (short answers then count as much as long descriptions)
+    loss_per: str = "token"
     vocab_size: int = 512  # byte-level BPE fitted to the data when no init_from brings a tokenizer
     data: LlavaDataConfig = field(default_factory=LlavaDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -78,6 +81,8 @@ class LlavaRunConfig:
             self.template = "plain" if self.stage == 1 else "vicuna_v1"
         if self.template not in TEMPLATES:
             raise ValueError(f"template must be one of {TEMPLATES}, got {self.template!r}")
+        if self.loss_per not in ("token", "reply"):
+            raise ValueError(f"loss_per must be 'token' or 'reply', got {self.loss_per!r}")
 
 
 def set_trainable(model: nn.Module, stage: int, stage1_trains_lm: bool = False) -> None:
@@ -165,11 +170,13 @@ class LlavaTask:
         with autocast():  # logits only where an answer token is predicted
             logits = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
                                 pixel_values=batch["pixel_values"], logits_at=at).logits
+        per_token = F.cross_entropy(logits.float(), targets, reduction="none")
+        weights = reply_weights(batch["labels"]) if self.cfg.loss_per == "reply" else torch.ones_like(per_token)
         if not w.enabled:
-            loss = F.cross_entropy(logits.float(), targets)
-        else:  # sum over this rank's answer tokens / all ranks' count, x world size: the ranks' mean is the global mean
-            total, _ = global_mean_factor(int(targets.numel()))
-            loss = F.cross_entropy(logits.float(), targets, reduction="sum") * (w.world_size / max(total, 1))
+            loss = (per_token * weights).sum() / weights.sum().clamp(min=1)
+        else:  # this rank's weighted sum / all ranks' total weight, x world size: the ranks' mean is the global mean
+            total, _ = global_mean_factor(int(round(float(weights.sum()))))
+            loss = (per_token * weights).sum() * (w.world_size / max(total, 1))
         loss.backward()
         return {"loss": all_sum(loss.item()) / w.world_size}
 

@@ -83,6 +83,18 @@ def next_token_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return at, labels[:, 1:][learned]
 
 
+def reply_weights(labels: torch.Tensor) -> torch.Tensor:
+    """labels (B, T), unshifted -> (N,) weights of `next_token_targets`' targets such that each reply (a maximal
+    run of learned tokens: an answer and its end token) weighs 1 in all: a yes/no answer counts as much as a
+    twenty-token description, where a mean over tokens would let the long replies set the gradient."""
+    learned = (labels[:, 1:] != -100).flatten()
+    starts = learned & ~torch.cat([learned.new_zeros(1), learned[:-1]])  # a learned token after an unlearned one
+    starts = starts.view(len(labels), -1)
+    starts[:, 0] = learned.view(len(labels), -1)[:, 0]  # each row starts afresh
+    run = starts.flatten().cumsum(0)[learned]  # the reply index of each target, 1..R
+    return 1.0 / torch.bincount(run)[run].float()
+
+
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of token t+1 given tokens <= t, over labels that are not -100 (masked prompt, padding):
     their mean, or with reduction="sum" their sum (a distributed caller divides by the global count).
