@@ -120,3 +120,20 @@ def test_next_token_targets_equal_the_full_loss():
     torch.testing.assert_close(part, full)
     for g, p in zip(grads, lm.parameters()):
         torch.testing.assert_close(p.grad, g)
+
+
+def test_reply_weights_give_each_reply_one_unit():
+    """Replies are maximal runs of learned labels; one that ends a row and one that starts the next stay apart."""
+    from mmlm.train.objectives import next_token_targets, reply_weights
+
+    I = -100
+    labels = torch.tensor([[I, I, 5, 6, 7, I, I, 8, 2, 3],   # two replies: 3 tokens, then 3 ending the row
+                           [4, 9, 2, I, I, I, 4, 4, 4, 2]])  # position 0 is never a target; then 2 and 4 tokens
+    _, targets = next_token_targets(labels)
+    w = reply_weights(labels)
+    assert w.shape == targets.shape
+    assert w.tolist() == pytest.approx([1 / 3] * 3 + [1 / 3] * 3 + [1 / 2] * 2 + [1 / 4] * 4)
+    assert float(w.sum()) == pytest.approx(4.0)
+    # the same conversation, turns learned as before: token weighting is the plain mean, reply weighting is not
+    ce = torch.arange(len(targets), dtype=torch.float)
+    assert float((ce * w).sum() / w.sum()) != pytest.approx(float(ce.mean()))

@@ -222,3 +222,35 @@ def test_pretrained_lm_and_resnet_clip_tower_build_a_llava(tmp_path):
     summary = json.loads((tmp_path / "s2" / "summary.json").read_text())
     assert set(summary["eval"]) == {"vqa_val", "vqa_novel"}
     assert mmlm.load(tmp_path / "s2" / "final").config.template == "vicuna_v1"
+
+
+def test_loss_per_reply_is_the_mean_over_replies():
+    """One step's loss with loss_per=reply equals the mean over replies of each reply's mean token loss."""
+    import torch.nn.functional as F
+
+    from mmlm.train.objectives import next_token_targets
+
+    task = _setup(stage=2, steps=1)
+    task.cfg.loss_per = "reply"
+    batch = task.collate([task.data[i] for i in range(4)])
+    got = task.step(batch, autocast=lambda: torch.autocast("cpu", enabled=False))["loss"]
+    with torch.no_grad():
+        logits = task.model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                            pixel_values=batch["pixel_values"]).logits
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="none",
+                         ignore_index=-100).view(len(logits), -1)
+    per_reply = []
+    for row, labels in zip(ce, batch["labels"][:, 1:]):
+        learned = (labels != -100).tolist()
+        run: list[float] = []
+        for value, is_learned in zip(row.tolist(), learned + [False]):
+            if is_learned:
+                run.append(value)
+            elif run:
+                per_reply.append(sum(run) / len(run))
+                run = []
+        if run:
+            per_reply.append(sum(run) / len(run))
+    assert len(per_reply) >= 8  # 4 conversations x 2 questions
+    assert abs(got - sum(per_reply) / len(per_reply)) < 1e-4
+    assert next_token_targets(batch["labels"])[1].numel() > len(per_reply)  # replies longer than one token exist
