@@ -211,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quickstart", help="the main job: generate shapes, train a small CLIP and a tiny LLaVA, "
                                           "evaluate, report")
     q.add_argument("--out", type=Path, default=Path("runs/quickstart"))
-    q.add_argument("--minutes", type=float, default=5.0, help="approximate CLIP training budget on this machine")
+    q.add_argument("--minutes", type=float, default=None,
+                   help="train the CLIP for about this many minutes here instead of its recipe's 1100 steps (~7 min on "
+                        "2 idle cores); a shorter CLIP gives the LLaVA after it a weaker vision tower")
     q.add_argument("--no-llava", action="store_true", help="stop after the CLIP part")
     q.set_defaults(func=cmd_quickstart)
     return p

@@ -61,10 +61,11 @@ def _measure_step_time(cfg, steps: int = 12, skip: int = 4) -> float:
     return (time.perf_counter() - start) / (steps - skip)
 
 
-def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, steps: int | None = None,
+def quickstart(out: str | Path = "runs/quickstart", minutes: float | None = None, steps: int | None = None,
                overrides: list[str] | None = None, eval_size: int = 1000, llava: bool = True,
                llava_steps: tuple[int, int] | None = None) -> dict[str, Any]:
-    """CLIP on shapes (`minutes` of training, or `steps`), then (with `llava`) the tiny LLaVA of
+    """CLIP on shapes (the recipe's steps, or `steps`, or about `minutes` of training on this machine), then
+    (with `llava`) the tiny LLaVA of
     `quickstart_llava` on that CLIP's image tower, with its recipe's step counts (or `llava_steps`: stage 1,
     stage 2)."""
     from .data.shapes import write_shapes
@@ -77,7 +78,10 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float = 5.0, steps:
     write_shapes(out / "data", train=256, val=256, novel=256, seed=0, image_size=64)
 
     cfg = load_recipe(recipe_path(RECIPE), overrides)
-    if steps is None:
+    if steps is None and minutes is None:  # the recipe's own length: the LLaVA after it needs a well-trained tower
+        steps = cfg.train.steps
+        print(f"[2/4] training a CLIP on shapes: {steps} steps (the recipe's)")
+    elif steps is None:
         per_step = _measure_step_time(load_recipe(recipe_path(RECIPE), overrides))
         # The loop also evaluates and checkpoints a few times; leave ~10% of the budget for that.
         steps = max(20, int(minutes * 60 * 0.9 / per_step))
