@@ -61,7 +61,10 @@ def test_llava_bench_same_tokens():
     rows = bench_models.bench_llava(quick=True, batches=(2,), compile=False, emit=lambda r: None,
                                     text_config=SMALL_LLAMA)
     assert _by(rows, bench="llava_greedy_match")[0]["same_tokens"]
-    assert {r["library"] for r in _by(rows, bench="llava_decode")} == {"mmlm", "transformers", "mmlm/transformers"}
+    assert {r["library"] for r in _by(rows, bench="llava_decode")} == {
+        "mmlm", "transformers", "mmlm-int4", "mmlm/transformers", "mmlm-int4/transformers"}  # int4: the default extra
+    acc = _by(rows, bench="quant_accuracy", library="mmlm-int4")[0]
+    assert 0 <= acc["top1_agree"] <= 1 and acc["positions"] > 0 and acc["max_logit_err_rel"] < 1
     assert _by(rows, bench="llava_prefill", library="mmlm")[0]["prompt_tokens"] == 128
 
 
