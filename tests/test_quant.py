@@ -154,3 +154,5 @@ def test_quantize_refuses_clip_and_unknown_modes():
         mmlm.quantize(CLIP(CLIPConfig()), "int8")
     with pytest.raises(ValueError, match="unknown quantization"):
         mmlm.quantize(_tiny_lm(), "int2")
+    with pytest.raises(ValueError, match="already quantized"):
+        mmlm.quantize(mmlm.quantize(_tiny_lm(), "int8"), "int4")
