@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode/llava: add mmlm with the LM quantized (repeatable; default: int4)")
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     b.add_argument("--compile", action="store_true",
-                   help="decode/llava: add mmlm with its decode step torch.compile'd (compiles per batch size: minutes here)")
+                   help="decode/llava: add mmlm with its decode step torch.compile'd (compiles per model and batch size: seconds to minutes)")
     b.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP API (chat, embeddings, zero-shot) and a web page at /")

@@ -54,8 +54,9 @@ _COMPILED: dict[type, Callable] = {}  # model class -> its torch.compile'd decod
 def decode_step_fn(model: nn.Module, compile: bool = False) -> Callable:
     """`model.decode_step` as a function of (model, input_ids, position_ids, key_mask, cache, slot); with `compile`,
     torch.compile'd once per model class (dynamo re-specialises per config and batch size). Compiling needs a
-    C++ compiler and takes a minute or two on a small busy CPU (measured: 43 s at batch 1, 112 s at batch 8 for
-    a tiny Llama, per batch size); when it fails, a warning says why and the eager step runs."""
+    C++ compiler and takes seconds to minutes per batch size (measured here: 4-10 s for a tiny Llama with a warm
+    compiler cache, up to 112 s on a busy machine without); when it fails, a warning says why and the eager
+    step runs."""
     eager = type(model).decode_step
     if not compile:
         return eager
