@@ -138,6 +138,26 @@ def quant_accuracy(ref, quant, ids: torch.Tensor, mask: torch.Tensor, **inputs) 
             "max_logit_err_rel": round(float((a - b).abs().max() / a.abs().max()), 4), "positions": len(a)}
 
 
+def add_contenders(runs: dict[str, Callable[[], Any]], ours, quantized: dict[str, Any],
+                   gen: Callable[[Any, bool], torch.Tensor], ref: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                   compile: bool, out: Callable[[dict], None], **inputs) -> None:
+    """Add to `runs` mmlm with each quantized model ("mmlm-int4", ...) and, with `compile`, every mmlm model through
+    torch.compile ("...-compiled"); report each quantized model's accuracy (on the prompt + the fp32 continuation
+    `ref`) and each compile's first call. `gen(model, compile)` generates the benchmark's tokens."""
+    for mode, qmodel in quantized.items():
+        out({"bench": "quant_accuracy", "library": f"mmlm-{mode}",
+             **quant_accuracy(ours, qmodel, torch.cat([ids, ref], 1), torch.cat([mask, torch.ones_like(ref)], 1),
+                              **inputs)})
+        runs[f"mmlm-{mode}"] = lambda m=qmodel: gen(m, False)
+    if compile:  # compiles once per model and batch size
+        for lib, m in [("mmlm", ours)] + [(f"mmlm-{k}", v) for k, v in quantized.items()]:
+            t0 = time.perf_counter()
+            c = gen(m, True)
+            out({"bench": "compile", "library": f"{lib}-compiled", "first_call_s": round(time.perf_counter() - t0, 1),
+                 "same_tokens": torch.equal(c, ref)})
+            runs[f"{lib}-compiled"] = lambda m=m: gen(m, True)
+
+
 # ----------------------------------------------------------------------------- timing
 
 def time_ab(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
@@ -259,18 +279,8 @@ def bench_decode(models: list[str] | None = None, quick: bool = False, threads: 
                 same = a.shape == b.shape and torch.equal(a, b)
                 runs = {"mmlm": lambda: mmlm_generate(ours, ids, mask, new_tokens),
                         "transformers": lambda: hf_generate(hf, ids, mask, new_tokens)}
-                for mode, qmodel in quantized.items():
-                    out({"bench": "quant_accuracy", "model": name, "batch": batch, "library": f"mmlm-{mode}",
-                         **quant_accuracy(ours, qmodel, torch.cat([ids, a], 1),
-                                          torch.cat([mask, torch.ones_like(a)], 1))})
-                    runs[f"mmlm-{mode}"] = lambda m=qmodel: mmlm_generate(m, ids, mask, new_tokens)
-                if compile:  # compiles once per model and batch size
-                    for lib, m in [("mmlm", ours)] + [(f"mmlm-{k}", v) for k, v in quantized.items()]:
-                        t0 = time.perf_counter()
-                        c = mmlm_generate(m, ids, mask, new_tokens, compile=True)
-                        out({"bench": "compile", "model": name, "batch": batch, "library": f"{lib}-compiled",
-                             "first_call_s": round(time.perf_counter() - t0, 1), "same_tokens": torch.equal(c, a)})
-                        runs[f"{lib}-compiled"] = lambda m=m: mmlm_generate(m, ids, mask, new_tokens, compile=True)
+                add_contenders(runs, ours, quantized, lambda m, c: mmlm_generate(m, ids, mask, new_tokens, compile=c),
+                               a, ids, mask, compile, lambda r: out({"model": name, "batch": batch, **r}))
                 out({"bench": "greedy_match", "model": name, "batch": batch, "same_tokens": same,
                      "new_tokens": new_tokens})
                 if name == "tiny" and not same:

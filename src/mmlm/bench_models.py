@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from .bench import _transformers, quant_accuracy, time_ab
+from .bench import _transformers, add_contenders, time_ab
 from .quant import quantize
 
 BENCH_VIT_HF = dict(
@@ -261,18 +261,8 @@ def bench_llava(quick: bool = False, batches: tuple[int, ...] = (1, 8), compile:
         out({"bench": "llava_greedy_match", "batch": batch, "same_tokens": a.shape == b.shape and torch.equal(a, b)})
         runs = {"mmlm": lambda: ours_gen(ids, mask, px, new_tokens),
                 "transformers": lambda: hf_gen(ids, mask, px, new_tokens)}
-        for mode, qmodel in quantized.items():
-            out({"bench": "quant_accuracy", "batch": batch, "library": f"mmlm-{mode}",
-                 **quant_accuracy(ours, qmodel, torch.cat([ids, a], 1), torch.cat([mask, torch.ones_like(a)], 1),
-                                  pixel_values=px)})
-            runs[f"mmlm-{mode}"] = lambda m=qmodel: ours_gen(ids, mask, px, new_tokens, model=m)
-        if compile:  # compiles once per model and batch size
-            for lib, m in [("mmlm", ours)] + [(f"mmlm-{k}", v) for k, v in quantized.items()]:
-                t0 = time.perf_counter()
-                ours_gen(ids, mask, px, new_tokens, True, model=m)
-                out({"bench": "compile", "batch": batch, "library": f"{lib}-compiled",
-                     "first_call_s": round(time.perf_counter() - t0, 1)})
-                runs[f"{lib}-compiled"] = lambda m=m: ours_gen(ids, mask, px, new_tokens, True, model=m)
+        add_contenders(runs, ours, quantized, lambda m, c: ours_gen(ids, mask, px, new_tokens, c, model=m), a, ids,
+                       mask, compile, lambda r: out({"batch": batch, **r}), pixel_values=px)
         times = time_ab(runs, repeats)
         med = {}
         for lib, secs in times.items():

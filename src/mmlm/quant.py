@@ -100,8 +100,8 @@ def quantize(model: nn.Module, mode: str) -> nn.Module:
     if not _cpu_kernels():
         raise RuntimeError(f"this torch ({torch.__version__}) lacks the CPU weight-only kernels {mode} needs")
     lm = _language_model(model)
-    if getattr(model, "quantized", None) or is_quantized(lm):
-        raise ValueError(f"this model is already quantized ({getattr(model, 'quantized', 'int')}): load it again first")
+    if is_quantized(lm):
+        raise ValueError("this model is already quantized: load it again first")
     if any(p.device.type != "cpu" for p in lm.parameters()):
         raise ValueError("quantize uses PyTorch's CPU weight-only kernels: move the model to the CPU first")
     for block in lm.blocks:
