@@ -118,3 +118,34 @@ def test_vit_hidden_states_and_text_pooling_errors():
         model.encode_text(torch.ones(2, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="expects 32x32"):
         model.encode_image(torch.zeros(1, 3, 30, 30))
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_text_packing_gives_the_padded_features_and_gradients(with_mask, monkeypatch):
+    """Packing the tokens up to each row's EOT (text.PACK_BELOW) changes the work, not the numbers."""
+    import mmlm.models.text as text
+
+    cfg = clip_preset("tiny-vit")
+    model = CLIP(cfg).train()
+    g = torch.Generator().manual_seed(1)
+    n, T = 6, cfg.text.context_length
+    ids = torch.randint(1, cfg.text.eot_token_id, (n, T), generator=g)
+    lengths = [3, 9, 4, T, 12, 5]
+    for row, length in enumerate(lengths):
+        ids[row, length - 1] = cfg.text.eot_token_id
+        ids[row, length:] = 0
+    mask = (torch.arange(T) < torch.tensor(lengths)[:, None]).long() if with_mask else None
+    weights = torch.randn(n, cfg.embed_dim, generator=g)
+
+    def run(pack_below: float):
+        monkeypatch.setattr(text, "PACK_BELOW", pack_below)
+        model.zero_grad(set_to_none=True)
+        out = model.encode_text(ids, attention_mask=mask)
+        (out * weights).sum().backward()
+        return out.detach(), {k: p.grad.clone() for k, p in model.text.named_parameters()}
+
+    padded, padded_grads = run(0.0)  # never packs
+    packed, packed_grads = run(1.0)  # always packs (the rows fill 70 of 6 * 32 slots)
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
+    for k, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[k], grad, atol=1e-5, rtol=1e-4, msg=k)

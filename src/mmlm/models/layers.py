@@ -142,6 +142,38 @@ class KVCache:
         self.k, self.v = [t[rows] for t in self.k], [t[rows] for t in self.v]
 
 
+@dataclass
+class Packing:
+    """The real tokens of a padded (B, T) batch, packed into N rows: position-wise layers (norms, projections,
+    MLPs) then skip the padding, and only attention, which needs the (B, T) layout, unpacks them.
+
+    `index` (N,) holds the flat positions b * T + t of the kept tokens, row by row. A causal model may drop
+    every token after the last one it reads (CLIP's text tower after each row's end-of-text token): the
+    tokens before it never see them, so the kept tokens' values are the same, with less work.
+    """
+
+    batch: int
+    length: int
+    index: torch.Tensor
+    dropped: torch.Tensor  # the other flat positions
+
+    @classmethod
+    def from_mask(cls, keep: torch.Tensor) -> "Packing":
+        """keep: (B, T) bool, True = a token to compute."""
+        flat = keep.flatten()
+        return cls(keep.shape[0], keep.shape[1], flat.nonzero().flatten(), (~flat).nonzero().flatten())
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) -> (N, ...)."""
+        return x.flatten(0, 1).index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, ...) -> (B, T, ...), zeros at the dropped positions."""
+        flat = x.new_empty(self.batch * self.length, *x.shape[1:])  # no zero fill of the kept rows
+        flat.index_copy_(0, self.index, x).index_fill_(0, self.dropped, 0.0)
+        return flat.view(self.batch, self.length, *x.shape[1:])
+
+
 class Attention(nn.Module):
     """Multi-head scaled-dot-product attention with a fused q/k/v projection.
 
@@ -151,6 +183,7 @@ class Attention(nn.Module):
     embedding size). A decoder passes `rope` (cos, sin) to rotate q and k, and `cache` (the layer's
     k, v buffers (B, Hkv, S, hd) and the first free slot) to attend over earlier tokens too; when that slot
     is a LongTensor of slot indices, every shape stays the same from one decoding step to the next.
+    With `packing`, x holds only the packed tokens (N, C) (see `Packing`).
     """
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None,
@@ -168,17 +201,22 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
-        """x: (B, T, C); attn_mask: bool (True = may attend) or additive float, broadcastable to (B, H, T, S)."""
-        B, T, _ = x.shape
+                cache: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+                packing: Packing | None = None) -> torch.Tensor:
+        """x: (B, T, C) or, packed, (N, C); attn_mask: bool (True = may attend) or additive float, broadcastable
+        to (B, H, T, S)."""
         H, Hkv = self.n_heads, self.n_kv_heads
-        qkv = self.qkv(x).view(B, T, H + 2 * Hkv, self.head_dim)  # (B, T, H + 2 Hkv, hd): q heads, k heads, v heads
-        qk, v = qkv[:, :, : H + Hkv], qkv[:, :, H + Hkv :]
+        qkv = self.qkv(x).unflatten(-1, (H + 2 * Hkv, self.head_dim))  # (..., H + 2 Hkv, hd): q, k, v heads
+        if packing is not None:
+            qkv = packing.unpack(qkv)
+        B, T = qkv.shape[:2]
+        # split, not slicing: its backward concatenates the gradients instead of filling a zero tensor per slice
         if rope is not None:  # q and k heads rotate together: half the small ops of a token-by-token decode step
-            qk = apply_rope(qk, *rope)
-        q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, hd)
-        k = qk[:, :, H:].transpose(1, 2)  # (B, Hkv, T, hd)
-        v = v.transpose(1, 2)
+            qk, v = qkv.split([H + Hkv, Hkv], dim=2)
+            q, k = apply_rope(qk, *rope).split([H, Hkv], dim=2)
+        else:
+            q, k, v = qkv.split([H, Hkv, Hkv], dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, hd)
         if cache is not None:
             k_buf, v_buf, pos = cache
             if isinstance(pos, torch.Tensor):  # static shapes (a compilable decoding step): write slots `pos`,
@@ -191,7 +229,7 @@ class Attention(nn.Module):
                 k, v = k_buf[:, :, : pos + T], v_buf[:, :, : pos + T]  # (B, Hkv, S, hd)
         y = attend(q, k, v, attn_mask, is_causal and attn_mask is None)
         y = y.transpose(1, 2).reshape(B, T, self.q_dim)  # (B, T, H*hd)
-        return self.proj(y)
+        return self.proj(y if packing is None else packing.pack(y))
 
 
 class MLP(nn.Module):
@@ -252,8 +290,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, rope=rope, cache=cache)
+                cache: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+                packing: Packing | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, rope=rope, cache=cache,
+                          packing=packing)
         return x + self.mlp(self.norm2(x))
 
 
@@ -269,13 +309,14 @@ class Transformer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
-                hidden_states: list[torch.Tensor] | None = None, upto: int | None = None) -> torch.Tensor:
-        """x: (B, T, C). When `hidden_states` is a list, the input and each block's output are appended.
-        `upto` runs only the first `upto` blocks (a reader of layer -2 never needs the last one)."""
+                hidden_states: list[torch.Tensor] | None = None, upto: int | None = None,
+                packing: Packing | None = None) -> torch.Tensor:
+        """x: (B, T, C), or (N, C) with `packing`. When `hidden_states` is a list, the input and each block's
+        output are appended. `upto` runs only the first `upto` blocks (a reader of layer -2 never needs the last)."""
         if hidden_states is not None:
             hidden_states.append(x)
         for block in self.blocks[:upto]:
-            x = block(x, attn_mask=attn_mask, is_causal=is_causal)
+            x = block(x, attn_mask=attn_mask, is_causal=is_causal, packing=packing)
             if hidden_states is not None:
                 hidden_states.append(x)
         return x

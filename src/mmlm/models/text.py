@@ -6,7 +6,12 @@ import torch
 from torch import nn
 
 from ..config import TextConfig
-from .layers import Transformer
+from .layers import Packing, Transformer
+
+
+# Pack the kept tokens when they fill less than this fraction of the (B, T) batch; above it the copies in
+# and out of the attention layout cost about what the padding does.
+PACK_BELOW = 0.9
 
 
 class TextTransformer(nn.Module):
@@ -26,8 +31,9 @@ class TextTransformer(nn.Module):
         self.transformer.init_openai()
         nn.init.normal_(self.proj.weight, std=self.cfg.width**-0.5)
 
-    def forward_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) ids -> (B, T, width) after the final LayerNorm.
+    def forward_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                       packing: Packing | None = None) -> torch.Tensor:
+        """(B, T) ids -> (B, T, width) after the final LayerNorm; with `packing`, only its tokens: (N, width).
 
         Attention is causal, so right padding never changes the tokens before it; `attention_mask`
         (B, T, 1 = real token) additionally hides padded keys, as transformers does.
@@ -35,13 +41,17 @@ class TextTransformer(nn.Module):
         T = input_ids.shape[1]
         if T > self.cfg.context_length:
             raise ValueError(f"input_ids have {T} tokens, more than the context length {self.cfg.context_length}")
-        x = self.token_embed(input_ids) + self.pos_embed[:T]  # (B, T, w)
+        if packing is None:
+            x = self.token_embed(input_ids) + self.pos_embed[:T]  # (B, T, w)
+        else:
+            positions = packing.index % T
+            x = self.token_embed(input_ids.flatten()[packing.index]) + self.pos_embed[positions]  # (N, w)
         mask = None
         if attention_mask is not None:
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             mask = causal & attention_mask.bool()[:, None, None, :]  # (B, 1, T, T)
             mask = mask | torch.eye(T, dtype=torch.bool, device=x.device)  # a padded query still sees itself
-        x = self.transformer(x, attn_mask=mask, is_causal=mask is None)
+        x = self.transformer(x, attn_mask=mask, is_causal=mask is None, packing=packing)
         return self.norm_final(x)
 
     def pool_index(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -58,13 +68,20 @@ class TextTransformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) -> (B, embed_dim): the EOT token's features, projected.
 
-        Attention is causal, so the tokens after the batch's last EOT reach no pooled feature: they are not
-        computed (captions are usually much shorter than the context; the features are the same).
+        Attention is causal, so the tokens after a row's EOT reach no pooled feature: they are not computed.
+        Captions are usually much shorter than the context and of varied length, so the batch is cut after
+        its last EOT and, when that still leaves much padding, the tokens are packed (`Packing`): the features
+        are the same (tests/test_clip.py), with less work.
         """
         index = self.pool_index(input_ids)  # (B,)
         used = int(index.max()) + 1
         input_ids = input_ids[:, :used]
         attention_mask = None if attention_mask is None else attention_mask[:, :used]
-        x = self.forward_tokens(input_ids, attention_mask)
-        x = x[torch.arange(x.shape[0], device=x.device), index]  # (B, w)
+        keep = torch.arange(used, device=input_ids.device) <= index[:, None]  # (B, used)
+        if keep.sum() > PACK_BELOW * keep.numel():
+            x = self.forward_tokens(input_ids, attention_mask)
+            x = x[torch.arange(x.shape[0], device=x.device), index]  # (B, w)
+        else:
+            x = self.forward_tokens(input_ids, attention_mask, packing=Packing.from_mask(keep))  # (N, w)
+            x = x[(index + 1).cumsum(0) - 1]  # each row's last kept token is its EOT
         return self.proj(x)
