@@ -231,3 +231,26 @@ def test_resnet_tower_reads_a_stage_feature_map_as_tokens():
         export_hf(model, "/nonexistent/never-written")
     with pytest.raises(ValueError, match="different sizes"):
         _tiny_resnet(vision_layer=[-2, -1])
+
+
+def test_image_position_embedding(tmp_path):
+    """image_pos_embed: one learned row per image-token position, added after the projector (so a convolutional
+    tower's tokens say where they lie); it learns with the projector, round-trips, and blocks transformers export."""
+    model = _tiny_resnet(image_pos_embed=True)
+    pos = model.projector.pos
+    assert pos.shape == (model.config.image_tokens, model.config.lm.width)
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        without = model.projector.fc2(torch.nn.functional.gelu(model.projector.fc1(
+            model.vision.forward_stages(pixels)[3].flatten(2).transpose(1, 2))))
+        torch.testing.assert_close(model.encode_images(pixels), without + pos)
+    rows, ids, mask, _ = _mixed_batch(model)
+    model.train().vision.requires_grad_(False)
+    model(ids, attention_mask=mask, pixel_values=torch.cat([pixels, pixels[:1]])).logits.logsumexp(-1).mean().backward()
+    assert pos.grad is not None and pos.grad.abs().sum(-1).gt(0).all()  # every position's row learns
+    mmlm.save(model.eval(), tmp_path / "m")
+    again = mmlm.load(tmp_path / "m")
+    assert again.config.image_pos_embed and torch.equal(again.projector.pos, pos)
+    vit = _tiny(image_pos_embed=True)
+    with pytest.raises(ValueError, match="no image position embedding"):
+        export_hf(vit, tmp_path / "hf")

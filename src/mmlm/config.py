@@ -241,6 +241,9 @@ class LlavaConfig:
     drop_cls: bool = True
     projector: str = "mlp2x_gelu"
     projector_bias: bool = True
+    # A learned embedding per image-token position, added to the projected features (mmlm only: no
+    # transformers export). For a ResNet tower, whose cells carry little sense of where they lie.
+    image_pos_embed: bool = False
     image_token_id: int = 32000
     lora_rank: int = 0  # > 0: the LM's block linears carry a trainable low-rank update (merged on export)
     lora_alpha: float = 16.0

@@ -85,6 +85,9 @@ def config_to_hf(cfg: LlavaConfig) -> dict[str, Any]:
     if cfg.projector != "mlp2x_gelu":
         raise ValueError(f"transformers' LLaVA projector is the 2-layer GELU MLP; projector {cfg.projector!r} "
                          "cannot export (keep the model in mmlm format)")
+    if cfg.image_pos_embed:
+        raise ValueError("transformers' LLaVA has no image position embedding; a model with image_pos_embed "
+                         "cannot export (keep the model in mmlm format)")
     if not 0 <= cfg.image_token_id < cfg.lm.vocab_size:
         raise ValueError(f"image_token_id {cfg.image_token_id} is outside the vocabulary (size {cfg.lm.vocab_size}); "
                          "transformers' LLaVA embeds the image token, so it must be a vocabulary id to export")

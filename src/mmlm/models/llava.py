@@ -31,7 +31,8 @@ class Llava(nn.Module):
         # The tower's tokens only: no CLIP projection (nor a ResNet's attention pool).
         resnet = isinstance(cfg.vision, ModifiedResNetConfig)
         self.vision = ModifiedResNet(cfg.vision, embed_dim=None) if resnet else VisionTransformer(cfg.vision, embed_dim=None)
-        self.projector = Projector(cfg.projector, cfg.vision_feature_dim, cfg.lm.width, bias=cfg.projector_bias)
+        self.projector = Projector(cfg.projector, cfg.vision_feature_dim, cfg.lm.width, bias=cfg.projector_bias,
+                                   tokens=cfg.image_tokens if cfg.image_pos_embed else 0)
         self.lm = LM(cfg.lm)
         self.vision.init_weights()
         if cfg.lora_rank:

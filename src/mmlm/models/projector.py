@@ -2,6 +2,10 @@
 
 "linear" is LLaVA-1's single matrix; "mlp2x_gelu" is LLaVA-1.5's two-layer MLP with a GELU between
 (transformers' `LlavaMultiModalProjector`: linear_1, gelu, linear_2).
+
+`tokens` > 0 adds a learned embedding per image-token position to the output (mmlm only; transformers'
+LLaVA has none): a convolutional tower's feature map says little about where a cell lies, and the LM, whose
+rotary positions are relative, cannot tell which image token it is reading once a question stands between.
 """
 
 from __future__ import annotations
@@ -12,14 +16,17 @@ from torch import nn
 
 
 class Projector(nn.Module):
-    def __init__(self, kind: str, in_dim: int, out_dim: int, bias: bool = True):
+    def __init__(self, kind: str, in_dim: int, out_dim: int, bias: bool = True, tokens: int = 0):
         super().__init__()
         if kind not in ("linear", "mlp2x_gelu"):
             raise ValueError(f"projector must be 'linear' or 'mlp2x_gelu', got {kind!r}")
         self.kind = kind
         self.fc1 = nn.Linear(in_dim, out_dim, bias=bias)
         self.fc2 = nn.Linear(out_dim, out_dim, bias=bias) if kind == "mlp2x_gelu" else None
+        self.pos = nn.Parameter(torch.randn(tokens, out_dim) * 0.02) if tokens else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, L, in_dim) -> (N, L, out_dim)."""
         x = self.fc1(x)
-        return x if self.fc2 is None else self.fc2(F.gelu(x))
+        x = x if self.fc2 is None else self.fc2(F.gelu(x))
+        return x if self.pos is None else x + self.pos.to(x.dtype)
