@@ -71,7 +71,7 @@ class TextTransformer(nn.Module):
         Attention is causal, so the tokens after a row's EOT reach no pooled feature: they are not computed.
         Captions are usually much shorter than the context and of varied length, so the batch is cut after
         its last EOT and, when that still leaves much padding, the tokens are packed (`Packing`): the features
-        are the same (tests/test_clip.py), with less work.
+        are the same (tests/test_clip_model.py), with less work.
         """
         index = self.pool_index(input_ids)  # (B,)
         used = int(index.max()) + 1
