@@ -100,7 +100,7 @@ def test_cli_two_stages_then_export_to_transformers(tmp_path):
     tiny = ["model.vision.image_size=32", "model.vision.width=32", "model.vision.layers=2", "model.lm.width=48",
             "model.lm.layers=2", "model.lm.mlp_dim=96", "model.lm.max_seq_len=512", "max_len=512", "vocab_size=400",
             "data.train_size=32", "data.eval_size=4", "train.batch_size=8", "train.progress=false", "train.steps=2",
-            "train.precision=fp32"]
+            "train.precision=fp32", "model.image_pos_embed=false"]  # a ViT tower: exportable to transformers
     config = "configs/llava-shapes.yaml"
     assert main(["train", "llava", "--config", config, "--out", str(tmp_path / "s1"), *tiny]) == 0
     assert main(["train", "llava", "--config", config, "--out", str(tmp_path / "s2"), *tiny, "stage=2",

@@ -6,6 +6,10 @@
 `tokens` > 0 adds a learned embedding per image-token position to the output (mmlm only; transformers'
 LLaVA has none): a convolutional tower's feature map says little about where a cell lies, and the LM, whose
 rotary positions are relative, cannot tell which image token it is reading once a question stands between.
+It starts at unit scale (std 1 per dimension, about the projected features' own scale), so the position is
+as loud as the content from the first step. Measured on the shapes LLaVA: started at 0.02 (the usual
+embedding init) the LM never learned to use it ("where is the yellow triangle?" 59 %, picking among the
+scene's objects at random), started at 1 it answered 93 % by step 500.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ class Projector(nn.Module):
         self.kind = kind
         self.fc1 = nn.Linear(in_dim, out_dim, bias=bias)
         self.fc2 = nn.Linear(out_dim, out_dim, bias=bias) if kind == "mlp2x_gelu" else None
-        self.pos = nn.Parameter(torch.randn(tokens, out_dim) * 0.02) if tokens else None
+        self.pos = nn.Parameter(torch.randn(tokens, out_dim)) if tokens else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, L, in_dim) -> (N, L, out_dim)."""
