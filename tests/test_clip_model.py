@@ -149,3 +149,17 @@ def test_text_packing_gives_the_padded_features_and_gradients(with_mask, monkeyp
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
     for k, grad in padded_grads.items():
         torch.testing.assert_close(packed_grads[k], grad, atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_packing_rounds_its_row_count():
+    """Packing(multiple=m) keeps every real token and adds dropped ones until the count is a multiple of m (few
+    distinct matmul shapes); round_rows pads with zero rows."""
+    from mmlm.models.layers import Packing, round_rows
+
+    keep = torch.arange(10)[None] < torch.tensor([[3], [7], [1]])  # 11 real tokens of 30
+    p = Packing.from_mask(keep, multiple=8)
+    assert len(p.index) == 16 and set(keep.flatten().nonzero().flatten().tolist()) <= set(p.index.tolist())
+    assert sorted(p.index.tolist() + p.dropped.tolist()) == list(range(30))
+    assert len(Packing.from_mask(keep, multiple=64).index) == 30  # never more than the batch holds
+    x = torch.randn(5, 3)
+    assert round_rows(x, 4).shape == (8, 3) and torch.equal(round_rows(x, 4)[:5], x) and round_rows(x, 5) is x

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import mmlm
 from mmlm.config import LMConfig
 from mmlm.generation import generate
 from mmlm.models.lm import LM

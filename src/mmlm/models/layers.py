@@ -160,10 +160,16 @@ class Packing:
     dropped: torch.Tensor  # the other flat positions
 
     @classmethod
-    def from_mask(cls, keep: torch.Tensor) -> "Packing":
-        """keep: (B, T) bool, True = a token to compute."""
+    def from_mask(cls, keep: torch.Tensor, multiple: int = 1) -> "Packing":
+        """keep: (B, T) bool, True = a token to compute. `multiple` rounds the count N up by also computing the
+        first few dropped positions (harmless where dropping was optional, as after a causal row's last token);
+        see `round_rows`."""
         flat = keep.flatten()
-        return cls(keep.shape[0], keep.shape[1], flat.nonzero().flatten(), (~flat).nonzero().flatten())
+        index, dropped = flat.nonzero().flatten(), (~flat).nonzero().flatten()
+        extra = min(-len(index) % multiple, len(dropped))
+        if extra:
+            index, dropped = torch.cat([index, dropped[:extra]]).sort().values, dropped[extra:]
+        return cls(keep.shape[0], keep.shape[1], index, dropped)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) -> (N, ...)."""
@@ -174,6 +180,19 @@ class Packing:
         flat = x.new_empty(self.batch * self.length, *x.shape[1:])  # no zero fill of the kept rows
         flat.index_copy_(0, self.index, x).index_fill_(0, self.dropped, 0.0)
         return flat.view(self.batch, self.length, *x.shape[1:])
+
+
+# Matmuls whose row count changes from batch to batch (packed tokens, the positions where a loss is computed)
+# round it up to a multiple of this. Under bf16 autocast on a CPU every new shape makes oneDNN generate and
+# cache a kernel: with a few hundred row counts a run filled that cache (1024 kernels, ~3 MB each, 3.4 GB)
+# and then slowed ~2x once it began evicting and regenerating them (measured in LLaVA's stage 2).
+ROW_MULTIPLE = 64
+
+
+def round_rows(x: torch.Tensor, multiple: int = ROW_MULTIPLE) -> torch.Tensor:
+    """(N, ...) -> (N', ...) with zero rows appended up to a multiple of `multiple`; slice the result back to N."""
+    extra = -x.shape[0] % multiple
+    return torch.cat([x, x.new_zeros(extra, *x.shape[1:])]) if extra else x
 
 
 class Attention(nn.Module):

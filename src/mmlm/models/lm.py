@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..config import LMConfig
-from .layers import Attention, Block, KVCache, RMSNorm, SwiGLU, rope_cos_sin, rope_inv_freq
+from .layers import Attention, Block, KVCache, RMSNorm, SwiGLU, rope_cos_sin, rope_inv_freq, round_rows
 
 
 @dataclass
@@ -147,6 +147,7 @@ class LM(nn.Module):
             cache.pos = S
         if only_last:
             x = x[:, -1:]
-        elif logits_at is not None:
-            x = x[logits_at]
+        elif logits_at is not None:  # (N, C), N rounded up for the matmul (see round_rows)
+            n = int(logits_at.sum())
+            return LMOutput(logits=self.lm_head(self.norm(round_rows(x[logits_at])))[:n])
         return LMOutput(logits=self.lm_head(self.norm(x)))

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..config import TextConfig
-from .layers import Packing, Transformer
+from .layers import ROW_MULTIPLE, Packing, Transformer
 
 
 # Pack the kept tokens when they fill less than this fraction of the (B, T) batch; above it the copies in
@@ -82,6 +82,8 @@ class TextTransformer(nn.Module):
             x = self.forward_tokens(input_ids, attention_mask)
             x = x[torch.arange(x.shape[0], device=x.device), index]  # (B, w)
         else:
-            x = self.forward_tokens(input_ids, attention_mask, packing=Packing.from_mask(keep))  # (N, w)
-            x = x[(index + 1).cumsum(0) - 1]  # each row's last kept token is its EOT
+            packing = Packing.from_mask(keep, multiple=ROW_MULTIPLE)  # the extra tokens come after some EOT
+            x = self.forward_tokens(input_ids, attention_mask, packing=packing)  # (N, w)
+            eot = torch.arange(len(index), device=index.device) * used + index  # flat positions of the EOTs
+            x = x[torch.searchsorted(packing.index, eot)]
         return self.proj(x)

@@ -124,6 +124,9 @@ def sample_turns(sample: dict[str, Any], template: str) -> list[dict[str, str]]:
     return sample["conversations"]
 
 
+LENGTH_MULTIPLE = 16  # training batches are padded to a multiple of this many tokens
+
+
 class LlavaTask:
     def __init__(self, cfg: LlavaRunConfig, model: nn.Module, tokenizer: Any, train_data: Dataset,
                  preprocess: PreprocessConfig, evaluate: Callable[[], dict[str, Any]] | None = None):
@@ -152,6 +155,9 @@ class LlavaTask:
                                        mc.image_token_id, mc.image_tokens, max_len=self.cfg.max_len,
                                        n_images=len(s["images"]), name=s["id"]) for s in samples]
         T = max(len(e.input_ids) for e in encoded)
+        # a round length (within the LM's context): batches then share a few shapes, and oneDNN's per-shape
+        # bf16 kernels stay few (see models/layers.py ROW_MULTIPLE)
+        T = min(max(T, mc.lm.max_seq_len), -(-T // LENGTH_MULTIPLE) * LENGTH_MULTIPLE)
         pad = self.tokenizer.pad_id
         ids = torch.tensor([e.input_ids + [pad] * (T - len(e.input_ids)) for e in encoded])
         labels = torch.tensor([e.labels + [IGNORE] * (T - len(e.labels)) for e in encoded])
