@@ -148,6 +148,6 @@ class LM(nn.Module):
         if only_last:
             x = x[:, -1:]
         elif logits_at is not None:  # (N, C), N rounded up for the matmul (see round_rows)
-            n = int(logits_at.sum())
-            return LMOutput(logits=self.lm_head(self.norm(round_rows(x[logits_at])))[:n])
+            x = x[logits_at]
+            return LMOutput(logits=self.lm_head(self.norm(round_rows(x)))[: len(x)])
         return LMOutput(logits=self.lm_head(self.norm(x)))
