@@ -254,3 +254,20 @@ def test_image_position_embedding(tmp_path):
     vit = _tiny(image_pos_embed=True)
     with pytest.raises(ValueError, match="no image position embedding"):
         export_hf(vit, tmp_path / "hf")
+
+
+def test_lora_linear_is_the_weight_plus_its_low_rank_update():
+    """LoRALinear(x) == x (W + alpha/r B A)^T + b, and so are the gradients of A and B."""
+    from mmlm.models.lora import LoRALinear
+
+    torch.manual_seed(0)
+    lin = LoRALinear(12, 10, bias=True, rank=4, alpha=8.0).double()
+    torch.nn.init.normal_(lin.lora_b)
+    x = torch.randn(3, 5, 12, dtype=torch.float64)
+    y = lin(x)
+    ref = torch.nn.functional.linear(x, lin.weight + 2.0 * lin.lora_b @ lin.lora_a, lin.bias)
+    torch.testing.assert_close(y, ref)
+    ga, gb = torch.autograd.grad(y.square().sum(), (lin.lora_a, lin.lora_b))
+    ra, rb = torch.autograd.grad(ref.square().sum(), (lin.lora_a, lin.lora_b))
+    torch.testing.assert_close(ga, ra)
+    torch.testing.assert_close(gb, rb)

@@ -22,7 +22,12 @@ class LoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear initialises its weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) + (x @ self.lora_a.t().to(x.dtype)) @ self.lora_b.t().to(x.dtype) * self.scale
+        y = super().forward(x)
+        a = x @ self.lora_a.t().to(x.dtype)  # (..., r)
+        # the scale goes on B (out x r), not on the (..., out) product, and the update is added by the matmul
+        # itself (addmm): two passes over the layer's whole output fewer, forward and backward
+        b = (self.lora_b * self.scale).t().to(a.dtype)
+        return torch.addmm(y.flatten(0, -2), a.flatten(0, -2), b).view(y.shape)
 
     def merged_weight(self) -> torch.Tensor:
         return self.weight + self.scale * (self.lora_b @ self.lora_a)
