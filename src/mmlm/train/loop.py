@@ -52,7 +52,6 @@ class TrainConfig:
     seed: int = 0
     num_workers: int = 0
     threads: int = 0  # torch intra-op threads in the main process (0 = torch's default)
-    keep_freed_memory: bool = True  # glibc: reuse freed blocks instead of returning them to the OS (see below)
     log_every: int = 10
     eval_every: int = 0  # steps between evaluations (0 = only at the end)
     ckpt_every: int = 0  # steps between checkpoints (0 = only at the end)
@@ -255,27 +254,6 @@ def _autocast(precision: str) -> Callable[[], contextlib.AbstractContextManager]
     return contextlib.nullcontext
 
 
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for the next allocation (no mmap per big block, no trimming).
-
-    A training step frees and reallocates the same large tensors every step. By default glibc maps each block
-    over 128 KiB-32 MiB afresh and unmaps it when freed, so every step pays a page fault (and a zeroed page)
-    per 4 KiB touched: ~108,000 faults per step of SmolLM2 LLaVA stage 2, 7.6 s/step against 6.0 s without
-    them (the same 4 batches, same process state). The cost: the process holds on to its peak memory until it
-    ends, as PyTorch's caching allocator does on a GPU. Returns False where this is not glibc (nothing changes).
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-
-
 def train(task: Task, cfg: TrainConfig, run: str | Path, resume: bool = True) -> dict[str, Any]:
     """Train `task.model` for `cfg.steps` optimizer steps, writing everything under `run`.
 
@@ -292,8 +270,6 @@ def train(task: Task, cfg: TrainConfig, run: str | Path, resume: bool = True) ->
     barrier()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.keep_freed_memory:
-        keep_freed_memory()
     model = task.model.train()
     replicated = w.enabled and not is_sharded(model)
     if replicated:
