@@ -145,10 +145,16 @@ def test_llava_json_data_with_a_missing_image_trains_and_reports_it(tmp_path, ca
     assert summary["bad_samples"] == 1 and set(summary["eval"]) == {"vqa_eval"}
     assert records[3]["id"] in capsys.readouterr().out
     val = tmp_path / "shapes" / "val_vqa.json"
-    assert main(["eval", "vqa", "--model", str(tmp_path / "run" / "final"), "--data", str(val), "--limit", "2"]) == 0
+    answers = tmp_path / "answers.jsonl"
+    assert main(["eval", "vqa", "--model", str(tmp_path / "run" / "final"), "--data", str(val), "--limit", "2",
+                 "--answers", str(answers)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     n_questions = sum(t["from"] == "gpt" for r in json.loads(val.read_text())[:2] for t in r["conversations"])
     assert result["n"] == n_questions and 0 <= result["accuracy"] <= 1 and result["examples"]
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]  # every answer, with its verdict
+    assert len(rows) == n_questions and "answers" not in result
+    assert sum(r["correct"] for r in rows) == round(result["accuracy"] * n_questions)
+    assert all(r["correct"] == (r["answer"] == r["reference"].strip()) for r in rows)
 
 
 def test_stage2_lora_trains_only_low_rank_updates_and_exports_merged(tmp_path):

@@ -54,7 +54,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.cli import eval_retrieval, eval_vqa, eval_zeroshot
 
     if args.task == "vqa":
-        result = eval_vqa(args.model, args.data, template=args.template, limit=args.limit, weights=args.weights)
+        result = eval_vqa(args.model, args.data, template=args.template, limit=args.limit, weights=args.weights,
+                          answers=args.answers)
     elif args.task == "zeroshot":
         result = eval_zeroshot(args.model, args.data, classes=args.classes, templates=args.templates,
                                limit=args.limit)
@@ -156,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vqa: answer with the LM's weights quantized (measures what quantization costs)")
     v.add_argument("--template", default=None, choices=["plain", "vicuna_v1", "chat"],
                    help="vqa: the conversation template (default: the one the model was tuned with, from its config)")
+    v.add_argument("--answers", type=Path, default=None,
+                   help="vqa: also write every question's answer, reference and verdict to this JSON-lines file")
     v.set_defaults(func=cmd_eval)
 
     h = sub.add_parser("chat", help="chat with a language model or, with --image, a LLaVA (one answer with --prompt, "

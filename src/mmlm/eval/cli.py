@@ -112,10 +112,12 @@ def eval_retrieval(model_dir: str | Path, data: str, limit: int = 0) -> dict[str
 
 
 def eval_vqa(model_dir: str | Path, data: str, template: str | None = None, limit: int = 0,
-             weights: str | None = None) -> dict[str, Any]:
+             weights: str | None = None, answers: str | Path | None = None) -> dict[str, Any]:
     """Exact-match VQA of a LLaVA model (greedy decoding) on a LLaVA-JSON file with reference answers, or on the
     built-in shapes questions: "shapes" (val, seen colour-shape pairs) or "shapes-novel" (held-out pairs), one
-    question per image, `limit` images (default 500). `weights` "int8"/"int4" answers with the LM quantized."""
+    question per image, `limit` images (default 500). `weights` "int8"/"int4" answers with the LM quantized.
+    `answers`: a JSON-lines file to write every question's answer to (id, type, question, answer, reference,
+    correct), for reading the mistakes."""
     from ..data.llava_json import LlavaJson
     from .vqa import evaluate_vqa
 
@@ -134,5 +136,11 @@ def eval_vqa(model_dir: str | Path, data: str, template: str | None = None, limi
         ds = LlavaJson(data)
     items = [ds[i] for i in range(len(ds) if limit <= 0 else min(limit, len(ds)))]
     bad = [x["bad"] for x in items if "bad" in x]
-    result = evaluate_vqa(model, tok, processor, [x for x in items if "bad" not in x], template)
+    result = evaluate_vqa(model, tok, processor, [x for x in items if "bad" not in x], template,
+                          all_answers=answers is not None)
+    if answers is not None:
+        from ..checkpoint import atomic_write
+
+        text = "".join(json.dumps(a) + "\n" for a in result.pop("answers"))
+        atomic_write(answers, lambda tmp: Path(tmp).write_text(text))
     return {"model": str(model_dir), "data": data, "template": template, **result, "skipped": len(bad)}

@@ -38,9 +38,10 @@ def questions(records: Sequence[dict[str, Any]]) -> list[tuple[dict[str, Any], l
 
 @torch.inference_mode()
 def evaluate_vqa(model: Any, tokenizer: Any, processor: Any, records: Sequence[dict[str, Any]], template: str,
-                 batch_size: int = 32, max_new_tokens: int = 32) -> dict[str, Any]:
+                 batch_size: int = 32, max_new_tokens: int = 32, all_answers: bool = False) -> dict[str, Any]:
     """records: LLaVA samples ({id, images: [PIL or uint8 array], conversations}). Returns
-    {"accuracy", "n", "per_type": {qtype: {"accuracy", "n"}}, "examples": first few (question, answer, reference)}."""
+    {"accuracy", "n", "per_type": {qtype: {"accuracy", "n"}}, "examples": first few (question, answer, reference)},
+    and with `all_answers` also "answers": every question's {id, type, question, answer, reference, correct}."""
     from ..generation import generate
 
     mc = model.config
@@ -64,16 +65,18 @@ def evaluate_vqa(model: Any, tokenizer: Any, processor: Any, records: Sequence[d
     chunks = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     answers = [a for part in map_shards(answer, chunks) for a in part]
     hits: dict[str, list[int]] = defaultdict(list)
-    examples = []
+    rows = []
     for (r, turns, ref, qtype), ans in zip(items, answers):
         ok = int(ans == ref.strip())
         hits["all"].append(ok)
         if qtype:
             hits[qtype].append(ok)
-        if len(examples) < 8:
-            examples.append({"id": r.get("id"), "question": turns[-1].get("value", turns[-1].get("content")),
-                             "answer": ans, "reference": ref})
+        rows.append({"id": r.get("id"), "type": qtype, "question": turns[-1].get("value", turns[-1].get("content")),
+                     "answer": ans, "reference": ref, "correct": bool(ok)})
     acc = lambda v: sum(v) / len(v) if v else 0.0  # noqa: E731
-    return {"accuracy": acc(hits["all"]), "n": len(hits["all"]),
-            "per_type": {k: {"accuracy": acc(v), "n": len(v)} for k, v in sorted(hits.items()) if k != "all"},
-            "examples": examples}
+    result = {"accuracy": acc(hits["all"]), "n": len(hits["all"]),
+              "per_type": {k: {"accuracy": acc(v), "n": len(v)} for k, v in sorted(hits.items()) if k != "all"},
+              "examples": [{k: x[k] for k in ("id", "question", "answer", "reference")} for x in rows[:8]]}
+    if all_answers:
+        result["answers"] = rows
+    return result
