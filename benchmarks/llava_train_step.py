@@ -27,21 +27,18 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=6)
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args()
+    if args.batches < 3:
+        ap.error("--batches must be at least 3 (2 warm-up steps, then the timed ones)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from mmlm.data.transforms import PreprocessConfig
     from mmlm.train import llava_run
-    from mmlm.train.llava_task import LlavaTask
     from mmlm.train.loop import _autocast
 
-    cfg = llava_run.load_recipe(args.recipe, ["stage=2", f"init_from={args.init_from}"])
-    data = llava_run.train_data(cfg)
+    cfg = llava_run.load_recipe(args.recipe, ["stage=2", f"init_from={args.init_from}", "data.eval_size=0"])
     with tempfile.TemporaryDirectory() as tmp:
-        tok = llava_run.build_tokenizer(cfg, data, Path(tmp))
-    model = llava_run.build_model(cfg, tok)
-    preprocess = PreprocessConfig(image_size=cfg.model.vision.image_size, mode=cfg.preprocess)
-    task = LlavaTask(cfg, model, tok, data, preprocess, None)
+        task = llava_run.build_task(cfg, Path(tmp))  # as `mmlm train llava` builds it
+    model, data = task.model, task.data
     bs = cfg.train.batch_size
     batches = [task.collate([data[i] for i in range(b * bs, (b + 1) * bs)]) for b in range(args.batches)]
     autocast = _autocast(cfg.train.precision)

@@ -181,6 +181,18 @@ def build_evaluator(cfg: LlavaRunConfig, model: Llava, tok, preprocess: Preproce
                     for name, items in sets.items()}
 
 
+def build_task(cfg: LlavaRunConfig, run: Path) -> LlavaTask:
+    """A LLaVA stage's data, tokenizer (written to `run`), model and evaluator, as `train_llava` trains them."""
+    data = train_data(cfg)
+    with distributed.main_first():  # rank 0 fits and saves the tokenizer, the other ranks load it
+        tok = build_tokenizer(cfg, data, run)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, tok)
+    preprocess = PreprocessConfig(image_size=cfg.model.vision.image_size, mode=cfg.preprocess)
+    model.config.template = cfg.template  # saved with the model: chat and eval prompt it as it was tuned
+    return LlavaTask(cfg, model, tok, data, preprocess, build_evaluator(cfg, model, tok, preprocess))
+
+
 def train_llava(cfg: LlavaRunConfig, out: str | Path, resume: bool = True) -> dict[str, Any]:
     """Train a LLaVA stage per `cfg` into run directory `out` (resuming from its latest checkpoint if any)."""
     out = Path(out)
@@ -188,16 +200,9 @@ def train_llava(cfg: LlavaRunConfig, out: str | Path, resume: bool = True) -> di
     out.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    data = train_data(cfg)
-    with distributed.main_first():  # rank 0 fits and saves the tokenizer, the other ranks load it
-        tok = build_tokenizer(cfg, data, out)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, tok)
-    preprocess = PreprocessConfig(image_size=cfg.model.vision.image_size, mode=cfg.preprocess)
-    model.config.template = cfg.template  # saved with the model: chat and eval prompt it as it was tuned
+    task = build_task(cfg, out)
     if w.is_main:
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    task = LlavaTask(cfg, model, tok, data, preprocess, build_evaluator(cfg, model, tok, preprocess))
     summary = train(task, cfg.train, out, resume=resume)
     if w.is_main:
         print(json.dumps({"run": str(out), **summary}))

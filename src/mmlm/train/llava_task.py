@@ -157,7 +157,7 @@ class LlavaTask:
         T = max(len(e.input_ids) for e in encoded)
         # a round length (within the LM's context): batches then share a few shapes, and oneDNN's per-shape
         # bf16 kernels stay few (see models/layers.py ROW_MULTIPLE)
-        T = min(max(T, mc.lm.max_seq_len), -(-T // LENGTH_MULTIPLE) * LENGTH_MULTIPLE)
+        T = max(T, min(-(-T // LENGTH_MULTIPLE) * LENGTH_MULTIPLE, mc.lm.max_seq_len))
         pad = self.tokenizer.pad_id
         ids = torch.tensor([e.input_ids + [pad] * (T - len(e.input_ids)) for e in encoded])
         labels = torch.tensor([e.labels + [IGNORE] * (T - len(e.labels)) for e in encoded])
