@@ -163,3 +163,46 @@ def test_packing_rounds_its_row_count():
     assert len(Packing.from_mask(keep, multiple=64).index) == 30  # never more than the batch holds
     x = torch.randn(5, 3)
     assert round_rows(x, 4).shape == (8, 3) and torch.equal(round_rows(x, 4)[:5], x) and round_rows(x, 5) is x
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "bool", "additive"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_last_block_computing_only_the_pooled_rows_changes_nothing(mask_kind, grad):
+    """Transformer(rows=...) computes one token per row in its last block (the pooled one); its values and the
+    gradients of the input and every weight equal running every token and indexing afterwards. grad=False runs
+    the inference attention kernel, grad=True the training one."""
+    from mmlm.models.layers import Transformer
+
+    torch.manual_seed(0)
+    B, T, C = 4, 9, 32
+    net = Transformer(C, layers=2, heads=4, mlp_dim=64, act="quick_gelu", norm_eps=1e-5)
+    x = torch.randn(B, T, C, requires_grad=grad)
+    rows = torch.tensor([0, 8, 3, 5])
+    mask, causal = None, mask_kind == "causal"
+    if mask_kind in ("bool", "additive"):
+        keep = torch.rand(B, 1, T, T) > 0.3
+        keep |= torch.eye(T, dtype=torch.bool)
+        mask = keep if mask_kind == "bool" else torch.zeros(B, 1, T, T).masked_fill(~keep, float("-inf"))
+    with torch.set_grad_enabled(grad):
+        full = net(x, attn_mask=mask, is_causal=causal)[torch.arange(B), rows]
+        pooled = net(x, attn_mask=mask, is_causal=causal, rows=rows)
+    torch.testing.assert_close(pooled, full, atol=1e-6, rtol=1e-5)
+    if not grad:
+        return
+    w = torch.randn(B, C)
+    grads = [torch.autograd.grad((out * w).sum(), [x, *net.parameters()]) for out in (full, pooled)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+
+def test_vision_tower_pools_the_class_token_of_every_token():
+    """The ViT's pooled output (last block on the class token alone) == every token computed, token 0 read."""
+    model = CLIP(clip_preset("tiny-vit")).train()
+    pixels, _ = _batch(model.config)
+    pooled = model.encode_image(pixels)
+    full = model.visual.proj(model.visual.norm_post(model.visual.forward_tokens(pixels)[:, 0]))
+    torch.testing.assert_close(pooled, full, atol=1e-6, rtol=1e-5)
+    params = list(model.visual.parameters())
+    w = torch.randn_like(full)
+    for a, b in zip(torch.autograd.grad((full * w).sum(), params), torch.autograd.grad((pooled * w).sum(), params)):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)

@@ -208,6 +208,10 @@ class Packing:
         """(B, T, ...) -> (N, ...)."""
         return x.flatten(0, 1).index_select(0, self.index)
 
+    def find(self, rows: torch.Tensor) -> torch.Tensor:
+        """(B,) a kept position t in each row -> (B,) where those tokens sit among the N packed ones."""
+        return torch.searchsorted(self.index, torch.arange(self.batch, device=rows.device) * self.length + rows)
+
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         """(N, ...) -> (B, T, ...), zeros at the dropped positions."""
         flat = x.new_empty(self.batch * self.length, *x.shape[1:])  # no zero fill of the kept rows
@@ -237,7 +241,10 @@ class Attention(nn.Module):
     embedding size). A decoder passes `rope` (cos, sin) to rotate q and k, and `cache` (the layer's
     k, v buffers (B, Hkv, S, hd) and the first free slot) to attend over earlier tokens too; when that slot
     is a LongTensor of slot indices, every shape stays the same from one decoding step to the next.
-    With `packing`, x holds only the packed tokens (N, C) (see `Packing`).
+    With `packing`, x holds only the packed tokens (N, C) (see `Packing`). With `rows` (B,), only the output of
+    token `rows[b]` of each row b is computed (its query against every key): (B, out_dim). A pooled model
+    reads one token per row from its last layer (CLIP's class or end-of-text token), so the other queries,
+    their output projections and their MLPs would be computed for nothing.
     """
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None,
@@ -256,7 +263,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 cache: tuple[torch.Tensor, torch.Tensor, int] | None = None,
-                packing: Packing | None = None) -> torch.Tensor:
+                packing: Packing | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, C) or, packed, (N, C); attn_mask: bool (True = may attend) or additive float, broadcastable
         to (B, H, T, S)."""
         H, Hkv = self.n_heads, self.n_kv_heads
@@ -270,6 +277,9 @@ class Attention(nn.Module):
             q, k = apply_rope(qk, *rope).split([H, Hkv], dim=2)
         else:
             q, k, v = qkv.split([H, Hkv, Hkv], dim=2)
+        if rows is not None:
+            q = q[torch.arange(B, device=q.device), rows].unsqueeze(1)  # (B, 1, H, hd)
+            attn_mask, is_causal = rows_mask(attn_mask, is_causal, rows, T), False
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, hd)
         if cache is not None:
             k_buf, v_buf, pos = cache
@@ -282,8 +292,28 @@ class Attention(nn.Module):
                 v_buf[:, :, pos : pos + T] = v
                 k, v = k_buf[:, :, : pos + T], v_buf[:, :, : pos + T]  # (B, Hkv, S, hd)
         y = attend(q, k, v, attn_mask, is_causal and attn_mask is None)
+        if rows is not None:
+            return self.proj(y.reshape(B, self.q_dim))  # (B, H, 1, hd) -> (B, H*hd)
         y = y.transpose(1, 2).reshape(B, T, self.q_dim)  # (B, T, H*hd)
         return self.proj(y if packing is None else packing.pack(y))
+
+
+def rows_mask(attn_mask: torch.Tensor | None, is_causal: bool, rows: torch.Tensor, S: int) -> torch.Tensor | None:
+    """The mask of the queries at positions `rows` (B,) alone: (B, 1 or H, 1, S), from a mask broadcastable to
+    (B, H, T, S) and/or causality (query t sees keys <= t)."""
+    if attn_mask is not None:
+        attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+        if attn_mask.shape[2] > 1:
+            attn_mask = attn_mask.expand(len(rows), -1, -1, -1)[torch.arange(len(rows), device=rows.device), :, rows]
+            attn_mask = attn_mask.unsqueeze(2)
+    if not is_causal:
+        return attn_mask
+    causal = (torch.arange(S, device=rows.device) <= rows[:, None])[:, None, None, :]  # (B, 1, 1, S)
+    if attn_mask is None:
+        return causal
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & causal
+    return attn_mask.masked_fill(~causal, float("-inf"))
 
 
 class MLP(nn.Module):
@@ -332,7 +362,8 @@ class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm1(x)), then x + mlp(norm2(x)).
 
     `norm` is a class (or factory) called with the width: LayerNorm for CLIP, RMSNorm for Llama; `mlp`
-    is the MLP module (GELU MLP or SwiGLU). `rope` and `cache` pass through to the attention.
+    is the MLP module (GELU MLP or SwiGLU). `rope` and `cache` pass through to the attention; with `rows` (B,)
+    only token `rows[b]` of each row comes out: (B, C) (see `Attention`).
     """
 
     def __init__(self, dim: int, attn: Attention, mlp: nn.Module, norm: Callable[[int], nn.Module]):
@@ -345,9 +376,12 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 cache: tuple[torch.Tensor, torch.Tensor, int] | None = None,
-                packing: Packing | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, rope=rope, cache=cache,
-                          packing=packing)
+                packing: Packing | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, rope=rope, cache=cache,
+                      packing=packing, rows=rows)
+        if rows is not None:  # the residual of the kept tokens only
+            x = x[torch.arange(len(rows), device=x.device), rows] if packing is None else x[packing.find(rows)]
+        x = x + h
         return x + self.mlp(self.norm2(x))
 
 
@@ -364,13 +398,17 @@ class Transformer(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
                 hidden_states: list[torch.Tensor] | None = None, upto: int | None = None,
-                packing: Packing | None = None) -> torch.Tensor:
+                packing: Packing | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, C), or (N, C) with `packing`. When `hidden_states` is a list, the input and each block's
-        output are appended. `upto` runs only the first `upto` blocks (a reader of layer -2 never needs the last)."""
+        output are appended. `upto` runs only the first `upto` blocks (a reader of layer -2 never needs the last).
+        With `rows` (B,), the last block computes only token `rows[b]` of each row b and returns (B, C): a pooled
+        reader saves most of that block."""
         if hidden_states is not None:
             hidden_states.append(x)
-        for block in self.blocks[:upto]:
-            x = block(x, attn_mask=attn_mask, is_causal=is_causal, packing=packing)
+        blocks = self.blocks[:upto]
+        for i, block in enumerate(blocks):
+            last = rows if i == len(blocks) - 1 else None
+            x = block(x, attn_mask=attn_mask, is_causal=is_causal, packing=packing, rows=last)
             if hidden_states is not None:
                 hidden_states.append(x)
         return x

@@ -32,8 +32,9 @@ class TextTransformer(nn.Module):
         nn.init.normal_(self.proj.weight, std=self.cfg.width**-0.5)
 
     def forward_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                       packing: Packing | None = None) -> torch.Tensor:
-        """(B, T) ids -> (B, T, width) after the final LayerNorm; with `packing`, only its tokens: (N, width).
+                       packing: Packing | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids -> (B, T, width) after the final LayerNorm; with `packing`, only its tokens: (N, width);
+        with `rows` (B,), only token `rows[b]` of each row b comes out of the last block: (B, width).
 
         Attention is causal, so right padding never changes the tokens before it; `attention_mask`
         (B, T, 1 = real token) additionally hides padded keys, as transformers does.
@@ -51,7 +52,7 @@ class TextTransformer(nn.Module):
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             mask = causal & attention_mask.bool()[:, None, None, :]  # (B, 1, T, T)
             mask = mask | torch.eye(T, dtype=torch.bool, device=x.device)  # a padded query still sees itself
-        x = self.transformer(x, attn_mask=mask, is_causal=mask is None, packing=packing)
+        x = self.transformer(x, attn_mask=mask, is_causal=mask is None, packing=packing, rows=rows)
         return self.norm_final(x)
 
     def pool_index(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -70,8 +71,8 @@ class TextTransformer(nn.Module):
 
         Attention is causal, so the tokens after a row's EOT reach no pooled feature: they are not computed.
         Captions are usually much shorter than the context and of varied length, so the batch is cut after
-        its last EOT and, when that still leaves much padding, the tokens are packed (`Packing`): the features
-        are the same (tests/test_clip_model.py), with less work.
+        its last EOT and, when that still leaves much padding, the tokens are packed (`Packing`); the last
+        block computes the EOT tokens alone. The features are the same (tests/test_clip_model.py), with less work.
         """
         index = self.pool_index(input_ids)  # (B,)
         used = int(index.max()) + 1
@@ -79,11 +80,8 @@ class TextTransformer(nn.Module):
         attention_mask = None if attention_mask is None else attention_mask[:, :used]
         keep = torch.arange(used, device=input_ids.device) <= index[:, None]  # (B, used)
         if keep.sum() > PACK_BELOW * keep.numel():
-            x = self.forward_tokens(input_ids, attention_mask)
-            x = x[torch.arange(x.shape[0], device=x.device), index]  # (B, w)
+            x = self.forward_tokens(input_ids, attention_mask, rows=index)  # (B, w)
         else:
             packing = Packing.from_mask(keep, multiple=ROW_MULTIPLE)  # the extra tokens come after some EOT
-            x = self.forward_tokens(input_ids, attention_mask, packing=packing)  # (N, w)
-            eot = torch.arange(len(index), device=index.device) * used + index  # flat positions of the EOTs
-            x = x[torch.searchsorted(packing.index, eot)]
+            x = self.forward_tokens(input_ids, attention_mask, packing=packing, rows=index)  # (B, w)
         return self.proj(x)
