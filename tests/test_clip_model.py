@@ -206,3 +206,33 @@ def test_vision_tower_pools_the_class_token_of_every_token():
     w = torch.randn_like(full)
     for a, b in zip(torch.autograd.grad((full * w).sum(), params), torch.autograd.grad((pooled * w).sum(), params)):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+
+def test_quick_gelu_mlp_folds_its_scalings_into_the_matmuls():
+    """MLP(act="quick_gelu") computes fc2(z * sigmoid(1.702 z)), z = fc1(x), with the 1.702 scalings inside
+    the matmuls: same values and gradients as the textbook formula, for (B, T, C) and (N, C) inputs."""
+    from mmlm.models.layers import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(16, 48, act="quick_gelu")
+    for shape in ((3, 5, 16), (7, 16)):
+        x = torch.randn(*shape, requires_grad=True)
+        z = mlp.fc1(x)
+        ref = mlp.fc2(z * torch.sigmoid(1.702 * z))
+        out = mlp(x)
+        assert out.shape == ref.shape
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+        w = torch.randn_like(ref)
+        params = [x, *mlp.parameters()]
+        for a, b in zip(torch.autograd.grad((ref * w).sum(), params), torch.autograd.grad((out * w).sum(), params)):
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+
+def test_patch_embedding_is_the_strided_convolution():
+    """ViT.embed_patches (one matmul over flattened patches) == the stride-p convolution it replaces."""
+    import torch.nn.functional as F
+
+    model = CLIP(clip_preset("tiny-vit"))
+    pixels, _ = _batch(model.config)
+    conv = F.conv2d(pixels, model.visual.patch_embed.weight, stride=model.config.vision.patch_size)
+    torch.testing.assert_close(model.visual.embed_patches(pixels), conv.flatten(2).transpose(1, 2), atol=1e-5, rtol=1e-5)
