@@ -236,3 +236,29 @@ def test_patch_embedding_is_the_strided_convolution():
     pixels, _ = _batch(model.config)
     conv = F.conv2d(pixels, model.visual.patch_embed.weight, stride=model.config.vision.patch_size)
     torch.testing.assert_close(model.visual.embed_patches(pixels), conv.flatten(2).transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads,bias,lora", [(4, True, False), (2, False, False), (2, True, False), (4, True, True)])
+def test_one_query_attention_equals_the_full_attention_row(kv_heads, bias, lora):
+    """Attention(rows=...) never projects keys or values (the query goes back to the input width); with grouped
+    k/v heads, without biases, and through the generic path (a LoRA q/k/v projection) it equals the full
+    attention's row, values and gradients, under a padding mask and causality."""
+    from mmlm.models.layers import Attention
+    from mmlm.models.lora import add_lora
+
+    torch.manual_seed(0)
+    B, T, C = 3, 7, 32
+    attn = Attention(C, 4, n_kv_heads=kv_heads, qkv_bias=bias)
+    if lora:
+        add_lora(attn, rank=2, alpha=4)
+        torch.nn.init.normal_(attn.qkv.lora_b)
+    x = torch.randn(B, T, C, requires_grad=True)
+    rows = torch.tensor([6, 2, 4])
+    mask = (torch.arange(T) < torch.tensor([7, 5, 5])[:, None])[:, None, None, :]  # (B, 1, 1, T) padded keys
+    full = attn(x, attn_mask=mask & torch.ones(T, T, dtype=torch.bool).tril())[torch.arange(B), rows]
+    pooled = attn(x, attn_mask=mask, is_causal=True, rows=rows)
+    torch.testing.assert_close(pooled, full, atol=1e-6, rtol=1e-5)
+    w = torch.randn_like(full)
+    params = [x, *attn.parameters()]
+    for a, b in zip(torch.autograd.grad((full * w).sum(), params), torch.autograd.grad((pooled * w).sum(), params)):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)

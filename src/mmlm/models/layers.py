@@ -267,6 +267,8 @@ class Attention(nn.Module):
                 packing: Packing | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, C) or, packed, (N, C); attn_mask: bool (True = may attend) or additive float, broadcastable
         to (B, H, T, S)."""
+        if rows is not None and rope is None and cache is None and type(self.qkv) is nn.Linear:
+            return self._one_query_per_row(x, rows, attn_mask, is_causal, packing)
         H, Hkv = self.n_heads, self.n_kv_heads
         qkv = self.qkv(x).unflatten(-1, (H + 2 * Hkv, self.head_dim))  # (..., H + 2 Hkv, hd): q, k, v heads
         if packing is not None:
@@ -297,6 +299,39 @@ class Attention(nn.Module):
             return self.proj(y.reshape(B, self.q_dim))  # (B, H, 1, hd) -> (B, H*hd)
         y = y.transpose(1, 2).reshape(B, T, self.q_dim)  # (B, T, H*hd)
         return self.proj(y if packing is None else packing.pack(y))
+
+    def _one_query_per_row(self, x: torch.Tensor, rows: torch.Tensor, attn_mask: torch.Tensor | None,
+                           is_causal: bool, packing: Packing | None) -> torch.Tensor:
+        """The `rows` path without projecting any key or value. For one query q per row, by associativity
+        q . (W_k x_j + b_k) = (W_k^T q) . x_j + q . b_k, the last term the same for every key (softmax drops it),
+        and sum_j p_j (W_v x_j + b_v) = W_v (sum_j p_j x_j) + b_v: the query goes back to the input width and the
+        attention weights average the inputs. Per row that is ~2 C H (hd + T) multiply-adds instead of the
+        keys' and values' 4 T C Hkv hd (CLIP's last block: ~7 % of them at 17 tokens, ~2 % at 197)."""
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        xs = x if packing is None else packing.unpack(x)  # (B, T, C), zeros at dropped positions
+        B, T, C = xs.shape
+        w_q, w_k, w_v = self.qkv.weight.split([self.q_dim, self.kv_dim, self.kv_dim])
+        b = self.qkv.bias
+        b_q, b_v = (None, None) if b is None else (b[: self.q_dim], b[self.q_dim + self.kv_dim :])
+        q = F.linear(take_rows(x, rows, packing), w_q, b_q) * hd**-0.5  # (B, H*hd)
+        q = torch.einsum("bgrd,gdc->bgrc", q.view(B, Hkv, H // Hkv, hd), w_k.view(Hkv, hd, C))
+        scores = q.reshape(B, H, C) @ xs.transpose(1, 2)  # (B, H, T)
+        mask = rows_mask(attn_mask, is_causal, rows, T)
+        if mask is not None:
+            mask = mask.squeeze(2)  # (B, 1 or H, T)
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        z = scores.softmax(dim=-1).to(xs.dtype) @ xs  # (B, H, C): each head's attention-weighted input
+        y = torch.einsum("bgrc,gdc->bgrd", z.view(B, Hkv, H // Hkv, C), w_v.view(Hkv, hd, C))  # (B, Hkv, rep, hd)
+        if b_v is not None:
+            y = y + b_v.view(Hkv, 1, hd)
+        return self.proj(y.reshape(B, self.q_dim))
+
+
+def take_rows(x: torch.Tensor, rows: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
+    """Token rows[b] of each row b: (B, T, C) -> (B, C), or from packed tokens (N, C)."""
+    if packing is not None:
+        return x[packing.find(rows)]
+    return x[torch.arange(len(rows), device=x.device), rows]
 
 
 def rows_mask(attn_mask: torch.Tensor | None, is_causal: bool, rows: torch.Tensor, S: int) -> torch.Tensor | None:
@@ -394,7 +429,7 @@ class Block(nn.Module):
         h = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, rope=rope, cache=cache,
                       packing=packing, rows=rows)
         if rows is not None:  # the residual of the kept tokens only
-            x = x[torch.arange(len(rows), device=x.device), rows] if packing is None else x[packing.find(rows)]
+            x = take_rows(x, rows, packing)
         x = x + h
         return x + self.mlp(self.norm2(x))
 
