@@ -222,6 +222,8 @@ def test_quick_gelu_mlp_folds_its_scalings_into_the_matmuls():
         out = mlp(x)
         assert out.shape == ref.shape
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+        with torch.no_grad():  # the inference form (scalings as addmm's alpha and beta)
+            torch.testing.assert_close(mlp(x), ref, atol=1e-6, rtol=1e-5)
         w = torch.randn_like(ref)
         params = [x, *mlp.parameters()]
         for a, b in zip(torch.autograd.grad((ref * w).sum(), params), torch.autograd.grad((out * w).sum(), params)):
