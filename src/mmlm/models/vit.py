@@ -45,7 +45,7 @@ class VisionTransformer(nn.Module):
         if pixel_values.shape[-2:] != (self.cfg.image_size, self.cfg.image_size):
             raise ValueError(f"pixel_values are {tuple(pixel_values.shape[-2:])}, the model expects "
                              f"{self.cfg.image_size}x{self.cfg.image_size}")
-        x = self.embed_patches(pixel_values.to(self.patch_embed.weight.dtype))  # (B, L, w)
+        x = self.embed_patches(pixel_values)  # (B, L, w)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)  # (B, 1 + L, w)
         x = self.norm_pre(x)
@@ -56,6 +56,10 @@ class VisionTransformer(nn.Module):
         the flattened patches (rows in the conv weight's (C, p, p) order): faster than the convolution kernel."""
         B, C, H, W = pixel_values.shape
         p = self.cfg.patch_size
+        device = pixel_values.device.type
+        # in the matmul's dtype before the patches are gathered: under autocast that moves half the bytes
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.patch_embed.weight.dtype
+        pixel_values = pixel_values.to(dtype)
         patches = pixel_values.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * p * p)
         return F.linear(patches, self.patch_embed.weight.flatten(1))
 
