@@ -149,3 +149,34 @@ def test_rope_training_path_equals_inference_path_and_its_gradient():
         plain = apply_rope(x, cos, sin)
     torch.testing.assert_close(apply_rope(x, cos, sin), plain, rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(lambda t: apply_rope(t, cos, sin), (x,))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_rmsnorm_training_function_equals_the_op_chain(autocast):
+    """RMSNorm's training path (one autograd function) == transformers' formula differentiated op by op:
+    values and gradients of input and weight, in float32 and under bf16 autocast (output in bf16 there)."""
+    from mmlm.models.layers import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(48, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.3)
+    x = torch.randn(3, 5, 48, requires_grad=True) * 3
+    x.retain_grad()
+
+    def reference(x):
+        h = x.float()
+        return norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps))
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = norm(x)
+    ref = reference(x)
+    if autocast:  # what the next matmul does to the float32 output under autocast (and to its gradient)
+        ref = ref.to(torch.bfloat16)
+    assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
+    tol = dict(atol=1e-2, rtol=1e-2) if autocast else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+    w = torch.randn_like(ref, dtype=torch.float32)
+    grads = [torch.autograd.grad((y.float() * w).sum(), [x, norm.weight]) for y in (ref, out)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
