@@ -151,21 +151,21 @@ def test_rope_training_path_equals_inference_path_and_its_gradient():
     assert torch.autograd.gradcheck(lambda t: apply_rope(t, cos, sin), (x,))
 
 
-@pytest.mark.parametrize("autocast", [False, True])
-def test_rmsnorm_training_function_equals_the_op_chain(autocast):
+@pytest.mark.parametrize("autocast,dtype", [(False, torch.float32), (True, torch.float32), (False, torch.float64)])
+def test_rmsnorm_training_function_equals_the_op_chain(autocast, dtype):
     """RMSNorm's training path (one autograd function) == transformers' formula differentiated op by op:
-    values and gradients of input and weight, in float32 and under bf16 autocast (output in bf16 there)."""
+    values and gradients of input and weight, in float32, under bf16 autocast (output in bf16 there) and in
+    float64 (which it keeps)."""
     from mmlm.models.layers import RMSNorm
 
     torch.manual_seed(0)
-    norm = RMSNorm(48, eps=1e-6)
+    norm = RMSNorm(48, eps=1e-6).to(dtype)
     with torch.no_grad():
         norm.weight.normal_(1.0, 0.3)
-    x = torch.randn(3, 5, 48, requires_grad=True) * 3
-    x.retain_grad()
+    x = (torch.randn(3, 5, 48, dtype=dtype) * 3).requires_grad_()
 
     def reference(x):
-        h = x.float()
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
         return norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps))
 
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -173,10 +173,10 @@ def test_rmsnorm_training_function_equals_the_op_chain(autocast):
     ref = reference(x)
     if autocast:  # what the next matmul does to the float32 output under autocast (and to its gradient)
         ref = ref.to(torch.bfloat16)
-    assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert out.dtype == (torch.bfloat16 if autocast else dtype)
     tol = dict(atol=1e-2, rtol=1e-2) if autocast else dict(atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out.float(), ref.float(), **tol)
-    w = torch.randn_like(ref, dtype=torch.float32)
-    grads = [torch.autograd.grad((y.float() * w).sum(), [x, norm.weight]) for y in (ref, out)]
+    torch.testing.assert_close(out.to(dtype), ref.to(dtype), **tol)
+    w = torch.randn_like(ref, dtype=dtype)
+    grads = [torch.autograd.grad((y.to(dtype) * w).sum(), [x, norm.weight]) for y in (ref, out)]
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)

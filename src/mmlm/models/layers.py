@@ -423,7 +423,7 @@ class _RMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # float32 at least (float64 stays float64)
         r = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
         y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
         torch.mul(xf * r, weight, out=y)
@@ -433,8 +433,8 @@ class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, r, weight = ctx.saved_tensors
-        n = x.float() * r
-        g = dy * weight.float()
+        n = x.to(r.dtype) * r
+        g = dy.to(r.dtype) * weight.to(r.dtype)
         dot = torch.linalg.vecdot(g, n, dim=-1).unsqueeze(-1).div_(x.shape[-1])  # mean(g n) per row
         dx = torch.addcmul(g, n, dot, value=-1).mul_(r).to(x.dtype)
         dw = (dy * n).flatten(0, -2).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
