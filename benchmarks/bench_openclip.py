@@ -25,7 +25,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from mmlm.bench import time_ab  # noqa: E402
-from mmlm.bench_models import EMBED_CALLS, clip_batch, count_flops, matmul_peak, rates  # noqa: E402
+from mmlm.bench_models import (EMBED_CALLS, clip_batch, count_flops, matmul_peak, precision_context,  # noqa: E402
+                                rates, repeated)
 
 OPEN_CLIP_CFG = {
     "embed_dim": 256,
@@ -46,10 +47,6 @@ def pair(seed: int = 0):
     ours = build_model(cfg)
     load_state_dict_strict(ours, state_dict_from_openai(theirs.state_dict(), cfg, "open_clip"), "open_clip")
     return ours.eval(), theirs
-
-
-def autocast(precision: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else torch.autocast("cpu", enabled=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,12 +79,12 @@ def main(argv: list[str] | None = None) -> int:
 
         def step_ours():
             contrastive_step(ours, pixels, ids, lambda i, t: contrastive_loss("clip", i, t, ours.logit_scale),
-                             autocast=lambda: autocast(precision))
+                             autocast=lambda: precision_context(precision))
             opt_o.step()
             opt_o.zero_grad(set_to_none=True)
 
         def step_theirs():
-            with autocast(precision):
+            with precision_context(precision):
                 img, txt, scale = theirs(pixels, ids)  # normalised features, logit_scale.exp()
                 logits = scale * img @ txt.t()
                 labels = torch.arange(len(img))
@@ -107,13 +104,6 @@ def main(argv: list[str] | None = None) -> int:
                   "mfu": round(flops / (args.batch / r["per_s_median"]) / peak, 3)})
         emit({"bench": "clip_train", "precision": precision, "library": "mmlm/open_clip",
               "ratio": round(med["mmlm"] / med["open_clip"], 2), "target": 1.5, "met": med["mmlm"] / med["open_clip"] >= 1.5})
-
-    def repeated(fn, precision):  # several batches per timed repeat, as `mmlm bench clip`
-        def run():
-            with autocast(precision):
-                for _ in range(EMBED_CALLS):
-                    fn()
-        return run
 
     for precision in ("fp32", "bf16"):
         for what, ours_fn, theirs_fn in (

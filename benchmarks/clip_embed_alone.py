@@ -29,7 +29,7 @@ def measure(lib: str, what: str, precision: str, threads: int, calls: int = 8, r
     """Items per second of one library, in this process: the median of `repeats` timings of `calls` batches."""
     import torch
 
-    from mmlm.bench_models import _autocast, clip_batch, clip_pair
+    from mmlm.bench_models import clip_batch, clip_pair, precision_context
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -43,7 +43,7 @@ def measure(lib: str, what: str, precision: str, threads: int, calls: int = 8, r
         fn = ((lambda: hf.get_image_features(pixel_values=pixels)) if what == "image"
               else (lambda: hf.get_text_features(input_ids=ids)))
     rates = []
-    with torch.inference_mode(), _autocast(precision):
+    with torch.inference_mode(), precision_context(precision):
         for _ in range(3):
             fn()
         for _ in range(repeats):

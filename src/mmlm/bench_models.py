@@ -73,7 +73,8 @@ def _features(x) -> torch.Tensor:
     return x if isinstance(x, torch.Tensor) else x.pooler_output  # transformers 5 returns a ModelOutput
 
 
-def _autocast(precision: str):
+def precision_context(precision: str):
+    """The autocast context of a benchmark precision: bf16 autocast, or none (fp32)."""
     return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else torch.autocast("cpu", enabled=False)
 
 
@@ -119,13 +120,13 @@ def train_steps(ours, hf, precision: str, lr: float = 1e-5):
         return contrastive_loss("clip", img, txt, ours.logit_scale, ours.logit_bias)
 
     def step_ours(pixels, ids):
-        loss = contrastive_step(ours, pixels, ids, loss_fn, autocast=lambda: _autocast(precision))
+        loss = contrastive_step(ours, pixels, ids, loss_fn, autocast=lambda: precision_context(precision))
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
         return loss
 
     def step_hf(pixels, ids):
-        with _autocast(precision):
+        with precision_context(precision):
             loss = hf(input_ids=ids, pixel_values=pixels, return_loss=True).loss
         loss.backward()
         opt_hf.step()
@@ -136,6 +137,16 @@ def train_steps(ours, hf, precision: str, lr: float = 1e-5):
 
 
 EMBED_CALLS = 4  # batches per timed embedding repeat
+
+
+def repeated(fn: Callable[[], Any], precision: str) -> Callable[[], None]:
+    """One timed embedding repeat: EMBED_CALLS calls of `fn` at `precision` (one ~70 ms call is too short to time
+    alone)."""
+    def run() -> None:
+        with precision_context(precision):
+            for _ in range(EMBED_CALLS):
+                fn()
+    return run
 
 
 def bench_clip(quick: bool = False, batch: int = 64, precisions: tuple[str, ...] = ("fp32", "bf16"),
@@ -174,13 +185,6 @@ def bench_clip(quick: bool = False, batch: int = 64, precisions: tuple[str, ...]
         ratio = med["mmlm"] / med["transformers"]
         out({"bench": "clip_train", "precision": precision, "library": "mmlm/transformers", "ratio": round(ratio, 2),
              "target": TARGETS["clip_train"], "met": ratio >= TARGETS["clip_train"]})
-
-    def repeated(fn, precision):  # several batches per timed repeat: one ~70 ms call is too short to time alone
-        def run():
-            with _autocast(precision):
-                for _ in range(EMBED_CALLS):
-                    fn()
-        return run
 
     for precision in precisions:
         for what, ours_fn, hf_fn in (

@@ -408,12 +408,16 @@ class RMSNorm(nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             # training: one autograd function (PyTorch's CPU rms_norm is a chain of ops, each differentiated
             # on its own), its output already in the dtype the next matmul casts it to under autocast
-            device = x.device.type
-            out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-            return _RMSNormFn.apply(x, self.weight, self.eps, out_dtype)
+            return _RMSNormFn.apply(x, self.weight, self.eps, matmul_dtype(x, x.dtype))
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # the same product, one op fewer
             return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def matmul_dtype(x: torch.Tensor, default: torch.dtype) -> torch.dtype:
+    """The dtype a matmul on x's device computes in: autocast's where it is on, else `default`."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else default
 
 
 class _RMSNormFn(torch.autograd.Function):

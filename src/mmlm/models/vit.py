@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ViTConfig
-from .layers import Transformer
+from .layers import Transformer, matmul_dtype
 
 
 class VisionTransformer(nn.Module):
@@ -56,10 +56,8 @@ class VisionTransformer(nn.Module):
         the flattened patches (rows in the conv weight's (C, p, p) order): faster than the convolution kernel."""
         B, C, H, W = pixel_values.shape
         p = self.cfg.patch_size
-        device = pixel_values.device.type
         # in the matmul's dtype before the patches are gathered: under autocast that moves half the bytes
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.patch_embed.weight.dtype
-        pixel_values = pixel_values.to(dtype)
+        pixel_values = pixel_values.to(matmul_dtype(pixel_values, self.patch_embed.weight.dtype))
         patches = pixel_values.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * p * p)
         return F.linear(patches, self.patch_embed.weight.flatten(1))
 
