@@ -260,3 +260,26 @@ def test_loss_per_reply_is_the_mean_over_replies():
     assert len(per_reply) >= 8  # 4 conversations x 2 questions
     assert abs(got - sum(per_reply) / len(per_reply)) < 1e-4
     assert next_token_targets(batch["labels"])[1].numel() > len(per_reply)  # replies longer than one token exist
+
+
+def test_word_dropout_replaces_only_learned_inputs_reproducibly():
+    """word_dropout swaps some reply tokens' inputs for random tokens (never the image token): labels, masks,
+    prompts and image tokens stay; the same samples draw the same swaps (a resumed run sees what it would have)."""
+    import pytest
+
+    task = _setup(stage=2, steps=1)
+    samples = [task.data[i] for i in range(8)]
+    plain = task.collate(samples)
+    task.cfg.word_dropout = 0.3
+    dropped, again = task.collate(samples), task.collate(samples)
+    assert torch.equal(dropped["input_ids"], again["input_ids"])
+    assert torch.equal(dropped["labels"], plain["labels"])
+    assert torch.equal(dropped["attention_mask"], plain["attention_mask"])
+    changed = dropped["input_ids"] != plain["input_ids"]
+    learned = plain["labels"] != -100
+    assert changed.any() and not (changed & ~learned).any()
+    assert 0.15 < changed.sum() / learned.sum() < 0.35  # ~0.3, less the draws that hit the same token
+    image_id = task.model.config.image_token_id
+    assert int((dropped["input_ids"] == image_id).sum()) == int((plain["input_ids"] == image_id).sum())
+    with pytest.raises(ValueError, match="word_dropout"):
+        LlavaRunConfig(word_dropout=1.0)

@@ -392,8 +392,35 @@ class SwiGLU(nn.Module):
         self.fc2 = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.fc1(x).split(self.hidden, dim=-1)
+        z = self.fc1(x)
+        if self.act is F.silu and torch.is_grad_enabled() and z.requires_grad:
+            return self.fc2(_SiluGate.apply(z, self.hidden))
+        gate, up = z.split(self.hidden, dim=-1)
         return self.fc2(self.act(gate) * up)
+
+
+class _SiluGate(torch.autograd.Function):
+    """silu(gate) * up of z = [gate, up], whose backward writes d gate and d up straight into one (..., 2 hidden)
+    gradient: through `split`, autograd makes the two halves and then concatenates them (a copy of the MLP's
+    widest activation per layer)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, hidden: int) -> torch.Tensor:
+        gate, up = z.split(hidden, dim=-1)
+        act = F.silu(gate)
+        ctx.save_for_backward(z, act)
+        ctx.hidden = hidden
+        return act * up
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        z, act = ctx.saved_tensors
+        gate, up = z.split(ctx.hidden, dim=-1)
+        dz = torch.empty_like(z)
+        d_gate, d_up = dz.split(ctx.hidden, dim=-1)
+        torch.mul(dy, act, out=d_up)
+        torch.ops.aten.silu_backward.grad_input(dy * up, gate, grad_input=d_gate)
+        return dz, None
 
 
 class RMSNorm(nn.Module):
@@ -420,6 +447,22 @@ def matmul_dtype(x: torch.Tensor, default: torch.dtype) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else default
 
 
+def weight_in(module: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`weight` (a parameter of `module`) in `dtype`. A frozen weight's cast is kept on the module and reused until
+    the weight changes (in place or replaced): autocast casts every weight at every call, which for a frozen LM
+    under LoRA (SmolLM2: 135M weights, 106M in its blocks) re-reads and re-writes them all at every step."""
+    if weight.dtype == dtype:
+        return weight
+    if weight.requires_grad:
+        return weight.to(dtype)
+    key = (id(weight), weight.data_ptr(), weight._version, dtype)
+    cached = module.__dict__.get("_weight_cast")
+    if cached is None or cached[0] != key:
+        cached = (key, weight.detach().to(dtype))
+        module.__dict__["_weight_cast"] = cached  # a plain attribute: not a buffer, never saved
+    return cached[1]
+
+
 class _RMSNormFn(torch.autograd.Function):
     """y = x r w with r = (mean(x^2) + eps)^-1/2 per row, computed in float32 and written in `out_dtype`.
     Backward, with n = x r and g = dy w: dx = r (g - n mean(g n)), dw = sum over rows of dy n. Three passes
@@ -437,8 +480,8 @@ class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, r, weight = ctx.saved_tensors
-        n = x.to(r.dtype) * r
-        g = dy.to(r.dtype) * weight.to(r.dtype)
+        n = x * r  # float32 at least, by type promotion (no separate cast of x or dy)
+        g = dy * weight.to(r.dtype)
         dot = torch.linalg.vecdot(g, n, dim=-1).unsqueeze(-1).div_(x.shape[-1])  # mean(g n) per row
         dx = torch.addcmul(g, n, dot, value=-1).mul_(r).to(x.dtype)
         dw = (dy * n).flatten(0, -2).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None

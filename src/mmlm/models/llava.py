@@ -116,10 +116,11 @@ class Llava(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                only_last: bool = False, logits_at: torch.Tensor | None = None) -> LMOutput:
+                only_last: bool = False, logits_at: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None) -> LMOutput:
         """input_ids (B, T) with image tokens, pixel_values (N_images, C, H, W) or None -> logits (B, T, V).
 
-        Everything else is the LM's forward (padding on either side, cache, only_last, logits_at).
+        Everything else is the LM's forward (padding on either side, cache, only_last, logits_at, targets).
         """
         if inputs_embeds is None:
             if input_ids is None:
@@ -129,4 +130,4 @@ class Llava(nn.Module):
         elif pixel_values is not None:
             raise ValueError("pass pixel_values with input_ids (image tokens mark where they go), not with inputs_embeds")
         return self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                       cache=cache, only_last=only_last, logits_at=logits_at)
+                       cache=cache, only_last=only_last, logits_at=logits_at, targets=targets)

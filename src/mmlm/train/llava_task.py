@@ -7,14 +7,15 @@ template). The vision tower is always frozen. Labels come from `data.conversatio
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
 import torch
 from PIL import Image
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -70,6 +71,10 @@ class LlavaRunConfig:
     # token: the loss is the mean over answer tokens (LLaVA's); reply: the mean over replies, each reply's tokens
     # sharing one unit of weight (short answers then count as much as long descriptions)
     loss_per: str = "token"
+    # Word dropout (Bowman et al. 2016): each learned token is, with this probability, replaced by a random token
+    # as the *input* the next one is predicted from (the labels stay), so a reply cannot lean on its own previous
+    # word where the image should decide ("blue" -> the shapes seen blue). Drawn per sample id: reproducible.
+    word_dropout: float = 0.0
     vocab_size: int = 512  # byte-level BPE fitted to the data when no init_from brings a tokenizer
     data: LlavaDataConfig = field(default_factory=LlavaDataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -83,6 +88,8 @@ class LlavaRunConfig:
             raise ValueError(f"template must be one of {TEMPLATES}, got {self.template!r}")
         if self.loss_per not in ("token", "reply"):
             raise ValueError(f"loss_per must be 'token' or 'reply', got {self.loss_per!r}")
+        if not 0.0 <= self.word_dropout < 1.0:
+            raise ValueError(f"word_dropout must be in [0, 1), got {self.word_dropout!r}")
 
 
 def set_trainable(model: nn.Module, stage: int, stage1_trains_lm: bool = False) -> None:
@@ -162,10 +169,27 @@ class LlavaTask:
         ids = torch.tensor([e.input_ids + [pad] * (T - len(e.input_ids)) for e in encoded])
         labels = torch.tensor([e.labels + [IGNORE] * (T - len(e.labels)) for e in encoded])
         mask = torch.tensor([[1] * len(e.input_ids) + [0] * (T - len(e.input_ids)) for e in encoded])
+        if self.cfg.word_dropout:
+            ids = self._word_dropout(ids, labels, [s["id"] for s in samples])
         images = [_pil(im) for s in samples for im in s["images"]]
         pixels = self.processor(images) if images else None
         return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels, "bad": bad,
                 "batch_size": len(samples)}
+
+    def _word_dropout(self, ids: torch.Tensor, labels: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """ids with some learned tokens' inputs replaced by random tokens (never the image token), per
+        `word_dropout`; each row's draw is seeded by its sample id and the data seed."""
+        ids = ids.clone()
+        vocab, image_id = self.model.config.lm.vocab_size, self.model.config.image_token_id
+        for row, name in enumerate(names):
+            g = torch.Generator().manual_seed(zlib.crc32(f"{self.cfg.data.seed}:{name}".encode()))
+            drop = (torch.rand(ids.shape[1], generator=g) < self.cfg.word_dropout) & (labels[row] != IGNORE)
+            if 0 <= image_id < vocab:  # draw from the vocabulary without the image token
+                new = torch.randint(0, vocab - 1, (int(drop.sum()),), generator=g)
+                ids[row, drop] = new + (new >= image_id).long()
+            else:
+                ids[row, drop] = torch.randint(0, vocab, (int(drop.sum()),), generator=g)
+        return ids
 
     def step(self, batch: dict[str, Any], autocast) -> dict[str, float]:
         w = world()
@@ -173,10 +197,9 @@ class LlavaTask:
             return {"loss": float("nan")}
         self.model.vision.eval()
         at, targets = next_token_targets(batch["labels"])
-        with autocast():  # logits only where an answer token is predicted
-            logits = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                                pixel_values=batch["pixel_values"], logits_at=at).logits
-        per_token = F.cross_entropy(logits.float(), targets, reduction="none")
+        with autocast():  # the loss only where an answer token is predicted
+            per_token = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   pixel_values=batch["pixel_values"], logits_at=at, targets=targets).token_loss
         weights = reply_weights(batch["labels"]) if self.cfg.loss_per == "reply" else torch.ones_like(per_token)
         if not w.enabled:
             loss = (per_token * weights).sum() / weights.sum().clamp(min=1)
