@@ -161,6 +161,8 @@ class LM(nn.Module):
         With `targets` (N,) beside `logits_at`, no logits come back but each target's cross-entropy, `token_loss`
         (N,), computed without materialising float32 logits (see `_LinearCrossEntropy`).
         """
+        if targets is not None and (logits_at is None or only_last):
+            raise ValueError("targets need logits_at (the positions they are predicted from), without only_last")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, _ = x.shape
         start = cache.pos if cache is not None else 0
@@ -205,6 +207,4 @@ class LM(nn.Module):
                 t = torch.cat([targets, targets.new_zeros(len(h) - len(x))])
                 return LMOutput(logits=None, token_loss=_LinearCrossEntropy.apply(h.to(dtype), w, t)[: len(x)])
             return LMOutput(logits=self.lm_head(h)[: len(x)])
-        elif targets is not None:
-            raise ValueError("targets need logits_at (the positions they are predicted from)")
         return LMOutput(logits=self.lm_head(self.norm(x)))
