@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-
 import torch
 from PIL import Image
 from torch import nn
