@@ -321,3 +321,6 @@ def test_frozen_weight_cast_is_reused_until_the_weight_changes():
     lin.weight.requires_grad_(True)  # a trained weight: cast at each call, and its gradient flows back
     cast = weight_in(lin, lin.weight, torch.bfloat16)
     assert cast.requires_grad and weight_in(lin, lin.weight, torch.float32) is lin.weight
+    with torch.inference_mode():  # a model built under inference_mode: its tensors have no version counter
+        frozen = torch.nn.Linear(8, 4).requires_grad_(False)
+    assert weight_in(frozen, frozen.weight, torch.bfloat16).dtype == torch.bfloat16

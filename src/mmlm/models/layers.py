@@ -453,7 +453,7 @@ def weight_in(module: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> to
     under LoRA (SmolLM2: 135M weights, 106M in its blocks) re-reads and re-writes them all at every step."""
     if weight.dtype == dtype:
         return weight
-    if weight.requires_grad:
+    if weight.requires_grad or weight.is_inference():  # trained, or made under inference_mode (no version counter)
         return weight.to(dtype)
     key = (id(weight), weight.data_ptr(), weight._version, dtype)
     cached = module.__dict__.get("_weight_cast")
