@@ -31,3 +31,18 @@ def resolve(path_or_name: str | Path) -> Path:
     if path is None:
         raise FileNotFoundError(f"asset {name!r} is not installed: {ASSETS[name][2]}")
     return path
+
+
+def recipes_dir() -> Path:
+    """The YAML recipes packaged inside mmlm (`configs/` in a source checkout points here)."""
+    return Path(__file__).resolve().parent / "recipes"
+
+
+def recipe_path(name: str) -> Path:
+    """A packaged recipe by name, with or without `.yaml` ("clip-shapes" or "clip-shapes.yaml")."""
+    file = name if name.endswith(".yaml") else f"{name}.yaml"
+    path = recipes_dir() / file
+    if not path.is_file():
+        known = ", ".join(p.stem for p in sorted(recipes_dir().glob("*.yaml")))
+        raise FileNotFoundError(f"no packaged recipe {name!r} (known: {known})")
+    return path

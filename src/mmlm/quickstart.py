@@ -12,22 +12,15 @@ from __future__ import annotations
 
 import json
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from .assets import recipe_path
+
 RECIPE = "clip-shapes.yaml"
-
-
-def recipe_path(name: str) -> Path:
-    """configs/NAME from a source checkout, or the copy packaged inside mmlm."""
-    repo = Path(__file__).resolve().parents[2] / "configs" / name
-    if repo.is_file():
-        return repo
-    return Path(str(resources.files("mmlm") / "recipes" / name))
 
 
 def _measure_step_time(cfg, steps: int = 12, skip: int = 4) -> float:

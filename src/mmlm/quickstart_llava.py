@@ -31,7 +31,7 @@ def quickstart_llava(out: Path, tower: Path, overrides: list[str] | None = None,
     """Train and evaluate the quickstart's tiny LLaVA under `out` on the CLIP in `tower`; `steps` = (stage 1,
     stage 2) steps (default: the recipe's own). `overrides` apply to both runs (e.g. train.progress=false)."""
     from .eval.cli import eval_vqa
-    from .quickstart import recipe_path
+    from .assets import recipe_path
     from .report import plot_training, write_report
     from .train.llava_run import load_recipe, train_llava
 
