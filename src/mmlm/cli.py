@@ -94,7 +94,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from .quickstart import quickstart
 
-    quickstart(args.out, minutes=args.minutes, llava=not args.no_llava)
+    quickstart(args.out, minutes=args.minutes, steps=args.steps, overrides=args.overrides or None,
+               eval_size=args.eval_size, llava=not args.no_llava)
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from .assets import copy_recipe, list_recipes
+
+    if args.action == "copy":
+        print(copy_recipe(args.name, args.out))
+        return 0
+    recipes = list_recipes()
+    width = max(map(len, recipes))
+    for name, description in recipes.items():
+        print(f"{name:<{width}}  {description}")
     return 0
 
 
@@ -218,7 +232,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the CLIP for about this many minutes here instead of its recipe's 1100 steps (~7 min on "
                         "2 idle cores); a shorter CLIP gives the LLaVA after it a weaker vision tower")
     q.add_argument("--no-llava", action="store_true", help="stop after the CLIP part")
+    q.add_argument("--steps", type=int, default=None, help="train the CLIP for exactly this many steps")
+    q.add_argument("--eval-size", type=int, default=1000, help="images per evaluation (LLaVA: at most 500)")
+    q.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides of the CLIP recipe (train.* also reach the LLaVA), e.g. train.batch_size=16")
     q.set_defaults(func=cmd_quickstart)
+
+    r = sub.add_parser("recipes", help="list the YAML recipes that ship with mmlm, or copy one out for editing")
+    ra = r.add_subparsers(dest="action", metavar="ACTION")
+    ra.add_parser("list", help="name and one-line description of each recipe (the default)")
+    rc = ra.add_parser("copy", help="write a copy of a recipe to edit and pass to `mmlm train --config`")
+    rc.add_argument("name", help="a recipe name, e.g. clip-shapes")
+    rc.add_argument("--out", type=Path, default=Path("."), help="directory to write NAME.yaml into")
+    r.set_defaults(func=cmd_recipes, action="list")
     return p
 
 
