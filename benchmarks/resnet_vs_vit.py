@@ -34,12 +34,12 @@ import torch.nn.functional as F
 import yaml
 from torch.utils.data import Subset
 
-from mmlm.checkpoint import load as load_model
 from mmlm.data.image_text import ArrayImageText
 from mmlm.data.transforms import ImageProcessor, PreprocessConfig
 from mmlm.eval.zeroshot import image_embeddings, zeroshot
+from mmlm.formats import load as load_model
+from mmlm.formats import load_tokenizer
 from mmlm.models.clip import CLIP
-from mmlm.tokenizer import load_tokenizer
 from mmlm.train.clip_run import build_tokenizer, fit_text_to_tokenizer, train_data
 from mmlm.train.clip_task import ClipTask, run_config_from_dict
 from mmlm.train.loop import train

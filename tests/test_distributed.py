@@ -212,7 +212,7 @@ def test_llava_step_under_fsdp2_on_two_processes_equals_one_process_on_the_globa
 def _llava_train_task(tok_dir: Path, steps: int, fmt: str = "consolidated"):
     from mmlm.data.transforms import PreprocessConfig
     from mmlm.models.llava import Llava
-    from mmlm.tokenizer import load_tokenizer
+    from mmlm.formats import load_tokenizer
     from mmlm.train.llava_task import LlavaRunConfig, LlavaTask, ShapesConversations
     from mmlm.train.loop import TrainConfig
 

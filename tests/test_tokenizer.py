@@ -15,7 +15,8 @@ import pytest
 import regex
 import torch
 
-from mmlm.tokenizer import CLIP_PATTERN, EOT_TOKEN, SOT_TOKEN, Tokenizer, find_clip_bpe, load_tokenizer
+from mmlm.formats import load_tokenizer
+from mmlm.tokenizer import CLIP_PATTERN, EOT_TOKEN, SOT_TOKEN, Tokenizer, find_clip_bpe
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("open_clip") is None, reason="needs `pip install --no-deps open-clip-torch`"

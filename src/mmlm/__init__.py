@@ -7,6 +7,7 @@
     new_ids = mmlm.generate(lm, input_ids, attention_mask, max_new_tokens=32)   # (B, new_tokens)
     new_ids = mmlm.generate(llava, input_ids, attention_mask, pixel_values=images)   # images (N_images, C, H, W)
     mmlm.quantize(lm_or_llava, "int4")   # weight-only int8/int4 LM for faster CPU decoding (inference only)
+    with mmlm.reference_mode(): ...      # every model on the plain textbook formulas (or MMLM_REFERENCE=1)
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["load", "save", "load_tokenizer", "generate", "quantize", "__version__"]
+__all__ = ["load", "save", "load_tokenizer", "generate", "quantize", "reference_mode", "__version__"]
 
 
 def load(path: Any):
     """Open a model: an mmlm checkpoint dir, a transformers CLIPModel / LlamaForCausalLM / Qwen2ForCausalLM /
     LlavaForConditionalGeneration dir, or a llama-architecture .gguf file. Eval mode, float32, CPU."""
-    from .checkpoint import load as _load
+    from .formats import load as _load
 
     return _load(path)
 
@@ -34,7 +35,7 @@ def save(model: Any, directory: Any, tokenizer: Any = None, preprocess: Any = No
 
 def load_tokenizer(path: Any):
     """A checkpoint dir, tokenizer.json, CLIP bpe_simple_vocab_16e6.txt.gz or HF vocab.json+merges.txt dir."""
-    from .tokenizer import load_tokenizer as _load_tokenizer
+    from .formats import load_tokenizer as _load_tokenizer
 
     return _load_tokenizer(path)
 
@@ -52,3 +53,11 @@ def quantize(model: Any, mode: str):
     from .quant import quantize as _quantize
 
     return _quantize(model, mode)
+
+
+def reference_mode(enabled: bool = True):
+    """Context manager: every model runs its plain reference formulas instead of the fast kernels (the same
+    outputs and gradients, tested). MMLM_REFERENCE=1 in the environment does the same. See mmlm.models.kernels."""
+    from .models.kernels.switch import reference_mode as _reference_mode
+
+    return _reference_mode(enabled)

@@ -315,7 +315,8 @@ def bench_data(quick: bool = False, batch: int = 64, workers: tuple[int, ...] = 
     from .data.image_text import ArrayImageText, ImageTextCollate
     from .data.shapes import ShapesDataset
     from .data.transforms import PreprocessConfig
-    from .tokenizer import find_clip_bpe, load_tokenizer
+    from .formats import load_tokenizer
+    from .tokenizer import find_clip_bpe
     from .train.loop import TrainConfig, make_loader
 
     n_batches = 4 if quick else 12

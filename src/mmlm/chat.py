@@ -79,8 +79,7 @@ def chat(model_path: str | Path, prompt: str | None = None, system: str | None =
     is the conversation template it was trained with. `weights` "int8" / "int4" quantizes the LM for faster
     decoding (mmlm.quantize). Returns the conversation.
     """
-    from .checkpoint import load, load_preprocess
-    from .tokenizer import load_tokenizer
+    from .formats import load, load_preprocess, load_tokenizer
 
     out = out if out is not None else sys.stdout  # looked up per call: a default bound at import goes stale
 

@@ -1,7 +1,7 @@
 """One checkpoint format: a directory with config.json + model.safetensors (+ tokenizer, preprocess).
 
-`load` also opens the formats people already have (a transformers CLIPModel directory), always strictly:
-a missing, unexpected or mis-shaped tensor is an error that names it. Files are written atomically
+Loading is strict: a missing, unexpected or mis-shaped tensor is an error that names it (the converters in
+`convert/` load through the same check; `formats.py` opens every format). Files are written atomically
 (temp file + rename), so a killed process never leaves a half-written checkpoint behind.
 """
 
@@ -134,43 +134,11 @@ def save(model: nn.Module, directory: str | Path, tokenizer: Any = None, preproc
     return directory
 
 
-def _finish(model: nn.Module) -> nn.Module:
-    return model.float().eval()
-
-
-def load(path: str | Path) -> nn.Module:
-    """Open a model: an mmlm checkpoint dir, a transformers CLIPModel / LlamaForCausalLM / Qwen2ForCausalLM /
-    LlavaForConditionalGeneration dir, or a llama-architecture .gguf file. Eval mode, float32, CPU."""
-    path = Path(path)
-    if path.is_dir() and (path / CONFIG_NAME).is_file():
-        cfg_dict = read_json(path / CONFIG_NAME)
-        if "kind" in cfg_dict:
-            cfg = model_config_from_dict(cfg_dict, str(path / CONFIG_NAME))
-            model = build_model(cfg)
-            load_state_dict_strict(model, read_state_dict(path / WEIGHTS_NAME), str(path / WEIGHTS_NAME))
-            return _finish(model)
-        from .convert.hf import load_hf
-
-        return _finish(load_hf(path))
-    if path.is_dir():
-        raise FileNotFoundError(f"{path}: no config.json; expected an mmlm checkpoint or a transformers model directory")
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or directory")
-    if path.suffix == ".gguf":
-        from .convert.gguf import load_gguf
-
-        return _finish(load_gguf(path))
-    raise ValueError(f"{path}: cannot open this file as a model (expected a checkpoint directory or a .gguf file)")
-
-
-def load_preprocess(directory: str | Path) -> Any:
-    """The checkpoint's PreprocessConfig, or the model's default when the file is absent."""
-    from .data.transforms import PreprocessConfig
-
-    p = Path(directory) / PREPROCESS_NAME
-    if p.is_file():
-        return PreprocessConfig.from_dict(read_json(p))
-    hf = Path(directory) / "preprocessor_config.json"
-    if hf.is_file():
-        return PreprocessConfig.from_hf(read_json(hf))
-    return None
+def load_model(directory: str | Path) -> nn.Module:
+    """The model of an mmlm checkpoint directory (config.json with its `kind`, model.safetensors), loaded
+    strictly. `formats.load` (`mmlm.load`) opens this and every other format."""
+    directory = Path(directory)
+    cfg = model_config_from_dict(read_json(directory / CONFIG_NAME), str(directory / CONFIG_NAME))
+    model = build_model(cfg)
+    load_state_dict_strict(model, read_state_dict(directory / WEIGHTS_NAME), str(directory / WEIGHTS_NAME))
+    return model

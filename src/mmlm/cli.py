@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert
+    from .formats import convert
 
     out = convert(args.format, args.src, args.out, config=args.config)
     print(json.dumps({"converted": str(args.src), "format": args.format, "out": str(out)}))
@@ -18,7 +18,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .convert.hf import export_hf_checkpoint
+    from .formats import export_hf_checkpoint
 
     out = export_hf_checkpoint(args.src, args.out)
     print(json.dumps({"exported": str(args.src), "format": args.format, "out": str(out)}))

@@ -68,12 +68,12 @@ def quickstart_llava(out: Path, tower: Path, overrides: list[str] | None = None,
 
 def answers_figure(model_dir: Path, path: Path, n: int = 8) -> None:
     """A grid of val images, each with a question, the model's answer and the reference."""
-    from .eval.cli import _open
+    from .eval.cli import open_model
     from .eval.vqa import evaluate_vqa
     from .report import _plt
     from .train.llava_task import ShapesConversations
 
-    model, tok, processor = _open(model_dir)
+    model, tok, processor = open_model(model_dir)
     ds = ShapesConversations("val", n, 11, model.config.vision.image_size, 1)
     items = [ds[i] for i in range(n)]
     result = evaluate_vqa(model, tok, processor, items, model.config.template, max_new_tokens=48)

@@ -362,29 +362,3 @@ def _default_config(tok: tokenizers.Tokenizer) -> dict:
     eot = next((t for t in (EOT_TOKEN, "</s>", "<|end_of_text|>", "<|im_end|>", "<eos>") if t in vocab), None)
     sot = next((t for t in ("<s>", "<|begin_of_text|>", "<bos>") if t in vocab), None)
     return {"clean": "none", "sot_token": sot, "eot_token": eot}
-
-
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A Tokenizer from a checkpoint dir (tokenizer.json [+ tokenizer_config.json]), a tokenizer.json,
-    CLIP's bpe_simple_vocab_16e6.txt.gz, a dir with Hugging Face vocab.json + merges.txt, or a .gguf file."""
-    path = Path(path)
-    expected = (
-        "a directory with tokenizer.json (or vocab.json + merges.txt), a tokenizer.json file, "
-        f"CLIP's {CLIP_BPE_FILE}, or a .gguf file"
-    )
-    if not path.exists():
-        raise FileNotFoundError(f"no such tokenizer path: {path} (expected {expected})")
-    if path.suffix == ".gguf":
-        from .convert.gguf import tokenizer_from_gguf
-
-        return tokenizer_from_gguf(path)
-    if path.is_dir():
-        if (path / TOKENIZER_FILE).is_file():
-            return Tokenizer.load(path)
-        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            return Tokenizer.from_vocab_merges(path / "vocab.json", path / "merges.txt")
-    elif path.suffix == ".json":
-        return Tokenizer.load(path)
-    elif path.name.endswith(".txt.gz"):
-        return Tokenizer.clip(path)
-    raise ValueError(f"cannot load a tokenizer from {path}: expected {expected}")

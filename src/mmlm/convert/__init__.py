@@ -1,12 +1,13 @@
-"""Conversion between mmlm checkpoints and OpenAI, open_clip and Hugging Face formats."""
+"""Conversion between mmlm models and OpenAI, open_clip, Hugging Face and GGUF formats (`formats.py` picks one
+for a path)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from ..checkpoint import build_model, load_state_dict_strict, read_state_dict, save
-from ..config import CLIPConfig, model_config_from_dict
+from ..checkpoint import build_model, load_state_dict_strict, read_state_dict
+from ..config import model_config_from_dict
 
 
 def _config_file(config: str | Path | None) -> dict | None:
@@ -41,28 +42,3 @@ def from_open_clip(src: str | Path, config: str | Path):
     model = build_model(cfg)
     load_state_dict_strict(model, state_dict_from_openai(sd, cfg, str(src)), str(src))
     return model.eval()
-
-
-def convert(fmt: str, src: str | Path, out: str | Path, config: str | Path | None = None) -> Path:
-    """`mmlm convert {openai,open_clip,hf} SRC --out DIR`: write an mmlm checkpoint."""
-    from ..checkpoint import load, load_preprocess
-
-    tokenizer = preprocess = None
-    if fmt == "openai":
-        model = from_openai(src, config)
-    elif fmt == "open_clip":
-        model = from_open_clip(src, config)
-    elif fmt == "hf":
-        model = load(src)
-        preprocess = load_preprocess(src)
-        if (Path(src) / "tokenizer.json").is_file() or (Path(src) / "vocab.json").is_file():
-            from ..tokenizer import load_tokenizer
-
-            tokenizer = load_tokenizer(src)
-    else:
-        raise ValueError(f"unknown source format {fmt!r}; expected openai, open_clip or hf")
-    if isinstance(model.config, CLIPConfig) and preprocess is None:
-        from ..data.transforms import PreprocessConfig
-
-        preprocess = PreprocessConfig(image_size=model.config.vision.image_size)
-    return save(model, out, tokenizer=tokenizer, preprocess=preprocess)

@@ -17,7 +17,8 @@ import torch
 
 from ..checkpoint import build_model, load_state_dict_strict
 from ..config import LMConfig
-from .mapping import Rule, _fill, _indices, rename
+from ..tokenizer import Tokenizer
+from .mapping import Rule, fill, layer_indices, rename
 
 _L, _T = "blocks.{i}", "blk.{i}"
 RULES: list[Rule] = [
@@ -117,13 +118,13 @@ def state_dict_from_gguf(tensors: dict[str, Any], cfg: LMConfig, path: str = "gg
     planned = rename({n: torch.empty(s, device="meta") for n, s in shapes.items()}, RULES, "to_ours", path)
     sd: dict[str, torch.Tensor] = {}
     for rule in RULES:
-        for i in _indices(rule.their_names[0], tensors):
-            ours = _fill(rule.ours, i)
+        for i in layer_indices(rule.their_names[0], tensors):
+            ours = fill(rule.ours, i)
             if ours not in planned:
                 continue
             out = torch.empty(planned[ours].shape)
             row = 0
-            for name in (_fill(n, i) for n in rule.their_names):
+            for name in (fill(n, i) for n in rule.their_names):
                 part = out[row : row + shapes[name][0]]  # (rows of this name, ...)
                 row += shapes[name][0]
                 dequantise_into(part, tensors[name].data, tensors[name].tensor_type)
@@ -165,8 +166,6 @@ def tokenizer_from_gguf(path: str | Path):
     """The file's byte-level BPE (`tokenizer.ggml.model == "gpt2"`), special tokens and chat template."""
     import tokenizers
     from tokenizers import decoders, models, pre_tokenizers
-
-    from ..tokenizer import Tokenizer
 
     meta = read_metadata(_reader(path))
     kind = meta.get("tokenizer.ggml.model")

@@ -7,8 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import (PREPROCESS_NAME, build_model, load_state_dict_strict, read_json, read_state_dict, save_tensors,
-                          write_json)
+from ..checkpoint import build_model, load_state_dict_strict, read_json, read_state_dict, save_tensors, write_json
 from ..config import LlavaConfig, LMConfig
 from . import hf_clip, hf_llama, hf_llava
 
@@ -68,18 +67,3 @@ def export_hf(model: nn.Module, out: str | Path, tokenizer=None, preprocess=None
     if tokenizer is not None:
         tokenizer.save(out)
     return out
-
-
-def export_hf_checkpoint(src: str | Path, out: str | Path) -> Path:
-    """`mmlm export hf SRC --out DIR`: SRC is anything `mmlm.load` opens."""
-    from ..checkpoint import load, load_preprocess
-
-    src = Path(src)
-    model = load(src)
-    tokenizer = None
-    if src.is_dir() and (src / "tokenizer.json").is_file():
-        from ..tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(src)
-    preprocess = load_preprocess(src) if src.is_dir() and (src / PREPROCESS_NAME).is_file() else None
-    return export_hf(model, out, tokenizer, preprocess)

@@ -31,7 +31,7 @@ def _pattern(template: str) -> re.Pattern:
     return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(?P<i>\d+)") + "$")
 
 
-def _indices(template: str, names: Iterable[str]) -> list[str | None]:
+def layer_indices(template: str, names: Iterable[str]) -> list[str | None]:
     """Layer indices present in `names` for `template` ([None] when it has no `{i}`)."""
     if "{i}" not in template:
         return [None]
@@ -40,7 +40,7 @@ def _indices(template: str, names: Iterable[str]) -> list[str | None]:
     return sorted(found, key=int)
 
 
-def _fill(template: str, i: str | None) -> str:
+def fill(template: str, i: str | None) -> str:
     return template if i is None else template.replace("{i}", i)
 
 
@@ -59,8 +59,8 @@ def rename(sd: dict[str, torch.Tensor], rules: list[Rule], direction: str, sourc
     used: set[str] = set()
     for rule in rules:
         src_templates = rule.their_names if direction == "to_ours" else (rule.ours,)
-        for i in _indices(src_templates[0], sd.keys()):
-            src = [_fill(t, i) for t in src_templates]
+        for i in layer_indices(src_templates[0], sd.keys()):
+            src = [fill(t, i) for t in src_templates]
             if not all(s in sd for s in src):
                 if any(s in sd for s in src):
                     missing = [s for s in src if s not in sd]
@@ -69,10 +69,10 @@ def rename(sd: dict[str, torch.Tensor], rules: list[Rule], direction: str, sourc
             used.update(src)
             if direction == "to_ours":
                 t = torch.cat([sd[s] for s in src], dim=0) if len(src) > 1 else sd[src[0]]
-                out[_fill(rule.ours, i)] = t.t() if rule.transpose else t
+                out[fill(rule.ours, i)] = t.t() if rule.transpose else t
             else:
                 t = sd[src[0]]
-                names = [_fill(n, i) for n in rule.their_names]
+                names = [fill(n, i) for n in rule.their_names]
                 if len(names) == 1:
                     parts = [t]
                 else:

@@ -9,16 +9,16 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from ..checkpoint import load, load_preprocess
 from ..data.image_text import read_table
 from ..data.transforms import BadImageError, ImageProcessor, PreprocessConfig
+from ..formats import load, load_preprocess, load_tokenizer
 from .retrieval import evaluate_retrieval
 from .zeroshot import zeroshot
 
 
-def _open(model_dir: str | Path):
-    from ..tokenizer import load_tokenizer
-
+def open_model(model_dir: str | Path):
+    """(model, tokenizer, ImageProcessor) of a saved CLIP or LLaVA: the checkpoint's preprocessing, else the
+    model's default."""
     model = load(model_dir)
     preprocess = load_preprocess(model_dir) or PreprocessConfig(image_size=model.config.vision.image_size)
     return model, load_tokenizer(model_dir), ImageProcessor(preprocess)
@@ -62,7 +62,7 @@ def _builtin_zeroshot(name: str, size: int, limit: int) -> tuple[list[np.ndarray
 
 def eval_zeroshot(model_dir: str | Path, data: str, classes: str | None = None, templates: str | None = None,
                   limit: int = 0) -> dict[str, Any]:
-    model, tok, processor = _open(model_dir)
+    model, tok, processor = open_model(model_dir)
     skipped: list[dict] = []
     if data in ("shapes", "shapes-novel", "fashion_mnist"):
         images, labels, class_names, tmpl = _builtin_zeroshot(data, processor.config.image_size, limit)
@@ -88,7 +88,7 @@ def eval_zeroshot(model_dir: str | Path, data: str, classes: str | None = None, 
 
 
 def eval_retrieval(model_dir: str | Path, data: str, limit: int = 0) -> dict[str, Any]:
-    model, tok, processor = _open(model_dir)
+    model, tok, processor = open_model(model_dir)
     skipped: list[dict] = []
     if data == "shapes":
         from ..data.shapes import ShapesDataset
@@ -121,7 +121,7 @@ def eval_vqa(model_dir: str | Path, data: str, template: str | None = None, limi
     from ..data.llava_json import LlavaJson
     from .vqa import evaluate_vqa
 
-    model, tok, processor = _open(model_dir)
+    model, tok, processor = open_model(model_dir)
     if weights:
         from ..quant import quantize
 

@@ -14,11 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import load, load_preprocess
 from ..chat import prompt_ids
 from ..data.conversation import IMAGE, ConversationError
 from ..data.transforms import ImageProcessor, PreprocessConfig
-from ..tokenizer import load_tokenizer
+from ..formats import load, load_preprocess, load_tokenizer
 from .engine import EmbeddingJob, GenerationJob, Worker, run_embeddings, run_generation
 from .errors import APIError
 from .images import ImageLoader

@@ -11,12 +11,13 @@ import torch
 import yaml
 from torch.utils.data import ConcatDataset, Dataset
 
-from ..checkpoint import load as load_model
 from ..checkpoint import load_state_dict_strict
 from ..data.image_text import ArrayImageText, CsvImageText, TarImageText
 from ..data.transforms import ImageProcessor, PreprocessConfig
 from ..eval.retrieval import evaluate_retrieval
 from ..eval.zeroshot import zeroshot
+from ..formats import load as load_model
+from ..formats import load_tokenizer
 from ..models.clip import CLIP
 from . import distributed
 from .clip_task import ClipRunConfig, ClipTask, run_config_from_dict
@@ -67,7 +68,7 @@ def caption_corpus(cfg: ClipRunConfig, data: Dataset, limit: int = 20_000) -> li
 
 
 def build_tokenizer(cfg: ClipRunConfig, data: Dataset, run: Path):
-    from ..tokenizer import Tokenizer, load_tokenizer
+    from ..tokenizer import Tokenizer
 
     saved = run / "tokenizer"
     if (saved / "tokenizer.json").is_file():  # a resumed run must tokenize exactly as before

@@ -12,12 +12,13 @@ import yaml
 from torch.utils.data import Dataset
 
 from ..assets import resolve
-from ..checkpoint import load as load_model
 from ..checkpoint import load_state_dict_strict
 from ..config import LlavaConfig, apply_overrides, from_dict, to_dict
 from ..data.conversation import VICUNA_SYSTEM
 from ..data.llava_json import LlavaJson
 from ..data.transforms import ImageProcessor, PreprocessConfig
+from ..formats import load as load_model
+from ..formats import load_tokenizer
 from ..models.llava import Llava
 from ..models.lm import LM
 from ..eval.vqa import evaluate_vqa
@@ -75,7 +76,7 @@ def train_data(cfg: LlavaRunConfig) -> Dataset:
 
 
 def build_tokenizer(cfg: LlavaRunConfig, data: Dataset, run: Path):
-    from ..tokenizer import Tokenizer, load_tokenizer
+    from ..tokenizer import Tokenizer
 
     saved = run / "tokenizer"
     for src in (saved, Path(cfg.init_from) if cfg.init_from else None):  # resume / stage 2: tokenize as before

@@ -1,0 +1,105 @@
+"""Open and write every model format mmlm knows, in one place.
+
+`checkpoint.py` is mmlm's own format (a directory: config.json + model.safetensors + ...); `convert/` turns
+the formats people already have (transformers directories, OpenAI / open_clip state dicts, llama.cpp GGUF)
+into mmlm models and back. This module sits above both: it looks at a path, picks the reader, and is what
+`mmlm.load`, `mmlm.load_tokenizer`, `mmlm convert` and `mmlm export` call.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .checkpoint import CONFIG_NAME, PREPROCESS_NAME, load_model, read_json, save
+from .config import CLIPConfig
+from .convert import from_open_clip, from_openai
+from .convert.gguf import load_gguf, tokenizer_from_gguf
+from .convert.hf import export_hf, load_hf
+from .data.transforms import PreprocessConfig
+from .tokenizer import CLIP_BPE_FILE, TOKENIZER_FILE, Tokenizer
+
+
+def load(path: str | Path) -> nn.Module:
+    """Open a model: an mmlm checkpoint dir, a transformers CLIPModel / LlamaForCausalLM / Qwen2ForCausalLM /
+    LlavaForConditionalGeneration dir, or a llama-architecture .gguf file. Eval mode, float32, CPU."""
+    path = Path(path)
+    if path.is_dir() and (path / CONFIG_NAME).is_file():
+        model = load_model(path) if "kind" in read_json(path / CONFIG_NAME) else load_hf(path)
+    elif path.is_dir():
+        raise FileNotFoundError(f"{path}: no config.json; expected an mmlm checkpoint or a transformers model directory")
+    elif not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    elif path.suffix == ".gguf":
+        model = load_gguf(path)
+    else:
+        raise ValueError(f"{path}: cannot open this file as a model (expected a checkpoint directory or a .gguf file)")
+    return model.float().eval()
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A Tokenizer from a checkpoint dir (tokenizer.json [+ tokenizer_config.json]), a tokenizer.json,
+    CLIP's bpe_simple_vocab_16e6.txt.gz, a dir with Hugging Face vocab.json + merges.txt, or a .gguf file."""
+    path = Path(path)
+    expected = (
+        "a directory with tokenizer.json (or vocab.json + merges.txt), a tokenizer.json file, "
+        f"CLIP's {CLIP_BPE_FILE}, or a .gguf file"
+    )
+    if not path.exists():
+        raise FileNotFoundError(f"no such tokenizer path: {path} (expected {expected})")
+    if path.suffix == ".gguf":
+        return tokenizer_from_gguf(path)
+    if path.is_dir():
+        if (path / TOKENIZER_FILE).is_file():
+            return Tokenizer.load(path)
+        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+            return Tokenizer.from_vocab_merges(path / "vocab.json", path / "merges.txt")
+    elif path.suffix == ".json":
+        return Tokenizer.load(path)
+    elif path.name.endswith(".txt.gz"):
+        return Tokenizer.clip(path)
+    raise ValueError(f"cannot load a tokenizer from {path}: expected {expected}")
+
+
+def load_preprocess(directory: str | Path) -> PreprocessConfig | None:
+    """The checkpoint's PreprocessConfig (mmlm's preprocess.json or a transformers preprocessor_config.json),
+    or None when the directory has neither."""
+    p = Path(directory) / PREPROCESS_NAME
+    if p.is_file():
+        return PreprocessConfig.from_dict(read_json(p))
+    hf = Path(directory) / "preprocessor_config.json"
+    if hf.is_file():
+        return PreprocessConfig.from_hf(read_json(hf))
+    return None
+
+
+def convert(fmt: str, src: str | Path, out: str | Path, config: str | Path | None = None) -> Path:
+    """`mmlm convert {openai,open_clip,hf} SRC --out DIR`: write an mmlm checkpoint."""
+    tokenizer = preprocess = None
+    if fmt == "openai":
+        model = from_openai(src, config)
+    elif fmt == "open_clip":
+        model = from_open_clip(src, config)
+    elif fmt == "hf":
+        model = load(src)
+        preprocess = load_preprocess(src)
+        if (Path(src) / "tokenizer.json").is_file() or (Path(src) / "vocab.json").is_file():
+            tokenizer = load_tokenizer(src)
+    else:
+        raise ValueError(f"unknown source format {fmt!r}; expected openai, open_clip or hf")
+    if isinstance(model.config, CLIPConfig) and preprocess is None:
+        preprocess = PreprocessConfig(image_size=model.config.vision.image_size)
+    return save(model, out, tokenizer=tokenizer, preprocess=preprocess)
+
+
+def export_hf_checkpoint(src: str | Path, out: str | Path) -> Path:
+    """`mmlm export hf SRC --out DIR`: SRC is anything `mmlm.load` opens."""
+    src = Path(src)
+    model = load(src)
+    tokenizer: Any = None
+    if src.is_dir() and (src / TOKENIZER_FILE).is_file():
+        tokenizer = load_tokenizer(src)
+    preprocess = load_preprocess(src) if src.is_dir() and (src / PREPROCESS_NAME).is_file() else None
+    return export_hf(model, out, tokenizer, preprocess)
