@@ -22,7 +22,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
-PAGES = ["README.md", "01-data-shapes.md", "02-clip.md", "03-resnet-or-vit.md", "04-llava.md"]
+PAGES = ["README.md", "01-data-shapes.md", "02-clip.md", "03-resnet-or-vit.md", "04-llava.md",
+         "results.md", "performance.md", "serving.md", "scaling.md", "proven.md"]
 FENCE = re.compile(r"((?:<!--\s*test:.*?-->\s*\n)*)```(\w*)\n(.*?)```", re.S)
 DIRECTIVE = re.compile(r"<!--\s*test:\s*(.*?)\s*-->", re.S)
 
@@ -121,6 +122,46 @@ def test_every_figure_and_link_exists():
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
             if not target.startswith("http"):
                 assert (DOCS / target).exists(), f"docs/{page} links to missing {target}"
+
+
+def test_the_readme_is_a_front_page():
+    """The README is what a visitor reads first: what, set-up, run, one table, links. Details live in docs/."""
+    lines = (REPO / "README.md").read_text().count("\n")
+    assert lines <= 250, f"README.md has {lines} lines; move details into docs/ (at most 250)"
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(text: str) -> set[str]:
+    """The anchors of a page's headings (outside code blocks); a repeated heading gets -1, -2, ... as on GitHub."""
+    out, counts = set(), {}
+    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*#*$", re.sub(r"```.*?```", "", text, flags=re.S), re.M):
+        base = slug(heading)
+        n = counts.get(base, 0)
+        counts[base] = n + 1
+        out.add(base if n == 0 else f"{base}-{n}")
+    return out
+
+
+def test_every_relative_link_in_the_readme_and_docs_resolves():
+    """Files, folders and `#anchors` named by links in README.md and docs/**/*.md exist (code blocks skipped)."""
+    pages = [REPO / "README.md", *sorted(DOCS.rglob("*.md"))]
+    broken = []
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", text):
+            if target.startswith(("http://", "https://", "mailto:")):
+                continue
+            path = (page.parent / target) if target else page
+            where = f"{page.relative_to(REPO)} -> {target}{'#' + anchor if anchor else ''}"
+            if not path.exists():
+                broken.append(f"{where}: no such file")
+            elif anchor and path.suffix == ".md" and anchor not in anchors(path.read_text()):
+                broken.append(f"{where}: no such heading")
+    assert not broken, "broken links:\n" + "\n".join(broken)
 
 
 def test_a_broken_snippet_fails_with_its_place(workdir):
