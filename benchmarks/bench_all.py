@@ -1,4 +1,4 @@
-"""Every issue-8 measurement against transformers, as `mmlm bench all`: LM decode/prefill/memory, CLIP train step
+"""Every speed measurement against transformers, as `mmlm bench all`: LM decode/prefill/memory, CLIP train step
 and embeddings, LLaVA decode/prefill, data pipeline (JSON lines; the logic lives in mmlm.bench, mmlm.bench_models).
 
     python benchmarks/bench_all.py [--quick] [--threads 1] [--compile]

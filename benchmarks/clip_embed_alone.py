@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Image/text embedding with each library alone in its own process: mmlm vs transformers on bench-vit.
 
-`mmlm bench clip` alternates the two libraries inside one process (as issue 8 asks), so they share one
+`mmlm bench clip` alternates the two libraries inside one process (a like-for-like A/B), so they share one
 allocator: each library's freed blocks are the other's next allocations, and how often a fresh buffer has to
 be page-faulted in depends on who ran before. Here every measurement is a fresh process holding one library,
 as a user runs it, the processes alternated (A B, B A, ...) to cancel the machine's drift:
