@@ -24,9 +24,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from mmlm.bench import time_ab  # noqa: E402
+from mmlm.bench_common import rates, time_ab  # noqa: E402
 from mmlm.bench_models import (EMBED_CALLS, clip_batch, count_flops, matmul_peak, precision_context,  # noqa: E402
-                                rates, repeated)
+                                repeated)
 
 OPEN_CLIP_CFG = {
     "embed_dim": 256,

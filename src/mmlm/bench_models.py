@@ -3,7 +3,7 @@ to transformers in the same process (issue 8).
 
 The model is "bench-vit": a CLIP ViT (width 256, 4 layers, patch 16, 64 px) and text transformer (width 256,
 4 layers, context 32), embedding 256, batch 64. transformers' CLIPModel is built at random, saved, and mmlm
-loads the same directory, so both run identical weights. Runs alternate A/B (see bench.time_ab) and report
+loads the same directory, so both run identical weights. Runs alternate A/B (see bench_common.time_ab) and report
 median and spread. MFU is the model's FLOPs per second (counted by torch's FlopCounterMode on mmlm's step)
 over the matmul peak measured here at the same precision and thread count.
 """
@@ -11,7 +11,6 @@ over the matmul peak measured here at the same precision and thread count.
 from __future__ import annotations
 
 import copy
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from .bench import _transformers, add_contenders, time_ab
+from .bench_common import Emit, add_contenders, print_row, rates, require_transformers, time_ab
 from .quant import quantize
 
 BENCH_VIT_HF = dict(
@@ -33,21 +32,6 @@ TINY_LLAVA_TEXT = dict(vocab_size=32000, hidden_size=256, intermediate_size=688,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
 IMAGE_TOKEN = 31999  # the last id of the tiny LLaVA's vocabulary marks image positions
 TARGETS = {"clip_train": 1.5, "image_embed": 1.5, "text_embed": 1.5, "llava_decode": 3.0, "data_vs_train": 3.0}
-
-Emit = Callable[[dict], None]
-
-
-def _print(row: dict) -> None:
-    print(json.dumps(row), flush=True)
-
-
-def rates(items: int, seconds: list[float]) -> dict[str, float]:
-    """items/s: median, spread (max - min) / median, min, max."""
-    r = sorted(items / s for s in seconds)
-    med = r[len(r) // 2] if len(r) % 2 else (r[len(r) // 2 - 1] + r[len(r) // 2]) / 2
-    return {"per_s_median": round(med, 1), "spread": round((r[-1] - r[0]) / med, 3),
-            "per_s_min": round(r[0], 1), "per_s_max": round(r[-1], 1)}
-
 
 def matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
     """FLOP/s of an n x n x n matmul at `dtype` (the best of `repeats`, after a warm-up)."""
@@ -82,7 +66,7 @@ def precision_context(precision: str):
 
 def clip_pair(workdir: Path, seed: int = 0, hf_config: dict | None = None):
     """(mmlm CLIP, transformers CLIPModel) with the same random weights (bench-vit by default), in eval mode."""
-    transformers = _transformers()
+    transformers = require_transformers()
     import mmlm
 
     torch.manual_seed(seed)
@@ -150,7 +134,7 @@ def repeated(fn: Callable[[], Any], precision: str) -> Callable[[], None]:
 
 
 def bench_clip(quick: bool = False, batch: int = 64, precisions: tuple[str, ...] = ("fp32", "bf16"),
-               emit: Emit = _print, hf_config: dict | None = None, peak_size: int = 1024) -> list[dict]:
+               emit: Emit = print_row, hf_config: dict | None = None, peak_size: int = 1024) -> list[dict]:
     """CLIP train step and image/text embedding (each per precision), mmlm vs transformers. `hf_config`
     replaces bench-vit (tests run a smaller one)."""
     repeats = 3 if quick else 5
@@ -210,7 +194,7 @@ def bench_clip(quick: bool = False, batch: int = 64, precisions: tuple[str, ...]
 def llava_pair(workdir: Path, seed: int = 0, text_config: dict | None = None):
     """(mmlm Llava, transformers LlavaForConditionalGeneration): bench-vit's vision tower (layer -2, CLS
     dropped: 16 image tokens) + a 2-layer MLP projector + the tiny Llama (hidden 256, 4 layers, GQA)."""
-    transformers = _transformers()
+    transformers = require_transformers()
     import mmlm
 
     cfg = transformers.LlavaConfig(vision_config=transformers.CLIPVisionConfig(**BENCH_VIT_HF["vision_config"]),
@@ -243,7 +227,7 @@ def llava_prompts(batch: int, text_tokens: int, image_tokens: int = 16, seed: in
 
 
 def bench_llava(quick: bool = False, batches: tuple[int, ...] = (1, 8), compile: bool = False,
-                emit: Emit = _print, text_config: dict | None = None, weights: tuple[str, ...] = ("int4",)) -> list[dict]:
+                emit: Emit = print_row, text_config: dict | None = None, weights: tuple[str, ...] = ("int4",)) -> list[dict]:
     """Greedy decode tokens/s (prefill of image + text included, as a chat sees it) and prefill tokens/s.
     `text_config` replaces the tiny Llama (its vocabulary must hold IMAGE_TOKEN); each of `weights` adds mmlm
     with its LM quantized (see bench_decode)."""
@@ -308,7 +292,7 @@ def bench_llava(quick: bool = False, batches: tuple[int, ...] = (1, 8), compile:
 # ----------------------------------------------------------------------------- data pipeline
 
 def bench_data(quick: bool = False, batch: int = 64, workers: tuple[int, ...] = (0, 1, 2),
-               train_images_per_s: dict[str, float] | None = None, emit: Emit = _print) -> list[dict]:
+               train_images_per_s: dict[str, float] | None = None, emit: Emit = print_row) -> list[dict]:
     """Batches/s of the CLIP training input (shapes images rendered, captions tokenised with CLIP's BPE,
     collated to pixel_values and input_ids) through the training loop's own DataLoader, per worker count;
     compared with the train step's consumption rate when `train_images_per_s` {precision: images/s} is given."""
