@@ -33,7 +33,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from mmlm.train import llava_run
-    from mmlm.train.loop import _autocast
+    from mmlm.train.loop import autocast_context
 
     cfg = llava_run.load_recipe(args.recipe, ["stage=2", f"init_from={args.init_from}", "data.eval_size=0"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -41,7 +41,7 @@ def main() -> None:
     model, data = task.model, task.data
     bs = cfg.train.batch_size
     batches = [task.collate([data[i] for i in range(b * bs, (b + 1) * bs)]) for b in range(args.batches)]
-    autocast = _autocast(cfg.train.precision)
+    autocast = autocast_context(cfg.train.precision)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step(batch):

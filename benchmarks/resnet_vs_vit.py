@@ -279,9 +279,9 @@ def _describe(tower: str) -> str:
 
 
 def plot(results: list[dict[str, Any]], out: Path) -> None:
-    from mmlm.report import _plt
+    from mmlm.report import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     groups = [(d, s) for d, s in dict.fromkeys((r["dataset"], r["size"]) for r in results)]
     fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.0), squeeze=False)
     for ax, (dataset, size) in zip(axes[0], groups):

@@ -25,7 +25,7 @@ import mmlm
 from mmlm.data.shapes import CLASS_NAMES, TEMPLATES, ShapesDataset
 from mmlm.data.transforms import ImageProcessor
 from mmlm.eval.zeroshot import classification_metrics, image_embeddings, text_classifier
-from mmlm.report import _plt, plot_similarity, read_metrics
+from mmlm.report import pyplot, plot_similarity, read_metrics
 from mmlm.train.objectives import clip_loss
 
 EXTRA_TEMPLATES = ("an image of the {}.", "the {} on a dark background.", "{}")
@@ -69,7 +69,7 @@ def temperature(model, tok, run: Path | None, out: Path, lines: list[str], batch
     scales = np.geomspace(1, 100, 25)
     losses = [clip_loss(img, txt, torch.tensor(float(np.log(s)))).item() for s in scales]
     learned = model.logit_scale.exp().item()
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
     train, _ = read_metrics(run) if run is not None else ([], [])
     pts = [(r["step"], r["logit_scale"]) for r in train if "logit_scale" in r]
@@ -135,7 +135,7 @@ def retrieval_figure(model, tok, out: Path, queries: tuple[str, ...], n: int = 3
     with torch.no_grad():
         q = F.normalize(model.encode_text(tok(list(queries), context_length=ctx)).float(), dim=-1)
     top = (q @ img.t()).topk(4, dim=-1)
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(len(queries), 4, figsize=(6, 1.6 * len(queries)))
     for r, query in enumerate(queries):
         for c in range(4):

@@ -13,7 +13,7 @@ import numpy as np
 
 from mmlm.data.modalities import TABLE_COLUMNS, log_mel_spectrogram, moving_shapes_video, scene_table, tone
 from mmlm.data.shapes import ShapesDataset
-from mmlm.report import _plt
+from mmlm.report import pyplot
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> Path:
     video = moving_shapes_video(n_frames=6, image_size=64, seed=1)  # (T, H, W, 3)
     table = scene_table([shapes[i]["scene"] for i in range(6)]).numpy()  # (N, F)
 
-    plt = _plt()
+    plt = pyplot()
     fig = plt.figure(figsize=(12, 5.2))
     grid = fig.add_gridspec(2, 6, height_ratios=[1.2, 1])
     ax = fig.add_subplot(grid[0, 0])

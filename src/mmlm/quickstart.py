@@ -31,7 +31,7 @@ def _measure_step_time(cfg, steps: int = 12, skip: int = 4) -> float:
     from .tokenizer import Tokenizer
     from .train.clip_run import caption_corpus, fit_text_to_tokenizer, train_data
     from .train.clip_task import ClipTask
-    from .train.loop import _autocast, make_loader
+    from .train.loop import autocast_context, make_loader
 
     preprocess = PreprocessConfig(image_size=cfg.model.vision.image_size)
     data = train_data(cfg, preprocess)
@@ -41,7 +41,7 @@ def _measure_step_time(cfg, steps: int = 12, skip: int = 4) -> float:
     task = ClipTask(cfg, CLIP(cfg.model), tok, data, preprocess)
     opt = torch.optim.AdamW(task.model.parameters(), lr=1e-5)
     loader = make_loader(data, task.collate, cfg.train.batch_size, 12345, 0, cfg.train.num_workers)
-    autocast = _autocast(cfg.train.precision)
+    autocast = autocast_context(cfg.train.precision)
     start = 0.0
     for i, batch in enumerate(loader):
         if i == skip:

@@ -70,14 +70,14 @@ def answers_figure(model_dir: Path, path: Path, n: int = 8) -> None:
     """A grid of val images, each with a question, the model's answer and the reference."""
     from .eval.cli import open_model
     from .eval.vqa import evaluate_vqa
-    from .report import _plt
+    from .report import pyplot
     from .train.llava_task import ShapesConversations
 
     model, tok, processor = open_model(model_dir)
     ds = ShapesConversations("val", n, 11, model.config.vision.image_size, 1)
     items = [ds[i] for i in range(n)]
     result = evaluate_vqa(model, tok, processor, items, model.config.template, max_new_tokens=48)
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(2, (n + 1) // 2, figsize=(3.2 * ((n + 1) // 2), 7.4))
     for ax, item, ex in zip(axes.flat, items, result["examples"]):
         ax.imshow(item["images"][0])

@@ -9,7 +9,8 @@ from typing import Any, Sequence
 import numpy as np
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot, imported on first use and drawing to files only (the Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
@@ -29,7 +30,7 @@ def read_metrics(run: Path) -> tuple[list[dict], list[dict]]:
 
 
 def plot_training(run: Path, out: Path) -> list[str]:
-    plt = _plt()
+    plt = pyplot()
     train, evals = read_metrics(run)
     files = []
     if train:
@@ -68,7 +69,7 @@ def plot_training(run: Path, out: Path) -> list[str]:
 
 def plot_similarity(images: np.ndarray, captions: Sequence[str], sims: np.ndarray, path: Path) -> None:
     """The CLIP paper's figure: images across the top, captions down the side, cosine similarities in cells."""
-    plt = _plt()
+    plt = pyplot()
     rows, cols = sims.shape
     cell, left, pad = 0.8, 3.4, 0.2  # inches
     width, height = left + cols * cell + pad, (rows + 1) * cell + 2 * pad
@@ -89,7 +90,7 @@ def plot_similarity(images: np.ndarray, captions: Sequence[str], sims: np.ndarra
 
 
 def plot_confusion(confusion: Sequence[Sequence[int]], class_names: Sequence[str], path: Path, title: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     c = np.asarray(confusion, dtype=float)
     c = c / np.maximum(c.sum(axis=1, keepdims=True), 1)
     n = len(class_names)

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .shapes import COLOUR_RGB, COLOURS, POSITIONS, SHAPES, SIZES, Scene, _object_mask
+from .shapes import COLOUR_RGB, COLOURS, POSITIONS, SHAPES, SIZES, Scene, object_mask
 
 # ---------------------------------------------------------------- audio
 
@@ -108,7 +108,7 @@ def moving_shapes_video(n_frames: int = 8, image_size: int = 64, n_objects: int 
     for t in range(n_frames):
         img = np.repeat(background, 3, axis=2).astype(np.float32)
         for k in range(n_objects):
-            alpha = _object_mask(SHAPES[shapes[k]], pos[k, 0], pos[k, 1], radius, 0.0, 0, 0, S, S)[..., None]
+            alpha = object_mask(SHAPES[shapes[k]], pos[k, 0], pos[k, 1], radius, 0.0, 0, 0, S, S)[..., None]
             img += (np.asarray(COLOUR_RGB[COLOURS[colours[k]]], dtype=np.float32) - img) * alpha
         frames[t] = np.clip(img + 0.5, 0, 255).astype(np.uint8)
         pos += vel

@@ -196,7 +196,7 @@ def _unit_polygon(shape: str) -> np.ndarray:
     return pts - (pts.max(0) + pts.min(0)) / 2  # centre the bounding box
 
 
-def _object_mask(
+def object_mask(
     shape: str, cx: float, cy: float, radius: float, angle: float, x0: int, y0: int, w: int, h: int
 ) -> np.ndarray:
     """Anti-aliased coverage (h, w) float32 in [0, 1] of one object on the pixel box at (x0, y0)."""
@@ -244,7 +244,7 @@ def render(scene: Scene, image_size: int = 64, rng: np.random.Generator | None =
         np.clip(colour, 0.0, 255.0, out=colour)
         x0, y0 = max(0, int(cx - radius) - 2), max(0, int(cy - radius) - 2)
         x1, y1 = min(S, int(math.ceil(cx + radius)) + 2), min(S, int(math.ceil(cy + radius)) + 2)
-        alpha = _object_mask(obj.shape, cx, cy, radius, angle, x0, y0, x1 - x0, y1 - y0)[..., None]  # (h, w, 1)
+        alpha = object_mask(obj.shape, cx, cy, radius, angle, x0, y0, x1 - x0, y1 - y0)[..., None]  # (h, w, 1)
         region = img[y0:y1, x0:x1].astype(np.float32)
         region += (colour - region) * alpha  # alpha blend
         region += 0.5

@@ -248,7 +248,8 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
-def _autocast(precision: str) -> Callable[[], contextlib.AbstractContextManager]:
+def autocast_context(precision: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the autocast context for `train.precision`: bf16 autocast on the CPU, or none (fp32)."""
     if precision == "bf16":
         return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext
@@ -286,7 +287,7 @@ def train(task: Task, cfg: TrainConfig, run: str | Path, resume: bool = True) ->
     loader = make_loader(dataset, task.collate, cfg.batch_size, cfg.seed, state.step, cfg.num_workers,
                          w.rank, w.world_size)
     params = [p for p in model.parameters() if p.requires_grad]
-    autocast = _autocast(cfg.precision)
+    autocast = autocast_context(cfg.precision)
     bar = None
     if cfg.progress and w.is_main:
         from tqdm.auto import tqdm
