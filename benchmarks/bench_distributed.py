@@ -100,7 +100,7 @@ def _memory_worker(rank: int, world: int, port: int, sizes: list[int], out: str)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from mmlm.train import distributed
+    from mmlm import distributed
     from mmlm.train.objectives import contrastive_loss
 
     distributed.setup(timeout_s=300)

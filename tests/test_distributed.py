@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from mmlm.train import distributed
+from mmlm import distributed
 
 WORLD = 2
 CLIP_CASES = [("clip", "local", 0), ("clip", "global", 0), ("siglip", "local", 0), ("siglip", "global", 0),

@@ -26,7 +26,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import distributed
+    from . import distributed
 
     if args.model == "llava":
         from .train.llava_run import load_recipe, train_llava as train_fn

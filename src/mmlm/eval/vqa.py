@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ..data.conversation import ROLES, encode_prompt
-from ..train.distributed import map_shards
+from ..distributed import map_shards
 
 
 def _pil(image: Any) -> Image.Image:

@@ -7,7 +7,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..train.distributed import map_shards
+from ..distributed import map_shards
 
 
 @torch.no_grad()

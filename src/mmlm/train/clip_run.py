@@ -12,6 +12,7 @@ import yaml
 from torch.utils.data import ConcatDataset, Dataset
 
 from ..checkpoint import load_state_dict_strict
+from .. import distributed
 from ..data.image_text import ArrayImageText, CsvImageText, TarImageText
 from ..data.transforms import ImageProcessor, PreprocessConfig
 from ..eval.retrieval import evaluate_retrieval
@@ -19,7 +20,6 @@ from ..eval.zeroshot import zeroshot
 from ..formats import load as load_model
 from ..formats import load_tokenizer
 from ..models.clip import CLIP
-from . import distributed
 from .clip_task import ClipRunConfig, ClipTask, run_config_from_dict
 from .loop import train
 

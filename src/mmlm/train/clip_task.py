@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from ..checkpoint import save
 from ..config import CLIPConfig, apply_overrides, clip_preset, from_dict, to_dict
 from ..data.transforms import PreprocessConfig
-from .distributed import all_gather_objects, all_mean
+from ..distributed import all_gather_objects, all_mean
 from .feature_cache import contrastive_step
 from .loop import TrainConfig
 from .objectives import contrastive_loss

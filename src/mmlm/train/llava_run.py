@@ -11,6 +11,7 @@ import torch
 import yaml
 from torch.utils.data import Dataset
 
+from .. import distributed
 from ..assets import resolve
 from ..checkpoint import load_state_dict_strict
 from ..config import LlavaConfig, apply_overrides, from_dict, to_dict
@@ -22,7 +23,6 @@ from ..formats import load_tokenizer
 from ..models.llava import Llava
 from ..models.lm import LM
 from ..eval.vqa import evaluate_vqa
-from . import distributed
 from .llava_task import LlavaDataConfig, LlavaRunConfig, LlavaTask, ShapesConversations
 from .loop import TrainConfig, train
 

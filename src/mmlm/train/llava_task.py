@@ -22,7 +22,7 @@ from ..checkpoint import save
 from ..config import LlavaConfig, LMConfig, ViTConfig
 from ..data.conversation import IGNORE, TEMPLATES, encode_conversation
 from ..data.transforms import ImageProcessor, PreprocessConfig
-from .distributed import all_gather_objects, all_sum, fully_shard_model, global_mean_factor, world
+from ..distributed import all_gather_objects, all_sum, fully_shard_model, global_mean_factor, world
 from .loop import TrainConfig
 from .objectives import next_token_targets, reply_weights
 

@@ -29,10 +29,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..checkpoint import read_json, write_json
-from .distributed import (all_gather_objects, average_gradients, barrier, broadcast_object, broadcast_parameters,
-                          full_optimizer_state_dict, full_state_dict, grad_norm_value, is_sharded, load_full_state_dicts,
-                          load_sharded, save_sharded, unsharded)
-from .distributed import world as dist_world
+from ..distributed import (all_gather_objects, average_gradients, barrier, broadcast_object, broadcast_parameters,
+                           full_optimizer_state_dict, full_state_dict, grad_norm_value, is_sharded, load_full_state_dicts,
+                           load_sharded, save_sharded, unsharded)
+from ..distributed import world as dist_world
 from .optim import build_optimizer, lr_at
 
 
@@ -59,7 +59,7 @@ class TrainConfig:
     max_bad_steps: int = 10  # abort after this many non-finite losses/gradients
     max_bad_sample_fraction: float = 0.01  # abort when more than this fraction of samples fail to load
     progress: bool = True
-    # under torchrun (see train/distributed.py): batch_size is the global batch, split evenly over the ranks
+    # under torchrun (see distributed.py): batch_size is the global batch, split evenly over the ranks
     fsdp: bool = False  # shard the model with FSDP2 (LLaVA's LM blocks); else every rank holds all of it
     checkpoint_format: str = "consolidated"  # consolidated: one model.safetensors | sharded: DCP shards per rank
     dist_timeout_s: float = 1800.0  # a rank waiting longer than this for a peer (that died) gives up
@@ -260,7 +260,7 @@ def train(task: Task, cfg: TrainConfig, run: str | Path, resume: bool = True) ->
 
     A run directory that already holds a checkpoint resumes from its latest one.
 
-    Under torch.distributed (torchrun; see train/distributed.py) every rank runs this with the same arguments:
+    Under torch.distributed (torchrun; see distributed.py) every rank runs this with the same arguments:
     each takes its part of every global batch, gradients are averaged over ranks (by FSDP2 for a sharded model),
     rank 0 alone logs and writes files, and a resumed run may use a different world size.
     """

@@ -56,7 +56,7 @@ def contrastive_loss(kind: str, image: torch.Tensor, text: torch.Tensor, logit_s
         raise ValueError(f"unknown contrastive loss {kind!r}; expected 'clip' or 'siglip'")
     if kind == "siglip" and logit_bias is None:
         raise ValueError("the siglip loss needs a model with a logit_bias (set model.logit_bias_init, e.g. -10)")
-    from .distributed import gather_rows, global_mean_factor
+    from ..distributed import gather_rows, global_mean_factor
 
     image, text = F.normalize(image, dim=-1), F.normalize(text, dim=-1)
     image_all, offset = gather_rows(image)

@@ -312,7 +312,7 @@ def consolidate(directory: str | os.PathLike, out_file: str | os.PathLike) -> No
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from ..checkpoint import save_tensors
+    from .checkpoint import save_tensors
 
     reader = dcp.FileSystemReader(str(directory))
     meta = reader.read_metadata()
