@@ -10,6 +10,7 @@ from hf_round_trip import hf_round_trip
 from mmlm.convert.hf import export_hf
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("kernel_mode")  # fast kernels and reference formulas
 
 CASES = {
     # name: (vision kwargs, text kwargs, projection_dim)

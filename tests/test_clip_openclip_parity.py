@@ -18,15 +18,19 @@ from mmlm.convert import from_open_clip, from_openai
 from mmlm.convert.openai_clip import state_dict_to_openai
 
 FIXTURES = Path(__file__).parent / "fixtures" / "openclip"
+pytestmark = pytest.mark.usefixtures("kernel_mode")  # fast kernels and reference formulas
 
 
 def _check(model, case: str):
     ref = load_file(str(FIXTURES / case / "reference.safetensors"))
+    # A ResNet's float32 convolutions round differently with the algorithm oneDNN picks for the CPU at hand
+    # (measured up to 8e-5 on features of magnitude ~1.5 on an AVX-512/AMX machine, the same before any change)
+    image_tol = 2e-4 if case.endswith("rn") else 1e-5
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_image(ref["pixel_values"]), ref["image_features"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.encode_image(ref["pixel_values"]), ref["image_features"], atol=image_tol, rtol=0)
         torch.testing.assert_close(model.encode_text(ref["input_ids"]), ref["text_features"], atol=1e-5, rtol=0)
         out = model(pixel_values=ref["pixel_values"], input_ids=ref["input_ids"])
-        torch.testing.assert_close(out.logits_per_image, ref["logits_per_image"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.logits_per_image, ref["logits_per_image"], atol=1e-5 if image_tol == 1e-5 else 100 * image_tol, rtol=0)  # logit scale 100
         if "image_tokens" in ref:
             torch.testing.assert_close(model.visual.forward_tokens(ref["pixel_values"]), ref["image_tokens"], atol=1e-5, rtol=0)
 

@@ -13,6 +13,7 @@ from mmlm.models.llava import Llava
 from mmlm.models.lm import position_ids_from_mask
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("kernel_mode")  # fast kernels and reference formulas
 
 IMAGE_ID = 120  # 16 patches of 4x4 on a 16x16 image: 16 image tokens per image with CLS dropped
 CASES = {
@@ -255,72 +256,3 @@ def test_image_position_embedding(tmp_path):
     with pytest.raises(ValueError, match="no image position embedding"):
         export_hf(vit, tmp_path / "hf")
 
-
-def test_lora_linear_is_the_weight_plus_its_low_rank_update():
-    """LoRALinear(x) == x (W + alpha/r B A)^T + b, and so are the gradients of A and B."""
-    from mmlm.models.lora import LoRALinear
-
-    torch.manual_seed(0)
-    lin = LoRALinear(12, 10, bias=True, rank=4, alpha=8.0).double()
-    torch.nn.init.normal_(lin.lora_b)
-    x = torch.randn(3, 5, 12, dtype=torch.float64)
-    y = lin(x)
-    ref = torch.nn.functional.linear(x, lin.weight + 2.0 * lin.lora_b @ lin.lora_a, lin.bias)
-    torch.testing.assert_close(y, ref)
-    ga, gb = torch.autograd.grad(y.square().sum(), (lin.lora_a, lin.lora_b))
-    ra, rb = torch.autograd.grad(ref.square().sum(), (lin.lora_a, lin.lora_b))
-    torch.testing.assert_close(ga, ra)
-    torch.testing.assert_close(gb, rb)
-
-
-@pytest.mark.parametrize("autocast", [False, True])
-@pytest.mark.parametrize("bias,frozen", [(True, True), (False, True), (True, False)])
-def test_lora_function_equals_autograd_of_its_formula(autocast, bias, frozen):
-    """LoRALinear's own autograd function (one output buffer, dx accumulated in place) gives the values and
-    the gradients (x, bias, A, B and, when it is trained, W) of the formula differentiated op by op, in float32
-    and under bf16 autocast (output in bf16 like nn.Linear's there)."""
-    from mmlm.models.lora import LoRALinear
-
-    torch.manual_seed(0)
-    lin = LoRALinear(24, 20, bias=bias, rank=4, alpha=8.0)
-    torch.nn.init.normal_(lin.lora_b)
-    lin.weight.requires_grad_(not frozen)
-    x = torch.randn(3, 5, 24, requires_grad=True)
-    params = [x, lin.lora_a, lin.lora_b] + ([lin.bias] if bias else []) + ([] if frozen else [lin.weight])
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        y = lin(x)
-        ref = torch.nn.functional.linear(x, lin.weight, lin.bias) + (x @ lin.lora_a.t()) @ (lin.scale * lin.lora_b).t()
-    assert y.dtype == ref.dtype == (torch.bfloat16 if autocast else torch.float32)
-    tol = dict(atol=0.05, rtol=0.02) if autocast else dict(atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(y, ref, **tol)
-    w = torch.randn(y.shape)
-    ours = torch.autograd.grad((y.float() * w).sum(), params)
-    theirs = torch.autograd.grad((ref.float() * w).sum(), params)
-    for a, b in zip(ours, theirs):
-        assert a.dtype == b.dtype
-        scale = b.abs().max()
-        torch.testing.assert_close(a / scale, b / scale, atol=2e-2 if autocast else 1e-6, rtol=0)
-
-
-def test_frozen_weight_cast_is_reused_until_the_weight_changes():
-    """Under autocast a frozen weight is cast once and reused (not at every call), and an in-place change of
-    the weight (an optimizer step, load_state_dict) makes the next call cast it again."""
-    from mmlm.models.layers import weight_in
-
-    lin = torch.nn.Linear(8, 4)
-    lin.weight.requires_grad_(False)
-    first = weight_in(lin, lin.weight, torch.bfloat16)
-    assert first.dtype == torch.bfloat16 and weight_in(lin, lin.weight, torch.bfloat16) is first
-    with torch.no_grad():
-        lin.weight.mul_(2)
-    again = weight_in(lin, lin.weight, torch.bfloat16)
-    assert again is not first
-    torch.testing.assert_close(again, (lin.weight).to(torch.bfloat16))
-    lin.load_state_dict({"weight": torch.ones(4, 8), "bias": torch.zeros(4)})
-    assert bool((weight_in(lin, lin.weight, torch.bfloat16) == 1).all())
-    lin.weight.requires_grad_(True)  # a trained weight: cast at each call, and its gradient flows back
-    cast = weight_in(lin, lin.weight, torch.bfloat16)
-    assert cast.requires_grad and weight_in(lin, lin.weight, torch.float32) is lin.weight
-    with torch.inference_mode():  # a model built under inference_mode: its tensors have no version counter
-        frozen = torch.nn.Linear(8, 4).requires_grad_(False)
-    assert weight_in(frozen, frozen.weight, torch.bfloat16).dtype == torch.bfloat16

@@ -11,6 +11,7 @@ from mmlm.config import LMConfig
 from mmlm.models.lm import LM, position_ids_from_mask
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("kernel_mode")  # fast kernels and reference formulas
 
 BASE = dict(vocab_size=128, hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=64, rms_norm_eps=1e-6)
@@ -137,108 +138,3 @@ def test_bad_config_is_a_clear_error():
     with pytest.raises(ValueError, match="yarn"):
         LMConfig(width=32, heads=4, rope_scaling={"rope_type": "yarn", "factor": 2.0})
 
-
-def test_rope_training_path_equals_inference_path_and_its_gradient():
-    """Training rotates q/k with its own backward (the inverse rotation): same values as the plain formula,
-    and the gradient passes torch's numerical check."""
-    from mmlm.models.layers import apply_rope, rope_cos_sin, rope_inv_freq
-
-    x = torch.randn(2, 7, 3, 16, dtype=torch.float64, requires_grad=True)
-    cos, sin = rope_cos_sin(rope_inv_freq(16, 10000.0), torch.arange(7).expand(2, 7) + 3, torch.float64)
-    with torch.no_grad():
-        plain = apply_rope(x, cos, sin)
-    torch.testing.assert_close(apply_rope(x, cos, sin), plain, rtol=0, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda t: apply_rope(t, cos, sin), (x,))
-
-
-@pytest.mark.parametrize("autocast,dtype", [(False, torch.float32), (True, torch.float32), (False, torch.float64)])
-def test_rmsnorm_training_function_equals_the_op_chain(autocast, dtype):
-    """RMSNorm's training path (one autograd function) == transformers' formula differentiated op by op:
-    values and gradients of input and weight, in float32, under bf16 autocast (output in bf16 there) and in
-    float64 (which it keeps)."""
-    from mmlm.models.layers import RMSNorm
-
-    torch.manual_seed(0)
-    norm = RMSNorm(48, eps=1e-6).to(dtype)
-    with torch.no_grad():
-        norm.weight.normal_(1.0, 0.3)
-    x = (torch.randn(3, 5, 48, dtype=dtype) * 3).requires_grad_()
-
-    def reference(x):
-        h = x.to(torch.promote_types(x.dtype, torch.float32))
-        return norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps))
-
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = norm(x)
-    ref = reference(x)
-    if autocast:  # what the next matmul does to the float32 output under autocast (and to its gradient)
-        ref = ref.to(torch.bfloat16)
-    assert out.dtype == (torch.bfloat16 if autocast else dtype)
-    tol = dict(atol=1e-2, rtol=1e-2) if autocast else dict(atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out.to(dtype), ref.to(dtype), **tol)
-    w = torch.randn_like(ref, dtype=dtype)
-    grads = [torch.autograd.grad((y.to(dtype) * w).sum(), [x, norm.weight]) for y in (ref, out)]
-    for a, b in zip(*grads):
-        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize("autocast,dtype", [(False, torch.float32), (True, torch.float32), (False, torch.float64)])
-def test_loss_at_targets_equals_cross_entropy_of_the_logits(autocast, dtype):
-    """LM.forward(logits_at=, targets=) (projection and cross-entropy in one function, float32 softmax a block
-    of rows at a time, the gradient written over the saved logits) == F.cross_entropy of the logits it would
-    return: values and the gradients of every parameter, tied embeddings (the lm_head is the embedding)."""
-    from mmlm.models import lm as lm_module
-    from mmlm.train.objectives import next_token_targets
-
-    torch.manual_seed(0)
-    cfg = LMConfig(vocab_size=300, width=32, layers=2, heads=4, kv_heads=2, mlp_dim=64, tie_embeddings=True)
-    model = LM(cfg).to(dtype)
-    ids = torch.randint(0, 300, (3, 11))
-    mask = torch.ones(3, 11, dtype=torch.long)
-    mask[0, :4] = 0
-    labels = ids.masked_fill(torch.rand(3, 11) < 0.4, -100)
-    at, targets = next_token_targets(labels)
-    block = lm_module._LinearCrossEntropy.BLOCK
-    lm_module._LinearCrossEntropy.BLOCK = 7 * 300  # several blocks of rows (and a ragged last one)
-    try:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            ours = model(ids, attention_mask=mask, logits_at=at, targets=targets)
-            logits = model(ids, attention_mask=mask, logits_at=at).logits
-    finally:
-        lm_module._LinearCrossEntropy.BLOCK = block
-    assert ours.logits is None and ours.token_loss.shape == targets.shape
-    ref = torch.nn.functional.cross_entropy(logits.to(torch.promote_types(dtype, torch.float32)), targets,
-                                            reduction="none")
-    assert ours.token_loss.dtype == ref.dtype
-    tol = dict(atol=1e-5, rtol=1e-5) if not autocast else dict(atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(ours.token_loss, ref, **tol)
-    w = torch.rand(len(targets), dtype=ref.dtype)
-    params = [p for p in model.parameters()]
-    for a, b in zip(torch.autograd.grad((ours.token_loss * w).sum(), params), torch.autograd.grad((ref * w).sum(), params)):
-        scale = b.abs().max()
-        torch.testing.assert_close(a / scale, b / scale, atol=1e-2 if autocast else 1e-6, rtol=0)
-    with pytest.raises(ValueError, match="targets need logits_at"):
-        model(ids, targets=targets)
-
-
-@pytest.mark.parametrize("autocast", [False, True])
-def test_swiglu_training_function_equals_autograd(autocast):
-    """SwiGLU's training path (silu(gate) * up with its gradient written into one [gate, up] buffer) == the
-    formula differentiated by autograd: values and the gradients of x and both linears."""
-    from mmlm.models.layers import SwiGLU
-
-    torch.manual_seed(0)
-    mlp = SwiGLU(16, 24)
-    x = torch.randn(2, 5, 16, requires_grad=True)
-
-    def reference(x):
-        gate, up = mlp.fc1(x).split(24, dim=-1)
-        return mlp.fc2(torch.nn.functional.silu(gate) * up)
-
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out, ref = mlp(x), reference(x)
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)
-    params = [x] + list(mlp.parameters())
-    w = torch.randn(out.shape)
-    for a, b in zip(torch.autograd.grad((out.float() * w).sum(), params), torch.autograd.grad((ref.float() * w).sum(), params)):
-        torch.testing.assert_close(a, b, rtol=1e-2 if autocast else 1e-6, atol=1e-2 if autocast else 1e-6)

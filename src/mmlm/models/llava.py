@@ -12,11 +12,13 @@ batch may mix text-only samples, one-image samples and several-image samples wit
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
 from ..config import LlavaConfig, ModifiedResNetConfig
-from .layers import KVCache
+from .positions import KVCache
 from .lm import LM, LMOutput
 from .lora import add_lora, merge_lora
 from .projector import Projector
@@ -63,8 +65,8 @@ class Llava(nn.Module):
         A frozen tower (no parameter needing a gradient) runs without building a graph.
         """
         cfg = self.config
-        track = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision.parameters())
-        with torch.set_grad_enabled(track):
+        frozen = not any(p.requires_grad for p in self.vision.parameters())
+        with torch.no_grad() if frozen else contextlib.nullcontext():
             if isinstance(self.vision, ModifiedResNet):
                 # the stem's and each stage's feature maps (N, C_i, H_i, W_i) -> one token per cell (N, H_i * W_i, C_i)
                 n = len(cfg.vision.layers) + 1

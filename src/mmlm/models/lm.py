@@ -14,59 +14,16 @@ import torch
 from torch import nn
 
 from ..config import LMConfig
-from .layers import (Attention, Block, KVCache, RMSNorm, SwiGLU, matmul_dtype, rope_cos_sin, rope_inv_freq, round_rows,
-                     weight_in)
+from .attention import Attention
+from .blocks import Block, RMSNorm, SwiGLU
+from .kernels import head_logits, next_token_loss
+from .positions import KVCache, rope_cos_sin, rope_inv_freq
 
 
 @dataclass
 class LMOutput:
     logits: torch.Tensor | None  # (B, T, V) next-token logits (None when `token_loss` was asked for instead)
     token_loss: torch.Tensor | None = None  # (N,) cross-entropy of each target (`forward(targets=)`)
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """loss_n = logsumexp(h_n W^T) - (h_n W^T)[t_n]: the vocabulary projection and its cross-entropy in one step.
-
-    The logits stay in the matmul's dtype (bf16 under autocast: the same values `lm_head` gives); the softmax is
-    taken in float32 a block of rows at a time, and backward turns the saved logits into their gradient in place,
-    (softmax - onehot) x dloss. F.cross_entropy on float32 logits makes a float32 copy of them, a zero-filled
-    float32 gradient and a cast back, each (N, V): for SmolLM2 (V = 49153) that was ~0.5 s of a 5 s LoRA step."""
-
-    BLOCK = 1 << 21  # elements of float32 scratch per block of rows (8 MB)
-
-    @staticmethod
-    def _scratch(logits: torch.Tensor) -> torch.Tensor:
-        """One reused float32 (or float64) block of rows: a fresh allocation per block costs its page faults."""
-        rows = min(len(logits), max(1, _LinearCrossEntropy.BLOCK // logits.shape[1]))
-        return logits.new_empty(rows, logits.shape[1], dtype=torch.promote_types(logits.dtype, torch.float32))
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = h @ weight.t()  # (N, V)
-        scratch = _LinearCrossEntropy._scratch(logits)
-        lse = torch.empty(len(logits), dtype=scratch.dtype, device=logits.device)
-        for s in range(0, len(logits), len(scratch)):
-            block = logits[s : s + len(scratch)]
-            torch.logsumexp(scratch[: len(block)].copy_(block), dim=-1, out=lse[s : s + len(block)])
-        picked = logits.gather(1, targets[:, None]).squeeze(1).to(lse.dtype)
-        ctx.save_for_backward(h, weight, targets, logits, lse)
-        return lse - picked
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dloss: torch.Tensor):
-        h, weight, targets, logits, lse = ctx.saved_tensors
-        scratch = _LinearCrossEntropy._scratch(logits)
-        dloss = dloss.to(lse.dtype)
-        for s in range(0, len(logits), len(scratch)):
-            block = logits[s : s + len(scratch)]
-            rows = slice(s, s + len(block))
-            p = scratch[: len(block)].copy_(block).sub_(lse[rows, None]).exp_().mul_(dloss[rows, None])
-            p.scatter_add_(1, targets[rows, None], -dloss[rows, None])
-            block.copy_(p)  # the logits are not needed again: their buffer takes the gradient
-        dh = logits @ weight if ctx.needs_input_grad[0] else None
-        dw = logits.t() @ h if ctx.needs_input_grad[1] else None
-        return dh, dw, None
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -159,7 +116,7 @@ class LM(nn.Module):
         (B, T) bool computes them only where it is True, (N, V) in row-major order: training needs them only
         where a learned token is predicted, and the vocabulary projection is the costliest matmul of a small LM.
         With `targets` (N,) beside `logits_at`, no logits come back but each target's cross-entropy, `token_loss`
-        (N,), computed without materialising float32 logits (see `_LinearCrossEntropy`).
+        (N,), computed without materialising float32 logits (see `kernels.next_token_loss`).
         """
         if targets is not None and (logits_at is None or only_last):
             raise ValueError("targets need logits_at (the positions they are predicted from), without only_last")
@@ -198,13 +155,9 @@ class LM(nn.Module):
             cache.pos = S
         if only_last:
             x = x[:, -1:]
-        elif logits_at is not None:  # (N, C), N rounded up for the matmul (see round_rows)
-            x = x[logits_at]
-            h = self.norm(round_rows(x))
-            if targets is not None:
-                dtype = matmul_dtype(h, h.dtype)
-                w = weight_in(self.lm_head, self.lm_head.weight, dtype)
-                t = torch.cat([targets, targets.new_zeros(len(h) - len(x))])
-                return LMOutput(logits=None, token_loss=_LinearCrossEntropy.apply(h.to(dtype), w, t)[: len(x)])
-            return LMOutput(logits=self.lm_head(h)[: len(x)])
+        elif logits_at is not None:
+            x = x[logits_at]  # (N, C): only the positions where a token is predicted
+            if targets is not None:  # (N,) cross-entropy of each target, no float32 logits kept
+                return LMOutput(logits=None, token_loss=next_token_loss(self.norm, self.lm_head, x, targets))
+            return LMOutput(logits=head_logits(self.norm, self.lm_head, x))  # (N, V)
         return LMOutput(logits=self.lm_head(self.norm(x)))

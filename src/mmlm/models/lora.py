@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from .layers import matmul_dtype, weight_in
+from .kernels import lora_linear
 
 
 class LoRALinear(nn.Linear):
@@ -24,46 +24,10 @@ class LoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear initialises its weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = matmul_dtype(x, x.dtype)
-        return _LoRAFn.apply(x, weight_in(self, self.weight, dtype), self.bias, self.lora_a, self.lora_b, self.scale)
+        return lora_linear(self, x)  # x W^T + b + (alpha / r) (x A^T) B^T
 
     def merged_weight(self) -> torch.Tensor:
         return self.weight + self.scale * (self.lora_b @ self.lora_a)
-
-
-class _LoRAFn(torch.autograd.Function):
-    """y = x W^T + b + (x A^T)(s B)^T in the dtype of W (autocast's: W arrives cast), written into one buffer.
-
-    Autograd through the same expression copies the layer's whole output once more (addmm's result) and adds
-    two full-width gradients of x (the base path's and the update's); here dx = dy W, then += (dy s B) A in
-    place, and y likewise. A frozen W (the usual case) gets no gradient."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
-                b: torch.Tensor, scale: float) -> torch.Tensor:
-        dtype = weight.dtype
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        a_t, sb_t = a.to(dtype), (b * scale).to(dtype)
-        xa = x2 @ a_t.t()  # (N, r)
-        y = x2 @ weight.t() if bias is None else torch.addmm(bias.to(dtype), x2, weight.t())
-        y.addmm_(xa, sb_t.t())
-        ctx.save_for_backward(x2, xa, weight, a_t, sb_t)
-        ctx.scale, ctx.dtypes = scale, (x.dtype, None if bias is None else bias.dtype, a.dtype, b.dtype)
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x2, xa, weight, a_t, sb_t = ctx.saved_tensors
-        dy2 = dy.reshape(-1, dy.shape[-1]).to(weight.dtype)
-        dxa = dy2 @ sb_t  # (N, r)
-        dx = dy2 @ weight
-        dx.addmm_(dxa, a_t)
-        x_dtype, bias_dtype, a_dtype, b_dtype = ctx.dtypes
-        da = (dxa.t() @ x2).to(a_dtype)
-        db = (dy2.t() @ xa).to(b_dtype).mul_(ctx.scale)
-        dw = dy2.t() @ x2 if ctx.needs_input_grad[1] else None
-        dbias = dy2.sum(0, dtype=bias_dtype) if ctx.needs_input_grad[2] else None
-        return dx.view(*dy.shape[:-1], dx.shape[-1]).to(x_dtype), dw, dbias, da, db, None
 
 
 def add_lora(module: nn.Module, rank: int, alpha: float) -> None:

@@ -6,12 +6,8 @@ import torch
 from torch import nn
 
 from ..config import TextConfig
-from .layers import ROW_MULTIPLE, Packing, Transformer
-
-
-# Pack the kept tokens when they fill less than this fraction of the (B, T) batch; above it the copies in
-# and out of the attention layout cost about what the padding does.
-PACK_BELOW = 0.9
+from .blocks import Transformer
+from .kernels import pooled
 
 
 class TextTransformer(nn.Module):
@@ -31,28 +27,32 @@ class TextTransformer(nn.Module):
         self.transformer.init_openai()
         nn.init.normal_(self.proj.weight, std=self.cfg.width**-0.5)
 
-    def forward_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                       packing: Packing | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) ids -> (B, T, width) after the final LayerNorm; with `packing`, only its tokens: (N, width);
-        with `rows` (B,), only token `rows[b]` of each row b comes out of the last block: (B, width).
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, width): token embeddings plus learned positions."""
+        T = input_ids.shape[1]
+        if T > self.cfg.context_length:
+            raise ValueError(f"input_ids have {T} tokens, more than the context length {self.cfg.context_length}")
+        return self.token_embed(input_ids) + self.pos_embed[:T]
+
+    @staticmethod
+    def causal_mask(attention_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
+        """None (plain causal attention), or with a padding mask (B, T) (1 = real token) the (B, 1, T, T) mask:
+        causal, padded keys hidden as transformers does, and a padded query still sees itself."""
+        if attention_mask is None:
+            return None
+        device = attention_mask.device
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        mask = causal & attention_mask.bool()[:, None, None, :]  # (B, 1, T, T)
+        return mask | torch.eye(T, dtype=torch.bool, device=device)
+
+    def forward_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids -> (B, T, width) after the final LayerNorm.
 
         Attention is causal, so right padding never changes the tokens before it; `attention_mask`
         (B, T, 1 = real token) additionally hides padded keys, as transformers does.
         """
-        T = input_ids.shape[1]
-        if T > self.cfg.context_length:
-            raise ValueError(f"input_ids have {T} tokens, more than the context length {self.cfg.context_length}")
-        if packing is None:
-            x = self.token_embed(input_ids) + self.pos_embed[:T]  # (B, T, w)
-        else:
-            positions = packing.index % T
-            x = self.token_embed(input_ids.flatten()[packing.index]) + self.pos_embed[positions]  # (N, w)
-        mask = None
-        if attention_mask is not None:
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            mask = causal & attention_mask.bool()[:, None, None, :]  # (B, 1, T, T)
-            mask = mask | torch.eye(T, dtype=torch.bool, device=x.device)  # a padded query still sees itself
-        x = self.transformer(x, attn_mask=mask, is_causal=mask is None, packing=packing, rows=rows)
+        mask = self.causal_mask(attention_mask, input_ids.shape[1])
+        x = self.transformer(self.embed(input_ids), attn_mask=mask, is_causal=mask is None)  # (B, T, w)
         return self.norm_final(x)
 
     def pool_index(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -67,21 +67,13 @@ class TextTransformer(nn.Module):
         return is_eot.int().argmax(dim=-1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) -> (B, embed_dim): the EOT token's features, projected.
+        """(B, T) -> (B, embed_dim): the end-of-text token's features after the last block, normalised, projected.
 
-        Attention is causal, so the tokens after a row's EOT reach no pooled feature: they are not computed.
-        Captions are usually much shorter than the context and of varied length, so the batch is cut after
-        its last EOT and, when that still leaves much padding, the tokens are packed (`Packing`); the last
-        block computes the EOT tokens alone. The features are the same (tests/test_clip_model.py), with less work.
+        (The tokens after a row's end-of-text token reach no pooled feature, attention being causal: the fast
+        path of `pooled` skips them, and packs the rest when the captions leave much padding.)
         """
-        index = self.pool_index(input_ids)  # (B,)
-        used = int(index.max()) + 1
-        input_ids = input_ids[:, :used]
-        attention_mask = None if attention_mask is None else attention_mask[:, :used]
-        keep = torch.arange(used, device=input_ids.device) <= index[:, None]  # (B, used)
-        if keep.sum() > PACK_BELOW * keep.numel():
-            x = self.forward_tokens(input_ids, attention_mask, rows=index)  # (B, w)
-        else:
-            packing = Packing.from_mask(keep, multiple=ROW_MULTIPLE)  # the extra tokens come after some EOT
-            x = self.forward_tokens(input_ids, attention_mask, packing=packing, rows=index)  # (B, w)
-        return self.proj(x)
+        eot = self.pool_index(input_ids)  # (B,)
+        mask = self.causal_mask(attention_mask, input_ids.shape[1])
+        x = pooled(self.transformer, self.embed(input_ids), rows=eot, attn_mask=mask, is_causal=mask is None,
+                   causal_model=True)  # (B, w)
+        return self.proj(self.norm_final(x))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ViTConfig
-from .layers import Transformer, matmul_dtype
+from .blocks import Transformer
+from .kernels import patch_embed, pooled
 
 
 class VisionTransformer(nn.Module):
@@ -33,37 +33,29 @@ class VisionTransformer(nn.Module):
             nn.init.normal_(self.proj.weight, std=scale)
         self.transformer.init_torch_mha()
 
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, 1 + L, width): a class token, then one token per p x p patch, plus positions, ln_pre."""
+        if pixel_values.shape[-2:] != (self.cfg.image_size, self.cfg.image_size):
+            raise ValueError(f"pixel_values are {tuple(pixel_values.shape[-2:])}, the model expects "
+                             f"{self.cfg.image_size}x{self.cfg.image_size}")
+        x = patch_embed(pixel_values, self.patch_embed.weight, self.cfg.patch_size)  # (B, L, w): a stride-p conv
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)  # (B, 1 + L, w)
+        return self.norm_pre(x)
+
     def forward_tokens(self, pixel_values: torch.Tensor, hidden_states: list[torch.Tensor] | None = None,
-                       upto: int | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C, H, W) -> (B, 1 + L, width): every token after the last block (before norm_post); with `rows`
-        (B,), only token `rows[b]` of each row b: (B, width).
+                       upto: int | None = None) -> torch.Tensor:
+        """(B, C, H, W) -> (B, 1 + L, width): every token after the last block (before norm_post).
 
         Pass a list as `hidden_states` to collect the input of the first block (after ln_pre) and each
         block's output, like transformers' `output_hidden_states` (LLaVA reads layer -2 from it); `upto`
         stops after that many blocks.
         """
-        if pixel_values.shape[-2:] != (self.cfg.image_size, self.cfg.image_size):
-            raise ValueError(f"pixel_values are {tuple(pixel_values.shape[-2:])}, the model expects "
-                             f"{self.cfg.image_size}x{self.cfg.image_size}")
-        x = self.embed_patches(pixel_values)  # (B, L, w)
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)  # (B, 1 + L, w)
-        x = self.norm_pre(x)
-        return self.transformer(x, hidden_states=hidden_states, upto=upto, rows=rows)
-
-    def embed_patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, L, width): the stride-p, p x p convolution, computed as what it is, one matmul of
-        the flattened patches (rows in the conv weight's (C, p, p) order): faster than the convolution kernel."""
-        B, C, H, W = pixel_values.shape
-        p = self.cfg.patch_size
-        # in the matmul's dtype before the patches are gathered: under autocast that moves half the bytes
-        pixel_values = pixel_values.to(matmul_dtype(pixel_values, self.patch_embed.weight.dtype))
-        patches = pixel_values.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * p * p)
-        return F.linear(patches, self.patch_embed.weight.flatten(1))
+        return self.transformer(self.embed(pixel_values), hidden_states=hidden_states, upto=upto)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, embed_dim): the class token, normalised and projected. Only the class token is
-        computed in the last block (the same values, ~20 % less work for a 4-layer tower)."""
-        cls = torch.zeros(pixel_values.shape[0], dtype=torch.long, device=pixel_values.device)
-        x = self.norm_post(self.forward_tokens(pixel_values, rows=cls))
+        """(B, C, H, W) -> (B, embed_dim): the class token after the last block, normalised and projected."""
+        x = self.embed(pixel_values)  # (B, 1 + L, w)
+        cls = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # the class token is token 0 of each row
+        x = self.norm_post(pooled(self.transformer, x, rows=cls))  # (B, w)
         return x if self.proj is None else self.proj(x)

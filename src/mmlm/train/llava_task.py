@@ -162,7 +162,7 @@ class LlavaTask:
                                        n_images=len(s["images"]), name=s["id"]) for s in samples]
         T = max(len(e.input_ids) for e in encoded)
         # a round length (within the LM's context): batches then share a few shapes, and oneDNN's per-shape
-        # bf16 kernels stay few (see models/layers.py ROW_MULTIPLE)
+        # bf16 kernels stay few (see models/kernels/packing.py ROW_MULTIPLE)
         T = max(T, min(-(-T // LENGTH_MULTIPLE) * LENGTH_MULTIPLE, mc.lm.max_seq_len))
         pad = self.tokenizer.pad_id
         ids = torch.tensor([e.input_ids + [pad] * (T - len(e.input_ids)) for e in encoded])

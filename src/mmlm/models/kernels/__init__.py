@@ -1,0 +1,39 @@
+"""mmlm's speed code, in one place: each fast kernel sits beside the plain formula it replaces.
+
+The model files (`models/*.py`) call one function per operation from here and read like the textbook; each
+function below runs its `*_reference` formula under `mmlm.reference_mode()` (or MMLM_REFERENCE=1) and its fast
+path otherwise, and tests/test_kernels.py asserts the two agree, values and gradients, in float32 and bf16.
+
+| operation | plain formula | fast path |
+|---|---|---|
+| attention | softmax(q k^T / sqrt(d) + mask) v | SDPA for inference; in-place masking while training on a CPU |
+| apply_rope | x cos + rotate_half(x) sin | one autograd function (the inverse rotation as backward) |
+| rms_norm | w x / rms(x) in float32 | PyTorch's fused op; one autograd function while training |
+| quick_gelu, mlp | x sigmoid(1.702 x); fc2(act(fc1 x)) | silu(1.702 x) / 1.702; the scalings inside the matmuls |
+| swiglu | silu(gate) * up | one autograd function writing one gradient buffer |
+| lora_linear | x W^T + b + s (x A^T) B^T | one autograd function; the frozen W cast once (weight_in) |
+| next_token_loss, head_logits | cross_entropy(lm_head(norm(x))) | projection + loss in one function; rounded row counts |
+| patch_embed | stride-p convolution | one matmul over the flattened patches |
+| conv_layout | NCHW | channels-last while training |
+| pooled | run every token, read one per row | last block on the pooled tokens only; text packed (`Packing`) |
+"""
+
+from .attention import attention, attention_reference
+from .casts import matmul_dtype, weight_in
+from .images import conv_layout, patch_embed, patch_embed_reference
+from .lora import lora_linear, lora_linear_reference
+from .loss import head_logits, next_token_loss, next_token_loss_reference
+from .mlp import mlp, quick_gelu, quick_gelu_reference, swiglu, swiglu_reference
+from .norms import rms_norm, rms_norm_reference
+from .packing import ROW_MULTIPLE, Packing, round_rows
+from .pooling import pooled, pooled_reference
+from .rope import apply_rope, apply_rope_reference
+from .switch import reference, reference_mode
+
+__all__ = [
+    "attention", "attention_reference", "matmul_dtype", "weight_in", "conv_layout", "patch_embed",
+    "patch_embed_reference", "lora_linear", "lora_linear_reference", "head_logits", "next_token_loss",
+    "next_token_loss_reference", "mlp", "quick_gelu", "quick_gelu_reference", "swiglu", "swiglu_reference",
+    "rms_norm", "rms_norm_reference", "ROW_MULTIPLE", "Packing", "round_rows", "pooled", "pooled_reference",
+    "apply_rope", "apply_rope_reference", "reference", "reference_mode",
+]

@@ -1,0 +1,35 @@
+"""Image-tower ops: the ViT's patch embedding, and the convolution layout of a ResNet."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .casts import matmul_dtype
+from .switch import reference
+
+
+def patch_embed_reference(pixel_values: torch.Tensor, weight: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, L, width): a p x p convolution with stride p (one vector per patch), flattened."""
+    return F.conv2d(pixel_values.to(weight.dtype), weight, stride=patch).flatten(2).transpose(1, 2)
+
+
+def patch_embed(pixel_values: torch.Tensor, weight: torch.Tensor, patch: int) -> torch.Tensor:
+    """`patch_embed_reference` computed as what it is, one matmul of the flattened patches (rows in the conv
+    weight's (C, p, p) order): faster than the convolution kernel."""
+    if reference():
+        return patch_embed_reference(pixel_values, weight, patch)
+    B, C, H, W = pixel_values.shape
+    p = patch
+    # in the matmul's dtype before the patches are gathered: under autocast that moves half the bytes
+    pixel_values = pixel_values.to(matmul_dtype(pixel_values, weight.dtype))
+    patches = pixel_values.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * p * p)
+    return F.linear(patches, weight.flatten(1))
+
+
+def conv_layout(x: torch.Tensor) -> torch.Tensor:
+    """x itself (NCHW), or while training its channels-last copy: oneDNN's convolutions run ~1.4x faster on NHWC
+    activations. Inference keeps NCHW, whose kernels round exactly like the reference implementations'."""
+    if not reference() and torch.is_grad_enabled():
+        return x.contiguous(memory_format=torch.channels_last)
+    return x

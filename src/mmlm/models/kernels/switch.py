@@ -1,0 +1,35 @@
+"""The one reference switch: every kernel in this package runs its plain formula while it is on.
+
+    with mmlm.reference_mode():      # or MMLM_REFERENCE=1 in the environment
+        out = model(...)             # the textbook formulas, op by op, autograd doing the backward
+
+Tests run the models in both modes and assert the same outputs and gradients; a reader who wants to follow
+the maths reads the `*_reference` functions (and the model files), never the fast paths.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+_override: bool | None = None  # set by reference_mode(); None: the environment decides
+
+
+def reference() -> bool:
+    """True when the plain formulas must run (inside `reference_mode()`, or MMLM_REFERENCE set to a true value)."""
+    if _override is not None:
+        return _override
+    return os.environ.get("MMLM_REFERENCE", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+@contextmanager
+def reference_mode(enabled: bool = True) -> Iterator[None]:
+    """Run every model on the plain reference formulas (`enabled=False` forces the fast paths, whatever
+    MMLM_REFERENCE says). Process-wide, not per thread: switch it around whole runs, not inside a served model."""
+    global _override
+    before, _override = _override, bool(enabled)
+    try:
+        yield
+    finally:
+        _override = before

@@ -1,0 +1,385 @@
+"""Every fast kernel of models/kernels equals the plain formula it replaces: values and gradients, in float32
+and under bf16 autocast; and whole models give the same outputs and gradients in reference mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mmlm
+from mmlm.config import LMConfig, clip_preset
+from mmlm.models import kernels
+from mmlm.models.attention import Attention
+from mmlm.models.blocks import MLP, RMSNorm, SwiGLU, Transformer
+from mmlm.models.clip import CLIP
+from mmlm.models.kernels import pooling
+from mmlm.models.lm import LM
+from mmlm.models.lora import LoRALinear, add_lora
+from mmlm.models.positions import rope_cos_sin, rope_inv_freq
+
+
+def _run(fn, params, weights=None):
+    """fn() in fast and in reference mode -> [(output, grads of params)] for both; None grads where none flow."""
+    results = []
+    for ref in (False, True):
+        with mmlm.reference_mode(ref):
+            out = fn()
+        if not params:
+            results.append((out.detach(), []))
+            continue
+        w = weights if weights is not None else torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+        grads = torch.autograd.grad((out.float() * w).sum(), params, allow_unused=True)
+        results.append((out.detach(), grads))
+    return results
+
+
+def _assert_agree(results, atol=1e-5, rtol=1e-5, grad_scale=False):
+    """Outputs within atol/rtol; gradients too, each divided by the reference gradient's largest magnitude
+    when `grad_scale` (float32 summation order differs between the paths)."""
+    (fast, fast_grads), (ref, ref_grads) = results
+    assert fast.dtype == ref.dtype and fast.shape == ref.shape
+    torch.testing.assert_close(fast, ref, atol=atol, rtol=rtol)
+    for a, b in zip(fast_grads, ref_grads):
+        assert (a is None) == (b is None)
+        if a is None:
+            continue
+        scale = b.abs().max().clamp_min(1e-12) if grad_scale else 1.0
+        torch.testing.assert_close(a / scale, b / scale, atol=atol, rtol=rtol)
+
+
+def test_switch_context_manager_and_environment(monkeypatch):
+    monkeypatch.delenv("MMLM_REFERENCE", raising=False)
+    assert not kernels.reference()
+    with mmlm.reference_mode():
+        assert kernels.reference()
+        with mmlm.reference_mode(False):
+            assert not kernels.reference()
+        assert kernels.reference()
+    assert not kernels.reference()
+    monkeypatch.setenv("MMLM_REFERENCE", "1")
+    assert kernels.reference()
+    with mmlm.reference_mode(False):
+        assert not kernels.reference()
+    monkeypatch.setenv("MMLM_REFERENCE", "0")
+    assert not kernels.reference()
+
+
+# ----------------------------------------------------------------------------- one kernel at a time
+
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("mask_kind,kv_heads", [("none", 4), ("causal", 2), ("bool", 1), ("additive", 4)])
+def test_attention(grad, mask_kind, kv_heads):
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 6, 8, requires_grad=grad)
+    k, v = (torch.randn(2, kv_heads, 6, 8, requires_grad=grad) for _ in range(2))
+    mask = None
+    if mask_kind in ("bool", "additive"):
+        keep = (torch.rand(2, 1, 6, 6) > 0.3) | torch.eye(6, dtype=torch.bool)
+        mask = keep if mask_kind == "bool" else torch.zeros(2, 1, 6, 6).masked_fill(~keep, float("-inf"))
+    with torch.set_grad_enabled(grad):
+        results = _run(lambda: kernels.attention(q, k, v, mask, mask_kind == "causal"), [q, k, v] if grad else [])
+    _assert_agree(results)
+
+
+def test_rope_in_float64_and_its_gradient():
+    """Training rotates with its own backward (the inverse rotation): the formula's values, and the gradient
+    passes torch's numerical check."""
+    x = torch.randn(2, 7, 3, 16, dtype=torch.float64, requires_grad=True)
+    cos, sin = rope_cos_sin(rope_inv_freq(16, 10000.0), torch.arange(7).expand(2, 7) + 3, torch.float64)
+    _assert_agree(_run(lambda: kernels.apply_rope(x, cos, sin), [x]), atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(lambda t: kernels.apply_rope(t, cos, sin), (x,))
+
+
+@pytest.mark.parametrize("autocast,dtype", [(False, torch.float32), (True, torch.float32), (False, torch.float64)])
+def test_rms_norm(autocast, dtype):
+    """RMSNorm's training function == transformers' formula differentiated op by op, in float32, under bf16
+    autocast (the output is in bf16 there: what the next matmul casts it to) and in float64 (which it keeps)."""
+    torch.manual_seed(0)
+    norm = RMSNorm(48, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.3)
+    x = (torch.randn(3, 5, 48, dtype=dtype) * 3).requires_grad_()
+    outs = []
+    for ref in (False, True):
+        with mmlm.reference_mode(ref), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = norm(x)
+            outs.append(y.to(torch.bfloat16) if autocast else y)  # what the next matmul does under autocast
+    assert outs[0].dtype == (torch.bfloat16 if autocast else dtype)
+    tol = dict(atol=1e-2, rtol=1e-2) if autocast else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[0].to(dtype), outs[1].to(dtype), **tol)
+    w = torch.randn(outs[0].shape, dtype=dtype)
+    grads = [torch.autograd.grad((y.to(dtype) * w).sum(), [x, norm.weight]) for y in outs]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():  # the inference path (PyTorch's fused op)
+        _assert_agree(_run(lambda: norm(x), []), atol=1e-6)
+
+
+def test_quick_gelu_mlp_folds_its_scalings_into_the_matmuls():
+    """MLP(act="quick_gelu") == fc2(z sigmoid(1.702 z)), z = fc1(x), for (B, T, C) and (N, C) inputs, in the
+    training form (scalings on the weights) and the inference form (as addmm's alpha and beta)."""
+    torch.manual_seed(0)
+    mlp = MLP(16, 48, act="quick_gelu")
+    for shape in ((3, 5, 16), (7, 16)):
+        x = torch.randn(*shape, requires_grad=True)
+        _assert_agree(_run(lambda: mlp(x), [x, *mlp.parameters()]), atol=1e-6)
+        with torch.no_grad():
+            _assert_agree(_run(lambda: mlp(x), []), atol=1e-6)
+    with mmlm.reference_mode():  # the reference is the textbook formula
+        z = mlp.fc1(x)
+        torch.testing.assert_close(mlp(x), mlp.fc2(z * torch.sigmoid(1.702 * z)))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_swiglu(autocast):
+    torch.manual_seed(0)
+    mlp = SwiGLU(16, 24)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        results = _run(lambda: mlp(x), [x, *mlp.parameters()])
+    _assert_agree(results, atol=1e-2 if autocast else 1e-6, rtol=1e-2 if autocast else 1e-6)
+
+
+def test_lora_reference_is_the_weight_plus_its_low_rank_update():
+    """LoRALinear(x) == x (W + alpha/r B A)^T + b, and so are the gradients of A and B (float64)."""
+    torch.manual_seed(0)
+    lin = LoRALinear(12, 10, bias=True, rank=4, alpha=8.0).double()
+    torch.nn.init.normal_(lin.lora_b)
+    x = torch.randn(3, 5, 12, dtype=torch.float64)
+    y = lin(x)
+    ref = F.linear(x, lin.weight + 2.0 * lin.lora_b @ lin.lora_a, lin.bias)
+    torch.testing.assert_close(y, ref)
+    ga, gb = torch.autograd.grad(y.square().sum(), (lin.lora_a, lin.lora_b))
+    ra, rb = torch.autograd.grad(ref.square().sum(), (lin.lora_a, lin.lora_b))
+    torch.testing.assert_close(ga, ra)
+    torch.testing.assert_close(gb, rb)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("bias,frozen", [(True, True), (False, True), (True, False)])
+def test_lora_function(autocast, bias, frozen):
+    """LoRALinear's autograd function (one output buffer, dx accumulated in place) gives the formula's values
+    and gradients (x, bias, A, B and, when it is trained, W), in float32 and under bf16 autocast."""
+    torch.manual_seed(0)
+    lin = LoRALinear(24, 20, bias=bias, rank=4, alpha=8.0)
+    torch.nn.init.normal_(lin.lora_b)
+    lin.weight.requires_grad_(not frozen)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    params = [x, lin.lora_a, lin.lora_b] + ([lin.bias] if bias else []) + ([] if frozen else [lin.weight])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        results = _run(lambda: lin(x), params)
+    assert results[0][0].dtype == (torch.bfloat16 if autocast else torch.float32)
+    tol = dict(atol=0.05, rtol=0.02) if autocast else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[0][0], results[1][0], **tol)
+    for a, b in zip(results[0][1], results[1][1]):
+        assert a.dtype == b.dtype
+        scale = b.abs().max()
+        torch.testing.assert_close(a / scale, b / scale, atol=2e-2 if autocast else 1e-6, rtol=0)
+
+
+def test_frozen_weight_cast_is_reused_until_the_weight_changes():
+    """Under autocast a frozen weight is cast once and reused (not at every call), and an in-place change of
+    the weight (an optimizer step, load_state_dict) makes the next call cast it again."""
+    weight_in = kernels.weight_in
+    lin = torch.nn.Linear(8, 4)
+    lin.weight.requires_grad_(False)
+    first = weight_in(lin, lin.weight, torch.bfloat16)
+    assert first.dtype == torch.bfloat16 and weight_in(lin, lin.weight, torch.bfloat16) is first
+    with torch.no_grad():
+        lin.weight.mul_(2)
+    again = weight_in(lin, lin.weight, torch.bfloat16)
+    assert again is not first
+    torch.testing.assert_close(again, (lin.weight).to(torch.bfloat16))
+    lin.load_state_dict({"weight": torch.ones(4, 8), "bias": torch.zeros(4)})
+    assert bool((weight_in(lin, lin.weight, torch.bfloat16) == 1).all())
+    lin.weight.requires_grad_(True)  # a trained weight: cast at each call, and its gradient flows back
+    cast = weight_in(lin, lin.weight, torch.bfloat16)
+    assert cast.requires_grad and weight_in(lin, lin.weight, torch.float32) is lin.weight
+    with torch.inference_mode():  # a model built under inference_mode: its tensors have no version counter
+        frozen = torch.nn.Linear(8, 4).requires_grad_(False)
+    assert weight_in(frozen, frozen.weight, torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("autocast,dtype", [(False, torch.float32), (True, torch.float32), (False, torch.float64)])
+def test_next_token_loss_and_head_logits(autocast, dtype, monkeypatch):
+    """LM.forward(logits_at=, targets=) (projection and cross-entropy in one function, float32 softmax a block
+    of rows at a time, the gradient written over the saved logits) == F.cross_entropy of the logits: values and
+    the gradients of every parameter, with tied embeddings (the lm_head is the embedding)."""
+    from mmlm.models.kernels import loss
+    from mmlm.train.objectives import next_token_targets
+
+    monkeypatch.setattr(loss._LinearCrossEntropy, "BLOCK", 7 * 300)  # several blocks of rows, a ragged last one
+    torch.manual_seed(0)
+    cfg = LMConfig(vocab_size=300, width=32, layers=2, heads=4, kv_heads=2, mlp_dim=64, tie_embeddings=True)
+    model = LM(cfg).to(dtype)
+    ids = torch.randint(0, 300, (3, 11))
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[0, :4] = 0
+    labels = ids.masked_fill(torch.rand(3, 11) < 0.4, -100)
+    at, targets = next_token_targets(labels)
+    params = list(model.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(ids, attention_mask=mask, logits_at=at, targets=targets)
+        assert out.logits is None and out.token_loss.shape == targets.shape
+        results = _run(lambda: model(ids, attention_mask=mask, logits_at=at, targets=targets).token_loss, params)
+        logits = _run(lambda: model(ids, attention_mask=mask, logits_at=at).logits, params)
+    tol = dict(atol=1e-2, rtol=0) if autocast else dict(atol=1e-6, rtol=1e-5)
+    _assert_agree(results, grad_scale=True, **tol)
+    _assert_agree(logits, grad_scale=True, **tol)
+    with pytest.raises(ValueError, match="targets need logits_at"):
+        model(ids, targets=targets)
+
+
+def test_patch_embedding_is_the_strided_convolution():
+    model = CLIP(clip_preset("tiny-vit"))
+    pixels = torch.randn(3, 3, 32, 32)
+    w = model.visual.patch_embed.weight
+    _assert_agree(_run(lambda: kernels.patch_embed(pixels, w, 8), [w]), atol=1e-5)
+    with mmlm.reference_mode():
+        conv = F.conv2d(pixels, w, stride=8).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(kernels.patch_embed(pixels, w, 8), conv)
+
+
+def test_packing_rounds_its_row_count():
+    """Packing(multiple=m) keeps every real token and adds dropped ones until the count is a multiple of m (few
+    distinct matmul shapes); round_rows pads with zero rows."""
+    keep = torch.arange(10)[None] < torch.tensor([[3], [7], [1]])  # 11 real tokens of 30
+    p = kernels.Packing.from_mask(keep, multiple=8)
+    assert len(p.index) == 16 and set(keep.flatten().nonzero().flatten().tolist()) <= set(p.index.tolist())
+    assert sorted(p.index.tolist() + p.dropped.tolist()) == list(range(30))
+    assert len(kernels.Packing.from_mask(keep, multiple=64).index) == 30  # never more than the batch holds
+    x = torch.randn(5, 3)
+    rr = kernels.round_rows
+    assert rr(x, 4).shape == (8, 3) and torch.equal(rr(x, 4)[:5], x) and rr(x, 5) is x
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "bool", "additive"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_pooled_last_block_computes_only_the_pooled_rows(mask_kind, grad):
+    """pooled() computes one token per row in the last block; values and the gradients of the input and every
+    weight equal running every token and indexing afterwards. grad=False runs the inference attention kernel."""
+    torch.manual_seed(0)
+    B, T, C = 4, 9, 32
+    net = Transformer(C, layers=2, heads=4, mlp_dim=64, act="quick_gelu", norm_eps=1e-5)
+    x = torch.randn(B, T, C, requires_grad=grad)
+    rows = torch.tensor([0, 8, 3, 5])
+    mask, causal = None, mask_kind == "causal"
+    if mask_kind in ("bool", "additive"):
+        keep = (torch.rand(B, 1, T, T) > 0.3) | torch.eye(T, dtype=torch.bool)
+        mask = keep if mask_kind == "bool" else torch.zeros(B, 1, T, T).masked_fill(~keep, float("-inf"))
+    with torch.set_grad_enabled(grad):
+        results = _run(lambda: kernels.pooled(net, x, rows, mask, causal), [x, *net.parameters()] if grad else [])
+    _assert_agree(results, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("pack_below", [0.0, 1.0])
+def test_text_tower_cut_and_packed_gives_the_padded_features(with_mask, pack_below, monkeypatch):
+    """The text tower cut after its last end-of-text token, packed (pack_below 1.0: always) or not (0.0), changes
+    the work, not the numbers or the gradients."""
+    monkeypatch.setattr(pooling, "PACK_BELOW", pack_below)
+    cfg = clip_preset("tiny-vit")
+    model = CLIP(cfg).train()
+    g = torch.Generator().manual_seed(1)
+    n, T = 6, cfg.text.context_length
+    ids = torch.randint(1, cfg.text.eot_token_id, (n, T), generator=g)
+    lengths = [3, 9, 4, T, 12, 5]
+    for row, length in enumerate(lengths):
+        ids[row, length - 1] = cfg.text.eot_token_id
+        ids[row, length:] = 0
+    mask = (torch.arange(T) < torch.tensor(lengths)[:, None]).long() if with_mask else None
+    results = _run(lambda: model.encode_text(ids, attention_mask=mask), list(model.text.parameters()))
+    _assert_agree(results, atol=1e-5, rtol=1e-4, grad_scale=True)
+
+
+@pytest.mark.parametrize("kv_heads,bias,lora", [(4, True, False), (2, False, False), (2, True, False), (4, True, True)])
+def test_one_query_attention_equals_the_full_attention_row(kv_heads, bias, lora):
+    """The pooled attention never projects keys or values (the query goes back to the input width); with grouped
+    k/v heads, without biases, and through the generic path (a LoRA q/k/v projection) it equals the full
+    attention's row, values and gradients, under a padding mask and causality."""
+    torch.manual_seed(0)
+    B, T, C = 3, 7, 32
+    attn = Attention(C, 4, n_kv_heads=kv_heads, qkv_bias=bias)
+    if lora:
+        add_lora(attn, rank=2, alpha=4)
+        torch.nn.init.normal_(attn.qkv.lora_b)
+    x = torch.randn(B, T, C, requires_grad=True)
+    rows = torch.tensor([6, 2, 4])
+    mask = (torch.arange(T) < torch.tensor([7, 5, 5])[:, None])[:, None, None, :]  # (B, 1, 1, T) padded keys
+    full = attn(x, attn_mask=mask & torch.ones(T, T, dtype=torch.bool).tril())[torch.arange(B), rows]
+    pooled = pooling._pooled_attention(attn, x, rows, mask, True, None)
+    torch.testing.assert_close(pooled, full, atol=1e-6, rtol=1e-5)
+    w = torch.randn_like(full)
+    params = [x, *attn.parameters()]
+    for a, b in zip(torch.autograd.grad((full * w).sum(), params), torch.autograd.grad((pooled * w).sum(), params)):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- whole models
+
+def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    """Every parameter nudged (zero-initialised BN weights and LoRA B would hide paths from the comparison)."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    return model
+
+
+@pytest.mark.parametrize("preset", ["tiny-vit", "tiny-rn"])
+@pytest.mark.parametrize("train", [True, False])
+def test_clip_reference_mode_gives_the_fast_outputs_and_gradients(preset, train):
+    model = _perturbed(CLIP(clip_preset(preset))).train(train)
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(4, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
+    ids = torch.randint(1, cfg.text.eot_token_id, (4, cfg.text.context_length), generator=g)
+    for row, length in enumerate([3, 7, 5, 12]):
+        ids[row, length - 1], ids[row, length:] = cfg.text.eot_token_id, 0
+    params = [p for p in model.parameters()]
+    for fn in (lambda: model.encode_image(pixels), lambda: model.encode_text(ids),
+               lambda: model(pixel_values=pixels, input_ids=ids).logits_per_image):
+        if train:
+            _assert_agree(_run(fn, params), atol=1e-5, rtol=1e-4, grad_scale=True)
+        else:
+            with torch.no_grad():
+                _assert_agree(_run(fn, []), atol=1e-5, rtol=1e-4)
+
+
+def test_lm_reference_mode_gives_the_fast_outputs_and_gradients():
+    cfg = LMConfig(vocab_size=128, width=32, layers=2, heads=4, kv_heads=2, mlp_dim=56)
+    model = LM(cfg)
+    ids = torch.randint(0, 128, (3, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[1, :3] = 0  # left padding
+    _assert_agree(_run(lambda: model(ids, attention_mask=mask).logits, list(model.parameters())), atol=1e-5,
+                  grad_scale=True)
+    with torch.no_grad():
+        _assert_agree(_run(lambda: model(ids, attention_mask=mask).logits, []), atol=1e-5)
+
+
+@pytest.mark.parametrize("vision", ["vit", "resnet"])
+def test_llava_with_lora_reference_mode_gives_the_fast_outputs_and_gradients(vision):
+    from mmlm.config import LlavaConfig, ModifiedResNetConfig, ViTConfig
+    from mmlm.models.llava import Llava
+
+    lm = LMConfig(vocab_size=128, width=32, layers=2, heads=4, kv_heads=2, mlp_dim=56)
+    if vision == "vit":
+        tower = ViTConfig(image_size=16, patch_size=8, width=32, layers=2, heads=4)
+    else:
+        tower = ModifiedResNetConfig(image_size=32, layers=(1, 1, 1, 1), width=8)
+    cfg = LlavaConfig(vision=tower, lm=lm, image_token_id=127)
+    model = Llava(cfg)
+    model.add_lora(4, 8.0)
+    _perturbed(model)
+    model.vision.requires_grad_(False)  # frozen tower, as in training
+    per_image = cfg.image_tokens
+    ids = torch.randint(0, 120, (2, per_image + 6), generator=torch.Generator().manual_seed(0))
+    ids[0, 2 : 2 + per_image] = 127
+    ids[1, 1 : 1 + per_image] = 127
+    pixels = torch.randn(2, 3, tower.image_size, tower.image_size, generator=torch.Generator().manual_seed(1))
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+        _assert_agree(_run(lambda: model(ids, pixel_values=pixels).logits, params), atol=1e-5, rtol=1e-4,
+                      grad_scale=True)
