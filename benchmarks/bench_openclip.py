@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""CLIP train step and image/text embedding: mmlm vs open_clip, A/B in one process (issue 8).
+"""CLIP train step and image/text embedding: mmlm vs open_clip, A/B in one process.
 
 open_clip needs torchvision, which does not install beside the project's torch, so this runs from the
 open_clip venv (see scripts/openclip_reference.py for how it is made), importing mmlm from src/:

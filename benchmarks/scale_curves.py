@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Scale curves (issue 8): mmlm's bench-vit CLIP train step vs batch size, tiny-LLaVA prefill vs prompt length.
+"""Scale curves: mmlm's bench-vit CLIP train step vs batch size, tiny-LLaVA prefill vs prompt length.
 
     python benchmarks/scale_curves.py [--precision bf16] [--batches 64,128,256,512,1024] [--lengths 128,256,512,1000]
 
