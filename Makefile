@@ -30,8 +30,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	  echo "note: could not install chromium + chromium-driver; the browser test will skip")
 	touch $@
 
+# The full suite, slow tests included (CI runs this via .ci/run). tests/test_wheel.py builds the sdist and wheel and
+# installs the wheel, with $(TORCH), into a fresh venv.
 test: setup
-	$(PY) -m pytest -n 2 -q
+	TORCH="$(TORCH)" $(PY) -m pytest -n 2 -q
 
 quickstart: setup
 	$(VENV)/bin/mmlm quickstart

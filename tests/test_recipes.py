@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_recipes_live_in_the_package_and_configs_is_a_link_to_them():
     assert recipes_dir() == REPO / "src" / "mmlm" / "recipes"
     assert (REPO / "configs").is_symlink() and (REPO / "configs").resolve() == recipes_dir()
-    assert {"clip-shapes", "clip-shapes-vit", "clip-fashion-mnist", "llava-shapes", "llava-smollm2"} <= set(list_recipes())
+    names = {"clip-shapes", "clip-shapes-vit", "clip-fashion-mnist", "llava-shapes", "llava-smollm2"}
+    assert names <= set(list_recipes())
     # package data: the wheel carries the recipes (tests/test_wheel.py installs one and checks)
     assert '"mmlm" = ["recipes/*.yaml"]' in (REPO / "pyproject.toml").read_text()
 
