@@ -1,5 +1,5 @@
 """`mmlm bench clip|llava|data`: CLIP training and embedding, LLaVA decoding and the data pipeline, each next
-to transformers in the same process (issue 8).
+to transformers in the same process.
 
 The model is "bench-vit": a CLIP ViT (width 256, 4 layers, patch 16, 64 px) and text transformer (width 256,
 4 layers, context 32), embedding 256, batch 64. transformers' CLIPModel is built at random, saved, and mmlm

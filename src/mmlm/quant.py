@@ -10,7 +10,7 @@ the ones torchao uses), which take bfloat16 activations: each layer casts its in
 output back, everything between the layers (norms, attention, residuals, the cache) stays as it was.
 
 For inference only: a quantized model does not train and is not saved (`mmlm.save` refuses it). What it costs
-in accuracy is measured, not assumed (tests/test_quant.py, README "Performance").
+in accuracy is measured, not assumed (tests/test_quant.py, docs/performance.md).
 """
 
 from __future__ import annotations
