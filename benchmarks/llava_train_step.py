@@ -33,9 +33,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from mmlm.train import llava_run
+    from mmlm.train.recipes import load_recipe
     from mmlm.train.loop import autocast_context
 
-    cfg = llava_run.load_recipe(args.recipe, ["stage=2", f"init_from={args.init_from}", "data.eval_size=0"])
+    cfg = load_recipe("llava", args.recipe, ["stage=2", f"init_from={args.init_from}", "data.eval_size=0"])
     with tempfile.TemporaryDirectory() as tmp:
         task = llava_run.build_task(cfg, Path(tmp))  # as `mmlm train llava` builds it
     model, data = task.model, task.data

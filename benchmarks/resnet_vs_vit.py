@@ -41,8 +41,9 @@ from mmlm.formats import load as load_model
 from mmlm.formats import load_tokenizer
 from mmlm.models.clip import CLIP
 from mmlm.train.clip_run import build_tokenizer, fit_text_to_tokenizer, train_data
-from mmlm.train.clip_task import ClipTask, run_config_from_dict
+from mmlm.train.clip_task import ClipTask
 from mmlm.train.loop import train
+from mmlm.train.recipes import run_config_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 64
@@ -60,7 +61,7 @@ def run_config(dataset: str, tower: str, steps: int, batch_size: int):
     raw["model"] = {**raw["model"], "vision": dict(TOWERS[tower])}
     raw["train"].update(steps=steps, batch_size=batch_size, warmup_steps=max(1, steps // 10), eval_every=0,
                         ckpt_every=0, num_workers=0, threads=1, progress=False, log_every=max(1, steps // 10))
-    return run_config_from_dict(raw)
+    return run_config_from_dict("clip", raw)
 
 
 def training_set(cfg, dataset: str, size: int, preprocess: PreprocessConfig):

@@ -153,7 +153,8 @@ def batch_size_runs(recipe: str, sizes: list[int], images: int, micro: int, runs
                     eval_size: int, tokenizer: list[str]) -> None:
     """Train the recipe at each batch size on the same number of images, each with feature caching in micro-batches
     of `micro` (so all fit the memory of a `micro`-image batch); tabulate the final evaluation."""
-    from mmlm.train.clip_run import load_recipe, train_clip
+    from mmlm.train.clip_run import train_clip
+    from mmlm.train.recipes import load_recipe
 
     lines = [f"Same recipe, same {images:,} training images seen, embedded {micro} at a time (feature caching: "
              "`train.micro_batch`); lr warmup 10% of the steps then cosine.", "",
@@ -164,7 +165,7 @@ def batch_size_runs(recipe: str, sizes: list[int], images: int, micro: int, runs
         run = runs / f"batch-{b}"
         done = run / "guide_summary.json"
         if not done.is_file():
-            cfg = load_recipe(recipe, [*tokenizer, f"train.batch_size={b}", f"train.steps={steps}", f"train.micro_batch={micro}",
+            cfg = load_recipe("clip", recipe, [*tokenizer, f"train.batch_size={b}", f"train.steps={steps}", f"train.micro_batch={micro}",
                                        f"train.warmup_steps={max(1, steps // 10)}", "train.eval_every=0",
                                        "train.ckpt_every=0", f"data.eval_size={eval_size}", "train.progress=false",
                                        "train.num_workers=0"])

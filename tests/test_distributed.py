@@ -109,7 +109,7 @@ def _everything(rank: int, out: Path) -> None:
 def two_processes(tmp_path_factory) -> Path:
     """One launch of 2 processes for every test here (each start costs seconds): their results land in a folder."""
     from mmlm.tokenizer import Tokenizer
-    from mmlm.train.llava_task import ShapesConversations
+    from mmlm.data.sources import ShapesConversations
 
     out = tmp_path_factory.mktemp("dist")
     data = ShapesConversations("train", 32, seed=0, image_size=32, n_questions=2)
@@ -213,7 +213,8 @@ def _llava_train_task(tok_dir: Path, steps: int, fmt: str = "consolidated"):
     from mmlm.data.transforms import PreprocessConfig
     from mmlm.models.llava import Llava
     from mmlm.formats import load_tokenizer
-    from mmlm.train.llava_task import LlavaRunConfig, LlavaTask, ShapesConversations
+    from mmlm.data.sources import ShapesConversations
+    from mmlm.train.llava_task import LlavaRunConfig, LlavaTask
     from mmlm.train.loop import TrainConfig
 
     tok = load_tokenizer(tok_dir)
@@ -292,7 +293,7 @@ def _evaluations(rank: int | None, out: Path) -> dict:
     from mmlm.eval.retrieval import evaluate_retrieval
     from mmlm.eval.vqa import evaluate_vqa
     from mmlm.eval.zeroshot import zeroshot
-    from mmlm.train.llava_task import ShapesConversations
+    from mmlm.data.sources import ShapesConversations
 
     task, batch = _clip_case("clip", "local", 0)
     model, px, tok = task.model.eval(), batch["pixel_values"], _StubTokenizer()

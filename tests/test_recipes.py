@@ -54,8 +54,8 @@ def test_mmlm_recipes_lists_and_copies(tmp_path, capsys):
 
 
 def test_a_copied_recipe_loads_with_overrides(tmp_path):
-    from mmlm.train.clip_run import load_recipe
+    from mmlm.train.recipes import load_recipe
 
     path = copy_recipe("clip-shapes", tmp_path)
-    cfg = load_recipe(path, ["train.steps=7"])
+    cfg = load_recipe("clip", path, ["train.steps=7"])
     assert cfg.train.steps == 7 and cfg.model.vision.image_size == 64

@@ -16,7 +16,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from mmlm.cli import main
-from mmlm.train.clip_run import load_recipe, train_clip
+from mmlm.train.clip_run import train_clip
+from mmlm.train.recipes import load_recipe
 
 TINY = [
     "model.preset=tiny-vit", "model.vision.image_size=32", "model.vision.patch_size=8",
@@ -27,7 +28,7 @@ TINY = [
 
 
 def test_loss_falls_and_run_writes_everything(tmp_path):
-    cfg = load_recipe(None, TINY + ["data.train_size=32", "train.steps=40", "train.eval_every=20", "train.ckpt_every=10",
+    cfg = load_recipe("clip", None, TINY + ["data.train_size=32", "train.steps=40", "train.eval_every=20", "train.ckpt_every=10",
                                     "train.keep_last=2"])
     summary = train_clip(cfg, tmp_path / "run")
     import json
@@ -91,7 +92,7 @@ def _csv_dataset(root: Path, n: int, bad: dict[int, str]) -> Path:
 
 def test_corrupt_and_missing_images_are_skipped_and_reported(tmp_path, capsys):
     csv = _csv_dataset(tmp_path / "data", 200, {5: "corrupt", 17: "missing"})
-    cfg = load_recipe(None, TINY + ["data.kind=csv", f"data.path={csv}", "train.steps=12",
+    cfg = load_recipe("clip", None, TINY + ["data.kind=csv", f"data.path={csv}", "train.steps=12",
                                     "train.max_bad_sample_fraction=0.02"])
     summary = train_clip(cfg, tmp_path / "run")
     assert summary["bad_samples"] == 2 and summary["step"] == 12
@@ -99,7 +100,7 @@ def test_corrupt_and_missing_images_are_skipped_and_reported(tmp_path, capsys):
     assert "pairs.csv:7" in out and "pairs.csv:19" in out  # file line numbers of rows 5 and 17
     # Past the threshold the run stops with a message naming the problem.
     csv2 = _csv_dataset(tmp_path / "data2", 100, {i: "missing" for i in range(0, 100, 10)})
-    cfg = load_recipe(None, TINY + ["data.kind=csv", f"data.path={csv2}", "train.steps=20"])
+    cfg = load_recipe("clip", None, TINY + ["data.kind=csv", f"data.path={csv2}", "train.steps=20"])
     assert main(["train", "clip", "--out", str(tmp_path / "run2"), *TINY, "data.kind=csv", f"data.path={csv2}",
                  "train.steps=20"]) == 2
     assert "could not be loaded" in capsys.readouterr().err

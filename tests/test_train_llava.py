@@ -8,7 +8,8 @@ from mmlm.config import LlavaConfig, LMConfig, ViTConfig
 from mmlm.data.transforms import PreprocessConfig
 from mmlm.models.llava import Llava
 from mmlm.tokenizer import Tokenizer
-from mmlm.train.llava_task import LlavaRunConfig, LlavaTask, ShapesConversations
+from mmlm.data.sources import ShapesConversations
+from mmlm.train.llava_task import LlavaRunConfig, LlavaTask
 from mmlm.train.loop import TrainConfig, train
 
 

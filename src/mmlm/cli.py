@@ -27,15 +27,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from . import distributed
+    from .train.recipes import KINDS, load_recipe
 
-    if args.model == "llava":
-        from .train.llava_run import load_recipe, train_llava as train_fn
-    else:
-        from .train.clip_run import load_recipe, train_clip as train_fn
-    cfg = load_recipe(args.config, args.overrides)
-    distributed.setup(cfg.train.dist_timeout_s)  # under torchrun: join the process group (else nothing)
-    try:
-        train_fn(cfg, args.out, resume=not args.no_resume)
+    cfg = load_recipe(args.model, args.config, args.overrides)
+    try:  # under torchrun the run joins the process group (train.loop.start_process)
+        KINDS[args.model].train(cfg, args.out, resume=not args.no_resume)
     finally:
         distributed.shutdown()  # a failing rank leaves the group at once; torchrun then stops the others
     return 0

@@ -8,11 +8,9 @@ through plain dicts (config.json) and YAML. Weights and preprocessing live elsew
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import typing
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
@@ -360,18 +358,6 @@ def vision_config_from_dict(d: dict[str, Any]) -> VisionConfig:
     if kind not in VISION_KINDS:
         raise ValueError(f"config.vision: 'kind' must be one of {sorted(VISION_KINDS)}, got {kind!r}")
     return from_dict(VISION_KINDS[kind], d, ".vision")
-
-
-def save_json(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    with open(path) as f:
-        data = yaml.safe_load(f)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a YAML mapping at the top level")
-    return data
 
 
 def apply_overrides(d: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:

@@ -63,19 +63,20 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float | None = None
     stage 2)."""
     from .data.shapes import write_shapes
     from .report import plot_confusion, plot_training, write_report
-    from .train.clip_run import load_recipe, train_clip
+    from .train.clip_run import train_clip
+    from .train.recipes import load_recipe
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"[1/4] writing a shapes sample to {out / 'data'}")
     write_shapes(out / "data", train=256, val=256, novel=256, seed=0, image_size=64)
 
-    cfg = load_recipe(recipe_path(RECIPE), overrides)
+    cfg = load_recipe("clip", recipe_path(RECIPE), overrides)
     if steps is None and minutes is None:  # the recipe's own length: the LLaVA after it needs a well-trained tower
         steps = cfg.train.steps
         print(f"[2/4] training a CLIP on shapes: {steps} steps (the recipe's)")
     elif steps is None:
-        per_step = _measure_step_time(load_recipe(recipe_path(RECIPE), overrides))
+        per_step = _measure_step_time(load_recipe("clip", recipe_path(RECIPE), overrides))
         # The loop also evaluates and checkpoints a few times; leave ~10% of the budget for that.
         steps = max(20, int(minutes * 60 * 0.9 / per_step))
         print(f"[2/4] training a CLIP on shapes: {per_step * 1000:.0f} ms/step here -> {steps} steps (~{minutes:g} min)")

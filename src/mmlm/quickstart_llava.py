@@ -33,16 +33,17 @@ def quickstart_llava(out: Path, tower: Path, overrides: list[str] | None = None,
     from .eval.cli import eval_vqa
     from .assets import recipe_path
     from .report import plot_training, write_report
-    from .train.llava_run import load_recipe, train_llava
+    from .train.llava_run import train_llava
+    from .train.recipes import load_recipe
 
     overrides = list(overrides or [])
     s1_steps, s2_steps = steps or (None, None)
     print(f"[LLaVA 1/3] stage 1: feature alignment on captions (vision tower: {tower}, frozen)")
-    s1 = load_recipe(recipe_path(LLAVA_RECIPE), _steps(overrides, s1_steps) + [f"vision_from={tower}"])
+    s1 = load_recipe("llava", recipe_path(LLAVA_RECIPE), _steps(overrides, s1_steps) + [f"vision_from={tower}"])
     train_llava(s1, out / "llava-s1")
 
     print("[LLaVA 2/3] stage 2: visual instruction tuning on VQA conversations")
-    s2 = load_recipe(recipe_path(LLAVA_RECIPE), ["stage=2", f"init_from={out / 'llava-s1' / 'final'}"]
+    s2 = load_recipe("llava", recipe_path(LLAVA_RECIPE), ["stage=2", f"init_from={out / 'llava-s1' / 'final'}"]
                      + _steps(overrides, s2_steps, eval_every=s2_steps) + ["data.eval_size=0"])
     train_llava(s2, out / "llava-s2")
     final = out / "llava-s2" / "final"
@@ -71,7 +72,7 @@ def answers_figure(model_dir: Path, path: Path, n: int = 8) -> None:
     from .eval.cli import open_model
     from .eval.vqa import evaluate_vqa
     from .report import pyplot
-    from .train.llava_task import ShapesConversations
+    from .data.sources import ShapesConversations
 
     model, tok, processor = open_model(model_dir)
     ds = ShapesConversations("val", n, 11, model.config.vision.image_size, 1)

@@ -134,6 +134,12 @@ class TarImageText(Dataset):
             return {"bad": (name, str(e))}
         return {"image": self.processor.pixels(pil), "caption": caption}
 
+    def raw_caption(self, i: int) -> str | None:
+        """Sample i's caption text as stored (undecodable bytes replaced), without reading its image; None
+        when it has no caption member."""
+        text = self.samples[i][2]
+        return None if text is None else self._read(text).decode("utf-8", errors="replace")
+
     def __getstate__(self) -> dict[str, Any]:  # file handles do not cross process boundaries
         return {**self.__dict__, "_files": {}}
 

@@ -128,7 +128,7 @@ def eval_vqa(model_dir: str | Path, data: str, template: str | None = None, limi
         quantize(model, weights)
     template = template or getattr(model.config, "template", "vicuna_v1")  # as the model was tuned
     if data in ("shapes", "shapes-novel"):
-        from ..train.llava_task import ShapesConversations
+        from ..data.sources import ShapesConversations
 
         ds = ShapesConversations("val" if data == "shapes" else "novel", limit if limit > 0 else 500, 0,
                                  model.config.vision.image_size, 1)

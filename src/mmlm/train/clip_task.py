@@ -1,4 +1,5 @@
-"""Contrastive CLIP pretraining as a `Task` for the one training loop, plus its run config."""
+"""Contrastive CLIP pretraining as a `Task` for the one training loop, plus its run config (read from a recipe by
+`train/recipes.py`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..checkpoint import save
-from ..config import CLIPConfig, apply_overrides, clip_preset, from_dict, to_dict
+from ..config import CLIPConfig, clip_preset, to_dict
+from ..data.sources import DataConfig
 from ..data.transforms import PreprocessConfig
 from ..distributed import all_gather_objects, all_mean
 from .feature_cache import contrastive_step
@@ -20,25 +22,6 @@ from .loop import TrainConfig
 from .objectives import contrastive_loss
 
 LN_100 = math.log(100.0)
-
-
-@dataclass
-class DataConfig:
-    kind: str = "shapes"  # shapes | fashion_mnist | csv | tar
-    path: str = ""  # csv/tsv file, or a tar shard glob
-    image_col: str = "image"
-    caption_col: str = "caption"
-    train_size: int = 50_000  # shapes: training images generated on the fly
-    single_fraction: float = 0.5  # shapes: share of single-object training images
-    seed: int = 0
-    eval_size: int = 1000
-    eval_path: str = ""  # csv/tar: held-out pairs for retrieval
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("shapes", "fashion_mnist", "csv", "tar"):
-            raise ValueError(f"data.kind must be shapes, fashion_mnist, csv or tar, got {self.kind!r}")
-        if self.kind in ("csv", "tar") and not self.path:
-            raise ValueError(f"data.kind {self.kind!r} needs data.path")
 
 
 @dataclass
@@ -75,41 +58,6 @@ class ClipRunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
-
-
-def run_config_from_dict(d: dict[str, Any], overrides: list[str] | None = None) -> ClipRunConfig:
-    """A recipe dict (YAML) -> ClipRunConfig. `model.preset` names a starting architecture; the other
-    `model` keys override its fields. Dotted `overrides` apply last and must name existing fields."""
-    d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
-    model = dict(d.get("model") or {})
-    overrides = list(overrides or [])
-    for o in [o for o in overrides if o.startswith("model.preset=")]:  # a preset replaces the base, so first
-        model = {"preset": o.split("=", 1)[1].strip()}
-        overrides.remove(o)
-    preset = model.pop("preset", None)
-    base = to_dict(clip_preset(preset)) if preset else to_dict(CLIPConfig())
-    for section in ("vision", "text"):
-        if section in model:
-            if model[section].get("kind", base[section]["kind"]) != base[section]["kind"]:
-                base[section] = {}
-            base[section].update(model.pop(section))
-    base.update(model)
-    full = {"model": base}
-    defaults = ClipRunConfig()
-    for name in ("data", "tokenizer", "train", "lock"):
-        full[name] = {**to_dict(getattr(defaults, name)), **(d.get(name) or {})}
-    for name in ("loss", "loss_gather", "init_from"):
-        full[name] = d.get(name, getattr(defaults, name))
-    unknown = sorted(set(d) - set(full))
-    if unknown:
-        raise ValueError(f"recipe: unknown section(s) {unknown}; known: {sorted(full)}")
-    if overrides:
-        apply_overrides(full, overrides)
-    return ClipRunConfig(model=CLIPConfig.from_dict(full["model"]), data=from_dict(DataConfig, full["data"], ".data"),
-                         tokenizer=from_dict(TokenizerConfig, full["tokenizer"], ".tokenizer"),
-                         train=from_dict(TrainConfig, full["train"], ".train"), loss=full["loss"],
-                         loss_gather=full["loss_gather"],
-                         lock=from_dict(LockConfig, full["lock"], ".lock"), init_from=full["init_from"])
 
 
 def lock_tower(blocks: nn.ModuleList | None, tower: nn.Module, unlocked_layers: int) -> None:

@@ -1,78 +1,34 @@
-"""`mmlm train llava`: build data, tokenizer, model and VQA evaluation from a recipe, then run the loop."""
+"""`mmlm train llava`: build data, tokenizer, model and VQA evaluation from a run config, then run the loop."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import yaml
 from torch.utils.data import Dataset
 
 from .. import distributed
 from ..assets import resolve
 from ..checkpoint import load_state_dict_strict
-from ..config import LlavaConfig, apply_overrides, from_dict, to_dict
 from ..data.conversation import VICUNA_SYSTEM
-from ..data.llava_json import LlavaJson
+from ..data.sources import CONVERSATIONS
 from ..data.transforms import ImageProcessor, PreprocessConfig
+from ..eval.vqa import evaluate_vqa
 from ..formats import load as load_model
 from ..formats import load_tokenizer
 from ..models.llava import Llava
 from ..models.lm import LM
-from ..eval.vqa import evaluate_vqa
-from .llava_task import LlavaDataConfig, LlavaRunConfig, LlavaTask, ShapesConversations
-from .loop import TrainConfig, train
+from .llava_task import LlavaRunConfig, LlavaTask
+from .loop import run_training
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<image>", "<pad>"]
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any], where: str) -> dict[str, Any]:
-    for k, v in extra.items():
-        if k not in base:
-            raise ValueError(f"recipe{where}: unknown field {k!r}; known: {sorted(base)}")
-        base[k] = _merge(base[k], v, f"{where}.{k}") if isinstance(v, dict) and isinstance(base[k], dict) else v
-    return base
-
-
-def run_config_from_dict(d: dict[str, Any], overrides: list[str] | None = None) -> LlavaRunConfig:
-    """A recipe dict (YAML) over the defaults (a tiny LLaVA); dotted overrides apply last.
-
-    A recipe may hold a `stage2:` mapping: the fields that differ in stage 2 (lr, steps, ...), applied over the
-    recipe when the run is a stage-2 run (`stage: 2` in the recipe or `stage=2` on the command line)."""
-    d = dict(d or {})
-    stage2 = d.pop("stage2", None) or {}
-    if not isinstance(stage2, dict):
-        raise ValueError("recipe.stage2 must be a mapping of the fields that change in stage 2")
-    base = to_dict(LlavaRunConfig())
-    base["template"] = ""  # "" = the stage's default template
-    full = _merge(base, d, "")
-    if overrides:
-        apply_overrides(full, overrides)
-    if full["stage"] == 2 and stage2:
-        full = _merge(full, stage2, ".stage2")
-        if overrides:  # the command line still wins
-            apply_overrides(full, overrides)
-    return LlavaRunConfig(model=LlavaConfig.from_dict(full.pop("model")), data=from_dict(LlavaDataConfig, full.pop("data"), ".data"),
-                          train=from_dict(TrainConfig, full.pop("train"), ".train"), **full)
-
-
-def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> LlavaRunConfig:
-    raw: dict[str, Any] = {}
-    if path is not None:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a YAML mapping at the top level")
-    return run_config_from_dict(raw, overrides)
-
-
 def train_data(cfg: LlavaRunConfig) -> Dataset:
-    d = cfg.data
-    if d.kind == "json":
-        return LlavaJson(d.path, d.image_root)
-    return ShapesConversations("train", d.train_size, d.seed, cfg.model.vision.image_size, d.n_questions)
+    """The conversations of `data.kind`."""
+    return CONVERSATIONS[cfg.data.kind].train(cfg.data, cfg.model.vision.image_size)
 
 
 def build_tokenizer(cfg: LlavaRunConfig, data: Dataset, run: Path):
@@ -87,7 +43,7 @@ def build_tokenizer(cfg: LlavaRunConfig, data: Dataset, run: Path):
         tok.save(saved)
         return tok
     n = min(len(data), 5000)
-    records = data.records[:n] if isinstance(data, LlavaJson) else [data[i] for i in range(n)]  # no image decoding
+    records = CONVERSATIONS[cfg.data.kind].records(data, n)  # without decoding images where the source allows
     texts = [t["value"] for r in records for t in r["conversations"]] + [r.get("caption", "") for r in records]
     # The template's fixed text opens every conversation: fitted as often as the model will read it, it becomes
     # a few tokens instead of ~70 bytes-and-pieces per sample.
@@ -168,16 +124,7 @@ def build_evaluator(cfg: LlavaRunConfig, model: Llava, tok, preprocess: Preproce
     if cfg.stage == 1 or cfg.data.eval_size <= 0:
         return lambda: {}
     processor = ImageProcessor(preprocess)
-    size, d = cfg.model.vision.image_size, cfg.data
-    if d.kind == "json":
-        if not d.eval_path:
-            return lambda: {}
-        ds = LlavaJson(d.eval_path, d.image_root)
-        items = [ds[i] for i in range(min(len(ds), d.eval_size))]
-        sets = {"vqa_eval": [x for x in items if "bad" not in x]}
-    else:
-        sets = {f"vqa_{split}": [ds[i] for i in range(len(ds))] for split in ("val", "novel")
-                for ds in [ShapesConversations(split, d.eval_size, d.seed, size, 1)]}
+    sets = CONVERSATIONS[cfg.data.kind].evaluation(cfg.data, cfg.model.vision.image_size)
     return lambda: {name: evaluate_vqa(model, tok, processor, items, cfg.template)["accuracy"]
                     for name, items in sets.items()}
 
@@ -196,15 +143,4 @@ def build_task(cfg: LlavaRunConfig, run: Path) -> LlavaTask:
 
 def train_llava(cfg: LlavaRunConfig, out: str | Path, resume: bool = True) -> dict[str, Any]:
     """Train a LLaVA stage per `cfg` into run directory `out` (resuming from its latest checkpoint if any)."""
-    out = Path(out)
-    w = distributed.setup(cfg.train.dist_timeout_s)  # under torchrun (else nothing)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    task = build_task(cfg, out)
-    if w.is_main:
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    summary = train(task, cfg.train, out, resume=resume)
-    if w.is_main:
-        print(json.dumps({"run": str(out), **summary}))
-    return summary
+    return run_training(cfg, out, lambda run: build_task(cfg, run), resume)

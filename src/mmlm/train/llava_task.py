@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from ..checkpoint import save
 from ..config import LlavaConfig, LMConfig, ViTConfig
 from ..data.conversation import IGNORE, TEMPLATES, encode_conversation
+from ..data.sources import LlavaDataConfig
 from ..data.transforms import ImageProcessor, PreprocessConfig
 from ..distributed import all_gather_objects, all_sum, fully_shard_model, global_mean_factor, world
 from .loop import TrainConfig
@@ -32,24 +33,6 @@ def tiny_llava_config() -> LlavaConfig:
     return LlavaConfig(vision=ViTConfig(image_size=64, patch_size=8, width=128, layers=4, heads=4),
                        lm=LMConfig(vocab_size=512, width=128, layers=4, heads=4, kv_heads=2, mlp_dim=384, max_seq_len=256),
                        image_token_id=2)
-
-
-@dataclass
-class LlavaDataConfig:
-    kind: str = "shapes"  # shapes (generated on the fly) | json (LLaVA's conversation JSON)
-    path: str = ""  # json: the training file
-    image_root: str = ""  # json: image paths are relative to this (default: the file's directory)
-    eval_path: str = ""  # json: a file whose first question/answer per record is scored by exact match
-    train_size: int = 20_000  # shapes
-    n_questions: int = 3  # shapes: questions per conversation (stage 2)
-    seed: int = 0
-    eval_size: int = 200
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("shapes", "json"):
-            raise ValueError(f"data.kind must be 'shapes' or 'json', got {self.kind!r}")
-        if self.kind == "json" and not self.path:
-            raise ValueError("data.kind 'json' needs data.path (a LLaVA conversation JSON file)")
 
 
 @dataclass
@@ -100,24 +83,6 @@ def set_trainable(model: nn.Module, stage: int, stage1_trains_lm: bool = False) 
     train_lm = stage == 2 or stage1_trains_lm
     for name, p in model.lm.named_parameters():
         p.requires_grad_(train_lm and (not lora or name.endswith((".lora_a", ".lora_b"))))
-
-
-class ShapesConversations(Dataset):
-    """Shapes items as LLaVA samples: {id, images: [uint8 (H, W, 3)], conversations, caption}."""
-
-    def __init__(self, split: str, size: int, seed: int, image_size: int, n_questions: int):
-        from ..data.shapes import ShapesDataset
-
-        self.split = split
-        self.ds = ShapesDataset(split, size, seed, image_size, n_questions=n_questions)
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        item = self.ds[i]
-        return {"id": f"shapes-{self.split}-{i}", "images": [item["image"]], "conversations": item["conversations"],
-                "caption": item["caption"], "question_types": item["question_types"]}
 
 
 def _pil(image: Any) -> Image.Image:

@@ -25,14 +25,16 @@ from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .. import distributed
 from ..checkpoint import read_json, write_json
+from ..config import to_dict
 from ..distributed import (all_gather_objects, average_gradients, barrier, broadcast_object, broadcast_parameters,
                            full_optimizer_state_dict, full_state_dict, grad_norm_value, is_sharded, load_full_state_dicts,
                            load_sharded, save_sharded, unsharded)
-from ..distributed import world as dist_world
 from .optim import build_optimizer, lr_at
 
 
@@ -51,7 +53,7 @@ class TrainConfig:
     precision: str = "fp32"  # "fp32" or "bf16" (autocast)
     seed: int = 0
     num_workers: int = 0
-    threads: int = 0  # torch intra-op threads in the main process (0 = torch's default)
+    threads: int = 0  # torch intra-op threads in the main process (0 = torch's default); set by start_process
     log_every: int = 10
     eval_every: int = 0  # steps between evaluations (0 = only at the end)
     ckpt_every: int = 0  # steps between checkpoints (0 = only at the end)
@@ -167,7 +169,7 @@ def save_checkpoint(task: Task, opt: torch.optim.Optimizer, state: TrainerState,
     Under torch.distributed every rank calls this; rank 0 writes the files (with `fmt` "sharded" every rank
     writes its DCP shards of model and optimizer into dcp/, and the model is not consolidated).
     """
-    w = dist_world()
+    w = distributed.world()
     sharded = is_sharded(task.model)
     root = run / "checkpoints"
     final = root / f"step-{state.step:08d}"
@@ -255,6 +257,31 @@ def autocast_context(precision: str) -> Callable[[], contextlib.AbstractContextM
     return contextlib.nullcontext
 
 
+def start_process(cfg: TrainConfig) -> distributed.World:
+    """Make this process ready to train: join the process group torchrun describes (nothing in a single
+    process) and set its torch threads (`train.threads`). The one place a run does either."""
+    w = distributed.setup(cfg.dist_timeout_s)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return w
+
+
+def run_training(run_cfg: Any, out: str | Path, build_task: Callable[[Path], Task], resume: bool = True) -> dict[str, Any]:
+    """What every `mmlm train` kind does with its run config: start the process, build the task (data,
+    tokenizer written into `out`, model, evaluation), save the config it settled on as config.yaml, train,
+    and print the summary as one JSON line."""
+    out = Path(out)
+    w = start_process(run_cfg.train)
+    out.mkdir(parents=True, exist_ok=True)
+    task = build_task(out)
+    if w.is_main:
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(run_cfg), sort_keys=False))
+    summary = train(task, run_cfg.train, out, resume=resume)
+    if w.is_main:
+        print(json.dumps({"run": str(out), **summary}))
+    return summary
+
+
 def train(task: Task, cfg: TrainConfig, run: str | Path, resume: bool = True) -> dict[str, Any]:
     """Train `task.model` for `cfg.steps` optimizer steps, writing everything under `run`.
 
@@ -265,12 +292,10 @@ def train(task: Task, cfg: TrainConfig, run: str | Path, resume: bool = True) ->
     rank 0 alone logs and writes files, and a resumed run may use a different world size.
     """
     run = Path(run)
-    w = dist_world()
+    w = distributed.world()
     if w.is_main:
         run.mkdir(parents=True, exist_ok=True)
     barrier()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     model = task.model.train()
     replicated = w.enabled and not is_sharded(model)
     if replicated:
