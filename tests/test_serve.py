@@ -445,12 +445,12 @@ def test_a_client_leaving_a_stream_stops_its_generation(llava_dir, monkeypatch):
 def test_a_language_model_chats_with_its_chat_template(tmp_path):
     from mmlm.config import LMConfig
     from mmlm.models.lm import LM
-    from mmlm.serve.tiny import _corpus
+    from mmlm.serve.tiny import word_corpus
     from mmlm.tokenizer import Tokenizer
 
     template = ("{% for m in messages %}<s>{{ m.role }}: {{ m.content }}</s>{% endfor %}"
                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
-    tok = Tokenizer.train_byte_level(_corpus(), vocab_size=300, chat_template=template)
+    tok = Tokenizer.train_byte_level(word_corpus(), vocab_size=300, chat_template=template)
     torch.manual_seed(0)
     lm = LM(LMConfig(vocab_size=tok.vocab_size, width=48, layers=2, heads=4, kv_heads=2, mlp_dim=96, max_seq_len=128,
                      eos_token_id=tok.eot_id))

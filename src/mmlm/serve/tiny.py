@@ -20,14 +20,15 @@ WORDS = ("a photo of a red green blue yellow purple orange cyan white circle squ
          "USER: ASSISTANT: yes no one two three").split()
 
 
-def _corpus() -> list[str]:
+def word_corpus() -> list[str]:
+    """400 random 12-word sentences over WORDS (a fixed seed): text to fit the tiny tokenizers on."""
     g = torch.Generator().manual_seed(0)
     return [" ".join(WORDS[i] for i in torch.randint(len(WORDS), (12,), generator=g).tolist()) for _ in range(400)]
 
 
 def tiny_llava(directory: str | Path, max_seq_len: int = 512) -> Path:
     """A LLaVA (ViT 32 px, patch 8 -> 16 image tokens; a 2-layer LM) with a byte-level tokenizer."""
-    tok = Tokenizer.train_byte_level(_corpus(), vocab_size=320, special_tokens=["<s>", "</s>", "<image>"])
+    tok = Tokenizer.train_byte_level(word_corpus(), vocab_size=320, special_tokens=["<s>", "</s>", "<image>"])
     cfg = LlavaConfig(vision=ViTConfig(image_size=32, patch_size=8, width=32, layers=2, heads=4),
                       lm=LMConfig(vocab_size=tok.vocab_size, width=48, layers=2, heads=4, kv_heads=2, mlp_dim=96,
                                   max_seq_len=max_seq_len, eos_token_id=tok.eot_id),
@@ -45,7 +46,7 @@ def tiny_llava(directory: str | Path, max_seq_len: int = 512) -> Path:
 
 def tiny_clip(directory: str | Path) -> Path:
     """A CLIP (ViT 32 px, 2-layer text tower, embed 32) with a CLIP-style BPE tokenizer."""
-    tok = Tokenizer.train_bpe(_corpus(), vocab_size=600, context_length=16)
+    tok = Tokenizer.train_bpe(word_corpus(), vocab_size=600, context_length=16)
     cfg = CLIPConfig(embed_dim=32, vision=ViTConfig(image_size=32, patch_size=8, width=64, layers=2, heads=4),
                      text=TextConfig(vocab_size=tok.vocab_size, eot_token_id=tok.eot_id, context_length=16, width=64,
                                      layers=2, heads=4))
