@@ -2,6 +2,7 @@
 
     import mmlm
     model = mmlm.load("path/to/checkpoint-or-hf-dir")   # eval mode, float32, CPU
+    model = mmlm.load(path, dtype=torch.bfloat16, device="cuda")   # streamed from disk straight into bf16 on cuda
     tok = mmlm.load_tokenizer("path/to/checkpoint-or-tokenizer")
     mmlm.save(model, "out_dir", tokenizer=tok)
     new_ids = mmlm.generate(lm, input_ids, attention_mask, max_new_tokens=32)   # (B, new_tokens)
@@ -18,12 +19,15 @@ __version__ = "0.1.0"
 __all__ = ["load", "save", "load_tokenizer", "generate", "quantize", "reference_mode", "__version__"]
 
 
-def load(path: Any):
+def load(path: Any, dtype: Any = None, device: Any = None):
     """Open a model: an mmlm checkpoint dir, a transformers CLIPModel / LlamaForCausalLM / Qwen2ForCausalLM /
-    LlavaForConditionalGeneration dir, or a llama-architecture .gguf file. Eval mode, float32, CPU."""
+    LlavaForConditionalGeneration dir, or a llama-architecture .gguf file. Eval mode; float32 on the CPU unless
+    `dtype` (torch.bfloat16 / float16 / float32, or "bf16", ...) and `device` ("cuda", "auto", ...) say otherwise.
+    Built on the meta device, each tensor read from the memory-mapped file straight into its dtype and device.
+    See mmlm.formats.load."""
     from .formats import load as _load
 
-    return _load(path)
+    return _load(path, dtype=dtype, device=device)
 
 
 def save(model: Any, directory: Any, tokenizer: Any = None, preprocess: Any = None):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from .checkpoint import CONFIG_NAME, PREPROCESS_NAME, load_model, read_json, save
@@ -20,23 +21,35 @@ from .convert.gguf import load_gguf, tokenizer_from_gguf
 from .convert.hf import export_hf, load_hf
 from .data.transforms import PreprocessConfig
 from .tokenizer import CLIP_BPE_FILE, TOKENIZER_FILE, Tokenizer
+from .weights import parse_device, parse_dtype, place
 
 
-def load(path: str | Path) -> nn.Module:
+def load(path: str | Path, dtype: torch.dtype | str | None = torch.float32,
+         device: torch.device | str | None = "cpu") -> nn.Module:
     """Open a model: an mmlm checkpoint dir, a transformers CLIPModel / LlamaForCausalLM / Qwen2ForCausalLM /
-    LlavaForConditionalGeneration dir, or a llama-architecture .gguf file. Eval mode, float32, CPU."""
+    LlavaForConditionalGeneration dir, or a llama-architecture .gguf file. Eval mode; float32 on the CPU unless
+    `dtype` (torch.bfloat16 / float16 / float32 or a name: "bf16", ...) and `device` ("cuda", "cuda:1", "auto")
+    say otherwise.
+
+    Checkpoint and transformers directories load with little memory: the model is built on the meta device and
+    each tensor streams from the memory-mapped (sharded) safetensors straight into `dtype` on `device`, fused
+    tensors filled in place (see weights.py). A .gguf file is dequantised to float32 first, then cast."""
     path = Path(path)
+    dtype, device = parse_dtype(dtype), parse_device(device)
     if path.is_dir() and (path / CONFIG_NAME).is_file():
-        model = load_model(path) if "kind" in read_json(path / CONFIG_NAME) else load_hf(path)
+        if "kind" in read_json(path / CONFIG_NAME):
+            model = load_model(path, dtype, device)
+        else:
+            model = load_hf(path, dtype, device)
     elif path.is_dir():
         raise FileNotFoundError(f"{path}: no config.json; expected an mmlm checkpoint or a transformers model directory")
     elif not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     elif path.suffix == ".gguf":
-        model = load_gguf(path)
+        model = place(load_gguf(path), dtype, device)
     else:
         raise ValueError(f"{path}: cannot open this file as a model (expected a checkpoint directory or a .gguf file)")
-    return model.float().eval()
+    return model.eval()
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import build_model, load_state_dict_strict, read_json, read_state_dict, save_tensors, write_json
+from ..checkpoint import build_on_meta, read_json, read_state_dict, save_tensors, write_json
 from ..config import LlavaConfig, LMConfig
+from ..weights import INDEX_NAME, close_all, load_into, open_weights
 from . import hf_clip, hf_llama, hf_llava
 
 
@@ -32,8 +33,20 @@ def read_hf_weights(directory: str | Path) -> dict[str, torch.Tensor]:
 CONVERTERS = {"clip": hf_clip, "llama": hf_llama, "qwen2": hf_llama, "llava": hf_llava}
 
 
-def load_hf(directory: str | Path) -> nn.Module:
-    """A transformers CLIPModel / LlamaForCausalLM / Qwen2ForCausalLM / LlavaForConditionalGeneration dir -> mmlm."""
+def lazy_hf_weights(directory: str | Path) -> tuple[dict, list]:
+    """The tensors of an HF directory without reading them: ({name: weights.FileTensor}, open files) from
+    model.safetensors or its sharded index; a pytorch_model.bin (no memory map) is read whole, with no files."""
+    d = Path(directory)
+    if (d / INDEX_NAME).is_file():
+        return open_weights(d)
+    if (d / "model.safetensors").is_file():
+        return open_weights(d / "model.safetensors")
+    return read_hf_weights(d), []
+
+
+def load_hf(directory: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> nn.Module:
+    """A transformers CLIPModel / LlamaForCausalLM / Qwen2ForCausalLM / LlavaForConditionalGeneration dir -> mmlm,
+    built on the meta device, each tensor read straight into `dtype` on `device` (fused ones in place)."""
     d = Path(directory)
     hf_cfg = read_json(d / "config.json")
     conv = CONVERTERS.get(hf_cfg.get("model_type"))
@@ -41,9 +54,12 @@ def load_hf(directory: str | Path) -> nn.Module:
         raise ValueError(f"{d / 'config.json'}: neither an mmlm config (no 'kind') nor a supported transformers "
                          f"model_type (got {hf_cfg.get('model_type')!r}; supported: {sorted(CONVERTERS)})")
     cfg = conv.config_from_hf(hf_cfg)
-    model = build_model(cfg)
-    load_state_dict_strict(model, conv.state_dict_from_hf(read_hf_weights(d), cfg, source=str(d)), str(d))
-    return model
+    model = build_on_meta(cfg)
+    tensors, files = lazy_hf_weights(d)
+    try:
+        return load_into(model, conv.state_dict_from_hf(tensors, cfg, source=str(d)), str(d), dtype, device)
+    finally:
+        close_all(files)
 
 
 def export_hf(model: nn.Module, out: str | Path, tokenizer=None, preprocess=None) -> Path:

@@ -3,6 +3,8 @@
 A `Rule` pairs an mmlm tensor name with the name (or names) it has in another format. `{i}` stands for a
 layer index. Several names on the other side are concatenated along dim 0 into one mmlm tensor (separate
 q, k, v projections -> one fused qkv); `transpose` marks formats that store a projection as (in, out).
+Going to mmlm names, the tensors may also be lazy file tensors (`weights.FileTensor`): a fused one then
+becomes a `weights.RowStack` that the low-memory load fills in place, part by part.
 The same table converts both ways, and both ways are strict: a tensor that no rule claims, or a rule
 with no tensor, is an error that names it.
 """
@@ -11,9 +13,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
+
+from ..weights import RowStack, is_lazy
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,13 @@ def fill(template: str, i: str | None) -> str:
     return template if i is None else template.replace("{i}", i)
 
 
+def cat_rows(parts: list) -> Any:
+    """Tensors joined along dim 0: torch.cat, or an unread RowStack when they are lazy file tensors."""
+    if len(parts) == 1:
+        return parts[0]
+    return RowStack(tuple(parts)) if any(is_lazy(p) for p in parts) else torch.cat(parts, dim=0)
+
+
 def rename(sd: dict[str, torch.Tensor], rules: list[Rule], direction: str, source: str,
            ignore: Callable[[str], bool] = lambda name: False,
            split_sizes: Callable[[Rule, torch.Tensor], list[int]] | None = None) -> dict[str, torch.Tensor]:
@@ -68,7 +79,7 @@ def rename(sd: dict[str, torch.Tensor], rules: list[Rule], direction: str, sourc
                 continue
             used.update(src)
             if direction == "to_ours":
-                t = torch.cat([sd[s] for s in src], dim=0) if len(src) > 1 else sd[src[0]]
+                t = cat_rows([sd[s] for s in src])
                 out[fill(rule.ours, i)] = t.t() if rule.transpose else t
             else:
                 t = sd[src[0]]
