@@ -1,7 +1,7 @@
 """mmlm.load(path, dtype=, device=): the model built on the meta device, each tensor streamed from memory-mapped
 (sharded) safetensors straight into its final dtype and device, fused tensors filled in place, strictly.
 
-The peak-memory tests load in a fresh subprocess and read the kernel's own counters (/proc/self/status):
+The peak-memory tests load in a fresh subprocess and read the kernel's own counters (`mmlm.bench_common.load_peak`):
 VmHWM, the highest resident set size, is reset (`5` written to /proc/self/clear_refs) after torch and mmlm are
 imported, and the figure is VmHWM after the load minus VmRSS just before it. Resident set size counts the
 model's tensors, every temporary and every page of the memory-mapped files the process holds at that moment, so
@@ -11,60 +11,18 @@ out; it does not grow with the model.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import mmlm
+from mmlm.bench_common import load_peak
 from mmlm.checkpoint import build_model, build_on_meta
 from mmlm.config import CLIPConfig, LlavaConfig, LMConfig, ModifiedResNetConfig, TextConfig, ViTConfig
 from mmlm.models.lm import position_ids_from_mask
 
 needs_proc = pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc/self/status (Linux)")
-
-# Runs in a fresh interpreter: argv = [path, dtype, path, dtype, ...]; prints one JSON line per load.
-_PEAK_SCRIPT = r"""
-import gc, json, sys, time
-import torch, mmlm, mmlm.formats
-
-def status():
-    with open("/proc/self/status") as f:
-        return {l.split(":")[0]: int(l.split()[1]) * 1024 for l in f if l.startswith(("VmRSS", "VmHWM"))}
-
-args = sys.argv[1:]
-for path, dtype in zip(args[::2], args[1::2]):
-    gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS
-        reset = True
-    except OSError:  # the figure below is then an upper bound: VmHWM also holds the imports' peak
-        reset = False
-    before = status()
-    t = time.perf_counter()
-    model = mmlm.load(path, dtype=dtype)
-    seconds = time.perf_counter() - t
-    after = status()
-    params = {id(p): p for p in model.parameters()}.values()
-    print(json.dumps({"path": path, "dtype": dtype, "reset": reset, "seconds": seconds,
-                      "peak": after["VmHWM"] - before["VmRSS"],
-                      "weights": sum(p.numel() * p.element_size() for p in params),
-                      "dtypes": sorted({str(p.dtype) for p in params})}))
-    del model, params
-"""
-
-
-def peak_load(*loads: tuple[Path, str]) -> list[dict]:
-    """Each (path, dtype) loaded in turn in one subprocess: peak bytes over the resident set before the load."""
-    argv = [str(x) for load in loads for x in load]
-    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, *argv], check=True, capture_output=True, text=True,
-                         timeout=300)
-    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-
 
 def file_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in ([path] if path.is_file() else path.glob("*.safetensors")))
@@ -250,7 +208,7 @@ def test_hf_llama_bf16_shards_load_at_low_peak_and_match_transformers(tmp_path):
     mmlm.save(ours, tmp_path / "mmlm")  # mmlm's own format: one unsharded bf16 file
 
     size = file_bytes(tmp_path / "hf")
-    hf_bf16, mmlm_bf16, hf_fp32 = peak_load((tmp_path / "hf", "bf16"), (tmp_path / "mmlm", "bf16"),
+    hf_bf16, mmlm_bf16, hf_fp32 = load_peak((tmp_path / "hf", "bf16"), (tmp_path / "mmlm", "bf16"),
                                             (tmp_path / "hf", "float32"))
     for r in (hf_bf16, mmlm_bf16):
         print(f"{r['path']} {r['dtype']}: peak +{r['peak'] / 2**20:.0f} MiB for {size / 2**20:.0f} MiB of files "
@@ -296,7 +254,7 @@ def test_hf_llava_bf16_shards_load_at_low_peak_and_match_transformers(tmp_path):
     hf.save_pretrained(tmp_path / "hf", max_shard_size="30MB")
     assert len(list((tmp_path / "hf").glob("*.safetensors"))) >= 4
     size = file_bytes(tmp_path / "hf")
-    (r,) = peak_load((tmp_path / "hf", "bf16"))
+    (r,) = load_peak((tmp_path / "hf", "bf16"))
     print(f"LLaVA bf16: peak +{r['peak'] / 2**20:.0f} MiB for {size / 2**20:.0f} MiB of files "
           f"({r['peak'] / size:.2f}x) in {r['seconds']:.2f} s")
     assert r["dtypes"] == ["torch.bfloat16"] and r["peak"] <= 1.25 * size

@@ -109,3 +109,54 @@ def peak_mb() -> float:
         return hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # macOS: bytes
     return peak / (1024 * 1024)
+
+
+# `load_peak`'s subprocess: argv = [path, dtype, path, dtype, ...]; one JSON line per load.
+_LOAD_PEAK = r"""
+import gc, json, sys, time
+import torch, mmlm, mmlm.formats
+
+def status():
+    with open("/proc/self/status") as f:
+        return {l.split(":")[0]: int(l.split()[1]) * 1024 for l in f if l.startswith(("VmRSS", "VmHWM"))}
+
+args = sys.argv[1:]
+for path, dtype in zip(args[::2], args[1::2]):
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS
+        reset = True
+    except OSError:  # the figure is then an upper bound: VmHWM also holds the imports' peak
+        reset = False
+    before = status()
+    t = time.perf_counter()
+    model = mmlm.load(path, dtype=dtype)
+    seconds = time.perf_counter() - t
+    after = status()
+    params = list({id(p): p for p in model.parameters()}.values())
+    print(json.dumps({"path": path, "dtype": dtype, "reset": reset, "seconds": round(seconds, 3),
+                      "rss_before": before["VmRSS"], "peak": after["VmHWM"] - before["VmRSS"],
+                      "params": sum(p.numel() for p in params),
+                      "weights": sum(p.numel() * p.element_size() for p in params),
+                      "dtypes": sorted({str(p.dtype) for p in params})}), flush=True)
+    del model, params
+"""
+
+
+def load_peak(*loads: tuple[Any, str], timeout: float = 1800) -> list[dict]:
+    """Peak memory of `mmlm.load(path, dtype=dtype)` for each (path, dtype), in turn in one fresh subprocess (Linux).
+
+    `peak` (bytes) is the highest resident set size during the load minus the resident set size just before it:
+    the kernel's high-water mark VmHWM is reset (5 written to /proc/self/clear_refs) after torch and mmlm are
+    imported, and read after the load. Resident memory counts the model's tensors, every temporary and every page
+    of the memory-mapped files the process holds, so `peak` is what a machine needs free for the load, beyond the
+    fixed cost of the imports (`rss_before`). `reset` False (clear_refs not writable): `peak` is an upper bound.
+    Also: `seconds`, `params`, `weights` (bytes of the loaded parameters) and their `dtypes`."""
+    import subprocess
+    import sys
+
+    argv = [str(x) for load in loads for x in load]
+    out = subprocess.run([sys.executable, "-c", _LOAD_PEAK, *argv], check=True, capture_output=True, text=True,
+                         timeout=timeout)
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
