@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch 2.13.0 is a CPU wheel on local disk on our machines; an unpinned torch pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup test quickstart clean
+.PHONY: setup test test-fast quickstart clean
 
 setup: $(VENV)/.installed
 
@@ -35,8 +35,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 test: setup
 	TORCH="$(TORCH)" $(PY) -m pytest -n 2 -q
 
+# Everything but the tests marked slow (multi-process, SIGKILL resume, the docs run, the quickstart smoke, the browser,
+# fuzzing, the SmolLM2 GGUF, the wheel): under a minute on 2 cores.
+test-fast: setup
+	$(PY) -m pytest -n 2 -q -m "not slow"
+
 quickstart: setup
 	$(VENV)/bin/mmlm quickstart
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache dist build

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 
 import mmlm
 from mmlm.cli import main
@@ -39,6 +40,7 @@ def test_user_errors_are_one_line_messages(tmp_path, capsys):
     assert main(["train", "clip", "--out", str(tmp_path / "run"), "train.lr=oops"]) == 2
 
 
+@pytest.mark.slow
 def test_quickstart_smoke(tmp_path):
     from mmlm.quickstart import quickstart
 

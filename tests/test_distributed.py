@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 
 from mmlm import distributed
 
+pytestmark = pytest.mark.slow  # every test starts two processes
 WORLD = 2
 CLIP_CASES = [("clip", "local", 0), ("clip", "global", 0), ("siglip", "local", 0), ("siglip", "global", 0),
               ("clip", "local", 2), ("siglip", "global", 2)]  # (loss, gather mode, feature-caching micro-batch)

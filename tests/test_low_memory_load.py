@@ -197,6 +197,7 @@ def _bf16_logits_close(got: torch.Tensor, hf_bf16: torch.Tensor, hf_fp32: torch.
     return err
 
 
+@pytest.mark.slow  # builds a model with transformers, saves it in shards, loads it in a subprocess
 @needs_proc
 def test_hf_llama_bf16_shards_load_at_low_peak_and_match_transformers(tmp_path):
     """A ~71 M-parameter Llama saved by transformers as bf16 in 5 shards (136 MB): mmlm.load(dtype=bf16) peaks at
@@ -247,6 +248,7 @@ def _hf_llava():
     return transformers.LlavaForConditionalGeneration(cfg).eval()
 
 
+@pytest.mark.slow  # builds a model with transformers, saves it in shards, loads it in a subprocess
 @needs_proc
 def test_hf_llava_bf16_shards_load_at_low_peak_and_match_transformers(tmp_path):
     """A ~63 M-parameter LLaVA (CLIP ViT tower, projector, Llama) saved by transformers as bf16 shards."""

@@ -147,11 +147,11 @@ def test_quantized_llava_with_tied_embeddings_and_lora(tmp_path):
 
 
 def test_quantize_refuses_clip_and_unknown_modes():
-    from mmlm.config import CLIPConfig
+    from mmlm.config import clip_preset
     from mmlm.models.clip import CLIP
 
     with pytest.raises(ValueError, match="language model"):
-        mmlm.quantize(CLIP(CLIPConfig()), "int8")
+        mmlm.quantize(CLIP(clip_preset("tiny-vit")), "int8")  # a tiny CLIP: building ViT-B/32 took seconds
     with pytest.raises(ValueError, match="unknown quantization"):
         mmlm.quantize(_tiny_lm(), "int2")
     with pytest.raises(ValueError, match="already quantized"):

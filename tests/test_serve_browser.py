@@ -16,8 +16,9 @@ from mmlm.serve import create_app  # noqa: E402
 from mmlm.serve.tiny import tiny_clip, tiny_llava  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                                reason="needs Debian's chromium and chromium-driver (make setup installs them)")
+pytestmark = [pytest.mark.slow,  # a headless Chromium per module
+              pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                                 reason="needs Debian's chromium and chromium-driver (make setup installs them)")]
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from schemathesis.specs.openapi.checks import status_code_conformance  # noqa: E
 from mmlm.serve import ServeConfig, create_app  # noqa: E402
 from mmlm.serve.tiny import tiny_clip, tiny_llava  # noqa: E402
 
+pytestmark = pytest.mark.slow
 FUZZ = settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -53,6 +54,7 @@ def _run_cli(out: Path, steps: int) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     steps = 12
     assert _run_cli(tmp_path / "straight", steps).wait(timeout=300) == 0
