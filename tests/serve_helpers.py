@@ -15,13 +15,16 @@ from PIL import Image
 
 @contextmanager
 def running(app) -> Iterator[str]:
-    """Serve `app` with uvicorn on 127.0.0.1 (a free port) until the block ends; yields the base URL."""
+    """Serve `app` as `mmlm serve` does (its uvicorn settings: timeouts, keep-alive) on 127.0.0.1, a free port,
+    until the block ends; yields the base URL."""
     import uvicorn
+
+    from mmlm.serve.edge import uvicorn_config
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_keep_alive=15))
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, app.state.service.config, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

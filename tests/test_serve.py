@@ -365,8 +365,8 @@ def test_cli_serve_passes_its_options(monkeypatch, llava_dir):
     from mmlm.cli import main
 
     seen = {}
-    monkeypatch.setattr("mmlm.serve.app.serve", lambda model, host, port, config: seen.update(
-        model=model, host=host, port=port, config=config))
+    monkeypatch.setattr("mmlm.serve.app.serve", lambda model, host, port, config, insecure: seen.update(
+        model=model, host=host, port=port, config=config, insecure=insecure))
     assert main(["serve", "--model", str(llava_dir), "--port", "9001", "--max-queue", "3", "--timeout", "5",
                  "--allow-local-dir", "/srv/images", "--name", "demo", "--weights", "int8"]) == 0
     cfg = seen["config"]

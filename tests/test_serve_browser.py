@@ -12,7 +12,7 @@ webdriver = pytest.importorskip("selenium.webdriver")
 
 from serve_helpers import data_uri, png_bytes, running  # noqa: E402
 
-from mmlm.serve import create_app  # noqa: E402
+from mmlm.serve import ServeConfig, create_app  # noqa: E402
 from mmlm.serve.tiny import tiny_clip, tiny_llava  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -97,3 +97,28 @@ def test_page_draws_a_zero_shot_chart(browser, tmp_path):
     widths = [float(r.find_element(By.CLASS_NAME, "bar").get_attribute("style").split("width:")[1].split("%")[0])
               for r in rows]
     assert widths == sorted(widths, reverse=True) and abs(sum(widths) - 100) < 0.5  # bars sized by probability
+
+
+def test_page_asks_for_the_api_key_and_sends_it(browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    app = create_app(tiny_llava(tmp_path / "tiny-llava"), ServeConfig(api_key="sesame"))
+    with running(app) as url:
+        browser.get(url + "/")
+        browser.execute_script("sessionStorage.clear()")
+        browser.get(url + "/")
+        wait(browser, "#auth:not(.hidden)")  # the server needs a key: the page asks for it
+        assert browser.title == "mmlm: tiny-llava"
+        browser.find_element(By.ID, "prompt").send_keys("hi")
+        browser.find_element(By.ID, "send").click()
+        refused = wait(browser, ".assistant[data-done='1']")
+        assert "error" in refused.get_attribute("class") and "API key" in refused.text
+        browser.find_element(By.ID, "api-key").send_keys("sesame")
+        browser.find_element(By.ID, "use-key").click()
+        browser.find_element(By.ID, "prompt").send_keys("hi")
+        browser.find_element(By.ID, "send").click()
+        answer = wait(browser, ".assistant[data-done='1']:not(.error)")
+        assert answer.get_attribute("textContent")  # answered with the key
+        browser.get(url + "/")  # the key stays for this tab
+        assert wait(browser, "#chat:not(.hidden)") and browser.find_element(By.ID, "api-key").get_attribute(
+            "value") == "sesame"

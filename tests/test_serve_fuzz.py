@@ -17,6 +17,7 @@ from mmlm.serve.tiny import tiny_clip, tiny_llava  # noqa: E402
 
 pytestmark = pytest.mark.slow
 FUZZ = settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+HOST = ("testserver",)  # the Host the in-process client sends: a key-less server answers only hosts it knows
 
 
 def _schema(app):
@@ -25,14 +26,15 @@ def _schema(app):
 
 @pytest.fixture(scope="module")
 def llava_api(tmp_path_factory):
-    app = create_app(tiny_llava(tmp_path_factory.mktemp("fuzz") / "tiny-llava"), ServeConfig(default_max_tokens=16))
+    config = ServeConfig(default_max_tokens=16, allowed_hosts=HOST)
+    app = create_app(tiny_llava(tmp_path_factory.mktemp("fuzz") / "tiny-llava"), config)
     yield _schema(app)
     app.state.service.close()
 
 
 @pytest.fixture(scope="module")
 def clip_api(tmp_path_factory):
-    app = create_app(tiny_clip(tmp_path_factory.mktemp("fuzz") / "tiny-clip"))
+    app = create_app(tiny_clip(tmp_path_factory.mktemp("fuzz") / "tiny-clip"), ServeConfig(allowed_hosts=HOST))
     yield _schema(app)
     app.state.service.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -77,14 +78,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"the server needs the serve extra: pip install 'mmlm[serve]' ({e})") from None
 
     config = ServeConfig(name=args.name, template=args.template, local_dir=args.allow_local_dir,
-                         allow_remote=args.allow_remote_images, max_queue=args.max_queue, max_batch=args.max_batch,
-                         timeout_s=args.timeout, api_key=args.api_key, weights=args.weights)
+                         allow_remote=args.allow_remote_images, allow_private_remote=args.allow_private_remote,
+                         max_queue=args.max_queue, max_batch=args.max_batch, timeout_s=args.timeout,
+                         api_key=_api_key(args), allowed_hosts=tuple(args.allowed_host), weights=args.weights,
+                         max_body_bytes=args.max_body_mb * 1024 * 1024, max_text_chars=args.max_text_chars,
+                         body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout,
+                         shutdown_timeout_s=args.shutdown_timeout, fetch_timeout_s=args.fetch_timeout)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    serve(args.model, host=args.host, port=args.port, config=config)
+    serve(args.model, host=args.host, port=args.port, config=config, insecure=args.insecure)
     return 0
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """The key from --api-key-file, --api-key or MMLM_API_KEY (one at most); an empty one is an error."""
+    given = {name: value for name, value in [("--api-key-file", args.api_key_file), ("--api-key", args.api_key),
+                                             ("MMLM_API_KEY", os.environ.get("MMLM_API_KEY"))] if value is not None}
+    if len(given) > 1:
+        raise ValueError(f"give the API key one way, not {' and '.join(given)}")
+    if "--api-key-file" in given:
+        lines = Path(given["--api-key-file"]).read_text(encoding="utf-8").splitlines()
+        given["--api-key-file"] = lines[0].strip() if lines else ""
+    for name, key in given.items():
+        if not key.strip():
+            raise ValueError(f"the API key from {name} is empty")
+        return key.strip()
+    return None
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -215,7 +236,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting before the server answers 429")
     s.add_argument("--max-batch", type=int, default=8, help="generation requests batched together")
     s.add_argument("--timeout", type=float, default=60.0, help="seconds per request, queueing included")
-    s.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
+    s.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/* (visible in ps: "
+                                                   "prefer MMLM_API_KEY or --api-key-file)")
+    s.add_argument("--api-key-file", default=None, help="read the API key from the first line of this file")
+    s.add_argument("--insecure", action="store_true", help="allow a --host beyond loopback without an API key")
+    s.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a Host header name accepted without a key, besides localhost and IP addresses (repeatable)")
+    s.add_argument("--allow-private-remote", action="store_true",
+                   help="with --allow-remote-images: also fetch from loopback, private and link-local addresses")
+    s.add_argument("--max-body-mb", type=int, default=20, help="largest request body, in MiB")
+    s.add_argument("--max-text-chars", type=int, default=None,
+                   help="characters of text per request (default: the most that can fit the context)")
+    s.add_argument("--header-timeout", type=float, default=10.0, help="seconds for a request's line and headers")
+    s.add_argument("--body-timeout", type=float, default=30.0, help="seconds for a request's whole body")
+    s.add_argument("--fetch-timeout", type=float, default=10.0, help="seconds per remote image, everything included")
+    s.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds requests in flight get on SIGTERM before they are cut")
     s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, i.e. the cores)")
     s.add_argument("--weights", default=None, choices=["int8", "int4"],
                    help="LM / LLaVA: quantize the LM's weights for faster decoding on a CPU")

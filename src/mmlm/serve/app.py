@@ -1,109 +1,108 @@
-"""The HTTP app: OpenAI-compatible routes, a body-size limit, and the web page at `/`.
+"""The HTTP app: OpenAI-compatible routes and the web page at `/`.
 
     POST /v1/chat/completions   LLaVA or LM: text + image_url parts; stream=true answers server-sent events
     POST /v1/embeddings         CLIP: texts and images -> L2-normalised embeddings (float or base64)
     POST /v1/classify           CLIP: one image + candidate labels -> probabilities (zero-shot)
     GET  /v1/models, /health, /
+
+A request's way in (`admit`): the edge checks its Host header and key (edge.py); it is counted from its
+arrival (admission.py, 429 when full); its body is read within a deadline (body.py); it is parsed, and later
+its images decoded and its text tokenized, on the bounded pre-processing pool, within the request's deadline;
+its remote images are fetched on the event loop (fetch.py); then its job joins the model thread's queue
+(engine.py). The event loop itself only reads headers and bodies and streams answers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, StreamingResponse
 
+from .admission import Admission, Ticket
+from .body import read_body
+from .edge import Guard, is_loopback, uvicorn_config
 from .engine import Job, QueueFull
-from .errors import APIError, error_response, install_error_handlers
-from .schemas import ChatCompletionRequest, ClassifyRequest, EmbeddingRequest, ErrorResponse
-from .service import ServeConfig, Service
+from .errors import APIError, install_error_handlers
+from .fetch import fetch
+from .schemas import ErrorResponse
+from .service import ENDPOINTS, ServeConfig, Service
 
+log = logging.getLogger("mmlm.serve")
 PAGE = Path(__file__).parent / "static" / "index.html"
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": what} for status, what in [
         (400, "bad request: the error names the field (`param`)"), (401, "missing or wrong API key"),
-        (404, "unknown model"), (413, "body or image too large"), (429, "the queue is full: retry later"),
+        (404, "unknown model"), (408, "the body did not arrive in time"), (413, "body or image too large"),
+        (415, "the body is not JSON"), (429, "the queue is full: retry later"),
         (504, "the request did not finish in time")]}
-
-
-class BodyLimit:
-    """Pure ASGI middleware: bodies over `max_bytes` get 413 before any route parses them."""
-
-    def __init__(self, app: Any, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await self._refuse(scope, receive, send)
-        body, more = bytearray(), True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_bytes:
-                return await self._refuse(scope, receive, send)
-        replayed = False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()  # after the body: wait for the client to disconnect
-
-        await self.app(scope, replay, send)
-
-    async def _refuse(self, scope: dict, receive: Any, send: Any) -> None:
-        await error_response(413, f"the request body is larger than the limit of {self.max_bytes} bytes",
-                             "body_too_large")(scope, receive, send)
 
 
 def create_app(model_path: str | Path, config: ServeConfig | None = None, **service_kwargs: Any) -> FastAPI:
     """The app serving one model (loaded now; its worker thread starts now and stops with the app)."""
     service = Service(model_path, config, **service_kwargs)
     cfg = service.config
+    admission = Admission(cfg.max_queue, cfg.prep_threads)
+    fetch_slots = asyncio.Semaphore(cfg.max_fetches)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         service.close()
+        admission.close()
 
     app = FastAPI(title="mmlm", version="0.1.0", lifespan=lifespan,
                   description=f"OpenAI-compatible API for {service.name} ({service.kind})")
-    app.state.service = service
+    app.state.service, app.state.admission = service, admission
     install_error_handlers(app)
-    _document_errors_as_400(app)
-    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+    _document_bodies(app)
+    app.add_middleware(Guard, api_key=cfg.api_key, allowed_hosts=tuple(cfg.allowed_hosts))
 
-    async def check_key(request: Request) -> None:
-        if cfg.api_key and request.headers.get("authorization") != f"Bearer {cfg.api_key}":
-            raise APIError(401, "missing or wrong API key (Authorization: Bearer <key>)", "invalid_api_key")
+    async def fetch_images(sources: list[tuple[str, str]], ticket: Ticket) -> dict[str, bytes]:
+        """The remote images' bytes by param, fetched at once (at most `max_fetches` server-wide)."""
 
-    async def prepare(make_job: Any, req: Any) -> Any:
-        """The request's job, built off the event loop (image decoding, tokenizing); 429 first if the queue is full."""
-        if service.worker.depth >= service.worker.max_queue:
-            raise APIError(429, f"the server is busy: the queue is full ({service.worker.max_queue} requests "
-                                "waiting); retry shortly", "queue_full")
-        return await asyncio.to_thread(make_job, req)
+        async def one(param: str, url: str) -> tuple[str, bytes]:
+            async with fetch_slots:
+                timeout = min(cfg.fetch_timeout_s, ticket.remaining())
+                return param, await fetch(url, param, cfg.max_image_bytes, timeout, cfg.allow_private_remote)
 
-    async def submit(job: Job) -> Job:
-        job.bind(asyncio.get_running_loop(), cfg.timeout_s)
+        tasks = [asyncio.ensure_future(one(param, url)) for param, url in sources]
         try:
-            service.worker.submit(job)
-        except QueueFull as e:
-            raise APIError(429, f"the server is busy: {e}; retry shortly", "queue_full") from None
-        return job
+            return dict(await ticket.within_deadline(asyncio.gather(*tasks)))
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def admit(request: Request, endpoint: str) -> tuple[Any, Any, Job]:
+        """The request from its arrival to its job in the model thread's queue: (request, what the service
+        made, the job). Every step is bounded and within the request's deadline; see the module docstring."""
+        service.check_endpoint(endpoint)
+        ticket = admission.enter(cfg.timeout_s)
+        try:
+            body = await read_body(request, cfg.max_body_bytes,
+                                   min(ticket.deadline, time.monotonic() + cfg.body_timeout_s))
+            req = await ticket.prepare(service.parse, endpoint, body)
+            del body
+            fetched = await fetch_images(service.remote_images(req), ticket) if cfg.allow_remote else {}
+            made = await ticket.prepare(service.job, endpoint, req, fetched)
+            job = made[0] if isinstance(made, tuple) else made
+            job.on_leave = ticket.leave  # the model thread taking the job ends its wait
+            job.bind(asyncio.get_running_loop(), ticket.remaining())
+            try:
+                service.worker.submit(job)
+            except QueueFull as e:
+                raise APIError(429, f"the server is busy: {e}; retry shortly", "queue_full") from None
+            return req, made, job
+        except BaseException:
+            ticket.leave()
+            raise
 
     async def next_event(job: Job) -> tuple[str, Any]:
         try:
@@ -127,8 +126,6 @@ def create_app(model_path: str | Path, config: ServeConfig | None = None, **serv
         finally:
             job.cancel()  # nothing more is read: a timed-out or disconnected request stops costing work
 
-    deps = [Depends(check_key)]
-
     @app.get("/", include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(PAGE.read_text(encoding="utf-8"))
@@ -136,17 +133,17 @@ def create_app(model_path: str | Path, config: ServeConfig | None = None, **serv
     @app.get("/health")
     async def health() -> dict[str, Any]:
         w = service.worker
-        return {"status": "ok", "model": service.name, "kind": service.kind, "queue": w.depth,
-                "max_queue": w.max_queue, "batches": w.batches, "rows": w.rows}
+        return {"status": "ok", "model": service.name, "kind": service.kind, "queue": admission.waiting,
+                "max_queue": admission.max_queue, "batches": w.batches, "rows": w.rows, "auth": cfg.api_key is not None}
 
-    @app.get("/v1/models", dependencies=deps)
+    @app.get("/v1/models", responses=ERROR_RESPONSES)
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": service.name, "object": "model", "created": 0,
                                             "owned_by": "mmlm", "kind": service.kind}]}
 
-    @app.post("/v1/chat/completions", dependencies=deps, responses=ERROR_RESPONSES)
-    async def chat_completions(req: ChatCompletionRequest) -> Any:
-        job = await submit(await prepare(service.chat_job, req))
+    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES, openapi_extra=_body_doc("/v1/chat/completions"))
+    async def chat_completions(request: Request) -> Any:
+        req, _, job = await admit(request, "/v1/chat/completions")
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -158,17 +155,18 @@ def create_app(model_path: str | Path, config: ServeConfig | None = None, **serv
                              "logprobs": None, "finish_reason": done["finish_reason"]}],
                 "usage": _usage(done)}
 
-    @app.post("/v1/embeddings", dependencies=deps, responses=ERROR_RESPONSES)
-    async def embeddings(req: EmbeddingRequest) -> Any:
-        job, tokens = await prepare(service.embedding_job, req)
-        vectors = await result(await submit(job))
+    @app.post("/v1/embeddings", responses=ERROR_RESPONSES, openapi_extra=_body_doc("/v1/embeddings"))
+    async def embeddings(request: Request) -> Any:
+        _, (_, tokens), job = await admit(request, "/v1/embeddings")
+        vectors = await result(job)
         return {"object": "list", "model": service.name,
                 "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
-    @app.post("/v1/classify", dependencies=deps, responses=ERROR_RESPONSES)
-    async def classify(req: ClassifyRequest) -> Any:
-        out = await result(await submit(await prepare(service.classify_job, req)))
+    @app.post("/v1/classify", responses=ERROR_RESPONSES, openapi_extra=_body_doc("/v1/classify"))
+    async def classify(request: Request) -> Any:
+        _, _, job = await admit(request, "/v1/classify")
+        out = await result(job)
         data = [{"index": i, "label": label, "probability": p, "logit": z}
                 for i, (label, p, z) in enumerate(zip(out["labels"], out["probabilities"], out["logits"]))]
         best = max(data, key=lambda d: d["probability"])
@@ -177,13 +175,25 @@ def create_app(model_path: str | Path, config: ServeConfig | None = None, **serv
     return app
 
 
-def _document_errors_as_400(app: FastAPI) -> None:
-    """FastAPI documents validation errors as 422; this server answers them with 400 in OpenAI's shape."""
+def _body_doc(endpoint: str) -> dict[str, Any]:
+    """The route's request body in the OpenAPI schema (routes read their bodies themselves, see `admit`)."""
+    ref = {"$ref": f"#/components/schemas/{ENDPOINTS[endpoint].__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def _document_bodies(app: FastAPI) -> None:
+    """The request bodies' schemas join the OpenAPI schema's components; FastAPI documents validation errors
+    as 422, this server answers them with 400 in OpenAI's shape."""
     make_schema = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = make_schema()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in ENDPOINTS.values():
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
             for ops in schema.get("paths", {}).values():
                 for op in ops.values():
                     op.get("responses", {}).pop("422", None)
@@ -231,11 +241,18 @@ async def _sse(job: Job, next_event: Any, cid: str, created: int, model: str, in
 
 
 def serve(model_path: str | Path, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None,
-          log_level: str = "info") -> None:
-    """Run the server until interrupted (`mmlm serve`)."""
+          log_level: str = "info", insecure: bool = False) -> None:
+    """Run the server until interrupted (`mmlm serve`).
+
+    Bound beyond loopback without an API key, anyone on the network can use it: refused unless `insecure`."""
     import uvicorn
 
-    # Keep idle connections longer than clients do (httpx, and so the openai package, drop theirs after 5 s, as
-    # does uvicorn by default): otherwise a client can reuse a connection the server is closing, and fail.
-    uvicorn.run(create_app(model_path, config), host=host, port=port, log_level=log_level, timeout_keep_alive=15)
-
+    config = config or ServeConfig()
+    if not is_loopback(host):
+        if config.api_key is None and not insecure:
+            raise ValueError(f"--host {host} serves the network without an API key: give one (MMLM_API_KEY, "
+                             "--api-key-file) or pass --insecure")
+        if config.api_key is None:
+            log.warning("serving %s without an API key: anyone who can reach it can use it", host)
+        config.allowed_hosts = (*config.allowed_hosts, host)
+    uvicorn.Server(uvicorn_config(create_app(model_path, config), host, port, config, log_level)).run()

@@ -45,6 +45,7 @@ class Job:
         self.events: asyncio.Queue | None = None
         self.deadline = float("inf")
         self.cancelled = threading.Event()
+        self.on_leave: Callable[[], None] | None = None  # the app's count of waiting requests (admission.py)
 
     def bind(self, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
         self.loop, self.events = loop, asyncio.Queue()
@@ -64,8 +65,15 @@ class Job:
             except RuntimeError:  # the loop has closed (server shutting down)
                 self.cancelled.set()
 
+    def leave_queue(self) -> None:
+        """The job stops counting as waiting: the model thread took it, dropped it, or it was cancelled."""
+        leave, self.on_leave = self.on_leave, None
+        if leave is not None:
+            leave()
+
     def cancel(self) -> None:
         self.cancelled.set()
+        self.leave_queue()  # an abandoned request leaves the count now, not when the model thread reaches it
 
     def expired(self) -> bool:
         return self.cancelled.is_set() or time.monotonic() > self.deadline
@@ -86,12 +94,16 @@ class Worker:
 
     @property
     def depth(self) -> int:
-        return len(self._jobs)
+        """Jobs waiting that still want an answer (cancelled and expired ones are not counted)."""
+        return sum(not job.expired() for job in list(self._jobs))
 
     def submit(self, job: Job) -> None:
         with self._cond:
             if self._closed:
                 raise QueueFull("the server is shutting down")
+            for gone in [j for j in self._jobs if j.expired()]:  # abandoned jobs hold no place in the queue
+                self._jobs.remove(gone)
+                gone.leave_queue()
             if len(self._jobs) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
             self._jobs.append(job)
@@ -101,7 +113,7 @@ class Worker:
         with self._cond:
             while True:
                 while self._jobs and self._jobs[0].expired():
-                    self._jobs.popleft()
+                    self._jobs.popleft().leave_queue()
                 if self._jobs:
                     break
                 if self._closed:
@@ -117,6 +129,8 @@ class Worker:
                     self._jobs.remove(job)
                     batch.append(job)
                     rows += job.size
+            for job in batch:
+                job.leave_queue()
             return batch
 
     def _loop(self) -> None:

@@ -26,9 +26,13 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "
 class APIError(Exception):
     """A failure to report to the client: HTTP status, a message naming the problem, the field (`param`)."""
 
-    def __init__(self, status: int, message: str, code: str, param: str | None = None):
+    def __init__(self, status: int, message: str, code: str, param: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
+        self.headers = dict(headers or {})
+        if status in (429, 503):
+            self.headers.setdefault("Retry-After", "1")
 
     def body(self) -> dict[str, Any]:
         return error_body(self.status, self.message, self.code, self.param)
@@ -48,21 +52,26 @@ def _loc(loc: Any) -> str:
     return ".".join(str(p) for p in loc if p != "body") or "body"
 
 
+def invalid(errors: list[dict[str, Any]]) -> APIError:
+    """The first of pydantic's validation errors as a 400 naming its field (`param`)."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    where = _loc(first.get("loc", ()))
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    return APIError(400, f"{where}: {first.get('msg', 'invalid value')}{more}", "invalid_value", where)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if e.status in (429, 503) else None
-        return error_response(e.status, e.message, e.code, e.param, headers)
+        return error_response(e.status, e.message, e.code, e.param, e.headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-        errors = e.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        where = _loc(first.get("loc", ()))
-        if first.get("type") == "json_invalid":
-            return error_response(400, f"the request body is not valid JSON: {first.get('msg')}", "invalid_json")
-        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-        return error_response(400, f"{where}: {first.get('msg', 'invalid value')}{more}", "invalid_value", where)
+        errors = list(e.errors())
+        if errors and errors[0].get("type") == "json_invalid":
+            return error_response(400, f"the request body is not valid JSON: {errors[0].get('msg')}", "invalid_json")
+        error = invalid(errors)
+        return error_response(error.status, error.message, error.code, error.param)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:

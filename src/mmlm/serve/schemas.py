@@ -1,17 +1,22 @@
 """Request bodies of the API, as pydantic models (they also make the OpenAPI schema the fuzzer reads).
 
-Unknown fields are ignored, as OpenAI-compatible servers do, so newer clients keep working.
+Types are strict (`max_tokens: true` is refused, not taken as 1). Unknown fields are ignored, as
+OpenAI-compatible servers do, so newer clients keep working; OpenAI's fields that this server does not
+implement (tools, JSON output, log-probabilities, penalties, ...) are declared, and refused with a 400 naming
+them (`unsupported`) unless they ask for the default.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .errors import APIError
+
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class ImageURL(_Body):
@@ -53,6 +58,47 @@ class ChatCompletionRequest(_Body):
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     n: Optional[int] = Field(1, ge=1, le=1, description="only 1 is supported")
+    # OpenAI's fields this server does not implement: accepted only when they ask for the default
+    tools: Optional[list[Any]] = Field(None, description="not supported: absent, null or []")
+    tool_choice: Union[str, dict[str, Any], None] = Field(None, description='not supported: absent or "none"')
+    functions: Optional[list[Any]] = Field(None, description="not supported: absent, null or []")
+    function_call: Union[str, dict[str, Any], None] = Field(None, description='not supported: absent or "none"')
+    response_format: Optional[dict[str, Any]] = Field(None, description='only {"type": "text"}')
+    logprobs: Optional[bool] = Field(None, description="only false")
+    top_logprobs: Optional[int] = Field(None, description="only 0")
+    logit_bias: Optional[dict[str, Any]] = Field(None, description="only {}")
+    presence_penalty: Optional[float] = Field(None, description="only 0")
+    frequency_penalty: Optional[float] = Field(None, description="only 0")
+    modalities: Optional[list[str]] = Field(None, description='only ["text"]')
+    audio: Optional[dict[str, Any]] = Field(None, description="not supported")
+    prediction: Optional[dict[str, Any]] = Field(None, description="not supported")
+    web_search_options: Optional[dict[str, Any]] = Field(None, description="not supported")
+
+
+# field -> (whether the value asks for what this server does anyway, what it accepts)
+_DEFAULTS = {
+    "tools": (lambda v: not v, "tool calling is not supported"),
+    "tool_choice": (lambda v: v in (None, "none"), 'tool calling is not supported (only "none")'),
+    "functions": (lambda v: not v, "function calling is not supported"),
+    "function_call": (lambda v: v in (None, "none"), 'function calling is not supported (only "none")'),
+    "response_format": (lambda v: v is None or v == {"type": "text"}, 'only {"type": "text"} is supported'),
+    "logprobs": (lambda v: not v, "log-probabilities are not supported"),
+    "top_logprobs": (lambda v: not v, "log-probabilities are not supported"),
+    "logit_bias": (lambda v: not v, "logit_bias is not supported"),
+    "presence_penalty": (lambda v: not v, "penalties are not supported (only 0)"),
+    "frequency_penalty": (lambda v: not v, "penalties are not supported (only 0)"),
+    "modalities": (lambda v: v is None or v == ["text"], 'only ["text"] is supported'),
+    "audio": (lambda v: v is None, "audio output is not supported"),
+    "prediction": (lambda v: v is None, "predicted outputs are not supported"),
+    "web_search_options": (lambda v: v is None, "web search is not supported"),
+}
+
+
+def refuse_unsupported(req: ChatCompletionRequest) -> None:
+    """400 naming the first field that asks for something this server does not do."""
+    for name, (is_default, what) in _DEFAULTS.items():
+        if not is_default(getattr(req, name)):
+            raise APIError(400, f"{name}: {what}", "unsupported_parameter", name)
 
 
 class EmbeddingImage(_Body):

@@ -1,15 +1,21 @@
-"""The served model: loads it once, turns validated requests into jobs for the model thread.
+"""The served model: loads it once, turns request bodies into jobs for the model thread.
 
-Everything here is blocking (image decoding, tokenizing) and runs in a worker thread of the app, never on
-the event loop; torch itself only runs on the model thread (engine.py).
+Everything here is blocking (JSON, image decoding, tokenizing) and runs on the app's pre-processing threads
+(admission.py), never on the event loop; the model itself only runs on the model thread (engine.py). The work
+a request causes is bounded before it is done: the body's JSON values are counted while parsing (body.py),
+its parts and images are counted, and its text is measured in characters before it is tokenized: a text of
+more characters than `context × the longest token` cannot fit the context, so it is refused untokenized, and
+what is tokenized is at most that long.
 """
 
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
+import os
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -18,32 +24,79 @@ from ..chat import prompt_ids
 from ..data.conversation import IMAGE, ConversationError
 from ..data.transforms import ImageProcessor, PreprocessConfig
 from ..formats import load, load_preprocess, load_tokenizer
+from .body import parse
 from .engine import EmbeddingJob, GenerationJob, Worker, run_embeddings, run_generation
 from .errors import APIError
 from .images import ImageLoader
-from .schemas import ChatCompletionRequest, ClassifyRequest, EmbeddingRequest, ImageURL
+from .schemas import ChatCompletionRequest, ClassifyRequest, EmbeddingRequest, ImageURL, refuse_unsupported
+
+MIN_TEMPERATURE = 1e-4  # below it sampling is greedy: logits / 1e-300 overflow, and the softmax is NaN
+ENDPOINTS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/embeddings": EmbeddingRequest,
+             "/v1/classify": ClassifyRequest}
 
 
 @dataclass
 class ServeConfig:
-    """Operator settings: limits, image sources, queueing."""
+    """Operator settings: limits, image sources, queueing, access. docs/serving.md lists them with their flags."""
 
-    name: str | None = None  # model id clients use (default: the directory or file name)
+    name: str | None = None  # model id clients use (default: from the path, see `model_id`)
     template: str | None = None  # LLaVA conversation template (default vicuna_v1)
     max_body_bytes: int = 20 * 1024 * 1024
+    max_json_values: int = 20_000  # JSON values (objects, arrays, strings, numbers) in one body
+    max_parts: int = 1024  # content parts of all messages of one chat request
+    max_text_chars: int | None = None  # text characters per request (default: the most that can fit the context)
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096  # decoded size; larger headers are refused before decoding
     max_images: int = 4  # per request
     max_inputs: int = 256  # texts + images per embeddings request
-    max_queue: int = 64  # waiting requests before 429
+    max_queue: int = 64  # requests waiting (from arrival until the model thread takes them) before 429
+    prep_threads: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))  # parsing, decoding, tokenizing
     max_batch: int = 8  # generation rows per batch
     max_embed_batch: int = 64  # texts + images per embedding batch
-    timeout_s: float = 60.0  # per request, queueing included
+    timeout_s: float = 60.0  # per request, from its arrival: body, preparation, queueing and the answer
+    body_timeout_s: float = 30.0  # the whole body must arrive within this (408 after)
+    header_timeout_s: float = 10.0  # the request line and headers must arrive within this (connection closed)
+    keep_alive_s: float = 15.0  # idle connections are kept this long between requests
+    shutdown_timeout_s: float = 10.0  # on SIGTERM, requests in flight get this long before they are cut
     default_max_tokens: int = 256
     local_dir: str | None = None  # images may be read from files under this directory
     allow_remote: bool = False  # images may be fetched from http(s) URLs
+    allow_private_remote: bool = False  # ... even from loopback, private and link-local addresses
+    fetch_timeout_s: float = 10.0  # per remote image, everything included
+    max_fetches: int = 16  # remote images fetched at once (more wait, within their request's deadline)
     api_key: str | None = None  # if set, /v1/* needs "Authorization: Bearer <key>"
+    allowed_hosts: tuple[str, ...] = ()  # Host header names accepted without a key, besides localhost and IPs
     weights: str | None = None  # "int8" / "int4": quantize the LM for faster decoding (mmlm.quantize)
+    dtype: str | None = None  # load the weights in this dtype ("bf16", "fp16"; default float32), see mmlm.load
+    device: str | None = None  # ... on this device ("cuda", "auto"; default cpu)
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("the API key is empty: give a key, or none to serve without one")
+
+
+GENERIC_NAMES = {"final", "last", "latest", "best", "model", "checkpoint", "weights"}
+
+
+def model_id(model_path: str | Path) -> str:
+    """The model id by default: the path's name, or its run's name when the name says nothing.
+
+    `runs/shapes/final` -> "shapes"; `runs/shapes/checkpoints/step-00000300` -> "shapes-step-300";
+    `SmolLM2-135M.gguf` -> "SmolLM2-135M"; any other directory -> its name."""
+    path = Path(os.path.abspath(model_path))
+    if path.suffix.lower() == ".gguf":
+        return path.stem
+    step = re.fullmatch(r"step-0*(\d+)", path.name)
+    if step and path.parent.name == "checkpoints" and path.parent.parent.name:
+        return f"{path.parent.parent.name}-step-{step.group(1)}"
+    if path.name.lower() in GENERIC_NAMES and path.parent.name:
+        return path.parent.name
+    return path.name or "model"
+
+
+def longest_token(tokenizer: Any) -> int:
+    """Characters in the vocabulary's longest token (special tokens included): no token covers more text."""
+    return max(map(len, tokenizer.tokenizer.get_vocab(with_added_tokens=True)), default=1)
 
 
 def model_kind(model: Any) -> str:
@@ -66,7 +119,7 @@ class Service:
     def __init__(self, model_path: str | Path, config: ServeConfig | None = None, model: Any = None,
                  tokenizer: Any = None):
         self.config = cfg = config or ServeConfig()
-        self.model = model if model is not None else load(model_path)
+        self.model = model if model is not None else load(model_path, dtype=cfg.dtype, device=cfg.device)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path)
         self.kind = model_kind(self.model)
         if cfg.weights:
@@ -75,7 +128,7 @@ class Service:
             from ..quant import quantize
 
             quantize(self.model, cfg.weights)
-        self.name = cfg.name or Path(model_path).name
+        self.name = cfg.name or model_id(model_path)
         self.images = ImageLoader(cfg.max_image_bytes, cfg.max_image_pixels, cfg.local_dir, cfg.allow_remote)
         self.processor = None
         if self.kind != "lm":
@@ -86,6 +139,12 @@ class Service:
         # a LLaVA is prompted with the template it was tuned with (saved in its config)
         self.template = cfg.template or (getattr(self.model.config, "template", "vicuna_v1")
                                          if self.kind == "llava" else "chat")
+        # The most characters a text can have and still fit the context: each token covers at most
+        # `longest_token` characters. (A chat template that trims messages, or CLIP's cleaning, which drops
+        # repeated whitespace, could shrink a text padded with whitespace: it is refused all the same, as what
+        # is tokenized must stay bounded.)
+        self.context = self.model.config.text.context_length if self.kind == "clip" else self.model.max_seq_len
+        self.max_text_chars = cfg.max_text_chars or self.context * longest_token(self.tokenizer)
         if self.kind == "clip":
             self.worker = Worker(lambda jobs: run_embeddings(self.model, self.tokenizer, jobs), cfg.max_queue,
                                  cfg.max_embed_batch)
@@ -109,13 +168,63 @@ class Service:
                     "lm": "a language model (chat)"}[self.kind]
             raise APIError(400, f"{endpoint} is not available: this server runs {what}", "unsupported_endpoint")
 
+    def check_endpoint(self, endpoint: str) -> None:
+        """Before the body is read: whether this model serves `endpoint` at all."""
+        kinds = ("llava", "lm") if endpoint == "/v1/chat/completions" else ("clip",)
+        self.require(*kinds, endpoint=endpoint)
+
+    def parse(self, endpoint: str, body: bytes) -> Any:
+        """The body as the endpoint's request (bounded, strict), its model and its OpenAI fields checked."""
+        req = parse(body, ENDPOINTS[endpoint], self.config.max_json_values)
+        self.check_model(req.model)
+        if isinstance(req, ChatCompletionRequest):
+            refuse_unsupported(req)
+        return req
+
+    def remote_images(self, req: Any) -> list[tuple[str, str]]:
+        """(param, url) of the http(s) images among the first `max_images` of the request: what to fetch."""
+        if isinstance(req, ChatCompletionRequest):
+            if self.kind != "llava":
+                return []
+            found = [(f"messages.{i}.content.{j}.image_url", _url(part.image_url))
+                     for i, m in enumerate(req.messages) if isinstance(m.content, list)
+                     for j, part in enumerate(m.content) if part.type == "image_url"]
+        elif isinstance(req, EmbeddingRequest):
+            items = [] if isinstance(req.input, str) else req.input  # a string is a text, or a data: URI
+            found = [(f"input.{i}", item) if isinstance(item, str) else (f"input.{i}", _url(item.image_url))
+                     for i, item in enumerate(items)
+                     if (item.startswith("data:image/") if isinstance(item, str) else item.type == "image_url")]
+        else:
+            found = [("image", _url(req.image))]
+        return [(param, url) for param, url in found[: self.config.max_images] if ImageLoader.is_remote(url)]
+
+    def check_chars(self, n: int, param: str) -> None:
+        """Refuse, untokenized, a text too long to fit the context."""
+        if n > self.max_text_chars:
+            raise APIError(400, f"{param}: {n} characters of text, more than fit this model's context of "
+                                f"{self.context} tokens (at most {self.max_text_chars} characters)",
+                           "context_length_exceeded", param)
+
+    def job(self, endpoint: str, req: Any, fetched: Mapping[str, bytes] | None = None) -> Any:
+        builder = {"/v1/chat/completions": self.chat_job, "/v1/embeddings": self.embedding_job,
+                   "/v1/classify": self.classify_job}[endpoint]
+        return builder(req, fetched or {})
+
     # --- chat -----------------------------------------------------------------------------------
 
-    def chat_job(self, req: ChatCompletionRequest) -> GenerationJob:
+    def chat_job(self, req: ChatCompletionRequest, fetched: Mapping[str, bytes] | None = None) -> GenerationJob:
         """Messages -> prompt ids (+ images) with every limit checked; raises APIError naming the field."""
         self.check_model(req.model)
         self.require("llava", "lm", endpoint="/v1/chat/completions")
-        messages, images = [], []
+        parts = sum(len(m.content) for m in req.messages if isinstance(m.content, list))
+        if parts > self.config.max_parts:
+            raise APIError(400, f"messages: {parts} content parts, more than the limit of {self.config.max_parts}",
+                           "too_many_parts", "messages")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > 4 or any(not s or len(s) > 256 for s in stop):
+            raise APIError(400, "stop: at most 4 non-empty strings of at most 256 characters", "invalid_value",
+                           "stop")
+        messages, sources = [], []
         for i, m in enumerate(req.messages):
             role = "system" if m.role == "developer" else m.role
             if m.content is None or isinstance(m.content, str):
@@ -132,19 +241,20 @@ class Service:
                                         "images)", "images_not_supported", param)
                 if role != "user":
                     raise APIError(400, f"{param}: images go in user messages", "invalid_value", param)
-                if len(images) >= self.config.max_images:
+                if len(sources) >= self.config.max_images:
                     raise APIError(400, f"{param}: more than {self.config.max_images} images in one request",
                                    "too_many_images", param)
-                images.append(self.images.load(_url(part.image_url), param))
+                sources.append((_url(part.image_url), param))
                 pieces.append(IMAGE)
             messages.append({"role": role, "content": "\n".join(pieces)})
+        self.check_chars(sum(len(m["content"]) for m in messages), "messages")
+        images = [self.images.load(url, param, fetched) for url, param in sources]
         ids = self._prompt_ids(messages, len(images))
         pixel_values = self.processor(images) if images else None
         max_tokens = self._max_tokens(len(ids), req.max_completion_tokens or req.max_tokens)
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stop) > 4 or any(not s for s in stop):
-            raise APIError(400, "stop: at most 4 non-empty strings", "invalid_value", "stop")
         temperature = 1.0 if req.temperature is None else req.temperature
+        if temperature < MIN_TEMPERATURE:
+            temperature = 0.0
         top_p = 1.0 if req.top_p is None else req.top_p
         return GenerationJob(ids, pixel_values, max_tokens, temperature, top_p, req.seed, stop, self.model.max_seq_len)
 
@@ -173,7 +283,8 @@ class Service:
 
     # --- embeddings and zero-shot ---------------------------------------------------------------
 
-    def embedding_job(self, req: EmbeddingRequest) -> tuple[EmbeddingJob, int]:
+    def embedding_job(self, req: EmbeddingRequest, fetched: Mapping[str, bytes] | None = None
+                      ) -> tuple[EmbeddingJob, int]:
         """Texts and images to embed, as one job; also the number of text tokens (usage)."""
         self.check_model(req.model)
         self.require("clip", endpoint="/v1/embeddings")
@@ -187,7 +298,7 @@ class Service:
         if req.dimensions is not None and req.dimensions != dim:
             raise APIError(400, f"dimensions: this model's embeddings have {dim} dimensions", "invalid_value",
                            "dimensions")
-        texts, images, order = [], [], []
+        texts, sources, order = [], [], []
         for i, item in enumerate(items):
             if isinstance(item, str) and not item.startswith("data:image/"):
                 texts.append(item)
@@ -196,13 +307,16 @@ class Service:
                 texts.append(item.text)
                 order.append(("text", len(texts) - 1))
             else:
-                if len(images) >= self.config.max_images:
+                if len(sources) >= self.config.max_images:
                     raise APIError(400, f"input.{i}: more than {self.config.max_images} images in one request",
                                    "too_many_images", f"input.{i}")
-                url = item if isinstance(item, str) else _url(item.image_url)
-                images.append(self.images.load(url, f"input.{i}"))
-                order.append(("image", len(images) - 1))
-        tokens = self._count_text_tokens(texts, [f"input.{i}" for i, (k, _) in enumerate(order) if k == "text"])
+                sources.append((item if isinstance(item, str) else _url(item.image_url), f"input.{i}"))
+                order.append(("image", len(sources) - 1))
+        text_params = [f"input.{i}" for i, (k, _) in enumerate(order) if k == "text"]
+        for text, param in zip(texts, text_params):
+            self.check_chars(len(text), param)
+        images = [self.images.load(url, param, fetched) for url, param in sources]
+        tokens = self._count_text_tokens(texts, text_params)
         pixel_values = self.processor(images) if images else None
         base64_out = req.encoding_format == "base64"
 
@@ -225,15 +339,18 @@ class Service:
             total += len(ids) + framed
         return total
 
-    def classify_job(self, req: ClassifyRequest) -> EmbeddingJob:
+    def classify_job(self, req: ClassifyRequest, fetched: Mapping[str, bytes] | None = None) -> EmbeddingJob:
         """One image and candidate labels -> probabilities (softmax over the scaled cosine similarities)."""
         self.check_model(req.model)
         self.require("clip", endpoint="/v1/classify")
         if req.template.count("{}") != 1:
             raise APIError(400, "template: needs exactly one {} where the label goes", "invalid_value", "template")
+        self.check_chars(len(req.template), "template")  # first: each prompt then holds one copy of it
         prompts = [req.template.replace("{}", label) for label in req.labels]
+        for i, prompt in enumerate(prompts):
+            self.check_chars(len(prompt), f"labels.{i}")
         self._count_text_tokens(prompts, [f"labels.{i}" for i in range(len(prompts))])
-        pixel_values = self.processor([self.images.load(_url(req.image), "image")])
+        pixel_values = self.processor([self.images.load(_url(req.image), "image", fetched)])
         labels, model = list(req.labels), self.model
 
         def finish(text_embeds: torch.Tensor, image_embeds: torch.Tensor) -> dict[str, Any]:
