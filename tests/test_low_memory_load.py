@@ -11,6 +11,7 @@ out; it does not grow with the model.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,38 @@ def test_damaged_file_and_bad_arguments_are_clear_errors(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="torch sees no CUDA device"):
             mmlm.load(tmp_path / "ckpt", device="cuda")
+
+
+# ----------------------------------------------------------------------------- the commands' --dtype / --device
+
+def test_chat_and_eval_load_in_the_dtype_asked_for(tmp_path, capsys, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    import mmlm.formats
+    from mmlm.cli import main
+    from mmlm.serve.tiny import tiny_clip, tiny_llava
+
+    llava, clip = tiny_llava(tmp_path / "llava"), tiny_clip(tmp_path / "clip")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "img.png")
+    loaded = []
+    real_load = mmlm.formats.load
+
+    def spy(path, dtype=None, device=None):
+        model = real_load(path, dtype=dtype, device=device)
+        loaded.append((next(model.parameters()).dtype, next(model.parameters()).device.type))
+        return model
+
+    monkeypatch.setattr(mmlm.formats, "load", spy)
+    monkeypatch.setattr("mmlm.eval.cli.load", spy)
+    assert main(["chat", "--model", str(llava), "--image", str(tmp_path / "img.png"), "--prompt", "what shape is it",
+                 "--max-new-tokens", "4", "--dtype", "bf16", "--device", "cpu"]) == 0
+    assert main(["eval", "zeroshot", "--model", str(clip), "--data", "shapes", "--limit", "8", "--dtype", "float16"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 8
+    assert main(["eval", "vqa", "--model", str(llava), "--data", "shapes", "--limit", "2", "--dtype", "bfloat16"]) == 0
+    assert loaded == [(torch.bfloat16, "cpu"), (torch.float16, "cpu"), (torch.bfloat16, "cpu")]
+    with pytest.raises(SystemExit):
+        main(["chat", "--model", str(llava), "--dtype", "int8"])
 
 
 # ----------------------------------------------------------------------------- transformers directories

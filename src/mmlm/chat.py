@@ -58,7 +58,7 @@ def reply(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int 
     """
     from .generation import generate
 
-    ids = torch.tensor([prompt_ids(model, tokenizer, messages, template)])
+    ids = torch.tensor([prompt_ids(model, tokenizer, messages, template)], device=next(model.parameters()).device)
     max_new = min(max_new_tokens, model.max_seq_len - ids.shape[1])
     if max_new <= 0:
         raise ValueError(f"the conversation ({ids.shape[1]} tokens) fills the model's context of {model.max_seq_len}")
@@ -71,19 +71,21 @@ def reply(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int 
 def chat(model_path: str | Path, prompt: str | None = None, system: str | None = None, max_new_tokens: int = 256,
          temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, out: TextIO | None = None,
          read: Callable[[str], str] = input, image: str | Path | None = None,
-         template: str | None = None, weights: str | None = None) -> list[dict[str, str]]:
+         template: str | None = None, weights: str | None = None, dtype: str | torch.dtype | None = None,
+         device: str | torch.device | None = None) -> list[dict[str, str]]:
     """Answer `prompt` and return, or (prompt None) loop reading user turns until EOF / "exit".
 
     The model and its tokenizer come from the same path: a .gguf file, or a directory with tokenizer.json.
     With a LLaVA model, `image` is placed before the first user turn and `template` (default "vicuna_v1")
     is the conversation template it was trained with. `weights` "int8" / "int4" quantizes the LM for faster
-    decoding (mmlm.quantize). Returns the conversation.
+    decoding (mmlm.quantize). `dtype` ("bf16", torch.float16, ...; default float32) and `device` ("cuda", "auto";
+    default cpu) are where the weights are loaded (`mmlm.load`). Returns the conversation.
     """
     from .formats import load, load_preprocess, load_tokenizer
 
     out = out if out is not None else sys.stdout  # looked up per call: a default bound at import goes stale
 
-    model, tokenizer = load(model_path), load_tokenizer(model_path)
+    model, tokenizer = load(model_path, dtype=dtype, device=device), load_tokenizer(model_path)
     if weights:
         from .quant import quantize
 

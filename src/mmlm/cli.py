@@ -52,12 +52,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.task == "vqa":
         result = eval_vqa(args.model, args.data, template=args.template, limit=args.limit, weights=args.weights,
-                          answers=args.answers)
+                          answers=args.answers, dtype=args.dtype, device=args.device)
     elif args.task == "zeroshot":
         result = eval_zeroshot(args.model, args.data, classes=args.classes, templates=args.templates,
-                               limit=args.limit)
+                               limit=args.limit, dtype=args.dtype, device=args.device)
     else:
-        result = eval_retrieval(args.model, args.data, limit=args.limit)
+        result = eval_retrieval(args.model, args.data, limit=args.limit, dtype=args.dtype, device=args.device)
     print(json.dumps(result))
     return 0
 
@@ -67,7 +67,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     chat(args.model, prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
          temperature=args.temperature, top_p=args.top_p, seed=args.seed, image=args.image, template=args.template,
-         weights=args.weights)
+         weights=args.weights, dtype=args.dtype, device=args.device)
     return 0
 
 
@@ -84,6 +84,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          max_body_bytes=args.max_body_mb * 1024 * 1024, max_text_chars=args.max_text_chars,
                          body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout,
                          shutdown_timeout_s=args.shutdown_timeout, fetch_timeout_s=args.fetch_timeout)
+    config.dtype, config.device = args.dtype, args.device
     if args.threads:
         import torch
 
@@ -135,6 +136,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     run_bench(args.what, models=args.model, quick=args.quick, threads=args.threads, memory=not args.no_memory,
               compile=args.compile, weights=tuple(args.weights or ["int4"]))
     return 0
+
+
+def add_load_flags(p: argparse.ArgumentParser) -> None:
+    """--dtype and --device: where `mmlm.load` puts the weights (streamed from the files, no float32 copy)."""
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
+                   help="load the weights in this dtype (default float32)")
+    p.add_argument("--device", default=None, help="load the weights onto this device: cpu (default), cuda, cuda:N, auto")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--answers", type=Path, default=None,
                    help="vqa: also write every question's answer, reference and verdict to this JSON-lines file")
     v.set_defaults(func=cmd_eval)
+    add_load_flags(v)
 
     h = sub.add_parser("chat", help="chat with a language model or, with --image, a LLaVA (one answer with --prompt, "
                                     "else interactive); streams")
@@ -207,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--template", default=None, choices=["plain", "vicuna_v1", "chat"],
                    help="LLaVA: the conversation template (default: the one it was tuned with, from its config)")
     h.set_defaults(func=cmd_chat)
+    add_load_flags(h)
 
     b = sub.add_parser("bench", help="speed against transformers in the same run; prints JSON lines (needs transformers)")
     b.add_argument("what", choices=["decode", "clip", "llava", "data", "all"],
@@ -256,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", default=None, choices=["int8", "int4"],
                    help="LM / LLaVA: quantize the LM's weights for faster decoding on a CPU")
     s.set_defaults(func=cmd_serve)
+    add_load_flags(s)
 
     q = sub.add_parser("quickstart", help="the main job: generate shapes, train a small CLIP and a tiny LLaVA, "
                                           "evaluate, report")

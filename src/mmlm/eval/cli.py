@@ -16,10 +16,10 @@ from .retrieval import evaluate_retrieval
 from .zeroshot import zeroshot
 
 
-def open_model(model_dir: str | Path):
+def open_model(model_dir: str | Path, dtype: Any = None, device: Any = None):
     """(model, tokenizer, ImageProcessor) of a saved CLIP or LLaVA: the checkpoint's preprocessing, else the
-    model's default."""
-    model = load(model_dir)
+    model's default. `dtype` / `device`: where the weights load (`mmlm.load`; default float32 on the CPU)."""
+    model = load(model_dir, dtype=dtype, device=device)
     preprocess = load_preprocess(model_dir) or PreprocessConfig(image_size=model.config.vision.image_size)
     return model, load_tokenizer(model_dir), ImageProcessor(preprocess)
 
@@ -61,8 +61,8 @@ def _builtin_zeroshot(name: str, size: int, limit: int) -> tuple[list[np.ndarray
 
 
 def eval_zeroshot(model_dir: str | Path, data: str, classes: str | None = None, templates: str | None = None,
-                  limit: int = 0) -> dict[str, Any]:
-    model, tok, processor = open_model(model_dir)
+                  limit: int = 0, dtype: Any = None, device: Any = None) -> dict[str, Any]:
+    model, tok, processor = open_model(model_dir, dtype, device)
     skipped: list[dict] = []
     if data in ("shapes", "shapes-novel", "fashion_mnist"):
         images, labels, class_names, tmpl = _builtin_zeroshot(data, processor.config.image_size, limit)
@@ -87,8 +87,9 @@ def eval_zeroshot(model_dir: str | Path, data: str, classes: str | None = None, 
     return {"task": "zeroshot", "data": data, **result, "skipped": skipped}
 
 
-def eval_retrieval(model_dir: str | Path, data: str, limit: int = 0) -> dict[str, Any]:
-    model, tok, processor = open_model(model_dir)
+def eval_retrieval(model_dir: str | Path, data: str, limit: int = 0, dtype: Any = None,
+                   device: Any = None) -> dict[str, Any]:
+    model, tok, processor = open_model(model_dir, dtype, device)
     skipped: list[dict] = []
     if data == "shapes":
         from ..data.shapes import ShapesDataset
@@ -112,16 +113,17 @@ def eval_retrieval(model_dir: str | Path, data: str, limit: int = 0) -> dict[str
 
 
 def eval_vqa(model_dir: str | Path, data: str, template: str | None = None, limit: int = 0,
-             weights: str | None = None, answers: str | Path | None = None) -> dict[str, Any]:
+             weights: str | None = None, answers: str | Path | None = None, dtype: Any = None,
+             device: Any = None) -> dict[str, Any]:
     """Exact-match VQA of a LLaVA model (greedy decoding) on a LLaVA-JSON file with reference answers, or on the
     built-in shapes questions: "shapes" (val, seen colour-shape pairs) or "shapes-novel" (held-out pairs), one
     question per image, `limit` images (default 500). `weights` "int8"/"int4" answers with the LM quantized.
     `answers`: a JSON-lines file to write every question's answer to (id, type, question, answer, reference,
-    correct), for reading the mistakes."""
+    correct), for reading the mistakes. `dtype` / `device`: where the weights load (default float32, CPU)."""
     from ..data.llava_json import LlavaJson
     from .vqa import evaluate_vqa
 
-    model, tok, processor = open_model(model_dir)
+    model, tok, processor = open_model(model_dir, dtype, device)
     if weights:
         from ..quant import quantize
 

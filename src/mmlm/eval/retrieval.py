@@ -52,8 +52,9 @@ def evaluate_retrieval(model, tokenizer, image_batches: Iterable[torch.Tensor], 
 
     Under torch.distributed the ranks share the embedding work and every rank scores all of it."""
     ctx = model.config.text.context_length
-    img = F.normalize(torch.cat(map_shards(lambda px: model.encode_image(px).float(), image_batches)), dim=-1)
+    dev = next(model.parameters()).device  # inputs go where the weights are, embeddings come back to the CPU
+    img = F.normalize(torch.cat(map_shards(lambda px: model.encode_image(px.to(dev)).float().cpu(), image_batches)), dim=-1)
     txt = F.normalize(torch.cat(map_shards(
-        lambda i: model.encode_text(tokenizer(list(captions[i:i + batch_size]), context_length=ctx)).float(),
+        lambda i: model.encode_text(tokenizer(list(captions[i:i + batch_size]), context_length=ctx).to(dev)).float().cpu(),
         range(0, len(captions), batch_size))), dim=-1)
     return retrieval_metrics(img, txt, torch.as_tensor(text_image))

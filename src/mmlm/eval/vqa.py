@@ -51,7 +51,7 @@ def evaluate_vqa(model: Any, tokenizer: Any, processor: Any, records: Sequence[d
         prompts = [encode_prompt(turns, tokenizer, template, mc.image_token_id, mc.image_tokens, name=str(r.get("id")))
                    for r, turns, _, _ in chunk]
         T = max(map(len, prompts))
-        ids = torch.tensor([[tokenizer.pad_id] * (T - len(p)) + p for p in prompts])
+        ids = torch.tensor([[tokenizer.pad_id] * (T - len(p)) + p for p in prompts], device=next(model.parameters()).device)
         mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
         # Each prompt carries its record's images, in order (a record with two questions sends them twice).
         images = [_pil(im) for r, turns, _, _ in chunk

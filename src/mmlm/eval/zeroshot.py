@@ -10,6 +10,11 @@ import torch.nn.functional as F
 from ..distributed import map_shards
 
 
+def _device(model) -> torch.device:
+    """Where the model's weights are (`mmlm.load(..., device=)`): inputs go there, results come back to the CPU."""
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def text_classifier(model, tokenizer, class_names: Sequence[str], templates: Sequence[str],
                     batch_size: int = 256) -> torch.Tensor:
@@ -23,8 +28,8 @@ def text_classifier(model, tokenizer, class_names: Sequence[str], templates: Seq
     ctx = model.config.text.context_length
 
     def embed(start: int) -> torch.Tensor:
-        ids = tokenizer(prompts[start:start + batch_size], context_length=ctx)
-        return F.normalize(model.encode_text(ids).float(), dim=-1)
+        ids = tokenizer(prompts[start:start + batch_size], context_length=ctx).to(_device(model))
+        return F.normalize(model.encode_text(ids).float(), dim=-1).cpu()
 
     per_prompt = torch.cat(map_shards(embed, range(0, len(prompts), batch_size))).view(len(class_names), len(templates), -1)
     return F.normalize(per_prompt.mean(dim=1), dim=-1)
@@ -35,7 +40,8 @@ def image_embeddings(model, batches: Iterable[torch.Tensor]) -> torch.Tensor:
     """Normalised image embeddings of an iterable of (B, C, H, W) pixel batches, concatenated.
 
     Under torch.distributed each rank embeds every W-th batch and all ranks get every embedding."""
-    return torch.cat(map_shards(lambda px: F.normalize(model.encode_image(px).float(), dim=-1), batches))
+    return torch.cat(map_shards(lambda px: F.normalize(model.encode_image(px.to(_device(model))).float(), dim=-1).cpu(),
+                                batches))
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str],
