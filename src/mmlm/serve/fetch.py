@@ -101,9 +101,9 @@ async def _get(url: str, param: str, max_bytes: int, allow_private: bool) -> byt
                     raise _too_large(param, len(data), max_bytes)
             elif isinstance(event, h11.EndOfMessage):
                 return bytes(data)
-            else:  # ConnectionClosed before the end, an informational response, ...
-                if isinstance(event, h11.ConnectionClosed):
-                    raise _failed(param)
+            elif isinstance(event, h11.ConnectionClosed):
+                raise _failed(param)
+            # anything else (an informational 1xx response): read on
     except (OSError, ssl.SSLError, h11.ProtocolError):
         raise _failed(param) from None
     finally:
