@@ -176,7 +176,7 @@ def wait_for(predicate, what: str):
 
 
 def test_queued_requests_are_batched_and_answer_as_alone(llava_dir):
-    app = create_app(llava_dir, ServeConfig(max_batch=8))
+    app = create_app(llava_dir, ServeConfig(max_batch=8, batching="static"))  # Gate holds static batches
     worker = app.state.service.worker
     prompts = [image_message("what shape is this?", (200, 30, 30)), image_message("what colour?", (30, 30, 200)),
                [{"role": "user", "content": "how many objects are there in the image"}]]
@@ -210,7 +210,7 @@ def test_queued_requests_are_batched_and_answer_as_alone(llava_dir):
 
 
 def test_full_queue_answers_429_and_slow_request_504(llava_dir):
-    app = create_app(llava_dir, ServeConfig(max_queue=1, timeout_s=1.5))
+    app = create_app(llava_dir, ServeConfig(max_queue=1, timeout_s=1.5, batching="static"))
     worker = app.state.service.worker
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     with running(app) as url:
@@ -415,7 +415,7 @@ def test_worker_batches_same_settings_that_fit_the_context_and_seeded_requests_a
 def test_a_client_leaving_a_stream_stops_its_generation(llava_dir, monkeypatch):
     import mmlm.serve.engine as engine
 
-    app = create_app(llava_dir)
+    app = create_app(llava_dir, ServeConfig(batching="static"))  # continuous: tests/test_continuous_batching.py
     worker, jobs, tokens, finished = app.state.service.worker, [], [], []
     run_batch = worker.run_batch
     worker.run_batch = lambda batch: (jobs.extend(batch), run_batch(batch), finished.append(len(tokens)))

@@ -79,7 +79,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = ServeConfig(name=args.name, template=args.template, local_dir=args.allow_local_dir,
                          allow_remote=args.allow_remote_images, allow_private_remote=args.allow_private_remote,
-                         max_queue=args.max_queue, max_batch=args.max_batch, timeout_s=args.timeout,
+                         max_queue=args.max_queue, max_batch=args.max_batch, batching=args.batching,
+                         timeout_s=args.timeout,
                          api_key=_api_key(args), allowed_hosts=tuple(args.allowed_host), weights=args.weights,
                          max_body_bytes=args.max_body_mb * 1024 * 1024, max_text_chars=args.max_text_chars,
                          body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout,
@@ -244,7 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-local-dir", default=None, help="image_url may name files under this directory")
     s.add_argument("--allow-remote-images", action="store_true", help="image_url may be an http(s) URL to fetch")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting before the server answers 429")
-    s.add_argument("--max-batch", type=int, default=8, help="generation requests batched together")
+    s.add_argument("--max-batch", type=int, default=None,
+                   help="generation requests batched together (default: 32 continuous, 8 static)")
+    s.add_argument("--batching", default="continuous", choices=["continuous", "static"],
+                   help="generation: requests join and leave the running batch at every step (continuous), or a "
+                        "batch's requests are fixed when it starts (static)")
     s.add_argument("--timeout", type=float, default=60.0, help="seconds per request, queueing included")
     s.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/* (visible in ps: "
                                                    "prefer MMLM_API_KEY or --api-key-file)")

@@ -4,12 +4,16 @@ One prefill pass runs the (left-padded) prompts; then each step feeds one token 
 over the cache. A row that hits EOS or a stop string leaves the batch (its cache rows are dropped), so
 finished sequences stop costing work. Sampling follows transformers' order: repetition penalty,
 temperature, top-k, top-p; greedy when temperature == 0.
+
+`DecodeBatch` decodes step by step for a server: requests join and leave a running batch between steps
+(continuous batching), each answering as `generate` would for it alone.
 """
 
 from __future__ import annotations
 
 import inspect
 import warnings
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -198,3 +202,193 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
         next_pos = next_pos + 1
     cache.pos = T + steps - 1
     return out[:, :steps]
+
+
+# ----------------------------------------------------------------------------- continuous batching
+
+@dataclass(eq=False)
+class DecodeRow:
+    """One sequence of a `DecodeBatch`: its prompt, limits and sampling settings, and the tokens chosen so far.
+
+    `tokens` ends with the EOS id when the row stopped at one (as `generate`'s rows do); `finish` is "stop" (EOS)
+    or "length" (`max_new_tokens`) once the batch ended the row, None while it runs or when the caller made it
+    leave. `start` (the first cache column of its block) and `position` (of its next token) belong to the batch.
+    """
+
+    input_ids: list[int]
+    max_new_tokens: int
+    pixel_values: torch.Tensor | None = None  # (N_images, C, H, W): a LLaVA's images for this prompt
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    tokens: list[int] = field(default_factory=list)
+    finish: str | None = None
+    start: int = 0
+    position: int = 0
+    generator: torch.Generator | None = None
+
+
+class DecodeBatch:
+    """Continuous batching (iteration-level scheduling, as vLLM's): rows join and leave between decoding steps.
+
+    One key/value pool holds every running row: per layer (max_rows, Hkv, L, hd), running rows in pool rows
+    0..n-1. All rows write their next token's keys/values to one shared column `col`, each row's earlier tokens
+    lying in the columns just before it, and `key_mask` (max_rows, L) marks each row's real tokens, so a decoding
+    step is `decode_step` over the window of columns the running rows use, whatever their lengths:
+
+        pool row 0   . . [p p p p t t t]              row 0: prompt p, generated t; . never attended
+        pool row 1   . . . . . [p p p t]              row 1 joined 3 steps later
+        pool row 2   . . . . [0 p p p p]  <- col      row 2 joins now: its left-padded prefill lands before col
+
+    `join` prefills newcomers together (left-padded, their images read once) straight into free pool rows,
+    right-aligned to `col`, and gives each its first token; `step` gives every running row its next token. A row
+    ends at an EOS id or `max_new_tokens`, or when the caller makes it `leave` (a stop string, a client gone);
+    its pool row is refilled by the last running row. The pool grows (and shifts the window back to column 0)
+    only when a newcomer needs more columns, up to `max_len` (default twice the model's context: the longest
+    window, one row's whole context behind `col` and another's ahead). Greedy rows choose exactly what
+    `generate` chooses for them alone (tests/test_continuous_batching.py); a seeded row samples from its own
+    generator, as `generate(seed=)` alone does. Not compiled: shapes change at every step.
+    """
+
+    def __init__(self, model: nn.Module, max_rows: int = 8, eos_token_id: int | Sequence[int] | None = None,
+                 max_len: int | None = None):
+        if eos_token_id is None:
+            eos_token_id = getattr(model.config, "eos_token_id", None)
+        self.model, self.max_rows = model, max_rows
+        self.eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+        self.max_len = max_len or 2 * model.max_seq_len
+        self.device = next(model.parameters()).device
+        self.rows: list[DecodeRow] = []  # running rows, pool row i = rows[i]
+        self.col = 0  # the column every running row writes its next token's keys/values to
+        self.cache = model.new_cache(max_rows, 0)  # the pool, grown on demand
+        self.key_mask = torch.zeros(max_rows, 0, dtype=torch.bool, device=self.device)
+        self.step_fn = decode_step_fn(model)
+
+    def _plan(self, newcomers: Sequence[DecodeRow]) -> tuple[int, int] | None:
+        """(col, pool length) that lets `newcomers` join now, or None when they cannot (rows or columns)."""
+        if len(self.rows) + len(newcomers) > self.max_rows:
+            return None
+        T = max(len(r.input_ids) for r in newcomers)
+        # columns still to be written: a running row one per token it may still choose, a newcomer one fewer
+        ahead = max([r.max_new_tokens - len(r.tokens) for r in self.rows] + [r.max_new_tokens - 1 for r in newcomers])
+        length = self.key_mask.shape[1]
+        if self.col >= T and self.col + ahead <= length:
+            return self.col, length  # it fits where things are
+        behind = self.col - min((r.start for r in self.rows), default=self.col)  # columns the running rows use
+        col = max(behind, T)  # shift the window back to column 0, or forward to make room for the prompts
+        if col + ahead > self.max_len:
+            return None
+        return col, max(col + ahead, min(2 * length, self.max_len))
+
+    def can_join(self, newcomers: Sequence[DecodeRow]) -> bool:
+        """Whether `newcomers` can join together now (free pool rows, and columns within `max_len`)."""
+        return self._plan(newcomers) is not None
+
+    def _arrange(self, col: int, length: int) -> None:
+        """Move the running rows' columns so that `col` becomes the write column, in a pool `length` columns long."""
+        n, shift = len(self.rows), col - self.col
+        lo = min((r.start for r in self.rows), default=self.col)
+        old_k, old_v, old_mask = self.cache.k, self.cache.v, self.key_mask
+        self.cache = self.model.new_cache(self.max_rows, length)  # zeros: masked slots stay finite
+        self.key_mask = torch.zeros(self.max_rows, length, dtype=torch.bool, device=self.device)
+        if n:
+            for new, old in zip(self.cache.k + self.cache.v, old_k + old_v):
+                new[:n, :, lo + shift:col] = old[:n, :, lo:self.col]
+            self.key_mask[:n, lo + shift:col] = old_mask[:n, lo:self.col]
+        for r in self.rows:
+            r.start += shift
+        self.col = col
+
+    @torch.inference_mode()
+    def join(self, newcomers: Sequence[DecodeRow]) -> list[DecodeRow]:
+        """Prefill `newcomers` together and give each its first token; returns them (some may have ended already).
+
+        Raises ValueError when they cannot join now (see `can_join`); nothing changes if the prefill fails."""
+        newcomers = list(newcomers)
+        plan = self._plan(newcomers) if newcomers else None
+        if plan is None:
+            raise ValueError(f"{len(newcomers)} rows cannot join a batch of {len(self.rows)}/{self.max_rows} rows "
+                             f"(pool columns: {self.key_mask.shape[1]} of at most {self.max_len})")
+        if plan != (self.col, self.key_mask.shape[1]):
+            self._arrange(*plan)
+        n, k, col = len(self.rows), len(newcomers), self.col
+        T = max(len(r.input_ids) for r in newcomers)
+        ids = torch.zeros(k, T, dtype=torch.long)
+        mask = torch.zeros(k, T, dtype=torch.long)
+        for j, r in enumerate(newcomers):
+            ids[j, T - len(r.input_ids):] = torch.tensor(r.input_ids)
+            mask[j, T - len(r.input_ids):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        images = [r.pixel_values for r in newcomers if r.pixel_values is not None]
+        extra = {"pixel_values": torch.cat(images).to(self.device)} if images else {}
+        # the prefill writes straight into the newcomers' pool rows, columns col - T .. col - 1
+        block = type(self.cache)([t[n:n + k, :, col - T:col] for t in self.cache.k],
+                                 [t[n:n + k, :, col - T:col] for t in self.cache.v])
+        logits = self.model(ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), cache=block,
+                            only_last=True, **extra).logits[:, -1]  # (k, V)
+        self.key_mask[n:n + k] = False
+        self.key_mask[n:n + k, col - T:col] = mask.bool()
+        for r in newcomers:
+            r.start, r.position, r.tokens, r.finish = col - T, len(r.input_ids), [], None
+            r.generator = torch.Generator(self.device).manual_seed(r.seed) if r.seed is not None else None
+        self.rows += newcomers
+        self._choose(logits, newcomers)
+        return newcomers
+
+    @torch.inference_mode()
+    def step(self) -> list[DecodeRow]:
+        """One decoding step: every running row gets its next token (rows that end leave); returns those rows."""
+        rows, n = list(self.rows), len(self.rows)
+        if not n:
+            return []
+        lo = min(r.start for r in rows)  # attention reads the window lo..col only
+        token = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)  # (n, 1)
+        position = torch.tensor([[r.position] for r in rows], device=self.device)  # (n, 1)
+        self.key_mask[:n, self.col] = True
+        window = type(self.cache)([t[:n, :, lo:] for t in self.cache.k], [t[:n, :, lo:] for t in self.cache.v])
+        logits = self.step_fn(self.model, token, position, self.key_mask[:n, lo:], window, self.col - lo)  # (n, V)
+        self.col += 1
+        for r in rows:
+            r.position += 1
+        self._choose(logits, rows)
+        return rows
+
+    def _choose(self, logits: torch.Tensor, rows: list[DecodeRow]) -> None:
+        """Each row's next token from its logits (greedy rows in one go, sampled rows each with its settings);
+        rows that reach an EOS id or their token limit leave."""
+        greedy = [j for j, r in enumerate(rows) if r.temperature == 0]
+        chosen: list[int] = [0] * len(rows)
+        if greedy:
+            picks = sample_next(logits if len(greedy) == len(rows) else logits[greedy])
+            for j, t in zip(greedy, picks.tolist()):
+                chosen[j] = t
+        for j, r in enumerate(rows):
+            if r.temperature != 0:
+                chosen[j] = int(sample_next(logits[j:j + 1], r.temperature, r.top_k, r.top_p, r.generator))
+        ended = []
+        for r, t in zip(rows, chosen):
+            r.tokens.append(t)
+            if t in self.eos:
+                r.finish = "stop"
+            elif len(r.tokens) >= r.max_new_tokens:
+                r.finish = "length"
+            if r.finish:
+                ended.append(r)
+        self.leave(ended)
+
+    @torch.inference_mode()
+    def leave(self, rows: Sequence[DecodeRow]) -> None:
+        """Rows leave the batch now (the caller's reasons: a stop string, a cancelled request); each freed pool row
+        is refilled by the last running row."""
+        gone = {id(r) for r in rows}
+        for i in sorted((i for i, r in enumerate(self.rows) if id(r) in gone), reverse=True):
+            last = len(self.rows) - 1
+            if i != last:
+                for t in self.cache.k + self.cache.v:
+                    t[i] = t[last]
+                self.key_mask[i] = self.key_mask[last]
+                self.rows[i] = self.rows[last]
+            self.rows.pop()
+        if not self.rows:
+            self.col = 0

@@ -25,7 +25,7 @@ from ..data.conversation import IMAGE, ConversationError
 from ..data.transforms import ImageProcessor, PreprocessConfig
 from ..formats import load, load_preprocess, load_tokenizer
 from .body import parse
-from .engine import EmbeddingJob, GenerationJob, Worker, run_embeddings, run_generation
+from .engine import ContinuousWorker, EmbeddingJob, GenerationJob, Worker, run_embeddings, run_generation
 from .errors import APIError
 from .images import ImageLoader
 from .schemas import ChatCompletionRequest, ClassifyRequest, EmbeddingRequest, ImageURL, refuse_unsupported
@@ -51,7 +51,8 @@ class ServeConfig:
     max_inputs: int = 256  # texts + images per embeddings request
     max_queue: int = 64  # requests waiting (from arrival until the model thread takes them) before 429
     prep_threads: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))  # parsing, decoding, tokenizing
-    max_batch: int = 8  # generation rows per batch
+    batching: str = "continuous"  # generation: "continuous" (rows join and leave at every step) or "static"
+    max_batch: int | None = None  # generation rows per batch (default: 32 continuous, 8 static)
     max_embed_batch: int = 64  # texts + images per embedding batch
     timeout_s: float = 60.0  # per request, from its arrival: body, preparation, queueing and the answer
     body_timeout_s: float = 30.0  # the whole body must arrive within this (408 after)
@@ -148,9 +149,13 @@ class Service:
         if self.kind == "clip":
             self.worker = Worker(lambda jobs: run_embeddings(self.model, self.tokenizer, jobs), cfg.max_queue,
                                  cfg.max_embed_batch)
-        else:
+        elif cfg.batching == "continuous":  # a short request never waits for a long one: a larger batch costs it little
+            self.worker = ContinuousWorker(self.model, self.tokenizer, cfg.max_queue, cfg.max_batch or 32)
+        elif cfg.batching == "static":  # a batch lasts as long as its longest answer
             self.worker = Worker(lambda jobs: run_generation(self.model, self.tokenizer, jobs), cfg.max_queue,
-                                 cfg.max_batch)
+                                 cfg.max_batch or 8)
+        else:
+            raise ValueError(f"batching {cfg.batching!r}: expected 'continuous' or 'static'")
 
     def close(self) -> None:
         self.worker.close()
