@@ -419,7 +419,7 @@ def test_clip_training_in_reference_mode_follows_the_fast_run(preset):
         runs.append((losses, model.state_dict()))
     (fast_losses, fast_sd), (ref_losses, ref_sd) = runs
     # (a ResNet's BatchNorm over 4 samples amplifies rounding from step to step: a few steps, then it drifts)
-    assert fast_losses == pytest.approx(ref_losses, abs=3e-5, rel=0)
+    assert fast_losses == pytest.approx(ref_losses, abs=3e-5 if preset == "tiny-vit" else 3e-4, rel=0)
     assert fast_losses[2] < fast_losses[0] - 1e-3  # it trains (steps 0 and 2 see the same batch)
     wtol = 1e-3 if preset == "tiny-rn" else 1e-4  # the stem's convolutions sit behind four BatchNorms
     for k in ref_sd:
