@@ -438,7 +438,7 @@ def test_a_client_leaving_a_stream_stops_its_generation(llava_dir, monkeypatch):
             wait_for(lambda: tokens, "generation to start")  # then it holds at the second token
         wait_for(lambda: jobs and jobs[0].cancelled.is_set(), "the server to notice the client left")
         wait_for(lambda: finished, "the batch to end")
-        assert finished[0] <= 2  # stopped at once, not after 300 tokens (greedy "hi" runs long on this model)
+        assert finished[0] <= 3  # stopped within a step, not after 300 tokens (greedy "hi" runs long on this model)
         assert httpx.post(url + "/v1/chat/completions", json=_chat("hi")).status_code == 200
 
 
