@@ -99,7 +99,7 @@ def hold_model_thread(model):
     gate = threading.Event()
 
     def hold(*args):
-        gate.wait(30)  # (returns None: the module's inputs are left as they are)
+        gate.wait(120)  # (returns None: the module's inputs are left as they are)
 
     handles = [m.register_forward_pre_hook(hold) for m in model.modules()]
 
@@ -263,7 +263,8 @@ def test_abandoned_streams_leave_the_queue_count_at_once(llava_dir):
             for client, stream, _ in streams:
                 stream.__exit__(None, None, None)
                 client.close()
-            wait_for(lambda: httpx.get(url + "/health").json()["queue"] == 0, "the abandoned streams to leave", 5)
+            # well inside the model thread's hold (120 s): a count that waited for the model thread would not drop
+            wait_for(lambda: httpx.get(url + "/health").json()["queue"] == 0, "the abandoned streams to leave", 30)
             assert app.state.service.worker.depth == 0  # the worker does not count them either
             release()
             blocker.join(60)
@@ -647,6 +648,7 @@ def closed_within(port: int, send: bytes, drip: bytes, every: float, limit: floa
         return False, got
 
 
+@pytest.mark.slow  # waits out the header and keep-alive timeouts
 def test_slow_headers_and_idle_connections_are_closed(llava_dir):
     """Finding 5: 16 connections sending headers slowly stayed open 30 s+ (no read timeout)."""
     app = create_app(llava_dir, ServeConfig(header_timeout_s=1.0, keep_alive_s=15))
@@ -724,6 +726,7 @@ def server_process(model_dir, *flags: str):
         proc.stderr.close()
 
 
+@pytest.mark.slow  # waits out the shutdown timeout in a subprocess
 def test_sigterm_with_a_half_sent_body_ends_within_the_shutdown_timeout(llava_dir):
     """Finding 5: SIGTERM waited forever on a half-sent body (no graceful-shutdown bound)."""
     with server_process(llava_dir, "--shutdown-timeout", "1", "--body-timeout", "60", "--timeout", "60") as (url, proc):
