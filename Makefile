@@ -28,6 +28,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	  (apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
 	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1)) || \
 	  echo "note: could not install chromium + chromium-driver; the browser test will skip")
+	# espeak-ng speaks words offline (the spoken-words audio data); skipped quietly where apt is unavailable.
+	@command -v espeak-ng >/dev/null || (command -v apt-get >/dev/null && \
+	  (apt-get install -y -q espeak-ng >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q espeak-ng >/dev/null 2>&1)) || \
+	  echo "note: could not install espeak-ng; the spoken-words data and its tests will skip")
 	touch $@
 
 # The full suite, slow tests included (CI runs this via .ci/run). tests/test_wheel.py builds the sdist and wheel and
