@@ -53,16 +53,10 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
 
 
 def parse_device(device: torch.device | str | None) -> torch.device:
-    """A torch.device; None = cpu, "auto" = cuda when available, else cpu."""
-    if device is None:
-        return torch.device("cpu")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} was asked for, but torch sees no CUDA device "
-                         f"(torch {torch.__version__}, cuda build: {torch.version.cuda})")
-    return device
+    """A torch.device; None = cpu, "auto" = cuda when available, else cpu (devices.resolve: one rule everywhere)."""
+    from .devices import resolve
+
+    return resolve(device, "device")
 
 
 # ----------------------------------------------------------------------------- files
