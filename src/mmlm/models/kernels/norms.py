@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .casts import matmul_dtype
-from .switch import reference
+from .switch import cpu_path, reference
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -18,10 +18,10 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`rms_norm_reference`'s values. Training: one autograd function (PyTorch's CPU rms_norm is a chain of ops,
     each differentiated on its own), its output already in the dtype the next matmul casts it to under autocast.
-    Inference: PyTorch's fused op."""
+    Inference, and training on a GPU: PyTorch's fused op (one kernel there, differentiated as one)."""
     if reference():
         return rms_norm_reference(x, weight, eps)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if cpu_path(x) and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _RMSNormFn.apply(x, weight, eps, matmul_dtype(x, x.dtype))
     if x.dtype == torch.float32 and weight.dtype == torch.float32:  # the same product, one op fewer
         return F.rms_norm(x, (x.shape[-1],), weight, eps=eps)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .switch import cpu_path
+
 # Matmuls whose row count changes from batch to batch (packed tokens, the positions where a loss is computed)
 # round it up to a multiple of this. Under bf16 autocast on a CPU every new shape makes oneDNN generate and
 # cache a kernel: with a few hundred row counts a run filled that cache (1024 kernels, ~3 MB each, 3.4 GB)
@@ -14,7 +16,10 @@ ROW_MULTIPLE = 64
 
 
 def round_rows(x: torch.Tensor, multiple: int = ROW_MULTIPLE) -> torch.Tensor:
-    """(N, ...) -> (N', ...) with zero rows appended up to a multiple of `multiple`; slice the result back to N."""
+    """(N, ...) -> (N', ...) with zero rows appended up to a multiple of `multiple`; slice the result back to N.
+    On a CPU only: the kernel cache it spares is oneDNN's (x itself elsewhere)."""
+    if not cpu_path(x):
+        return x
     extra = -x.shape[0] % multiple
     return torch.cat([x, x.new_zeros(extra, *x.shape[1:])]) if extra else x
 

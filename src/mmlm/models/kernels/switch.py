@@ -5,6 +5,11 @@
 
 Tests run the models in both modes and assert the same outputs and gradients; a reader who wants to follow
 the maths reads the `*_reference` functions (and the model files), never the fast paths.
+
+Some fast paths were measured and written for a CPU (oneDNN's kernels, PyTorch's CPU autograd): `cpu_path(x)`
+says whether one applies. On a GPU they step aside for PyTorch's own fused kernels (SDPA's flash and
+memory-efficient attention, the fused RMSNorm); the device-neutral ones (one autograd function where autograd
+would run a chain of ops) run everywhere. Nothing here touches CUDA until a tensor on it arrives.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from typing import Iterator
+
+import torch
 
 _override: bool | None = None  # set by reference_mode(); None: the environment decides
 
@@ -21,6 +28,11 @@ def reference() -> bool:
     if _override is not None:
         return _override
     return os.environ.get("MMLM_REFERENCE", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def cpu_path(x: torch.Tensor) -> bool:
+    """Whether the CPU-specific fast paths apply to `x`: the fast paths are on and `x` is on a CPU."""
+    return not reference() and x.device.type == "cpu"
 
 
 @contextmanager
