@@ -96,6 +96,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     (`eos_token_id`, default the model config's) or when its decoded text contains one of `stop` (needs
     `tokenizer`); the ending token is kept and the rest of the row is filled with the first EOS id (or 0).
     pixel_values (N_images, C, H, W) are a LLaVA model's images, read once by the prefill pass.
+    Inputs may be on any device: they are moved to the model's, and the result is there too.
     `stream(row, token_id)` is called for each new token as it is chosen. `seed` makes sampling repeatable.
     `compile` runs the one-token decoding step through torch.compile (see `decode_step_fn`); its shapes then
     never change, so finished rows stay in the batch (their tokens ignored) instead of leaving it.
@@ -110,7 +111,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
                          f"max_new_tokens={max_new_tokens} (>= 0)")
     if stop and tokenizer is None:
         raise ValueError("stop strings need the tokenizer (pass tokenizer=...)")
-    device = input_ids.device
+    device = next(model.parameters()).device  # the inputs go where the weights are (cpu or cuda)
+    input_ids = input_ids.to(device)
     B, T = input_ids.shape
     total = T + max_new_tokens
     if total > model.max_seq_len:

@@ -422,12 +422,13 @@ def run_embeddings(model: Any, tokenizer: Any, jobs: list[EmbeddingJob]) -> None
     jobs = [j for j in jobs if not j.expired()]
     texts = [t for j in jobs for t in j.texts]
     images = [j.pixel_values for j in jobs if j.pixel_values is not None]
-    dim = model.config.embed_dim
-    text_embeds = torch.empty(0, dim)
+    dim, device = model.config.embed_dim, next(model.parameters()).device  # inputs go where the weights are
+    text_embeds = torch.empty(0, dim, device=device)
     if texts:
-        ids = tokenizer(texts, context_length=model.config.text.context_length, truncate=False)
+        ids = tokenizer(texts, context_length=model.config.text.context_length, truncate=False).to(device)
         text_embeds = F.normalize(model.encode_text(ids).float(), dim=-1)
-    image_embeds = F.normalize(model.encode_image(torch.cat(images)).float(), dim=-1) if images else torch.empty(0, dim)
+    image_embeds = F.normalize(model.encode_image(torch.cat(images).to(device)).float(), dim=-1) if images \
+        else torch.empty(0, dim, device=device)
     t = i = 0
     for j in jobs:
         n_img = 0 if j.pixel_values is None else len(j.pixel_values)

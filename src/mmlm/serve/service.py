@@ -326,6 +326,7 @@ class Service:
         base64_out = req.encoding_format == "base64"
 
         def finish(text_embeds: torch.Tensor, image_embeds: torch.Tensor) -> list[Any]:
+            text_embeds, image_embeds = text_embeds.cpu(), image_embeds.cpu()  # from the model's device
             rows = [(text_embeds if kind == "text" else image_embeds)[k].numpy() for kind, k in order]
             if base64_out:
                 return [base64.b64encode(r.astype("<f4").tobytes()).decode() for r in rows]
