@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import CLIPConfig, LlavaConfig, LMConfig, model_config_from_dict, to_dict
+from .config import (ASTConfig, AudioCLIPConfig, CLIPConfig, LlavaConfig, LMConfig, VideoCLIPConfig,
+                     model_config_from_dict, to_dict)
 from .weights import check_state_dict, close_all, load_into, open_weights
 
 CONFIG_NAME = "config.json"
@@ -28,6 +29,18 @@ PREPROCESS_NAME = "preprocess.json"
 
 def build_model(cfg: Any) -> nn.Module:
     """The model class for a config (dispatch on its type, which its explicit `kind` chose)."""
+    if isinstance(cfg, VideoCLIPConfig):  # before CLIPConfig: a video CLIP is an image CLIP with a temporal part
+        from .models.video import VideoCLIP
+
+        return VideoCLIP(cfg)
+    if isinstance(cfg, AudioCLIPConfig):
+        from .models.audio import AudioCLIP
+
+        return AudioCLIP(cfg)
+    if isinstance(cfg, ASTConfig):
+        from .models.audio import AudioSpectrogramTransformer
+
+        return AudioSpectrogramTransformer(cfg)
     if isinstance(cfg, CLIPConfig):
         from .models.clip import CLIP
 

@@ -129,6 +129,7 @@ VISION_KINDS: dict[str, type] = {"vit": ViTConfig, "modified_resnet": ModifiedRe
 
 @dataclass
 class CLIPConfig:
+    KIND: typing.ClassVar[str] = "clip"  # what `kind` must say (VideoCLIPConfig says "video_clip")
     kind: str = "clip"
     embed_dim: int = 512
     vision: VisionConfig = field(default_factory=ViTConfig)
@@ -137,7 +138,7 @@ class CLIPConfig:
     logit_bias_init: float | None = None  # set (e.g. -10) for SigLIP's sigmoid loss
 
     def __post_init__(self) -> None:
-        _check(self.kind == "clip", f"CLIPConfig.kind must be 'clip', got {self.kind!r}")
+        _check(self.kind == self.KIND, f"{type(self).__name__}.kind must be {self.KIND!r}, got {self.kind!r}")
         if isinstance(self.vision, dict):
             self.vision = vision_config_from_dict(self.vision)
         if isinstance(self.text, dict):
@@ -149,6 +150,121 @@ class CLIPConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CLIPConfig":
         return from_dict(cls, d)
+
+
+FUSIONS = ("mean", "transformer")
+
+
+@dataclass
+class TemporalConfig:
+    """How a video tower fuses its per-frame features (B, T, E) into one vector (B, E).
+
+    "mean" averages the frames (order-blind); "transformer" is ActionCLIP's "Transf": frame position
+    embeddings, `layers` residual blocks over the frames, a residual back to the frame features, then the mean.
+    `frames` is the most frames a clip may have (the size of the position table)."""
+
+    kind: str = "temporal"
+    fusion: str = "mean"
+    frames: int = 16
+    layers: int = 1
+    heads: int = 0  # 0 = max(1, embed_dim // 64)
+    act: str = "quick_gelu"
+
+    def __post_init__(self) -> None:
+        _check(self.kind == "temporal", f"TemporalConfig.kind must be 'temporal', got {self.kind!r}")
+        _check(self.fusion in FUSIONS, f"temporal.fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        _check(self.frames >= 1, f"temporal.frames must be >= 1, got {self.frames}")
+        _check(self.layers >= 1, f"temporal.layers must be >= 1, got {self.layers}")
+        _check(self.act in ACTIVATIONS, f"temporal.act {self.act!r} is not one of {ACTIVATIONS}")
+
+
+@dataclass
+class VideoCLIPConfig(CLIPConfig):
+    """A CLIP whose image tower also reads videos: each frame through the tower, then `temporal` fusion
+    (models/video.py). Every image CLIP weight keeps its name, so an image CLIP initialises one."""
+
+    KIND: typing.ClassVar[str] = "video_clip"
+    kind: str = "video_clip"
+    temporal: TemporalConfig = field(default_factory=TemporalConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.temporal, dict):
+            self.temporal = from_dict(TemporalConfig, self.temporal, ".temporal")
+        if not self.temporal.heads:
+            self.temporal.heads = max(1, self.embed_dim // 64)
+        _check(self.embed_dim % self.temporal.heads == 0,
+               f"embed_dim {self.embed_dim} is not divisible by temporal.heads {self.temporal.heads}")
+
+
+@dataclass
+class ASTConfig:
+    """Audio Spectrogram Transformer (Gong et al. 2021; transformers' ASTModel): a ViT over overlapping
+    patch_size x patch_size patches of a log-mel spectrogram (T = max_length frames, F = num_mel_bins), strided
+    by `frequency_stride` and `time_stride`, with a class and a distillation token. `num_labels` > 0 adds the
+    classification head of ASTForAudioClassification."""
+
+    kind: str = "ast"
+    num_mel_bins: int = 128
+    max_length: int = 1024
+    patch_size: int = 16
+    frequency_stride: int = 10
+    time_stride: int = 10
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_dim: int = 0  # 0 = 4 * width
+    act: str = "gelu"
+    norm_eps: float = 1e-12
+    qkv_bias: bool = True
+    num_labels: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.kind == "ast", f"ASTConfig.kind must be 'ast', got {self.kind!r}")
+        if not self.mlp_dim:
+            self.mlp_dim = 4 * self.width
+        _check(self.width % self.heads == 0, f"audio.width {self.width} is not divisible by audio.heads {self.heads}")
+        _check(self.act in ACTIVATIONS, f"audio.act {self.act!r} is not one of {ACTIVATIONS}")
+        _check(min(self.num_mel_bins, self.max_length) >= self.patch_size,
+               f"audio.patch_size {self.patch_size} is larger than the spectrogram "
+               f"({self.max_length} frames x {self.num_mel_bins} mel bins)")
+
+    @property
+    def frequency_patches(self) -> int:
+        return (self.num_mel_bins - self.patch_size) // self.frequency_stride + 1
+
+    @property
+    def time_patches(self) -> int:
+        return (self.max_length - self.patch_size) // self.time_stride + 1
+
+    @property
+    def num_patches(self) -> int:
+        return self.frequency_patches * self.time_patches
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+@dataclass
+class AudioCLIPConfig:
+    """An audio-text CLIP: an AST audio tower and CLIP's text tower projected into one space (models/audio.py)."""
+
+    kind: str = "audio_clip"
+    embed_dim: int = 512
+    audio: ASTConfig = field(default_factory=ASTConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    logit_scale_init: float = math.log(1 / 0.07)
+    logit_bias_init: float | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.kind == "audio_clip", f"AudioCLIPConfig.kind must be 'audio_clip', got {self.kind!r}")
+        if isinstance(self.audio, dict):
+            self.audio = from_dict(ASTConfig, self.audio, ".audio")
+        if isinstance(self.text, dict):
+            self.text = from_dict(TextConfig, self.text, ".text")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
 
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -429,7 +545,8 @@ def clip_preset(name: str) -> CLIPConfig:
     return CLIP_PRESETS[key]()
 
 
-MODEL_CONFIGS: dict[str, type] = {"clip": CLIPConfig, "llama": LMConfig, "llava": LlavaConfig}
+MODEL_CONFIGS: dict[str, type] = {"clip": CLIPConfig, "llama": LMConfig, "llava": LlavaConfig,
+                                   "video_clip": VideoCLIPConfig, "audio_clip": AudioCLIPConfig, "ast": ASTConfig}
 
 
 def model_config_from_dict(d: dict[str, Any], source: str = "config") -> Any:
