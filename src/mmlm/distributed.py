@@ -206,6 +206,72 @@ def average_gradients(params: Sequence[nn.Parameter]) -> None:
             p.grad.copy_(g.view_as(p.grad))
 
 
+# ----------------------------------------------------------------------------- BatchNorm over the global batch
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the backward sums the gradients too (every rank's loss depends on every rank's sum)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class SyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose training statistics are those of the global batch: the mean and variance are summed over
+    ranks (two all-reduces forward, two backward), so every rank normalises as one process would on the whole
+    batch and keeps the same running statistics. torch.nn.SyncBatchNorm does this for GPUs only; this one works
+    with gloo on the CPU as with NCCL. In eval mode, or without a process group, it is nn.BatchNorm2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and world().enabled):
+            return super().forward(x)
+        dims = [0, *range(2, x.dim())]  # every axis but the channels
+        shape = (1, -1) + (1,) * (x.dim() - 2)  # a (C,) statistic broadcast over (B, C, H, W)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in float32 at least (bf16 under autocast)
+        local_count = xf.new_tensor([x.numel() / x.shape[1]])
+        sums = _AllReduceSum.apply(torch.cat([xf.sum(dims), local_count]))  # (C + 1,): sum of x, row count
+        count = sums[-1].detach()
+        mean = sums[:-1] / count
+        centred = xf - mean.view(shape)
+        var = _AllReduceSum.apply(centred.square().sum(dims)) / count  # two passes, as torch's BatchNorm
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
+                unbiased = var * count / (count - 1).clamp(min=1)  # the running variance is the unbiased one
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
+        return y.to(x.dtype)
+
+
+def sync_batch_norm(model: nn.Module) -> int:
+    """Replace every nn.BatchNorm2d of `model` by a `SyncBatchNorm` holding the same parameters and buffers (in
+    place; names and state dict unchanged). Returns how many were replaced."""
+    n = 0
+    for parent in list(model.modules()):
+        for name, bn in list(parent.named_children()):
+            if type(bn) is nn.BatchNorm2d:
+                sync = SyncBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                                     device="meta")
+                for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+                    setattr(sync, key, getattr(bn, key))  # the same objects: an optimizer built before holds them
+                sync.train(bn.training)
+                setattr(parent, name, sync)
+                n += 1
+    return n
+
+
 # ----------------------------------------------------------------------------- FSDP2
 
 def fully_shard_model(model: nn.Module, blocks: Iterable[nn.Module], precision: str = "fp32") -> nn.Module:
