@@ -77,8 +77,9 @@ def _quiet_generation_config(hf) -> None:
     gc.temperature, gc.top_p, gc.top_k = None, None, None
 
 
-def load_pair(model: str, workdir: Path):
-    """(mmlm model, transformers model, what the memory subprocess loads per library) for 'tiny' / 'smollm2-135m'."""
+def load_pair(model: str, workdir: Path, device: torch.device | str = "cpu"):
+    """(mmlm model, transformers model, what the memory subprocess loads per library) for 'tiny' / 'smollm2-135m',
+    both on `device`."""
     transformers = require_transformers()
     from . import load
     from .convert.hf import export_hf
@@ -100,11 +101,11 @@ def load_pair(model: str, workdir: Path):
         hf = None
     else:
         raise ValueError(f"unknown benchmark model {model!r}; known: tiny, smollm2-135m")
-    ours = load(ours_src)
+    ours = load(ours_src, device=device)
     if hf is None:
         hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     _quiet_generation_config(hf)
-    return ours, hf, {"mmlm": str(ours_src), "transformers": str(hf_dir)}
+    return ours, hf.to(device), {"mmlm": str(ours_src), "transformers": str(hf_dir)}
 
 
 # ----------------------------------------------------------------------------- peak memory (subprocess)
@@ -149,12 +150,18 @@ def measure_memory(library: str, src: str, vocab: int, lengths: list[int], new_t
 def bench_decode(models: list[str] | None = None, quick: bool = False, threads: int | None = None,
                  batches: tuple[int, ...] = (1, 8), memory: bool = True, compile: bool = False,
                  weights: tuple[str, ...] = ("int4",),
-                 emit: Emit = print_row) -> list[dict]:
+                 emit: Emit = print_row, device: str | None = None) -> list[dict]:
     """Decode and prefill tokens/s of mmlm.generate vs transformers' generate(), and peak memory; returns the rows
     (each also passed to `emit` as soon as it is measured). `quick` runs fewer tokens and repeats. `compile` adds
     a contender, mmlm with its decode step torch.compile'd (its compile time reported apart); each of `weights`
     ("int8", "int4") one with the LM's weights quantized (`mmlm.quantize`), with what that costs in accuracy
-    (`quant_accuracy`, against mmlm's own float32 logits)."""
+    (`quant_accuracy`, against mmlm's own float32 logits). `device` ("cuda", "auto"; default cpu): where both
+    libraries run; on a GPU the CPU-only parts (quantized weights, RSS memory) are left out."""
+    from .devices import resolve
+
+    device = resolve(device, "--device")
+    if device.type != "cpu":
+        weights, memory = (), False
     require_transformers()
     models = models or ["tiny", "smollm2-135m"]
     threads = threads or torch.get_num_threads()
@@ -163,19 +170,19 @@ def bench_decode(models: list[str] | None = None, quick: bool = False, threads: 
     rows: list[dict] = []
 
     def out(row: dict) -> None:
-        row = {**row, "threads": threads}
+        row = {**row, "threads": threads, **({"device": str(device)} if device.type != "cpu" else {})}
         rows.append(row)
         emit(row)
 
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
-            ours, hf, srcs = load_pair(name, Path(tmp))
+            ours, hf, srcs = load_pair(name, Path(tmp), device)
             vocab = ours.config.vocab_size
             quantized = {mode: quantize(copy.deepcopy(ours), mode) for mode in weights}
             new_tokens = (32 if quick else 128) if name == "tiny" else (16 if quick else 32)
             for batch in batches:
                 lengths = prompt_lengths(batch, 32)
-                ids, mask = prompts(vocab, lengths, seed=batch)
+                ids, mask = (t.to(device) for t in prompts(vocab, lengths, seed=batch))
                 a, b = mmlm_generate(ours, ids, mask, new_tokens), hf_generate(hf, ids, mask, new_tokens)
                 same = a.shape == b.shape and torch.equal(a, b)
                 runs = {"mmlm": lambda: mmlm_generate(ours, ids, mask, new_tokens),
@@ -200,7 +207,7 @@ def bench_decode(models: list[str] | None = None, quick: bool = False, threads: 
                          "ratio": round(ratio, 2), "target": TARGETS[name], "met": ratio >= TARGETS[name]})
 
                 # prefill: a 128-token prompt per row, one new token (the same argmax in both libraries)
-                pids, pmask = prompts(vocab, [128] * batch, seed=100 + batch)
+                pids, pmask = (t.to(device) for t in prompts(vocab, [128] * batch, seed=100 + batch))
                 times = time_ab({"mmlm": lambda: mmlm_generate(ours, pids, pmask, 1),
                                  "transformers": lambda: hf_generate(hf, pids, pmask, 1)}, repeats)
                 med = {}
@@ -228,21 +235,24 @@ def bench_decode(models: list[str] | None = None, quick: bool = False, threads: 
 
 
 def run_bench(what: str, models: list[str] | None = None, quick: bool = False, threads: int | None = None,
-              memory: bool = True, compile: bool = False, weights: tuple[str, ...] = ("int4",)) -> None:
-    """`mmlm bench WHAT`: decode | clip | llava | data | all, JSON lines on stdout."""
+              memory: bool = True, compile: bool = False, weights: tuple[str, ...] = ("int4",),
+              device: str | None = None) -> None:
+    """`mmlm bench WHAT`: decode | clip | llava | data | all, JSON lines on stdout; decode, clip and llava on
+    `device` (default cpu; the data pipeline is the CPU's)."""
     from .bench_models import bench_clip, bench_data, bench_llava
 
     require_transformers()
     if threads:
         torch.set_num_threads(threads)
     if what in ("decode", "all"):
-        bench_decode(models=models, quick=quick, threads=threads, memory=memory, compile=compile, weights=weights)
+        bench_decode(models=models, quick=quick, threads=threads, memory=memory, compile=compile, weights=weights,
+                     device=device)
     train_rates = None
     if what in ("clip", "all"):
-        rows = bench_clip(quick=quick)
+        rows = bench_clip(quick=quick, device=device)
         train_rates = {r["precision"]: r["per_s_median"] for r in rows
                        if r["bench"] == "clip_train" and r["library"] == "mmlm"}
     if what in ("llava", "all"):
-        bench_llava(quick=quick, compile=compile, weights=weights)
+        bench_llava(quick=quick, compile=compile, weights=weights, device=device)
     if what in ("data", "all"):
         bench_data(quick=quick, train_images_per_s=train_rates)

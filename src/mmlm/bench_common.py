@@ -62,6 +62,12 @@ def add_contenders(runs: dict[str, Callable[[], Any]], ours, quantized: dict[str
 
 # ----------------------------------------------------------------------------- timing
 
+def synchronize() -> None:
+    """Wait for the GPU's queued work (CUDA runs asynchronously: a timer must not stop before the kernels do)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def time_ab(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
     """Seconds per call of each run, alternating the order every repeat (A B, B A, ...) after one warm-up each."""
     for run in runs.values():
@@ -70,8 +76,10 @@ def time_ab(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[
     names = list(runs)
     for r in range(repeats):
         for name in names if r % 2 == 0 else reversed(names):
+            synchronize()
             t0 = time.perf_counter()
             runs[name]()
+            synchronize()
             times[name].append(time.perf_counter() - t0)
     return times
 

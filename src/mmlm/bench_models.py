@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from .bench_common import Emit, add_contenders, print_row, rates, require_transformers, time_ab
+from .bench_common import Emit, add_contenders, print_row, rates, require_transformers, synchronize, time_ab
 from .quant import quantize
 
 BENCH_VIT_HF = dict(
@@ -33,14 +33,16 @@ TINY_LLAVA_TEXT = dict(vocab_size=32000, hidden_size=256, intermediate_size=688,
 IMAGE_TOKEN = 31999  # the last id of the tiny LLaVA's vocabulary marks image positions
 TARGETS = {"clip_train": 1.5, "image_embed": 1.5, "text_embed": 1.5, "llava_decode": 3.0, "data_vs_train": 3.0}
 
-def matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of an n x n x n matmul at `dtype` (the best of `repeats`, after a warm-up)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+def matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 5, device: torch.device | str = "cpu") -> float:
+    """FLOP/s of an n x n x n matmul at `dtype` on `device` (the best of `repeats`, after a warm-up)."""
+    a, b = torch.randn(n, n).to(device, dtype), torch.randn(n, n).to(device, dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):
+        synchronize()
         t0 = time.perf_counter()
         a @ b
+        synchronize()
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
@@ -57,22 +59,25 @@ def _features(x) -> torch.Tensor:
     return x if isinstance(x, torch.Tensor) else x.pooler_output  # transformers 5 returns a ModelOutput
 
 
-def precision_context(precision: str):
-    """The autocast context of a benchmark precision: bf16 autocast, or none (fp32)."""
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else torch.autocast("cpu", enabled=False)
+def precision_context(precision: str, device_type: str = "cpu"):
+    """The autocast context of a benchmark precision on a device type: bf16 autocast, or none (fp32)."""
+    if precision == "bf16":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    return torch.autocast(device_type, enabled=False)
 
 
 # ----------------------------------------------------------------------------- CLIP pair and batch
 
-def clip_pair(workdir: Path, seed: int = 0, hf_config: dict | None = None):
-    """(mmlm CLIP, transformers CLIPModel) with the same random weights (bench-vit by default), in eval mode."""
+def clip_pair(workdir: Path, seed: int = 0, hf_config: dict | None = None, device: torch.device | str = "cpu"):
+    """(mmlm CLIP, transformers CLIPModel) with the same random weights (bench-vit by default), in eval mode, on
+    `device`."""
     transformers = require_transformers()
     import mmlm
 
     torch.manual_seed(seed)
     hf = transformers.CLIPModel(transformers.CLIPConfig(**(hf_config or BENCH_VIT_HF))).eval()
     hf.save_pretrained(workdir / "bench-vit")
-    return mmlm.load(workdir / "bench-vit"), hf
+    return mmlm.load(workdir / "bench-vit", device=device), hf.to(device)
 
 
 def clip_batch(batch: int, seed: int = 0, image_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,6 +102,7 @@ def train_steps(ours, hf, precision: str, lr: float = 1e-5):
     from .train.optim import build_optimizer
 
     ours, hf = copy.deepcopy(ours).train(), copy.deepcopy(hf).train()
+    device = next(ours.parameters()).device.type
     opt_ours = build_optimizer(ours, lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
     opt_hf = torch.optim.AdamW(hf.parameters(), lr=lr, fused=True)
 
@@ -104,13 +110,13 @@ def train_steps(ours, hf, precision: str, lr: float = 1e-5):
         return contrastive_loss("clip", img, txt, ours.logit_scale, ours.logit_bias)
 
     def step_ours(pixels, ids):
-        loss = contrastive_step(ours, pixels, ids, loss_fn, autocast=lambda: precision_context(precision))
+        loss = contrastive_step(ours, pixels, ids, loss_fn, autocast=lambda: precision_context(precision, device))
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
         return loss
 
     def step_hf(pixels, ids):
-        with precision_context(precision):
+        with precision_context(precision, device):
             loss = hf(input_ids=ids, pixel_values=pixels, return_loss=True).loss
         loss.backward()
         opt_hf.step()
@@ -123,42 +129,48 @@ def train_steps(ours, hf, precision: str, lr: float = 1e-5):
 EMBED_CALLS = 4  # batches per timed embedding repeat
 
 
-def repeated(fn: Callable[[], Any], precision: str) -> Callable[[], None]:
+def repeated(fn: Callable[[], Any], precision: str, device_type: str = "cpu") -> Callable[[], None]:
     """One timed embedding repeat: EMBED_CALLS calls of `fn` at `precision` (one ~70 ms call is too short to time
     alone)."""
     def run() -> None:
-        with precision_context(precision):
+        with precision_context(precision, device_type):
             for _ in range(EMBED_CALLS):
                 fn()
     return run
 
 
 def bench_clip(quick: bool = False, batch: int = 64, precisions: tuple[str, ...] = ("fp32", "bf16"),
-               emit: Emit = print_row, hf_config: dict | None = None, peak_size: int = 1024) -> list[dict]:
+               emit: Emit = print_row, hf_config: dict | None = None, peak_size: int = 1024,
+               device: str | None = None) -> list[dict]:
     """CLIP train step and image/text embedding (each per precision), mmlm vs transformers. `hf_config`
-    replaces bench-vit (tests run a smaller one)."""
+    replaces bench-vit (tests run a smaller one); `device` ("cuda", "auto"; default cpu): where both run."""
+    from .devices import resolve
+
+    device = resolve(device, "--device")
     repeats = 3 if quick else 5
     rows: list[dict] = []
 
     def out(row: dict) -> None:
-        row = {**row, "model": "bench-vit", "batch": batch, "threads": torch.get_num_threads(), "repeats": repeats}
+        row = {**row, "model": "bench-vit", "batch": batch, "threads": torch.get_num_threads(), "repeats": repeats,
+               **({"device": str(device)} if device.type != "cpu" else {})}
         rows.append(row)
         emit(row)
 
     with tempfile.TemporaryDirectory() as tmp:
-        ours, hf = clip_pair(Path(tmp), hf_config=hf_config)
-    pixels, ids = clip_batch(batch, image_size=ours.config.vision.image_size)
+        ours, hf = clip_pair(Path(tmp), hf_config=hf_config, device=device)
+    pixels, ids = (t.to(device) for t in clip_batch(batch, image_size=ours.config.vision.image_size))
     with torch.inference_mode():  # same weights, same numbers: a wrong comparison shows here first
         diff = (ours.encode_image(pixels) - _features(hf.get_image_features(pixel_values=pixels))).abs().max().item()
         diff_t = (ours.encode_text(ids) - _features(hf.get_text_features(input_ids=ids))).abs().max().item()
     out({"bench": "clip_parity", "image_max_abs_diff": diff, "text_max_abs_diff": diff_t})
 
     for precision in precisions:
-        peak = matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32, peak_size)
+        peak = matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32, peak_size, device=device)
         step_ours, step_hf = train_steps(ours, hf, precision)
         flops = count_flops(lambda: step_ours(pixels, ids))
         times = time_ab({"mmlm": lambda: step_ours(pixels, ids), "transformers": lambda: step_hf(pixels, ids)}, repeats)
-        peak = max(peak, matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32, peak_size))  # busy CPU
+        peak = max(peak, matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32, peak_size,
+                                     device=device))  # busy CPU
         med = {}
         for lib, secs in times.items():
             r = rates(batch, secs)
@@ -176,8 +188,8 @@ def bench_clip(quick: bool = False, batch: int = 64, precisions: tuple[str, ...]
             ("text_embed", lambda: ours.encode_text(ids), lambda: hf.get_text_features(input_ids=ids)),
         ):
             with torch.inference_mode():
-                times = time_ab({"mmlm": repeated(ours_fn, precision), "transformers": repeated(hf_fn, precision)},
-                                repeats)
+                times = time_ab({"mmlm": repeated(ours_fn, precision, device.type),
+                                 "transformers": repeated(hf_fn, precision, device.type)}, repeats)
             med = {}
             for lib, secs in times.items():
                 r = rates(batch * EMBED_CALLS, secs)
@@ -191,7 +203,7 @@ def bench_clip(quick: bool = False, batch: int = 64, precisions: tuple[str, ...]
 
 # ----------------------------------------------------------------------------- LLaVA
 
-def llava_pair(workdir: Path, seed: int = 0, text_config: dict | None = None):
+def llava_pair(workdir: Path, seed: int = 0, text_config: dict | None = None, device: torch.device | str = "cpu"):
     """(mmlm Llava, transformers LlavaForConditionalGeneration): bench-vit's vision tower (layer -2, CLS
     dropped: 16 image tokens) + a 2-layer MLP projector + the tiny Llama (hidden 256, 4 layers, GQA)."""
     transformers = require_transformers()
@@ -207,7 +219,7 @@ def llava_pair(workdir: Path, seed: int = 0, text_config: dict | None = None):
         hf.lm_head.weight.mul_(20)
     hf.save_pretrained(workdir / "tiny-llava")
     hf.generation_config.eos_token_id, hf.generation_config.pad_token_id = None, 0
-    return mmlm.load(workdir / "tiny-llava"), hf
+    return mmlm.load(workdir / "tiny-llava", device=device), hf.to(device)
 
 
 def llava_prompts(batch: int, text_tokens: int, image_tokens: int = 16, seed: int = 0):
@@ -227,22 +239,29 @@ def llava_prompts(batch: int, text_tokens: int, image_tokens: int = 16, seed: in
 
 
 def bench_llava(quick: bool = False, batches: tuple[int, ...] = (1, 8), compile: bool = False,
-                emit: Emit = print_row, text_config: dict | None = None, weights: tuple[str, ...] = ("int4",)) -> list[dict]:
+                emit: Emit = print_row, text_config: dict | None = None, weights: tuple[str, ...] = ("int4",),
+                device: str | None = None) -> list[dict]:
     """Greedy decode tokens/s (prefill of image + text included, as a chat sees it) and prefill tokens/s.
     `text_config` replaces the tiny Llama (its vocabulary must hold IMAGE_TOKEN); each of `weights` adds mmlm
-    with its LM quantized (see bench_decode)."""
+    with its LM quantized (see bench_decode); `device` as in bench_decode (no quantized weights on a GPU)."""
+    from .devices import resolve
     from .generation import generate
+
+    device = resolve(device, "--device")
+    if device.type != "cpu":
+        weights = ()
 
     repeats, new_tokens = (3, 32) if quick else (5, 128)
     rows: list[dict] = []
 
     def out(row: dict) -> None:
-        row = {**row, "model": "tiny-llava", "threads": torch.get_num_threads(), "repeats": repeats}
+        row = {**row, "model": "tiny-llava", "threads": torch.get_num_threads(), "repeats": repeats,
+               **({"device": str(device)} if device.type != "cpu" else {})}
         rows.append(row)
         emit(row)
 
     with tempfile.TemporaryDirectory() as tmp:
-        ours, hf = llava_pair(Path(tmp), text_config=text_config)
+        ours, hf = llava_pair(Path(tmp), text_config=text_config, device=device)
 
     quantized = {mode: quantize(copy.deepcopy(ours), mode) for mode in weights}
 
@@ -256,7 +275,7 @@ def bench_llava(quick: bool = False, batches: tuple[int, ...] = (1, 8), compile:
         return res[:, ids.shape[1]:]
 
     for batch in batches:
-        ids, mask, px = llava_prompts(batch, 16, seed=batch)
+        ids, mask, px = (t.to(device) for t in llava_prompts(batch, 16, seed=batch))
         a, b = ours_gen(ids, mask, px, new_tokens), hf_gen(ids, mask, px, new_tokens)
         out({"bench": "llava_greedy_match", "batch": batch, "same_tokens": a.shape == b.shape and torch.equal(a, b)})
         runs = {"mmlm": lambda: ours_gen(ids, mask, px, new_tokens),
@@ -275,7 +294,7 @@ def bench_llava(quick: bool = False, batches: tuple[int, ...] = (1, 8), compile:
             out({"bench": "llava_decode", "batch": batch, "library": f"{lib}/transformers", "ratio": round(ratio, 2),
                  "target": TARGETS["llava_decode"], "met": ratio >= TARGETS["llava_decode"]})
 
-        pids, pmask, ppx = llava_prompts(batch, 112, seed=100 + batch)  # 128 tokens per row: 16 image + 112 text
+        pids, pmask, ppx = (t.to(device) for t in llava_prompts(batch, 112, seed=100 + batch))  # 128 tokens per row: 16 image + 112 text
         times = time_ab({"mmlm": lambda: ours_gen(pids, pmask, ppx, 1), "transformers": lambda: hf_gen(pids, pmask, ppx, 1)},
                         repeats)
         med = {}

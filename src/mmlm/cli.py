@@ -135,7 +135,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
     run_bench(args.what, models=args.model, quick=args.quick, threads=args.threads, memory=not args.no_memory,
-              compile=args.compile, weights=tuple(args.weights or ["int4"]))
+              compile=args.compile, weights=tuple(args.weights or ["int4"]), device=args.device)
     return 0
 
 
@@ -233,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     b.add_argument("--compile", action="store_true",
                    help="decode/llava: add mmlm with its decode step torch.compile'd (compiles per model and batch size: seconds to minutes)")
+    b.add_argument("--device", default=None,
+                   help="decode/clip/llava: run both libraries on this device: cpu (default), cuda, cuda:N, auto")
     b.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP API (chat, embeddings, zero-shot) and a web page at /")
