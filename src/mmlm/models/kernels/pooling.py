@@ -13,6 +13,7 @@ from torch import nn
 
 from .attention import attention
 from .packing import ROW_MULTIPLE, Packing
+from .recompute import recompute
 from .switch import reference
 
 # Pack the kept tokens when they fill less than this fraction of the (B, T) batch; above it the copies in
@@ -46,10 +47,10 @@ def pooled(transformer: nn.Module, x: torch.Tensor, rows: torch.Tensor, attn_mas
             packing = Packing.from_mask(keep, multiple=ROW_MULTIPLE)  # the extra tokens come after some row's end
             x = packing.pack(x)  # (N, C)
     *blocks, last = transformer.blocks
-    for block in blocks:
+    for block in blocks:  # (recompute: a block marked for activation checkpointing keeps only its input)
         x = block(x, attn_mask=attn_mask, is_causal=is_causal) if packing is None else \
-            _packed_block(block, x, packing, attn_mask, is_causal)
-    return _pooled_block(last, x, rows, attn_mask, is_causal, packing)
+            recompute(block, _packed_block, block, x, packing, attn_mask, is_causal)
+    return recompute(last, _pooled_block, last, x, rows, attn_mask, is_causal, packing)
 
 
 def _packed_block(block: nn.Module, x: torch.Tensor, packing: Packing, attn_mask: torch.Tensor | None,
