@@ -139,6 +139,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import plan
+
+    plan(args.config, gpus=args.gpus, gpu_memory=args.gpu_memory, peak_tflops=args.peak_tflops,
+         utilization=args.utilization, link_gb_s=args.link_gb_s, reserve=args.reserve,
+         dataset_sizes=tuple(args.dataset_size), overrides=args.overrides)
+    return 0
+
+
 def add_load_flags(p: argparse.ArgumentParser) -> None:
     """--dtype and --device: where `mmlm.load` puts the weights (streamed from the files, no float32 copy)."""
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
@@ -287,6 +296,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides of the CLIP recipe (train.* also reach the LLaVA), e.g. train.batch_size=16")
     q.set_defaults(func=cmd_quickstart)
+
+    pl = sub.add_parser("plan", help="per-GPU memory (measured activations), the largest batch and the step and epoch "
+                                     "time of a CLIP recipe on N GPUs, for DDP and FSDP2, with and without activation "
+                                     "checkpointing")
+    pl.add_argument("--config", required=True, help="a CLIP recipe (a path, or a packaged name such as clip-vit-l14)")
+    pl.add_argument("--gpus", type=int, default=2)
+    pl.add_argument("--gpu-memory", default="24GB", help="memory of each GPU (GB = GiB here), default 24GB (RTX 3090)")
+    pl.add_argument("--peak-tflops", type=float, default=71.0,
+                    help="the GPU's dense bf16 tensor peak, default 71 (RTX 3090)")
+    pl.add_argument("--utilization", type=float, default=0.4, help="the fraction of the peak a step reaches (0.4)")
+    pl.add_argument("--link-gb-s", type=float, default=16.0, help="GB/s between the GPUs (16: PCIe 4.0 x16)")
+    pl.add_argument("--reserve", default="1.5GB", help="per GPU, kept for the CUDA context and allocator slack")
+    pl.add_argument("--dataset-size", type=int, nargs="+", default=[1_000_000, 3_300_000],
+                    help="image-text pairs per epoch (default 1M and CC3M's 3.3M)")
+    pl.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the recipe")
+    pl.set_defaults(func=cmd_plan)
 
     r = sub.add_parser("recipes", help="list the YAML recipes that ship with mmlm, or copy one out for editing")
     ra = r.add_subparsers(dest="action", metavar="ACTION")

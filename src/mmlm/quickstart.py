@@ -31,24 +31,26 @@ def _measure_step_time(cfg, steps: int = 12, skip: int = 4) -> float:
     from .tokenizer import Tokenizer
     from .train.clip_run import caption_corpus, fit_text_to_tokenizer, train_data
     from .train.clip_task import ClipTask
+    from .devices import resolve, to_device
     from .train.loop import autocast_context, make_loader
 
+    device = resolve(cfg.train.device, "train.device")  # timed where the run will train
     preprocess = PreprocessConfig(image_size=cfg.model.vision.image_size)
     data = train_data(cfg, preprocess)
     tok = Tokenizer.train_bpe(caption_corpus(cfg, data, limit=2000), vocab_size=cfg.tokenizer.vocab_size,
                               context_length=cfg.model.text.context_length)
     fit_text_to_tokenizer(cfg, tok)
-    task = ClipTask(cfg, CLIP(cfg.model), tok, data, preprocess)
+    task = ClipTask(cfg, CLIP(cfg.model).to(device), tok, data, preprocess)
     opt = torch.optim.AdamW(task.model.parameters(), lr=1e-5)
     loader = make_loader(data, task.collate, cfg.train.batch_size, 12345, 0, cfg.train.num_workers)
-    autocast = autocast_context(cfg.train.precision)
+    autocast = autocast_context(cfg.train.precision, device)
     start = 0.0
     for i, batch in enumerate(loader):
         if i == skip:
             start = time.perf_counter()
         if i == steps:
             break
-        task.step(batch, autocast)
+        task.step(to_device(batch, device), autocast)  # its loss.item() waits for the GPU
         opt.step()
         opt.zero_grad(set_to_none=True)
     return (time.perf_counter() - start) / (steps - skip)

@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..devices import backward
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -46,7 +48,7 @@ def contrastive_step(model: nn.Module, pixel_values: torch.Tensor, input_ids: to
     if not micro_batch or micro_batch >= n:
         with autocast():
             loss = loss_fn(model.encode_image(pixel_values), model.encode_text(input_ids))
-        loss.backward()
+        backward(loss, autocast)  # under fp16 (`autocast` a devices.Precision), the loss scaled first
         return loss.detach()
 
     px_chunks, id_chunks = pixel_values.split(micro_batch), input_ids.split(micro_batch)
@@ -59,7 +61,7 @@ def contrastive_step(model: nn.Module, pixel_values: torch.Tensor, input_ids: to
     text = text.detach().requires_grad_()
     with autocast():
         loss = loss_fn(image, text)
-    loss.backward()  # gradients reach logit_scale/logit_bias and the cached features
+    backward(loss, autocast)  # gradients reach logit_scale/logit_bias and the cached features (scaled under fp16)
     for px, ids, g_img, g_txt in zip(px_chunks, id_chunks, image.grad.split(micro_batch), text.grad.split(micro_batch)):
         with autocast():
             f_img, f_txt = model.encode_image(px), model.encode_text(ids)

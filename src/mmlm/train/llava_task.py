@@ -23,6 +23,8 @@ from ..config import LlavaConfig, LMConfig, ViTConfig
 from ..data.conversation import IGNORE, TEMPLATES, encode_conversation
 from ..data.sources import LlavaDataConfig
 from ..data.transforms import ImageProcessor, PreprocessConfig
+from ..devices import backward
+from ..devices import resolve as resolve_device
 from ..distributed import all_gather_objects, all_sum, fully_shard_model, global_mean_factor, world
 from .loop import TrainConfig
 from .objectives import next_token_targets, reply_weights
@@ -106,6 +108,7 @@ class LlavaTask:
         self.processor = ImageProcessor(preprocess)
         set_trainable(model, cfg.stage, cfg.stage1_trains_lm)
         if cfg.train.fsdp and world().enabled:  # before the loop builds the optimizer over the sharded parameters
+            model.to(resolve_device(cfg.train.device, "train.device"))  # FSDP2 shards where the model is
             fully_shard_model(model, model.lm.blocks, cfg.train.precision)
 
     def train_dataset(self) -> Dataset:
@@ -170,7 +173,7 @@ class LlavaTask:
         else:  # this rank's weighted sum / all ranks' total weight, x world size: the ranks' mean is the global mean
             total, _ = global_mean_factor(int(round(float(weights.sum()))))
             loss = (per_token * weights).sum() * (w.world_size / max(total, 1))
-        loss.backward()
+        backward(loss, autocast)  # under fp16, scaled
         return {"loss": all_sum(loss.item()) / w.world_size}
 
     def after_optimizer_step(self) -> None:

@@ -29,7 +29,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .. import distributed
+from .. import devices, distributed
 from ..checkpoint import read_json, write_json
 from ..config import to_dict
 from ..distributed import (all_gather_objects, average_gradients, barrier, broadcast_object, broadcast_parameters,
@@ -50,7 +50,9 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     grad_clip: float = 1.0  # max global grad norm (0 = off)
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast)
+    precision: str = "fp32"  # "fp32", "bf16" (autocast) or "fp16" (autocast + gradient scaler; for CUDA): devices.py
+    device: str = "auto"  # auto (cuda:LOCAL_RANK when CUDA is available, else cpu) | cpu | cuda | cuda:N
+    compile: bool = False  # torch.compile each model block (back to eager, with a warning, if compiling fails)
     seed: int = 0
     num_workers: int = 0
     threads: int = 0  # torch intra-op threads in the main process (0 = torch's default); set by start_process
@@ -68,8 +70,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"train.precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        devices.check_precision(self.precision)
+        if not isinstance(self.device, str) or self.device.split(":")[0].strip().lower() not in devices.DEVICES:
+            raise ValueError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.checkpoint_format not in ("consolidated", "sharded"):
             raise ValueError(f"train.checkpoint_format must be 'consolidated' or 'sharded', got {self.checkpoint_format!r}")
         if self.steps < 1 or self.batch_size < 1:
@@ -131,9 +134,11 @@ def _worker_init(_: int) -> None:
 
 
 def make_loader(dataset: Dataset, collate: Callable, batch_size: int, seed: int, start_batch: int,
-                num_workers: int, rank: int = 0, world_size: int = 1) -> DataLoader:
+                num_workers: int, rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataLoader:
+    """`pin_memory` (for a CUDA run): batches in page-locked memory, which the copy to the GPU reads without
+    blocking the host (see devices.to_device)."""
     sampler = EpochBatchSampler(len(dataset), batch_size, seed, start_batch, rank, world_size)
-    return DataLoader(dataset, batch_sampler=sampler,
+    return DataLoader(dataset, batch_sampler=sampler, pin_memory=pin_memory,
                       collate_fn=collate, num_workers=num_workers, worker_init_fn=_worker_init if num_workers else None,
                       prefetch_factor=4 if num_workers else None, persistent_workers=False,
                       generator=torch.Generator().manual_seed(seed + start_batch))  # keeps the global RNG untouched
@@ -163,7 +168,7 @@ def _set_rng_state(s: dict[str, Any]) -> None:
 
 
 def save_checkpoint(task: Task, opt: torch.optim.Optimizer, state: TrainerState, run: Path, keep_last: int,
-                    fmt: str = "consolidated") -> Path:
+                    fmt: str = "consolidated", scaler: torch.amp.GradScaler | None = None) -> Path:
     """Write checkpoints/step-NNNNNNNN atomically (a temp dir renamed into place), then prune to the last K.
 
     Under torch.distributed every rank calls this; rank 0 writes the files (with `fmt` "sharded" every rank
@@ -193,7 +198,10 @@ def save_checkpoint(task: Task, opt: torch.optim.Optimizer, state: TrainerState,
             else:
                 task.save_model(tmp)
         # Optimizer tensors and torch's RNG go through torch.save; they are read back with weights_only=True.
-        torch.save({"optimizer": optimizer, "torch_rng": torch.get_rng_state()}, tmp / "trainer_state.pt")
+        extra = {} if scaler is None else {"scaler": scaler.state_dict()}  # fp16's loss scale goes on as it was
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            extra["cuda_rng"] = torch.cuda.get_rng_state()  # the current device's generator
+        torch.save({"optimizer": optimizer, "torch_rng": torch.get_rng_state(), **extra}, tmp / "trainer_state.pt")
         write_json(tmp / "trainer_state.json", {"state": state.__dict__, "rng": _rng_state(), "format": fmt,
                                                 "world_size": w.world_size})
         if final.exists():
@@ -217,7 +225,8 @@ def latest_checkpoint(run: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path, task: Task, opt: torch.optim.Optimizer) -> TrainerState:
+def load_checkpoint(path: Path, task: Task, opt: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler | None = None) -> TrainerState:
     """Resume from a checkpoint written at any world size, sharded (dcp/) or consolidated."""
     from ..checkpoint import load_state_dict_strict, read_state_dict
 
@@ -230,6 +239,10 @@ def load_checkpoint(path: Path, task: Task, opt: torch.optim.Optimizer) -> Train
         load_state_dict_strict(task.model, read_state_dict(path / "model.safetensors"), str(path / "model.safetensors"))
         opt.load_state_dict(blob["optimizer"])
     torch.set_rng_state(blob["torch_rng"])
+    if "cuda_rng" in blob and torch.cuda.is_available():
+        torch.cuda.set_rng_state(blob["cuda_rng"])
+    if scaler is not None and "scaler" in blob:
+        scaler.load_state_dict(blob["scaler"])
     meta = read_json(path / "trainer_state.json")
     _set_rng_state(meta["rng"])
     return TrainerState(**meta["state"])
@@ -250,11 +263,9 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
-def autocast_context(precision: str) -> Callable[[], contextlib.AbstractContextManager]:
-    """A factory of the autocast context for `train.precision`: bf16 autocast on the CPU, or none (fp32)."""
-    if precision == "bf16":
-        return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext
+def autocast_context(precision: str, device: torch.device | str = "cpu") -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the autocast context for `train.precision` on `device` (devices.Precision): none for fp32."""
+    return devices.Precision(precision, device)
 
 
 def start_process(cfg: TrainConfig) -> distributed.World:
@@ -293,26 +304,31 @@ def train(task: Task, cfg: TrainConfig, run: str | Path, resume: bool = True) ->
     """
     run = Path(run)
     w = distributed.world()
+    device = devices.resolve(cfg.device, "train.device")  # cuda:LOCAL_RANK under torchrun
     if w.is_main:
         run.mkdir(parents=True, exist_ok=True)
     barrier()
     model = task.model.train()
+    if not is_sharded(model):  # a sharded model was placed before sharding (LlavaTask)
+        model.to(device)
     replicated = w.enabled and not is_sharded(model)
     if replicated:
         broadcast_parameters(model)  # every rank starts from rank 0's weights, as DDP does
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
+    autocast = devices.Precision(cfg.precision, device)  # the forward's autocast; fp16's gradient scaler
+    scaler = autocast.scaler
     state = TrainerState()
     ckpt = latest_checkpoint(run) if resume else None
     if ckpt is not None:
-        state = load_checkpoint(ckpt, task, opt)
+        state = load_checkpoint(ckpt, task, opt, scaler)
         if w.is_main:
             print(f"resuming from {ckpt} (step {state.step})")
     log = MetricsLog(run / "metrics.jsonl", enabled=w.is_main)
     dataset = task.train_dataset()
     loader = make_loader(dataset, task.collate, cfg.batch_size, cfg.seed, state.step, cfg.num_workers,
-                         w.rank, w.world_size)
+                         w.rank, w.world_size, pin_memory=device.type == "cuda")
     params = [p for p in model.parameters() if p.requires_grad]
-    autocast = autocast_context(cfg.precision)
+    compiled = devices.compile_blocks(model) if cfg.compile else []
     bar = None
     if cfg.progress and w.is_main:
         from tqdm.auto import tqdm
@@ -333,14 +349,27 @@ def train(task: Task, cfg: TrainConfig, run: str | Path, resume: bool = True) ->
             lr = lr_at(state.step, cfg.lr, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
             for g in opt.param_groups:
                 g["lr"] = lr
-            metrics = task.step(batch, autocast)
+            batch = devices.to_device(batch, device)
+            # with train.compile, a step the compiler fails on runs again eagerly, and so do all after it
+            metrics, compiled = devices.step_with_fallback(lambda: task.step(batch, autocast), model, compiled)
             if replicated:
                 average_gradients(params)
+            if scaler is not None:  # fp16: the true gradients, before they are clipped
+                scaler.unscale_(opt)
             grad_norm = grad_norm_value(
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
             state.samples_seen += global_size
             samples_last += global_size
-            if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)):
+            if scaler is not None and math.isfinite(metrics["loss"]) and not math.isfinite(grad_norm):
+                # fp16 overflow: the scaler skips the update and halves its scale; not a bad step
+                scale = scaler.get_scale()
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+                log.write({"step": state.step, "skipped": "fp16 gradient overflow", "loss_scale": scale})
+            elif not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)):
+                if scaler is not None:
+                    scaler.update()
                 opt.zero_grad(set_to_none=True)
                 state.bad_steps += 1
                 log.write({"step": state.step, "skipped": "non-finite loss or gradient", "loss": metrics["loss"]})
@@ -348,7 +377,11 @@ def train(task: Task, cfg: TrainConfig, run: str | Path, resume: bool = True) ->
                     raise TrainingError(f"{state.bad_steps} steps had a non-finite loss or gradient (limit "
                                         f"train.max_bad_steps={cfg.max_bad_steps}); lower train.lr or use fp32")
             else:
-                opt.step()
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
                 opt.zero_grad(set_to_none=True)
                 task.after_optimizer_step()
             state.step += 1
@@ -363,7 +396,7 @@ def train(task: Task, cfg: TrainConfig, run: str | Path, resume: bool = True) ->
             if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
                 last_eval = _evaluate(task, state, log, autocast)
             if (cfg.ckpt_every and state.step % cfg.ckpt_every == 0) or state.step == cfg.steps:
-                save_checkpoint(task, opt, state, run, cfg.keep_last, cfg.checkpoint_format)
+                save_checkpoint(task, opt, state, run, cfg.keep_last, cfg.checkpoint_format, scaler)
     finally:
         if bar is not None:
             bar.close()
