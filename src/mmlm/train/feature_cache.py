@@ -9,7 +9,8 @@ the whole batch, and its gradient is pushed back through the towers one micro-ba
 3. re-embed each micro-batch with a graph and backpropagate the cached embedding gradients through it.
 
 The gradients equal those of one big batch (up to float rounding) for any model without batch
-statistics; a ResNet's BatchNorm sees per-micro-batch statistics, as with accumulation.
+statistics; a ResNet's BatchNorm sees per-micro-batch statistics, as with accumulation (under torchrun,
+those of micro-batch i of every rank together: see docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from ..devices import backward
+from ..distributed import all_gather_objects
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -45,13 +47,16 @@ def contrastive_step(model: nn.Module, pixel_values: torch.Tensor, input_ids: to
     `micro_batch` = 0 or >= the batch size runs one ordinary forward/backward.
     """
     n = pixel_values.shape[0]
-    if not micro_batch or micro_batch >= n:
+    # Under torchrun every rank embeds the same number of micro-batches, whatever rows it lost: a SyncBatchNorm
+    # (distributed.py) meets the other ranks in each forward.
+    chunks = max(all_gather_objects(-(-n // micro_batch))) if micro_batch else 1
+    if chunks == 1:
         with autocast():
             loss = loss_fn(model.encode_image(pixel_values), model.encode_text(input_ids))
         backward(loss, autocast)  # under fp16 (`autocast` a devices.Precision), the loss scaled first
         return loss.detach()
 
-    px_chunks, id_chunks = pixel_values.split(micro_batch), input_ids.split(micro_batch)
+    px_chunks, id_chunks = pixel_values.tensor_split(chunks), input_ids.tensor_split(chunks)
     saved = _bn_buffers(model)  # the graph-free pass must not update BatchNorm running statistics twice
     with torch.no_grad(), autocast():
         image = torch.cat([model.encode_image(px) for px in px_chunks])
@@ -62,7 +67,8 @@ def contrastive_step(model: nn.Module, pixel_values: torch.Tensor, input_ids: to
     with autocast():
         loss = loss_fn(image, text)
     backward(loss, autocast)  # gradients reach logit_scale/logit_bias and the cached features (scaled under fp16)
-    for px, ids, g_img, g_txt in zip(px_chunks, id_chunks, image.grad.split(micro_batch), text.grad.split(micro_batch)):
+    for px, ids, g_img, g_txt in zip(px_chunks, id_chunks, image.grad.tensor_split(chunks),
+                                               text.grad.tensor_split(chunks)):
         with autocast():
             f_img, f_txt = model.encode_image(px), model.encode_text(ids)
         torch.autograd.backward([f_img, f_txt], [g_img.to(f_img.dtype), g_txt.to(f_txt.dtype)])

@@ -32,9 +32,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .. import devices, distributed
 from ..checkpoint import read_json, write_json
 from ..config import to_dict
+from ..models.checkpointing import grad_checkpointing
 from ..distributed import (all_gather_objects, average_gradients, barrier, broadcast_object, broadcast_parameters,
                            full_optimizer_state_dict, full_state_dict, grad_norm_value, is_sharded, load_full_state_dicts,
-                           load_sharded, save_sharded, unsharded)
+                           load_sharded, save_sharded, sync_batch_norm, unsharded)
 from .optim import build_optimizer, lr_at
 
 
@@ -43,6 +44,7 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 128
     micro_batch: int = 0  # contrastive feature caching: embed in chunks of this size (0 = whole batch at once)
+    grad_checkpointing: bool = False  # keep only each block's input, recompute the rest in the backward (less memory)
     lr: float = 5e-4
     min_lr_ratio: float = 0.0
     warmup_steps: int = 50
@@ -309,11 +311,14 @@ def train(task: Task, cfg: TrainConfig, run: str | Path, resume: bool = True) ->
         run.mkdir(parents=True, exist_ok=True)
     barrier()
     model = task.model.train()
+    if cfg.grad_checkpointing:
+        grad_checkpointing(model)  # activation checkpointing per block (models/checkpointing.py)
     if not is_sharded(model):  # a sharded model was placed before sharding (LlavaTask)
         model.to(device)
     replicated = w.enabled and not is_sharded(model)
     if replicated:
         broadcast_parameters(model)  # every rank starts from rank 0's weights, as DDP does
+        sync_batch_norm(model)  # BatchNorm's statistics are the global batch's, as in one process
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
     autocast = devices.Precision(cfg.precision, device)  # the forward's autocast; fp16's gradient scaler
     scaler = autocast.scaler
