@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from ..checkpoint import build_on_meta, read_json, read_state_dict, save_tensors, write_json
-from ..config import LlavaConfig, LMConfig
+from ..config import ASTConfig, LlavaConfig, LMConfig
 from ..weights import INDEX_NAME, close_all, load_into, open_weights
-from . import hf_clip, hf_llama, hf_llava
+from . import hf_ast, hf_clip, hf_llama, hf_llava
 
 
 def read_hf_weights(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -30,7 +30,8 @@ def read_hf_weights(directory: str | Path) -> dict[str, torch.Tensor]:
 
 
 # transformers `model_type` -> the module that converts its config and tensor names (same functions in each).
-CONVERTERS = {"clip": hf_clip, "llama": hf_llama, "qwen2": hf_llama, "llava": hf_llava}
+CONVERTERS = {"clip": hf_clip, "llama": hf_llama, "qwen2": hf_llama, "llava": hf_llava,
+              hf_ast.MODEL_TYPE: hf_ast}
 
 
 def lazy_hf_weights(directory: str | Path) -> tuple[dict, list]:
@@ -45,7 +46,8 @@ def lazy_hf_weights(directory: str | Path) -> tuple[dict, list]:
 
 
 def load_hf(directory: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> nn.Module:
-    """A transformers CLIPModel / LlamaForCausalLM / Qwen2ForCausalLM / LlavaForConditionalGeneration dir -> mmlm,
+    """A transformers CLIPModel / LlamaForCausalLM / Qwen2ForCausalLM / LlavaForConditionalGeneration / ASTModel /
+    ASTForAudioClassification dir -> mmlm,
     built on the meta device, each tensor read straight into `dtype` on `device` (fused ones in place)."""
     d = Path(directory)
     hf_cfg = read_json(d / "config.json")
@@ -69,6 +71,9 @@ def export_hf(model: nn.Module, out: str | Path, tokenizer=None, preprocess=None
     if isinstance(model.config, LlavaConfig):
         hf_cfg = hf_llava.config_to_hf(model.config)
         tensors = hf_llava.state_dict_to_hf(model.merged_state_dict(), model.config)  # LoRA merged
+    elif isinstance(model.config, ASTConfig):
+        hf_cfg = hf_ast.config_to_hf(model.config)
+        tensors = hf_ast.state_dict_to_hf(model.state_dict(), model.config)
     elif isinstance(model.config, LMConfig):
         hf_cfg = hf_llama.config_to_hf(model.config)
         tensors = hf_llama.state_dict_to_hf(model.state_dict(), model.config)

@@ -93,11 +93,13 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """A stack of LayerNorm/GELU-MLP blocks: the trunk of both CLIP towers."""
 
-    def __init__(self, width: int, layers: int, heads: int, mlp_dim: int, act: str, norm_eps: float):
+    def __init__(self, width: int, layers: int, heads: int, mlp_dim: int, act: str, norm_eps: float,
+                 qkv_bias: bool = True):
         super().__init__()
         self.width = width
         self.blocks = nn.ModuleList(
-            Block(width, Attention(width, heads), MLP(width, mlp_dim, act), lambda d: nn.LayerNorm(d, eps=norm_eps))
+            Block(width, Attention(width, heads, qkv_bias=qkv_bias), MLP(width, mlp_dim, act),
+                  lambda d: nn.LayerNorm(d, eps=norm_eps))
             for _ in range(layers)
         )
 
