@@ -284,16 +284,34 @@ def test_an_error_that_is_not_the_compilers_is_raised_as_it_is():
             devices.step_with_fallback(step, model, compiled)
 
 
-def test_a_compiled_training_run_follows_the_eager_one(tmp_path, monkeypatch):
-    """Compiling through dynamo and AOTAutograd (backend aot_eager: no C++ compiler needed) keeps the losses."""
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_a_compiled_training_run_follows_the_eager_one(tmp_path, monkeypatch, checkpointed):
+    """Compiling through dynamo and AOTAutograd (backend aot_eager: no C++ compiler needed) keeps the losses, with
+    activation checkpointing too (each block then compiled inside its checkpoint)."""
+    dynamo = importlib.import_module("torch._dynamo")
+    dynamo.reset()
     monkeypatch.setattr(devices, "compile_blocks", functools.partial(devices.compile_blocks, backend="aot_eager"))
-    eager = _train_clip(tmp_path / "eager", "train.device=cpu")
+    extra = [f"train.grad_checkpointing={str(checkpointed).lower()}", "train.device=cpu"]
+    eager = _train_clip(tmp_path / "eager", *extra)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        compiled = _train_clip(tmp_path / "compiled", "train.device=cpu", "train.compile=true")
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager fails the test
+        compiled = _train_clip(tmp_path / "compiled", *extra, "train.compile=true")
+    assert dynamo.utils.counters["frames"]["ok"] > 0  # something was compiled
     for k in eager:
         torch.testing.assert_close(compiled[k], eager[k], atol=1e-4, rtol=1e-3)
-    importlib.import_module("torch._dynamo").reset()  # the next test compiles afresh
+    dynamo.reset()  # the next test compiles afresh
+
+
+def test_a_checkpointed_block_goes_back_to_its_own_forward_when_compiling_fails():
+    from mmlm.models.checkpointing import grad_checkpointing
+
+    model = CLIP(clip_preset("tiny-rn"))
+    grad_checkpointing(model)
+    before = {id(m): vars(m).get("forward") for m in model.modules()}
+    compiled = devices.compile_blocks(model, backend="eager")
+    assert compiled and all(vars(m)["forward"] is not before[id(m)] for m in compiled)
+    devices.uncompile(compiled)
+    assert all(vars(m).get("forward") is before[id(m)] and m._compiled_call_impl is None for m in compiled)
 
 
 def test_commands_asked_for_cuda_without_it_say_so(monkeypatch, capsys, tmp_path):

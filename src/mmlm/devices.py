@@ -23,6 +23,7 @@ after 2000 clean steps. bfloat16 has float32's exponent range and needs none of 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 from typing import Any, Callable
@@ -124,14 +125,34 @@ def compile_blocks(model: nn.Module, backend: str | Callable = "inductor") -> li
     from .models.resnet import Bottleneck
 
     blocks = [m for m in model.modules() if isinstance(m, (Block, Bottleneck))]
+    inner: dict[type, Callable] = {}
     for m in blocks:
-        m.compile(backend=backend)
+        if getattr(m, "grad_checkpointing", False):
+            # A block under activation checkpointing is compiled inside its checkpoint: dynamo does not trace
+            # torch.utils.checkpoint with the context that keeps BatchNorm statistics (models/checkpointing.py).
+            fn = inner.setdefault(type(m), torch.compile(type(m).forward, backend=backend))
+            m._eager_forward = vars(m).get("forward")
+            m.forward = functools.partial(_recomputed, m, fn)
+        else:
+            m.compile(backend=backend)
     return blocks
+
+
+def _recomputed(module: nn.Module, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    from .models.kernels.recompute import recompute
+
+    return recompute(module, fn, module, *args, **kwargs)
 
 
 def uncompile(modules: list[nn.Module]) -> None:
     for m in modules:
         m._compiled_call_impl = None  # what nn.Module.compile sets; None is eager again
+        if "_eager_forward" in vars(m):  # a checkpointed block: its forward as it was
+            eager = vars(m).pop("_eager_forward")
+            if eager is None:
+                vars(m).pop("forward", None)
+            else:
+                m.forward = eager
 
 
 def _from_compiler(e: BaseException) -> bool:
