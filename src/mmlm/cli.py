@@ -39,8 +39,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    from .data.media_sets import write_media_dataset
     from .data.shapes import write_shapes
 
+    if args.dataset != "shapes":  # the video and audio sets: real mp4 / wav files + CSVs
+        summary = write_media_dataset(args.dataset, args.out, train=args.train, val=args.val, novel=args.novel,
+                                      seed=args.seed, frames=args.frames, image_size=args.image_size)
+        print(json.dumps(summary, default=str))
+        return 0
     summary = write_shapes(args.out, train=args.train, val=args.val, novel=args.novel, seed=args.seed,
                            image_size=args.image_size, fmt=args.format)
     print(json.dumps(summary, default=str))
@@ -182,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("data", help="write a dataset to disk")
-    d.add_argument("dataset", choices=["shapes"])
+    d.add_argument("dataset", choices=["shapes", "moving-shapes", "sounds", "spoken"])
     d.add_argument("--out", type=Path, required=True)
     d.add_argument("--train", type=int, default=10_000)
     d.add_argument("--val", type=int, default=1000)
@@ -190,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--image-size", type=int, default=64)
     d.add_argument("--format", choices=["files", "tar"], default="files")
+    d.add_argument("--frames", type=int, default=8, help="moving-shapes: frames per clip (8-16)")
     d.set_defaults(func=cmd_data)
 
     v = sub.add_parser("eval", help="evaluate a CLIP (zeroshot, retrieval) or LLaVA (vqa) model; prints one JSON object")
