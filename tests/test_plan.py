@@ -56,3 +56,25 @@ def test_mmlm_plan_prints_the_table(capsys):
         assert row in out, row
     assert "DDP + ckpt" in out and "FSDP2 + ckpt" in out
     assert "measured on the CPU" in out
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_two_block_copy_scaled_by_depth_gives_the_whole_models_figures(checkpointing):
+    """The 4-block vision tower, measured whole and from its 2-block copy: activations and FLOPs agree."""
+    from mmlm.plan import _step_flops
+
+    cfg = _cfg()
+    assert cfg.model.vision.layers == 4
+    whole, scaled = activation_bytes(cfg, 4, checkpointing, layers=None), activation_bytes(cfg, 4, checkpointing)
+    assert abs(scaled - whole) <= 0.03 * whole, (scaled, whole)
+    whole, scaled = _step_flops(cfg, 4, checkpointing, layers=None), _step_flops(cfg, 4, checkpointing)
+    assert abs(scaled - whole) <= 0.02 * whole, (scaled, whole)
+
+
+def test_the_chapters_clip_recipe_is_a_vit_l14_of_428m_parameters():
+    cfg = load_recipe("clip", recipe_path("clip-vit-l14"))
+    v, t = cfg.model.vision, cfg.model.text
+    assert (v.image_size, v.patch_size, v.width, v.layers, t.width, t.layers, t.vocab_size) == \
+        (224, 14, 1024, 24, 768, 12, 49408)
+    assert cfg.train.precision == "bf16" and cfg.train.grad_checkpointing and cfg.tokenizer.kind == "clip"
+    assert 425e6 < parameter_counts(cfg)["total"] < 430e6

@@ -16,7 +16,7 @@ blocks per tower, and the per-sample figures are scaled back to the full depth b
   per module, so that a block's count is multiplied by the full depth.
 
 Attention is measured as a GPU runs it (the fused kernel, which keeps no T x T probabilities), not with the CPU
-training path. Step time = FLOPs / (GPUs x peak x utilisation), plus the gradient all-reduce over the link, which
+training path, and LayerNorm in float32 as CUDA's autocast runs it. Step time = FLOPs / (GPUs x peak x utilisation), plus the gradient all-reduce over the link, which
 mmlm's DDP runs after the backward.
 """
 
@@ -117,12 +117,16 @@ def _gpu_attention() -> Iterator[None]:
         attention_module.cpu_path = before
 
 
-def _shrunk(cfg: Any, layers: int = 2) -> Any:
-    """The run config with each tower cut to `layers` blocks and a small vocabulary (the embedding table does not
-    grow with the batch)."""
+MEASURED_LAYERS = 2  # blocks per tower in the measured copy: a typical block, and the last (run by the pooling)
+
+
+def _shrunk(cfg: Any, layers: int | None) -> Any:
+    """The run config with each tower cut to `layers` blocks (None: kept whole) and a small vocabulary (the
+    embedding table does not grow with the batch)."""
     small = copy.deepcopy(cfg)
-    small.model.vision.layers = layers
-    small.model.text.layers = layers
+    if layers is not None:
+        small.model.vision.layers = min(layers, cfg.model.vision.layers)
+        small.model.text.layers = min(layers, cfg.model.text.layers)
     small.model.text.vocab_size = 1000
     small.model.text.eot_token_id = 999
     small.model.text.pool = "eot"
@@ -152,13 +156,19 @@ class _Saved:
     block: dict[str, int]  # per tower ("visual", "text"): what its first block saved (checkpointed: its input)
 
 
-def _forward_saved(cfg: Any, n: int, checkpointing: bool) -> _Saved:
+def _missing(cfg: Any, small: Any) -> dict[str, int]:
+    """Per tower, how many blocks the measured copy lacks."""
+    return {"visual": cfg.model.vision.layers - small.model.vision.layers,
+            "text": cfg.model.text.layers - small.model.text.layers}
+
+
+def _forward_saved(cfg: Any, n: int, checkpointing: bool, layers: int | None) -> _Saved:
     """The bytes the forward of the training step keeps for its backward, on the shrunk model at batch n."""
     from .models.checkpointing import grad_checkpointing
     from .models.clip import CLIP
     from .train.loop import autocast_context
 
-    small = _shrunk(cfg)
+    small = _shrunk(cfg, layers)
     torch.manual_seed(0)
     model = CLIP(small.model).train()
     grad_checkpointing(model, checkpointing)
@@ -168,6 +178,10 @@ def _forward_saved(cfg: Any, n: int, checkpointing: bool) -> _Saved:
     handles = [m.register_forward_pre_hook(lambda mod, args, name=k: setattr(tracker, "block", name))
                for k, m in units.items()]
     handles += [m.register_forward_hook(lambda *_: setattr(tracker, "block", None)) for m in units.values()]
+    # CUDA's autocast runs LayerNorm in float32 (its output too, so the residual stream stays float32); the CPU's
+    # keeps the input's dtype: cast as CUDA does, so that the bytes are a GPU's
+    handles += [m.register_forward_pre_hook(lambda mod, args: (args[0].float(), *args[1:]))
+                for m in model.modules() if isinstance(m, nn.LayerNorm)]
     batch = _batch(small, n)
     try:
         with _gpu_attention(), torch.autograd.graph.saved_tensors_hooks(tracker.pack, _unpack):
@@ -181,7 +195,7 @@ def _forward_saved(cfg: Any, n: int, checkpointing: bool) -> _Saved:
     return _Saved(peak, {t: tracker.by_block.get(k, 0) for t, k in first.items()})
 
 
-def _step_flops(cfg: Any, n: int, checkpointing: bool) -> float:
+def _step_flops(cfg: Any, n: int, checkpointing: bool, layers: int | None = MEASURED_LAYERS) -> float:
     """FLOPs of one real training step (forward, loss, backward and any recomputation) of the full-depth model
     at batch n: the shrunk model's count, each tower's first block's count added once per missing block."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -191,30 +205,31 @@ def _step_flops(cfg: Any, n: int, checkpointing: bool) -> float:
     from .train.clip_task import ClipTask
     from .train.loop import autocast_context
 
-    small = _shrunk(cfg)
+    small = _shrunk(cfg, layers)
     torch.manual_seed(0)
     model = CLIP(small.model).train()
     grad_checkpointing(model, checkpointing)
     counter = FlopCounterMode(display=False)
-    with counter:
-        ClipTask(small, model, None, None, None).step(_batch(small, n), autocast_context(small.train.precision))
+    with counter:  # counted in float32: the same operations, and some bf16 matmul backwards crawl on a CPU
+        ClipTask(small, model, None, None, None).step(_batch(small, n), autocast_context("fp32"))
     counts = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
     # the counter names modules from the tower down (encode_image/encode_text call the towers, not CLIP.forward)
     block = {t: counts[f"{type(getattr(model, t)).__name__}.transformer.blocks.0"] for t in ("visual", "text")}
-    return counts["Global"] + (cfg.model.vision.layers - 2) * block["visual"] + (cfg.model.text.layers - 2) * block["text"]
+    return counts["Global"] + sum(k * block[t] for t, k in _missing(cfg, small).items())
 
 
-def activation_bytes(cfg: Any, n: int, checkpointing: bool) -> float:
-    """Bytes the full-depth model's training step keeps for its backward at batch n (the shrunk model's, each
-    tower's first block's share added once per missing block)."""
-    Dv, Dt = cfg.model.vision.layers, cfg.model.text.layers
-    plain = _forward_saved(cfg, n, False)
+def activation_bytes(cfg: Any, n: int, checkpointing: bool, layers: int | None = MEASURED_LAYERS) -> float:
+    """Bytes the full-depth model's training step keeps for its backward at batch n: those of the copy cut to
+    `layers` blocks per tower (None: the whole model), each tower's first block's share added once per missing
+    block."""
+    missing = _missing(cfg, _shrunk(cfg, layers))
+    plain = _forward_saved(cfg, n, False, layers)
     if not checkpointing:
-        return plain.peak + (Dv - 2) * plain.block["visual"] + (Dt - 2) * plain.block["text"]
+        return plain.peak + sum(k * plain.block[t] for t, k in missing.items())
     # a checkpointed block keeps only its input, and the backward holds one block's activations at a time while
     # it recomputes it
-    ckpt = _forward_saved(cfg, n, True)
-    return ckpt.peak + (Dv - 2) * ckpt.block["visual"] + (Dt - 2) * ckpt.block["text"] + max(plain.block.values())
+    ckpt = _forward_saved(cfg, n, True, layers)
+    return ckpt.peak + sum(k * ckpt.block[t] for t, k in missing.items()) + max(plain.block.values())
 
 
 def measure(cfg: Any) -> Measured:
@@ -273,9 +288,9 @@ class Plan:
         return out
 
     def batch_per_gpu(self, mode: str, ckpt: bool) -> int:
+        # (DDP's flat all-reduce copy of the gradients, 4 bytes per parameter, comes after the backward, when the
+        # activations and bf16 copies are freed: it fits wherever they did)
         free = self.gpu_memory - self.reserve - sum(self.fixed(mode).values())
-        if mode == "DDP":  # the flat all-reduce copy of the gradients comes after the backward, activations freed
-            free = min(free, self.gpu_memory - self.reserve - sum(self.fixed(mode).values()) + 4 * self.params["total"])
         return max(0, int(free // self.measured.activations[ckpt]))
 
     def step_seconds(self, global_batch: int, ckpt: bool, mode: str) -> float:
@@ -294,7 +309,7 @@ class Plan:
                  f"GPUs: {self.gpus} x {self.gpu_memory / GIB:.0f} GiB, {self.peak_tflops:g} TFLOP/s peak at utilisation "
                  f"{self.utilization:g}; {gb(self.reserve)} GiB per GPU kept for the CUDA context and allocator slack",
                  f"measured on the CPU (the real training step at batch 2 and 4, each tower cut to 2 blocks and scaled to "
-                 f"{m.vision_layers} + {m.text_layers} blocks; full-length captions; attention as the fused GPU kernel):",
+                 f"{m.vision_layers} + {m.text_layers} blocks; full-length captions; attention and LayerNorm as on a GPU):",
                  f"  activations per sample: {m.activations[False] / 2**20:.1f} MiB, "
                  f"{m.activations[True] / 2**20:.1f} MiB with activation checkpointing",
                  f"  FLOPs per sample (forward + backward): {m.flops[False] / 1e9:.1f} GFLOP, "
@@ -325,7 +340,9 @@ class Plan:
                 if batches[c] else "-" for c in cols) + " |")
         lines += ["", f"step time = FLOPs / ({self.gpus} GPUs x {self.peak_tflops:g} TFLOP/s x {self.utilization:g}) + the "
                   f"gradient traffic at {self.link_gb_s:g} GB/s (DDP: one fp32 ring all-reduce after the backward; "
-                  f"FSDP2: weight all-gathers forward and backward + the gradient reduce-scatter)"]
+                  f"FSDP2: weight all-gathers forward and backward + the gradient reduce-scatter)",
+                  "FSDP2 is what sharding would give: `train.fsdp` shards LLaVA's LM today; a CLIP trains replicated "
+                  "(DDP's columns)"]
         return "\n".join(lines)
 
 
