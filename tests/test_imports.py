@@ -23,9 +23,9 @@ ROOT = Path(mmlm.__file__).resolve().parent
 # Bottom to top: a module may import from its own layer (without a cycle) or from a layer below, never above.
 # A new top-level module or package goes in the lowest layer its imports allow.
 LAYERS = [
-    ["config", "assets", "report"],  # plain Python: configs, file lookup, figures
-    ["models", "tokenizer", "data", "quant", "weights"],  # the model code, text and image inputs, weights on disk
-    ["checkpoint", "generation"],  # mmlm's own checkpoint format; decoding
+    ["config", "diffusion_config", "assets", "report"],  # plain Python: configs, file lookup, figures
+    ["models", "tokenizer", "data", "quant", "weights", "schedulers"],  # the model code, text and image inputs, weights on disk
+    ["checkpoint", "generation", "image_generation"],  # mmlm's own checkpoint format; decoding
     ["distributed", "convert"],  # process groups (train/ and eval/ both use them); other formats <-> mmlm
     ["formats"],  # opens and writes every format
     ["mmlm", "chat", "eval"],  # the public facade (mmlm/__init__), chat, evaluation

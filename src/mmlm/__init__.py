@@ -7,6 +7,7 @@
     mmlm.save(model, "out_dir", tokenizer=tok)
     new_ids = mmlm.generate(lm, input_ids, attention_mask, max_new_tokens=32)   # (B, new_tokens)
     new_ids = mmlm.generate(llava, input_ids, attention_mask, pixel_values=images)   # images (N_images, C, H, W)
+    images = mmlm.generate_image(mmlm.load("sd_dir"), ["a red circle"], steps=50, guidance=7.5)   # (B, 3, H, W) in [0, 1]
     mmlm.quantize(lm_or_llava, "int4")   # weight-only int8/int4 LM for faster CPU decoding (inference only)
     with mmlm.reference_mode(): ...      # every model on the plain textbook formulas (or MMLM_REFERENCE=1)
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["load", "save", "load_tokenizer", "generate", "quantize", "reference_mode", "__version__"]
+__all__ = ["load", "save", "load_tokenizer", "generate", "generate_image", "quantize", "reference_mode", "__version__"]
 
 
 def load(path: Any, dtype: Any = None, device: Any = None):
@@ -31,8 +32,12 @@ def load(path: Any, dtype: Any = None, device: Any = None):
 
 
 def save(model: Any, directory: Any, tokenizer: Any = None, preprocess: Any = None):
-    """Write an mmlm checkpoint dir: config.json + model.safetensors (+ tokenizer.json, preprocess.json)."""
+    """Write an mmlm checkpoint dir: config.json + model.safetensors (+ tokenizer.json, preprocess.json). A
+    text-to-image model saves its own tokenizer when none is given."""
     from .checkpoint import save as _save
+
+    if tokenizer is None:
+        tokenizer = getattr(model, "tokenizer", None)
 
     return _save(model, directory, tokenizer=tokenizer, preprocess=preprocess)
 
@@ -49,6 +54,17 @@ def generate(model: Any, input_ids: Any, attention_mask: Any = None, **kwargs: A
     from .generation import generate as _generate
 
     return _generate(model, input_ids, attention_mask, **kwargs)
+
+
+def generate_image(pipe: Any, prompts: Any, steps: int = 50, guidance: float = 7.5, seed: int = 0, scheduler: str = "ddim",
+                   latents: Any = None, **kwargs: Any):
+    """Images (B, 3, H, W) in [0, 1] from a text-to-image model (`mmlm.load` of a diffusers pipeline dir or an mmlm
+    one): `steps` of the "ddim", "ddpm" or "euler" sampler, classifier-free guidance when guidance > 1, noise from
+    `seed` unless `latents` are given. See mmlm.image_generation.generate_image."""
+    from .image_generation import generate_image as _generate_image
+
+    return _generate_image(pipe, prompts, steps=steps, guidance=guidance, seed=seed, scheduler=scheduler,
+                           latents=latents, **kwargs)
 
 
 def quantize(model: Any, mode: str):

@@ -17,6 +17,8 @@ from torch import nn
 from .checkpoint import CONFIG_NAME, PREPROCESS_NAME, load_model, read_json, save
 from .config import CLIPConfig
 from .convert import from_open_clip, from_openai
+from .convert.diffusers_pipeline import export_pipeline, is_pipeline_dir, load_pipeline
+from .convert.diffusers_pipeline import load_checkpoint as load_diffusion_checkpoint
 from .convert.gguf import load_gguf, tokenizer_from_gguf
 from .convert.hf import export_hf, load_hf
 from .data.transforms import PreprocessConfig
@@ -27,7 +29,8 @@ from .weights import parse_device, parse_dtype, place
 def load(path: str | Path, dtype: torch.dtype | str | None = torch.float32,
          device: torch.device | str | None = "cpu") -> nn.Module:
     """Open a model: an mmlm checkpoint dir, a transformers CLIPModel / LlamaForCausalLM / Qwen2ForCausalLM /
-    LlavaForConditionalGeneration dir, or a llama-architecture .gguf file. Eval mode; float32 on the CPU unless
+    LlavaForConditionalGeneration dir, a diffusers Stable Diffusion pipeline dir (a `TextToImage` with its parts),
+    or a llama-architecture .gguf file. Eval mode; float32 on the CPU unless
     `dtype` (torch.bfloat16 / float16 / float32 or a name: "bf16", ...) and `device` ("cuda", "cuda:1", "auto")
     say otherwise.
 
@@ -36,8 +39,12 @@ def load(path: str | Path, dtype: torch.dtype | str | None = torch.float32,
     tensors filled in place (see weights.py). A .gguf file is dequantised to float32 first, then cast."""
     path = Path(path)
     dtype, device = parse_dtype(dtype), parse_device(device)
+    if is_pipeline_dir(path):  # a diffusers text-to-image pipeline (model_index.json + one folder per part)
+        return load_pipeline(path, dtype, device).eval()
     if path.is_dir() and (path / CONFIG_NAME).is_file():
-        if "kind" in read_json(path / CONFIG_NAME):
+        if read_json(path / CONFIG_NAME).get("kind") == "diffusion":
+            model = load_diffusion_checkpoint(path, dtype, device)
+        elif "kind" in read_json(path / CONFIG_NAME):
             model = load_model(path, dtype, device)
         else:
             model = load_hf(path, dtype, device)
@@ -116,3 +123,9 @@ def export_hf_checkpoint(src: str | Path, out: str | Path) -> Path:
         tokenizer = load_tokenizer(src)
     preprocess = load_preprocess(src) if src.is_dir() and (src / PREPROCESS_NAME).is_file() else None
     return export_hf(model, out, tokenizer, preprocess)
+
+
+def export_diffusers(src: str | Path, out: str | Path) -> Path:
+    """`mmlm export diffusers SRC --out DIR`: SRC is a text-to-image model `mmlm.load` opens; DIR opens with
+    `diffusers.StableDiffusionPipeline.from_pretrained`."""
+    return export_pipeline(load(src), out)

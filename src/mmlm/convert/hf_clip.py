@@ -75,18 +75,36 @@ def config_from_hf(hf: dict[str, Any]) -> CLIPConfig:
     if hf.get("model_type") != "clip":
         raise ValueError(f"expected a transformers CLIP config (model_type 'clip'), got {hf.get('model_type')!r}")
     v, t = hf.get("vision_config") or {}, hf.get("text_config") or {}
-    vision = vit_config_from_hf(v)
+    return CLIPConfig(embed_dim=hf.get("projection_dim", 512), vision=vit_config_from_hf(v), text=text_config_from_hf(t),
+                      logit_scale_init=hf.get("logit_scale_init_value", 2.6592))
+
+
+def text_config_from_hf(t: dict[str, Any]) -> TextConfig:
+    """An HF CLIPTextConfig dict (CLIPModel's `text_config`, or a CLIPTextModel's config.json) -> TextConfig."""
     vocab = t.get("vocab_size", 49408)
     eos = t.get("eos_token_id", 49407)
     # transformers pools at argmax(input_ids) when eos_token_id == 2 (configs older than its PR #24773).
     legacy = eos == 2
-    text = TextConfig(vocab_size=vocab, context_length=t.get("max_position_embeddings", 77),
+    return TextConfig(vocab_size=vocab, context_length=t.get("max_position_embeddings", 77),
                       width=t.get("hidden_size", 512), layers=t.get("num_hidden_layers", 12),
                       heads=t.get("num_attention_heads", 8), mlp_dim=t.get("intermediate_size", 2048),
                       act=_act(t.get("hidden_act", "quick_gelu"), "text_config"), norm_eps=t.get("layer_norm_eps", 1e-5),
                       eot_token_id=vocab - 1 if legacy else eos, pool="argmax" if legacy else "eot")
-    return CLIPConfig(embed_dim=hf.get("projection_dim", 512), vision=vision, text=text,
-                      logit_scale_init=hf.get("logit_scale_init_value", 2.6592))
+
+
+def text_config_to_hf(t: TextConfig, projection_dim: int) -> dict[str, Any]:
+    """TextConfig -> an HF CLIPTextConfig dict."""
+    if t.pool == "eot" and t.eot_token_id == 2:
+        raise ValueError("text.eot_token_id 2 with pool 'eot' cannot be expressed: transformers treats "
+                         "eos_token_id == 2 as argmax pooling")
+    return {
+        "model_type": "clip_text_model", "vocab_size": t.vocab_size, "max_position_embeddings": t.context_length,
+        "hidden_size": t.width, "intermediate_size": t.mlp_dim, "num_hidden_layers": t.layers,
+        "num_attention_heads": t.heads, "hidden_act": _ACT_HF[t.act], "layer_norm_eps": t.norm_eps,
+        "projection_dim": projection_dim,
+        # 2 tells transformers to pool at argmax(input_ids), exactly what pool == "argmax" does.
+        "eos_token_id": 2 if t.pool == "argmax" else t.eot_token_id,
+    }
 
 
 def config_to_hf(cfg: CLIPConfig) -> dict[str, Any]:
@@ -95,25 +113,14 @@ def config_to_hf(cfg: CLIPConfig) -> dict[str, Any]:
                          "to Hugging Face format (keep ResNet models in mmlm or OpenAI format)")
     if cfg.logit_bias_init is not None:
         raise ValueError("transformers' CLIPModel has no logit_bias (a SigLIP-style model): it cannot export as CLIPModel")
-    v, t = cfg.vision, cfg.text
-    if t.pool == "eot" and t.eot_token_id == 2:
-        raise ValueError("text.eot_token_id 2 with pool 'eot' cannot be expressed: transformers treats "
-                         "eos_token_id == 2 as argmax pooling")
     return {
         "architectures": ["CLIPModel"],
         "model_type": "clip",
         "projection_dim": cfg.embed_dim,
         "logit_scale_init_value": cfg.logit_scale_init,
         "torch_dtype": "float32",
-        "vision_config": vit_config_to_hf(v, cfg.embed_dim),
-        "text_config": {
-            "model_type": "clip_text_model", "vocab_size": t.vocab_size, "max_position_embeddings": t.context_length,
-            "hidden_size": t.width, "intermediate_size": t.mlp_dim, "num_hidden_layers": t.layers,
-            "num_attention_heads": t.heads, "hidden_act": _ACT_HF[t.act], "layer_norm_eps": t.norm_eps,
-            "projection_dim": cfg.embed_dim,
-            # 2 tells transformers to pool at argmax(input_ids), exactly what pool == "argmax" does.
-            "eos_token_id": 2 if t.pool == "argmax" else t.eot_token_id,
-        },
+        "vision_config": vit_config_to_hf(cfg.vision, cfg.embed_dim),
+        "text_config": text_config_to_hf(cfg.text, cfg.embed_dim),
     }
 
 

@@ -11,21 +11,25 @@ from .kernels import pooled
 
 
 class TextTransformer(nn.Module):
-    def __init__(self, cfg: TextConfig, embed_dim: int):
+    """`embed_dim` None: no projection, the token states (`forward_tokens`) are the output (a text-to-image
+    model's encoder, transformers' CLIPTextModel)."""
+
+    def __init__(self, cfg: TextConfig, embed_dim: int | None):
         super().__init__()
         self.cfg = cfg
         self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
         self.pos_embed = nn.Parameter(torch.zeros(cfg.context_length, cfg.width))
         self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_dim, cfg.act, cfg.norm_eps)
         self.norm_final = nn.LayerNorm(cfg.width, eps=cfg.norm_eps)
-        self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
+        self.proj = nn.Linear(cfg.width, embed_dim, bias=False) if embed_dim is not None else None
 
     def init_weights(self) -> None:
         """OpenAI's init for the text side."""
         nn.init.normal_(self.token_embed.weight, std=0.02)
         nn.init.normal_(self.pos_embed, std=0.01)
         self.transformer.init_openai()
-        nn.init.normal_(self.proj.weight, std=self.cfg.width**-0.5)
+        if self.proj is not None:
+            nn.init.normal_(self.proj.weight, std=self.cfg.width**-0.5)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) ids -> (B, T, width): token embeddings plus learned positions."""
@@ -72,6 +76,8 @@ class TextTransformer(nn.Module):
         (The tokens after a row's end-of-text token reach no pooled feature, attention being causal: the fast
         path of `pooled` skips them, and packs the rest when the captions leave much padding.)
         """
+        if self.proj is None:
+            raise ValueError("this text tower has no projection (embed_dim None): read its token states with forward_tokens")
         eot = self.pool_index(input_ids)  # (B,)
         mask = self.causal_mask(attention_mask, input_ids.shape[1])
         x = pooled(self.transformer, self.embed(input_ids), rows=eot, attn_mask=mask, is_causal=mask is None,
