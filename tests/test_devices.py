@@ -39,6 +39,8 @@ def test_resolve_cpu_auto_and_a_clear_error_for_cuda_without_it(monkeypatch):
         TrainConfig(device="gpu")
     with pytest.raises(ValueError, match="train.precision must be one of fp32, bf16, fp16, got 'fp8'"):
         TrainConfig(precision="fp8")
+    with pytest.raises(ValueError, match="train.precision=fp16 does not combine with train.fsdp: use bf16"):
+        TrainConfig(precision="fp16", fsdp=True)
     with pytest.raises(ValueError, match="torch sees no CUDA device"):  # mmlm.load's device follows the same rule
         from mmlm.weights import parse_device
 

@@ -75,6 +75,8 @@ class TrainConfig:
         devices.check_precision(self.precision)
         if not isinstance(self.device, str) or self.device.split(":")[0].strip().lower() not in devices.DEVICES:
             raise ValueError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.fsdp and self.precision == "fp16":  # the scaler's unscale over sharded gradients is not wired up
+            raise ValueError("train.precision=fp16 does not combine with train.fsdp: use bf16 (no loss scaling needed)")
         if self.checkpoint_format not in ("consolidated", "sharded"):
             raise ValueError(f"train.checkpoint_format must be 'consolidated' or 'sharded', got {self.checkpoint_format!r}")
         if self.steps < 1 or self.batch_size < 1:
