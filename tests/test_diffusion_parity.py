@@ -215,3 +215,19 @@ def test_unsupported_unet_config_names_the_field():
         unet_config_from_diffusers({**SD1, "class_embed_type": "timestep"})
     with pytest.raises(ValueError, match="down_block_types"):
         unet_config_from_diffusers({**SD1, "down_block_types": ["SimpleCrossAttnDownBlock2D", "DownBlock2D"]})
+
+
+def test_cli_export_and_generate(sd_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from mmlm.cli import main
+
+    assert main(["export", "diffusers", str(sd_dir), "--out", str(tmp_path / "sd")]) == 0
+    assert (tmp_path / "sd" / "model_index.json").is_file()
+    assert main(["generate", "--model", str(tmp_path / "sd"), "--prompt", "lower", "--out", str(tmp_path / "img.png"),
+                 "--n", "2", "--steps", "2", "--scheduler", "euler"]) == 0
+    assert Image.open(tmp_path / "img-1.png").size == (16, 16)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(sd_dir), "--prompt", "lower", "--out", str(tmp_path / "x.png"),
+                 "--steps", "0"]) == 2
+    assert "steps" in capsys.readouterr().err

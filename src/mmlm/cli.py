@@ -19,9 +19,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .formats import export_hf_checkpoint
+    from .formats import export_diffusers, export_hf_checkpoint
 
-    out = export_hf_checkpoint(args.src, args.out)
+    out = (export_diffusers if args.format == "diffusers" else export_hf_checkpoint)(args.src, args.out)
     print(json.dumps({"exported": str(args.src), "format": args.format, "out": str(out)}))
     return 0
 
@@ -74,6 +74,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
     chat(args.model, prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
          temperature=args.temperature, top_p=args.top_p, seed=args.seed, image=args.image, template=args.template,
          weights=args.weights, dtype=args.dtype, device=args.device)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from . import generate_image, load
+    from .image_generation import save_images
+
+    if args.n < 1 or args.n > 64:
+        raise SystemExit(f"mmlm generate: --n must be from 1 to 64, got {args.n}")
+    pipe = load(args.model, dtype=args.dtype, device=args.device)
+    images = generate_image(pipe, [args.prompt] * args.n, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                            scheduler=args.scheduler, negative_prompt=args.negative_prompt)
+    print(json.dumps({"prompt": args.prompt, "images": [str(p) for p in save_images(images, args.out)]}))
     return 0
 
 
@@ -174,10 +187,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_convert)
 
     e = sub.add_parser("export", help="export an mmlm checkpoint to another format")
-    e.add_argument("format", choices=["hf"])
+    e.add_argument("format", choices=["hf", "diffusers"],
+                   help="hf: a transformers model dir; diffusers: a StableDiffusionPipeline dir (text-to-image models)")
     e.add_argument("src", type=Path)
     e.add_argument("--out", type=Path, required=True)
     e.set_defaults(func=cmd_export)
+
+    gi = sub.add_parser("generate", help="text-to-image: PNGs from a diffusers pipeline dir or an mmlm text-to-image run")
+    gi.add_argument("--model", required=True, help="a diffusers StableDiffusionPipeline dir or an mmlm checkpoint dir")
+    gi.add_argument("--prompt", required=True)
+    gi.add_argument("--out", type=Path, required=True, help="img.png (with --n > 1: img-0.png, img-1.png, ...)")
+    gi.add_argument("--n", type=int, default=1, help="images for the prompt (default 1)")
+    gi.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    gi.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 turns it off")
+    gi.add_argument("--seed", type=int, default=0)
+    gi.add_argument("--scheduler", default="ddim", choices=["ddim", "ddpm", "euler"])
+    gi.add_argument("--negative-prompt", default="", help="what guidance steers away from (default: the empty prompt)")
+    add_load_flags(gi)
+    gi.set_defaults(func=cmd_generate)
 
     t = sub.add_parser("train", help="train a model from a YAML recipe (resumes when --out holds a checkpoint)")
     t.add_argument("model", choices=["clip", "llava"])

@@ -14,6 +14,7 @@ The same loop, the same order of operations and the same random draws as diffuse
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -78,3 +79,16 @@ def generate_image(pipe: TextToImage, prompts: str | Sequence[str], steps: int =
             out = out_uncond + guidance * (out_text - out_uncond)
         x = plan.step(out, i, x, generator)
     return pipe.to_image(x)
+
+
+def save_images(images: torch.Tensor, out: str | Path) -> list[Path]:
+    """Write (B, 3, H, W) images in [0, 1] as PNGs: `out` itself for one image, else `out`'s stem + -0, -1, ..."""
+    from PIL import Image
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(len(images))]
+    pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+    for p, a in zip(paths, pixels):
+        Image.fromarray(a).save(p)
+    return paths
