@@ -238,3 +238,52 @@ def write_media_dataset(name: str, out: str | Path, train: int = 2000, val: int 
     (out / "classes.json").write_text(json.dumps({"classes": list(spec["classes"]), "templates": list(spec["templates"]),
                                                   "held_out": spec["held_out"]}, indent=1))
     return summary
+
+
+# ---------------------------------------------------------------------------------------------- training sources
+
+def _media_dataset(kind: str, csv_path: Path, d: Any, preprocess: Any):
+    """The CSV reader for a video or audio table, set up from a DataConfig (frames, fps, mel bins, frames of audio)."""
+    from .fbank import FbankConfig
+    from .media import CsvAudioText, CsvVideoText
+
+    if kind == "video":
+        return CsvVideoText(csv_path, preprocess, frames=d.frames, fps=d.fps or None)
+    return CsvAudioText(csv_path, FbankConfig(num_mel_bins=d.mel_bins, max_length=d.audio_frames))
+
+
+def _written(name: str, d: Any, preprocess: Any) -> Path:
+    """The dataset's directory (data.path), written there first when it holds no train.csv yet."""
+    path = Path(d.path or f"data/{name}")
+    if not (path / "train.csv").is_file():
+        write_media_dataset(name, path, train=d.train_size, val=d.eval_size, novel=d.eval_size, seed=d.seed,
+                            frames=max(8, min(16, d.frames)), image_size=preprocess.image_size)
+    return path
+
+
+def generated_train(name: str) -> Callable[[Any, Any], Any]:
+    return lambda d, pre: _media_dataset(DATASETS[name]["column"], _written(name, d, pre) / "train.csv", d, pre)
+
+
+def generated_evaluation(name: str) -> Callable[[Any, Any], tuple[list, list]]:
+    """Zero-shot sets of the val and novel splits: (name_split, media array, labels, class names, templates)."""
+
+    def evaluation(d: Any, preprocess: Any) -> tuple[list, list]:
+        path = _written(name, d, preprocess)
+        spec = json.loads((path / "classes.json").read_text())
+        column = DATASETS[name]["column"]
+        sets = []
+        for split in ("val", "novel"):
+            if not (path / f"{split}.csv").is_file():
+                continue
+            ds = _media_dataset(column, path / f"{split}.csv", d, preprocess)
+            items = [x for x in (ds[i] for i in range(min(len(ds), d.eval_size))) if "bad" not in x]
+            sets.append((f"{name.replace('-', '_')}_{split}", np.stack([x[column] for x in items]),
+                         [x["label"] for x in items], tuple(spec["classes"]), tuple(spec["templates"])))
+        return sets, []
+
+    return evaluation
+
+
+def csv_train(column: str) -> Callable[[Any, Any], Any]:
+    return lambda d, pre: _media_dataset(column, Path(d.path), d, pre)

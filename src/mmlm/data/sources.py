@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from . import fashion_mnist, shapes
+from . import fashion_mnist, media_sets, shapes
 from .image_text import ArrayImageText, CsvImageText, TarImageText
 from .llava_json import LlavaJson
 from .transforms import PreprocessConfig
@@ -31,8 +31,8 @@ def _check_kind(kind: str, path: str, registry: dict[str, Any]) -> None:
 
 @dataclass
 class DataConfig:
-    kind: str = "shapes"  # shapes | fashion_mnist | csv | tar
-    path: str = ""  # csv/tsv file, or a tar shard glob
+    kind: str = "shapes"  # shapes | fashion_mnist | csv | tar | moving_shapes | sounds | spoken | video_csv | audio_csv
+    path: str = ""  # csv/tsv file, or a tar shard glob; the generated video/audio sets: their directory
     image_col: str = "image"
     caption_col: str = "caption"
     train_size: int = 50_000  # shapes: training images generated on the fly
@@ -40,6 +40,11 @@ class DataConfig:
     seed: int = 0
     eval_size: int = 1000
     eval_path: str = ""  # csv/tar: held-out pairs for retrieval
+    # videos and audio (a video or audio CLIP's run sets these from its model config)
+    frames: int = 8  # frames sampled per clip
+    fps: float = 0.0  # 0: spread over the whole clip; else one frame every 1/fps seconds
+    mel_bins: int = 128  # log-mel features per 10 ms frame
+    audio_frames: int = 1024  # 10 ms frames per clip (padded or cut)
 
     def __post_init__(self) -> None:
         _check_kind(self.kind, self.path, IMAGE_TEXT)
@@ -131,6 +136,14 @@ IMAGE_TEXT: dict[str, ImageTextSource] = {
                            needs_path=True),
     "tar": ImageTextSource(lambda d, pre: TarImageText(d.path, pre), _tar_captions, _held_out_pairs(TarImageText),
                            needs_path=True),
+    # videos and audio clips (items hold "video" (T, S, S, 3) uint8 or "audio" (T, F) features instead of "image")
+    **{name.replace("-", "_"): ImageTextSource(media_sets.generated_train(name),
+                                               lambda d, data, limit: list(data.captions[:limit]),
+                                               media_sets.generated_evaluation(name))
+       for name in media_sets.DATASETS},
+    **{f"{col}_csv": ImageTextSource(media_sets.csv_train(col), lambda d, data, limit: list(data.captions[:limit]),
+                                     lambda d, pre: ([], []), needs_path=True)
+       for col in ("video", "audio")},
 }
 
 

@@ -36,11 +36,13 @@ def text_classifier(model, tokenizer, class_names: Sequence[str], templates: Seq
 
 
 @torch.no_grad()
-def image_embeddings(model, batches: Iterable[torch.Tensor]) -> torch.Tensor:
+def image_embeddings(model, batches: Iterable[torch.Tensor], encode=None) -> torch.Tensor:
     """Normalised image embeddings of an iterable of (B, C, H, W) pixel batches, concatenated.
 
-    Under torch.distributed each rank embeds every W-th batch and all ranks get every embedding."""
-    return torch.cat(map_shards(lambda px: F.normalize(model.encode_image(px.to(_device(model))).float(), dim=-1).cpu(),
+    Under torch.distributed each rank embeds every W-th batch and all ranks get every embedding. `encode` replaces
+    model.encode_image (a video or audio CLIP's encode_video / encode_audio: the batches then hold those)."""
+    encode = encode or model.encode_image
+    return torch.cat(map_shards(lambda px: F.normalize(encode(px.to(_device(model))).float(), dim=-1).cpu(),
                                 batches))
 
 
@@ -68,10 +70,11 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, class_nam
 
 @torch.no_grad()
 def zeroshot(model, tokenizer, batches: Iterable[torch.Tensor], labels: torch.Tensor, class_names: Sequence[str],
-             templates: Sequence[str], with_confusion: bool = True) -> dict[str, Any]:
-    """Classify images by their nearest class prompt-ensemble; labels index `class_names`."""
+             templates: Sequence[str], with_confusion: bool = True, encode=None) -> dict[str, Any]:
+    """Classify images (or, with `encode`, videos or audio clips) by their nearest class prompt-ensemble; labels
+    index `class_names`."""
     classifier = text_classifier(model, tokenizer, class_names, templates)
-    images = image_embeddings(model, batches)
+    images = image_embeddings(model, batches, encode)
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     return classification_metrics(images @ classifier.t(), labels, class_names, with_confusion)

@@ -10,7 +10,8 @@ import torch
 from torch.utils.data import Dataset
 
 from .. import distributed
-from ..checkpoint import load_state_dict_strict
+from ..checkpoint import build_model, load_state_dict_strict
+from ..config import AudioCLIPConfig, VideoCLIPConfig
 from ..data.sources import IMAGE_TEXT
 from ..data.transforms import ImageProcessor, PreprocessConfig
 from ..eval.retrieval import evaluate_retrieval
@@ -18,7 +19,7 @@ from ..eval.zeroshot import zeroshot
 from ..formats import load as load_model
 from ..formats import load_tokenizer
 from ..models.clip import CLIP
-from .clip_task import ClipRunConfig, ClipTask
+from .clip_task import ClipRunConfig, ClipTask, media_of
 from .loop import run_training
 
 
@@ -61,20 +62,29 @@ def fit_text_to_tokenizer(cfg: ClipRunConfig, tok) -> None:
 # ----------------------------------------------------------------------------- evaluation
 
 def _pixel_batches(images: np.ndarray, processor: ImageProcessor, batch: int = 256):
+    """Model inputs from evaluation arrays: images (N, S, S, 3) and videos (N, T, S, S, 3) uint8 normalised (a video
+    as its T images); audio features (N, T, F) as they are."""
     for i in range(0, len(images), batch):
-        yield processor.normalize(torch.from_numpy(images[i:i + batch]), channels_last=True)
+        x = torch.from_numpy(images[i:i + batch])
+        if x.dtype != torch.uint8:  # audio features
+            yield x
+        elif x.dim() == 5:
+            yield processor.normalize(x.flatten(0, 1), channels_last=True).unflatten(0, x.shape[:2])
+        else:
+            yield processor.normalize(x, channels_last=True)
 
 
 def build_evaluator(cfg: ClipRunConfig, model: CLIP, tok, preprocess: PreprocessConfig) -> Callable[[], dict[str, Any]]:
     """Evaluation sets are generated once and kept in memory; the closure embeds and scores them."""
     processor = ImageProcessor(preprocess)
     zs, ret = IMAGE_TEXT[cfg.data.kind].evaluation(cfg.data, preprocess)
+    _, encode = media_of(model)
 
     def evaluate() -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name, imgs, labels, classes, templates in zs:
-            m = zeroshot(model, tok, _pixel_batches(imgs, processor), torch.tensor(labels), classes, templates,
-                         with_confusion=False)
+            m = zeroshot(model, tok, _pixel_batches(imgs, processor, 64), torch.tensor(labels), classes, templates,
+                         with_confusion=False, encode=encode)
             out[name] = {"top1": m["top1"], "top5": m["top5"]}
         for name, imgs, caps in ret:
             m = evaluate_retrieval(model, tok, _pixel_batches(imgs, processor), caps, range(len(caps)))
@@ -88,16 +98,27 @@ def build_evaluator(cfg: ClipRunConfig, model: CLIP, tok, preprocess: Preprocess
 
 def build_task(cfg: ClipRunConfig, run: Path) -> ClipTask:
     """A CLIP run's data, tokenizer (written to `run`; the text tower follows it), model and evaluator."""
-    preprocess = PreprocessConfig(image_size=cfg.model.vision.image_size)
+    if isinstance(cfg.model, AudioCLIPConfig):  # the clips' features follow the audio tower (one setting)
+        preprocess = PreprocessConfig()
+        cfg.data.mel_bins, cfg.data.audio_frames = cfg.model.audio.num_mel_bins, cfg.model.audio.max_length
+    else:
+        preprocess = PreprocessConfig(image_size=cfg.model.vision.image_size)
+    if isinstance(cfg.model, VideoCLIPConfig) and cfg.data.frames > cfg.model.temporal.frames:
+        raise ValueError(f"data.frames {cfg.data.frames} is more than the model's temporal.frames "
+                         f"{cfg.model.temporal.frames}")
     data = train_data(cfg, preprocess)
     with distributed.main_first():  # rank 0 fits and saves the tokenizer, the other ranks load it
         tok = build_tokenizer(cfg, data, run)
     fit_text_to_tokenizer(cfg, tok)
     torch.manual_seed(cfg.train.seed)
-    model = CLIP(cfg.model)
+    model = build_model(cfg.model)
     if cfg.init_from:
         src = load_model(cfg.init_from)
-        load_state_dict_strict(model, src.state_dict(), cfg.init_from)
+        if isinstance(cfg.model, VideoCLIPConfig) and type(src) is CLIP:  # a video CLIP from an image CLIP:
+            sd = {**model.state_dict(), **src.state_dict()}  # its frame encoder and text tower, a fresh temporal part
+        else:
+            sd = src.state_dict()
+        load_state_dict_strict(model, sd, cfg.init_from)
     return ClipTask(cfg, model, tok, data, preprocess, build_evaluator(cfg, model, tok, preprocess))
 
 

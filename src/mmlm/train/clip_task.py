@@ -6,14 +6,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from ..checkpoint import save
-from ..config import CLIPConfig, clip_preset, to_dict
+from ..config import AudioCLIPConfig, CLIPConfig, VideoCLIPConfig, clip_preset, model_config_from_dict, to_dict
 from ..data.sources import DataConfig
 from ..data.transforms import PreprocessConfig
 from ..distributed import all_gather_objects, all_mean
@@ -47,7 +47,8 @@ class LockConfig:
 
 @dataclass
 class ClipRunConfig:
-    model: CLIPConfig = field(default_factory=lambda: clip_preset("tiny-vit"))
+    # an image CLIP, or (by its `kind`) a video_clip or an audio_clip: the same loop, loss and checkpoints
+    model: Union[CLIPConfig, VideoCLIPConfig, AudioCLIPConfig] = field(default_factory=lambda: clip_preset("tiny-vit"))
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -56,8 +57,23 @@ class ClipRunConfig:
     lock: LockConfig = field(default_factory=LockConfig)
     init_from: str = ""  # start from a checkpoint (anything mmlm.load opens) instead of random weights
 
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = model_config_from_dict(self.model, "model")
+
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
+
+
+# the batch key of each kind of model's media, and its encoder
+MEDIA = {CLIPConfig: ("pixel_values", "encode_image"), VideoCLIPConfig: ("video_values", "encode_video"),
+         AudioCLIPConfig: ("audio_values", "encode_audio")}
+
+
+def media_of(model: nn.Module) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """(batch key, encoder) of the images, videos or audio clips this CLIP-style model compares with text."""
+    key, method = MEDIA[type(model.config)]
+    return key, getattr(model, method)
 
 
 def lock_tower(blocks: nn.ModuleList | None, tower: nn.Module, unlocked_layers: int) -> None:
@@ -83,9 +99,10 @@ class ClipTask:
         self.data = train_data
         self._evaluate = evaluate
         lk = cfg.lock
-        if lk.image:
-            blocks = getattr(getattr(model.visual, "transformer", None), "blocks", None)
-            lock_tower(blocks, model.visual, lk.image_unlocked_layers)
+        if lk.image:  # a video CLIP's frame encoder; an audio CLIP's AST
+            tower = model.audio if isinstance(model.config, AudioCLIPConfig) else model.visual
+            blocks = getattr(getattr(tower, "transformer", None), "blocks", None)
+            lock_tower(blocks, tower, lk.image_unlocked_layers)
         if lk.text:
             lock_tower(model.text.transformer.blocks, model.text, lk.text_unlocked_layers)
 
@@ -94,9 +111,11 @@ class ClipTask:
 
     def collate(self, samples):
         from ..data.image_text import ImageTextCollate
+        from ..data.media import MediaTextCollate
 
         if not hasattr(self, "_collate"):
-            self._collate = ImageTextCollate(self.tokenizer, self.model.config.text.context_length, self.preprocess)
+            collate = ImageTextCollate if type(self.model.config) is CLIPConfig else MediaTextCollate
+            self._collate = collate(self.tokenizer, self.model.config.text.context_length, self.preprocess)
         return self._collate(samples)
 
     def step(self, batch: dict[str, Any], autocast) -> dict[str, float]:
@@ -104,14 +123,15 @@ class ClipTask:
         if min(sizes) == 0 or sum(sizes) < 2:
             return {"loss": float("nan")}
         model = self.model
-        if self.cfg.lock.image and not self.cfg.lock.image_unlocked_layers:
+        if self.cfg.lock.image and not self.cfg.lock.image_unlocked_layers and hasattr(model, "visual"):
             model.visual.eval()  # a locked tower keeps its BatchNorm statistics too
 
         def loss_fn(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
             return contrastive_loss(self.cfg.loss, img, txt, model.logit_scale, model.logit_bias, self.cfg.loss_gather)
 
-        loss = contrastive_step(model, batch["pixel_values"], batch["input_ids"], loss_fn,
-                                micro_batch=self.cfg.train.micro_batch, autocast=autocast)
+        key, encode = media_of(model)
+        loss = contrastive_step(model, batch[key], batch["input_ids"], loss_fn,
+                                micro_batch=self.cfg.train.micro_batch, autocast=autocast, encode=encode)
         return {"loss": all_mean(loss.item()), "logit_scale": model.logit_scale.exp().item()}
 
     def after_optimizer_step(self) -> None:

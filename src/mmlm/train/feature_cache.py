@@ -40,26 +40,29 @@ def _restore(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
 
 
 def contrastive_step(model: nn.Module, pixel_values: torch.Tensor, input_ids: torch.Tensor, loss_fn: LossFn,
-                     micro_batch: int = 0, autocast: Callable[[], AbstractContextManager] = nullcontext) -> torch.Tensor:
+                     micro_batch: int = 0, autocast: Callable[[], AbstractContextManager] = nullcontext,
+                     encode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Forward + backward of a contrastive loss over the whole batch; returns the detached loss.
 
     `loss_fn(image_features, text_features)` sees raw (unnormalised) features of the full batch.
-    `micro_batch` = 0 or >= the batch size runs one ordinary forward/backward.
+    `micro_batch` = 0 or >= the batch size runs one ordinary forward/backward. `encode` replaces
+    model.encode_image (encode_video / encode_audio: `pixel_values` then holds videos or audio features).
     """
+    encode = encode or model.encode_image
     n = pixel_values.shape[0]
     # Under torchrun every rank embeds the same number of micro-batches, whatever rows it lost: a SyncBatchNorm
     # (distributed.py) meets the other ranks in each forward.
     chunks = max(all_gather_objects(-(-n // micro_batch))) if micro_batch else 1
     if chunks == 1:
         with autocast():
-            loss = loss_fn(model.encode_image(pixel_values), model.encode_text(input_ids))
+            loss = loss_fn(encode(pixel_values), model.encode_text(input_ids))
         backward(loss, autocast)  # under fp16 (`autocast` a devices.Precision), the loss scaled first
         return loss.detach()
 
     px_chunks, id_chunks = pixel_values.tensor_split(chunks), input_ids.tensor_split(chunks)
     saved = _bn_buffers(model)  # the graph-free pass must not update BatchNorm running statistics twice
     with torch.no_grad(), autocast():
-        image = torch.cat([model.encode_image(px) for px in px_chunks])
+        image = torch.cat([encode(px) for px in px_chunks])
         text = torch.cat([model.encode_text(ids) for ids in id_chunks])
     _restore(model, saved)
     image = image.detach().requires_grad_()
@@ -70,6 +73,6 @@ def contrastive_step(model: nn.Module, pixel_values: torch.Tensor, input_ids: to
     for px, ids, g_img, g_txt in zip(px_chunks, id_chunks, image.grad.tensor_split(chunks),
                                                text.grad.tensor_split(chunks)):
         with autocast():
-            f_img, f_txt = model.encode_image(px), model.encode_text(ids)
+            f_img, f_txt = encode(px), model.encode_text(ids)
         torch.autograd.backward([f_img, f_txt], [g_img.to(f_img.dtype), g_txt.to(f_txt.dtype)])
     return loss.detach()
