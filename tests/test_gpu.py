@@ -151,10 +151,12 @@ def test_clip_training_on_cuda_in_mixed_precision(tmp_path, precision):
     assert all(map(torch.isfinite, map(torch.tensor, mixed))) and abs(mixed[0] - fp32[0]) < 0.05
 
 
-def test_compiled_clip_training_on_cuda(tmp_path):
+@pytest.mark.parametrize("checkpointed", ["false", "true"])
+def test_compiled_clip_training_on_cuda(tmp_path, checkpointed):
     """Compiled with inductor where triton works; otherwise the warning and the eager run: the same losses."""
-    eager = _clip_losses(tmp_path / "eager", "train.device=cuda", "train.precision=fp32")
-    compiled = _clip_losses(tmp_path / "compiled", "train.device=cuda", "train.precision=fp32", "train.compile=true")
+    common = ["train.device=cuda", "train.precision=fp32", f"train.grad_checkpointing={checkpointed}"]
+    eager = _clip_losses(tmp_path / "eager", *common)
+    compiled = _clip_losses(tmp_path / "compiled", *common, "train.compile=true")
     assert max(abs(a - b) for a, b in zip(eager, compiled)) < 1e-3
     import importlib
 
