@@ -82,7 +82,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .image_generation import save_images
 
     if args.n < 1 or args.n > 64:
-        raise SystemExit(f"mmlm generate: --n must be from 1 to 64, got {args.n}")
+        raise ValueError(f"--n must be from 1 to 64, got {args.n}")
     pipe = load(args.model, dtype=args.dtype, device=args.device)
     images = generate_image(pipe, [args.prompt] * args.n, steps=args.steps, guidance=args.guidance, seed=args.seed,
                             scheduler=args.scheduler, negative_prompt=args.negative_prompt)
@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     gi.set_defaults(func=cmd_generate)
 
     t = sub.add_parser("train", help="train a model from a YAML recipe (resumes when --out holds a checkpoint)")
-    t.add_argument("model", choices=["clip", "llava"])
+    t.add_argument("model", choices=["clip", "llava", "diffusion"])
     t.add_argument("--config", type=Path, default=None, help="recipe YAML (see configs/)")
     t.add_argument("--out", type=Path, required=True, help="run directory")
     t.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --out")

@@ -49,7 +49,7 @@ class UNetConfig:
     layers_per_block: int = 2
     transformer_layers_per_block: int = 1
     heads: Union[int, list] = 8
-    cross_attention_dim: int = 768
+    cross_attention_dim: int = 768  # the text states' width; 0 = the text tower's (DiffusionConfig fills it in)
     use_linear_projection: bool = False
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
@@ -162,6 +162,8 @@ class DiffusionConfig:
             self.vae = from_dict(VAEConfig, self.vae, ".vae")
         if isinstance(self.scheduler, dict):
             self.scheduler = from_dict(NoiseScheduleConfig, self.scheduler, ".scheduler")
+        if not self.unet.cross_attention_dim:
+            self.unet.cross_attention_dim = self.text.width
         _check(self.unet.cross_attention_dim == self.text.width,
                f"unet.cross_attention_dim {self.unet.cross_attention_dim} must equal text.width {self.text.width}")
         image_channels = self.vae.latent_channels if self.vae is not None else 3

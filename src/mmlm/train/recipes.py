@@ -27,6 +27,7 @@ import yaml
 from ..config import CLIPConfig, apply_overrides, clip_preset, from_dict, to_dict
 from .clip_run import train_clip
 from .clip_task import ClipRunConfig
+from .diffusion_task import DiffusionRunConfig, train_diffusion
 from .llava_run import train_llava
 from .llava_task import LlavaRunConfig
 
@@ -44,6 +45,7 @@ class RecipeKind:
 KINDS: dict[str, RecipeKind] = {
     "clip": RecipeKind(ClipRunConfig, train_clip, model=lambda preset: clip_preset(preset) if preset else CLIPConfig()),
     "llava": RecipeKind(LlavaRunConfig, train_llava),
+    "diffusion": RecipeKind(DiffusionRunConfig, train_diffusion),
 }
 
 
