@@ -93,7 +93,7 @@ def _train(out: Path, recipe: str, processes: int) -> dict[str, torch.Tensor]:
     first steps are nearly sign(g) * lr), so at the recipe's lr=1e-3 two single-process runs that differ only in
     their thread count (summation order) already end 3.7e-3 apart; at 1e-5 that floor is far below 1e-4.
     """
-    args = ["-m", "mmlm", "train", "clip", "--config", str(_recipe(recipe)), "--out", str(out), "train.lr=1e-5",
+    args = ["-m", "mmlm", "train", "clip", "--config", str(_recipe(recipe)), "--out", str(out), "train.lr=1e-5", "train.device=cpu",
             "train.steps=3", "train.batch_size=16", "train.precision=fp32", "train.num_workers=0", "train.threads=1",
             "train.warmup_steps=1", "train.eval_every=0", "train.ckpt_every=0", "train.progress=false",
             "data.train_size=64", "data.eval_size=8"]

@@ -32,5 +32,7 @@ def recompute(module: nn.Module, fn: Callable[..., Any], *args: Any, **kwargs: A
     the inputs are kept and the backward runs `fn` again (torch.utils.checkpoint, non-reentrant)."""
     if not (getattr(module, "grad_checkpointing", False) and torch.is_grad_enabled()):
         return fn(*args, **kwargs)
-    return checkpoint(fn, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), _batch_norm_kept(module)),
-                      **kwargs)
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+        return checkpoint(fn, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), _batch_norm_kept(module)),
+                          **kwargs)
+    return checkpoint(fn, *args, use_reentrant=False, **kwargs)  # (torch.compile traces this form)
