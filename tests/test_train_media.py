@@ -3,12 +3,14 @@ embedded datasets' recipes, and a run over a CSV with broken files among good on
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import mmlm
+from mmlm.cli import main
 from mmlm.data.media import write_audio, write_video
 from mmlm.models.audio import AudioCLIP
 from mmlm.models.video import VideoCLIP
@@ -20,7 +22,7 @@ SMOKE = ["train.steps=2", "train.batch_size=4", "train.eval_every=2", "train.ckp
          "train.precision=fp32", "train.num_workers=0", "data.train_size=8", "data.eval_size=4"]
 
 
-def test_video_recipe_trains_and_evaluates(tmp_path):
+def test_video_recipe_trains_and_evaluates(tmp_path, capsys):
     cfg = load_recipe("clip", RECIPES / "clip-video-shapes.yaml", SMOKE + [f"data.path={tmp_path / 'data'}"])
     summary = train_clip(cfg, tmp_path / "run")
     assert summary["step"] == 2
@@ -28,15 +30,28 @@ def test_video_recipe_trains_and_evaluates(tmp_path):
     model = mmlm.load(tmp_path / "run" / "final")
     assert isinstance(model, VideoCLIP)
     assert model.encode_video(torch.zeros(2, 8, 3, 32, 32)).shape == (2, 64)
+    # `mmlm eval zeroshot` on the written CSV (classes.json beside it), with a broken file added: skipped, named
+    table = tmp_path / "data" / "novel.csv"
+    (tmp_path / "data" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 100)
+    table.write_text(table.read_text() + "broken.mp4,a broken clip,0,moving left,star,red\n")
+    assert main(["eval", "zeroshot", "--model", str(tmp_path / "run" / "final"), "--data", str(table)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["n"] == 4 and result["classes"] == 10 and 0 <= result["top1"] <= 1
+    assert len(result["skipped"]) == 1 and "broken.mp4" in result["skipped"][0]["reason"]
 
 
-def test_audio_recipe_trains_and_evaluates(tmp_path):
+def test_audio_recipe_trains_and_evaluates(tmp_path, capsys):
     cfg = load_recipe("clip", RECIPES / "clip-audio.yaml", SMOKE + [f"data.path={tmp_path / 'data'}"])
     summary = train_clip(cfg, tmp_path / "run")
     assert summary["step"] == 2 and "sounds_val" in summary["eval"]
     assert np.isfinite(summary["eval"]["sounds_val"]["top1"])
     model = mmlm.load(tmp_path / "run" / "final")
     assert isinstance(model, AudioCLIP) and model.encode_audio(torch.zeros(2, 100, 64)).shape == (2, 64)
+    capsys.readouterr()
+    assert main(["eval", "zeroshot", "--model", str(tmp_path / "run" / "final"),
+                 "--data", str(tmp_path / "data" / "val.csv")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["n"] == 4 and result["classes"] == 10 and not result["skipped"]
 
 
 def test_a_run_skips_and_names_broken_files(tmp_path, capsys):

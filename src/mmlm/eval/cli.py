@@ -9,6 +9,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from ..config import AudioCLIPConfig, VideoCLIPConfig
 from ..data.image_text import read_table
 from ..data.transforms import BadImageError, ImageProcessor, PreprocessConfig
 from ..formats import load, load_preprocess, load_tokenizer
@@ -20,7 +21,9 @@ def open_model(model_dir: str | Path, dtype: Any = None, device: Any = None):
     """(model, tokenizer, ImageProcessor) of a saved CLIP or LLaVA: the checkpoint's preprocessing, else the
     model's default. `dtype` / `device`: where the weights load (`mmlm.load`; default float32 on the CPU)."""
     model = load(model_dir, dtype=dtype, device=device)
-    preprocess = load_preprocess(model_dir) or PreprocessConfig(image_size=model.config.vision.image_size)
+    vision = getattr(model.config, "vision", None)  # an audio CLIP has none
+    preprocess = load_preprocess(model_dir) or (PreprocessConfig(image_size=vision.image_size) if vision else
+                                                PreprocessConfig())
     return model, load_tokenizer(model_dir), ImageProcessor(preprocess)
 
 
@@ -63,6 +66,8 @@ def _builtin_zeroshot(name: str, size: int, limit: int) -> tuple[list[np.ndarray
 def eval_zeroshot(model_dir: str | Path, data: str, classes: str | None = None, templates: str | None = None,
                   limit: int = 0, dtype: Any = None, device: Any = None) -> dict[str, Any]:
     model, tok, processor = open_model(model_dir, dtype, device)
+    if isinstance(model.config, (VideoCLIPConfig, AudioCLIPConfig)):
+        return _media_zeroshot(model, tok, processor, data, classes, templates, limit)
     skipped: list[dict] = []
     if data in ("shapes", "shapes-novel", "fashion_mnist"):
         images, labels, class_names, tmpl = _builtin_zeroshot(data, processor.config.image_size, limit)
@@ -84,6 +89,63 @@ def eval_zeroshot(model_dir: str | Path, data: str, classes: str | None = None, 
         tmpl = tuple(l.strip() for l in Path(templates).read_text().splitlines() if l.strip())
     with torch.no_grad():
         result = zeroshot(model, tok, _array_batches(images, processor), torch.tensor(labels), class_names, tmpl)
+    return {"task": "zeroshot", "data": data, **result, "skipped": skipped}
+
+
+def _media_zeroshot(model, tok, processor: ImageProcessor, data: str, classes: str | None, templates: str | None,
+                    limit: int) -> dict[str, Any]:
+    """Zero-shot over a CSV/TSV of videos or audio clips (`video` or `audio` column, `label`: a class name or index).
+
+    Class names and templates: `classes` / `templates` files, else the classes.json beside the table (`mmlm data`
+    writes one), else the sorted labels and "a video of {}." / "the sound of {}."."""
+    from ..data.fbank import FbankConfig
+    from ..data.media import CsvAudioText, CsvVideoText
+
+    video = isinstance(model.config, VideoCLIPConfig)
+    col = "video" if video else "audio"
+    rows = read_table(data, [col, "label"])
+    beside = Path(data).parent / "classes.json"
+    spec = json.loads(beside.read_text()) if beside.is_file() else {}
+    if classes:
+        text = Path(classes).read_text()
+        class_names = tuple(json.loads(text)) if classes.endswith(".json") else tuple(l.strip() for l in text.splitlines() if l.strip())
+    else:
+        class_names = tuple(spec.get("classes") or sorted({r["label"] for r in rows}))
+    tmpl = tuple(spec.get("templates") or (("a video of {}.",) if video else ("the sound of {}.",)))
+    if templates:
+        tmpl = tuple(l.strip() for l in Path(templates).read_text().splitlines() if l.strip())
+
+    def label_index(label: str) -> int:
+        if label in class_names:
+            return class_names.index(label)
+        if label.strip().isdigit() and int(label) < len(class_names):
+            return int(label)
+        raise ValueError(f"{data}: label {label!r} is neither a class name nor a class index")
+
+    if video:
+        ds = CsvVideoText(data, processor.config, frames=model.config.temporal.frames, caption_col="label")
+    else:
+        a = model.config.audio
+        ds = CsvAudioText(data, FbankConfig(num_mel_bins=a.num_mel_bins, max_length=a.max_length), caption_col="label")
+    items, labels, skipped = [], [], []
+    for i in range(min(len(ds), limit or len(ds))):
+        x = ds[i]
+        if "bad" in x:
+            skipped.append({col: ds.videos[i] if video else ds.files[i], "reason": x["bad"][1]})
+        else:
+            items.append(x[col])
+            labels.append(label_index(rows[i]["label"]))
+    if not items:
+        raise ValueError(f"{data}: none of its {len(ds)} {col} files could be read")
+
+    def batches(n: int = 64) -> Iterator[torch.Tensor]:
+        for i in range(0, len(items), n):
+            x = torch.from_numpy(np.stack(items[i:i + n]))
+            yield processor.normalize(x.flatten(0, 1), channels_last=True).unflatten(0, x.shape[:2]) if video else x
+
+    encode = model.encode_video if video else model.encode_audio
+    with torch.no_grad():
+        result = zeroshot(model, tok, batches(), torch.tensor(labels), class_names, tmpl, encode=encode)
     return {"task": "zeroshot", "data": data, **result, "skipped": skipped}
 
 
