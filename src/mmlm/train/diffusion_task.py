@@ -145,7 +145,7 @@ def build_task(cfg: DiffusionRunConfig, run: Path) -> DiffusionTask:
             if (saved / "tokenizer.json").is_file():
                 tok = load_tokenizer(saved)
             else:
-                captions = IMAGE_TEXT[cfg.data.kind].captions(cfg.data, data, 20_000)
+                captions = IMAGE_TEXT[cfg.data.kind].captions(cfg.data, data, min(20_000, max(len(data), 2_000)))
                 tok = Tokenizer.train_bpe(captions, vocab_size=cfg.tokenizer.vocab_size,
                                           context_length=cfg.model.text.context_length)
                 if distributed.world().is_main:
