@@ -8,6 +8,8 @@ import math
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 import mmlm
 from mmlm.assets import recipe_path
@@ -33,8 +35,16 @@ def test_shapes_recipe_trains_saves_generates_and_resumes(tmp_path):
     assert pipe.vae is None and pipe.tokenizer is not None
     images = mmlm.generate_image(pipe, ["a red circle", "a blue star"], steps=2, guidance=2.0)
     assert images.shape == (2, 3, 24, 24) and 0 <= images.min() and images.max() <= 1
+    # sampling uses the average of the UNet's weights, which differs from the last weights
+    ema = load_file(run / "final" / "ema.safetensors")
+    last = load_file(run / "final" / "model.safetensors")
+    name = "unet.conv_out.weight"
+    torch.testing.assert_close(pipe.unet.conv_out.weight, ema[name], atol=0, rtol=0)
+    assert not torch.equal(ema[name], last[name])
     cfg = load_recipe("diffusion", recipe_path("diffusion-shapes"), TINY + ["train.steps=3"])
-    assert KINDS["diffusion"].train(cfg, run)["step"] == 3  # resumed from step 2
+    assert KINDS["diffusion"].train(cfg, run)["step"] == 3  # resumed from step 2, its average too
+    with safe_open(str(run / "final" / "ema.safetensors"), "pt") as f:
+        assert f.metadata()["ema_steps"] == "3"
 
 
 def test_recipe_reads_and_bad_field_is_named():

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_json, save_tensors, write_json
+from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_state_dict_strict, read_json, read_state_dict, save_tensors, write_json
 from ..diffusion_config import DiffusionConfig, NoiseScheduleConfig, UNetConfig, VAEConfig
 from ..models.diffusion import TextToImage
 from ..tokenizer import TOKENIZER_FILE, Tokenizer
@@ -30,6 +30,7 @@ from .mapping import Rule, rename
 
 INDEX_NAME = "model_index.json"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+EMA_NAME = "ema.safetensors"  # written by train/diffusion_task.py beside a run's model.safetensors
 
 # mmlm name part -> the diffusers name part(s); several parts are one fused mmlm tensor (rows stacked in order)
 SWAPS: list[tuple[str, tuple[str, ...]]] = [
@@ -288,7 +289,8 @@ def load_pipeline(path: str | Path, dtype: torch.dtype = torch.float32, device: 
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> TextToImage:
-    """mmlm's own checkpoint of a TextToImage (config.json kind "diffusion" + model.safetensors [+ tokenizer])."""
+    """mmlm's own checkpoint of a TextToImage (config.json kind "diffusion" + model.safetensors [+ tokenizer]); a
+    training checkpoint's ema.safetensors, when there is one, replaces the UNet's weights."""
     d = Path(path)
     cfg = DiffusionConfig.from_dict(read_json(d / CONFIG_NAME))
     with torch.device("meta"):
@@ -298,6 +300,9 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, device
         load_into(model, tensors, str(d / WEIGHTS_NAME), dtype, device)
     finally:
         close_all(files)
+    if (d / EMA_NAME).is_file():  # a training run's average of the UNet's weights: what sampling uses
+        ema = read_state_dict(d / EMA_NAME)
+        load_state_dict_strict(model.unet, {k.removeprefix("unet."): v for k, v in ema.items()}, str(d / EMA_NAME))
     if (d / TOKENIZER_FILE).is_file():
         model.tokenizer = Tokenizer.load(d)
     return model

@@ -6,7 +6,8 @@ x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise; the UNet, reading the text tower's tok
 the velocity) and the loss is the mean squared error (Ho et al. 2020). A share of the captions (`caption_dropout`)
 is replaced by the empty prompt, so that one model learns both the conditional and the unconditional prediction
 that classifier-free guidance combines. The text tower comes from a trained CLIP (`text_from`) and stays frozen,
-or is trained with the UNet when there is none.
+or is trained with the UNet when there is none. An exponential moving average of the UNet's weights (`ema_decay`)
+is kept beside them: every checkpoint writes it to ema.safetensors, and `mmlm.load` of a checkpoint samples with it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .. import distributed
-from ..checkpoint import save
+from ..checkpoint import read_state_dict, save, save_tensors
 from ..config import TextConfig, to_dict
 from ..data.sources import IMAGE_TEXT, DataConfig
 from ..data.transforms import PreprocessConfig
@@ -31,7 +32,9 @@ from ..formats import load_tokenizer
 from ..models.diffusion import TextToImage
 from ..schedulers import add_noise, training_target
 from .clip_task import TokenizerConfig
-from .loop import TrainConfig, run_training
+from .loop import TrainConfig, latest_checkpoint, run_training
+
+EMA_NAME = "ema.safetensors"
 
 
 def shapes_model() -> DiffusionConfig:
@@ -54,8 +57,11 @@ class DiffusionRunConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=3e-4, weight_decay=0.0, betas=(0.9, 0.999)))
     text_from: str = ""  # a trained CLIP (anything mmlm.load opens): its text tower and tokenizer, frozen
     caption_dropout: float = 0.1  # share of captions replaced by "" (for classifier-free guidance)
+    ema_decay: float = 0.999  # the UNet's weight average: ema = decay ema + (1 - decay) w after each step; 0 = off
 
     def __post_init__(self) -> None:
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
 
@@ -77,6 +83,9 @@ class DiffusionTask:
             model.vae.requires_grad_(False)  # latent diffusion trains the UNet alone
         self.generator = torch.Generator().manual_seed(cfg.train.seed + distributed.world().rank)
         self.empty_ids = tokenizer([""], context_length=cfg.model.text.context_length)  # (1, T)
+        self.ema_steps = 0
+        self.ema = ({k: v.detach().float().clone() for k, v in model.unet.state_dict().items()}
+                    if cfg.ema_decay else None)
 
     def train_dataset(self) -> Dataset:
         return self.data
@@ -114,17 +123,43 @@ class DiffusionTask:
         loss.backward()
         return {"loss": all_mean(loss.item())}
 
+    @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        pass
+        if self.ema is None:
+            return
+        self.ema_steps += 1
+        decay = min(self.cfg.ema_decay, (1 + self.ema_steps) / (10 + self.ema_steps))  # short memory at first
+        for k, v in self.model.unet.state_dict().items():
+            ema = self.ema[k]
+            if ema.device != v.device:
+                self.ema[k] = ema = ema.to(v.device)
+            ema.lerp_(v.float(), 1 - decay)
+
+    def load_ema(self, path: Path) -> None:
+        """The average a checkpoint holds (a resumed run continues it)."""
+        sd = read_state_dict(path)
+        self.ema = {k.removeprefix("unet."): v.float() for k, v in sd.items()}
+        self.ema_steps = int(self._ema_meta(path).get("ema_steps", "0"))
+
+    @staticmethod
+    def _ema_meta(path: Path) -> dict[str, str]:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
 
     def evaluate(self) -> dict[str, Any]:
         return {}
 
     def save_model(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         save(self.model, directory, tokenizer=self.tokenizer, preprocess=self.preprocess, state_dict=state_dict)
+        if self.ema is not None:
+            dtype = next(self.model.unet.parameters()).dtype
+            save_tensors(Path(directory) / EMA_NAME, {f"unet.{k}": v.to(dtype) for k, v in self.ema.items()},
+                         metadata={"format": "pt", "ema_steps": str(self.ema_steps)})
 
 
-def build_task(cfg: DiffusionRunConfig, run: Path) -> DiffusionTask:
+def build_task(cfg: DiffusionRunConfig, run: Path, resume: bool = True) -> DiffusionTask:
     """The run's data, tokenizer (a trained CLIP's, or a BPE fitted to the captions and written to `run`), model."""
     from ..tokenizer import Tokenizer
 
@@ -161,9 +196,13 @@ def build_task(cfg: DiffusionRunConfig, run: Path) -> DiffusionTask:
         model.text_encoder.load_state_dict(text_state)
     else:
         model.text_encoder.init_weights()
-    return DiffusionTask(cfg, model, tok, data, preprocess, freeze_text=text_state is not None)
+    task = DiffusionTask(cfg, model, tok, data, preprocess, freeze_text=text_state is not None)
+    ckpt = latest_checkpoint(run) if resume else None
+    if task.ema is not None and ckpt is not None and (ckpt / EMA_NAME).is_file():
+        task.load_ema(ckpt / EMA_NAME)
+    return task
 
 
 def train_diffusion(cfg: DiffusionRunConfig, out: str | Path, resume: bool = True) -> dict[str, Any]:
     """Train a text-to-image model per `cfg` into run directory `out` (resuming from its latest checkpoint if any)."""
-    return run_training(cfg, out, lambda run: build_task(cfg, run), resume)
+    return run_training(cfg, out, lambda run: build_task(cfg, run, resume), resume)
