@@ -78,3 +78,10 @@ def test_the_chapters_clip_recipe_is_a_vit_l14_of_428m_parameters():
         (224, 14, 1024, 24, 768, 12, 49408)
     assert cfg.train.precision == "bf16" and cfg.train.grad_checkpointing and cfg.tokenizer.kind == "clip"
     assert 425e6 < parameter_counts(cfg)["total"] < 430e6
+
+
+def test_a_resnet_recipe_is_refused_with_a_reason(capsys):
+    from mmlm.cli import main
+
+    assert main(["plan", "--config", "clip-shapes"]) == 2
+    assert "ViT-tower" in capsys.readouterr().err
