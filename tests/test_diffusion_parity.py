@@ -140,8 +140,7 @@ VOCAB = ["l", "o", "w", "e", "r", "s", "t", "i", "d", "n", "lo", "l</w>", "w</w>
 PROMPTS = ["lower newer", "lowest wider"]
 
 
-@pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory):
+def _save_pipeline(path, unet_kwargs, **scheduler_kwargs):
     """A tiny random StableDiffusionPipeline (CLIPTextModel + UNet + VAE + DDIM) saved with save_pretrained."""
     torch.manual_seed(0)
     text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
@@ -149,17 +148,23 @@ def sd_dir(tmp_path_factory):
         max_position_embeddings=16, bos_token_id=21, eos_token_id=22, pad_token_id=22)).eval()
     tok = transformers.CLIPTokenizer(vocab={t: i for i, t in enumerate(VOCAB)},
                                      merges=[("l", "o"), ("lo", "w</w>"), ("e", "r</w>")], model_max_length=16)
-    unet = diffusers.UNet2DConditionModel(**{**SD1, "layers_per_block": 1})
+    unet = diffusers.UNet2DConditionModel(**unet_kwargs)
     vae = diffusers.AutoencoderKL(**VAE)
     for m in (unet, vae):
         _randomize(m, 0.05)
-    sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
-                                    clip_sample=False, set_alpha_to_one=False)
+    sched = diffusers.DDIMScheduler(**{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                                       "steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False,
+                                       **scheduler_kwargs})
     pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
                                              safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    path = tmp_path_factory.mktemp("sd")
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory):
+    """SD-1.x-like: conv projections, one head count, epsilon prediction."""
+    return _save_pipeline(tmp_path_factory.mktemp("sd"), {**SD1, "layers_per_block": 1})
 
 
 def _diffusers_images(path, latents, steps=4, guidance=7.5):
@@ -182,6 +187,20 @@ def test_guided_ddim_run_matches_diffusers(sd_dir):
     ids = pipe.tokenizer(PROMPTS, context_length=16)
     with torch.no_grad():
         torch.testing.assert_close(pipe.encode_prompt(ids), text(ids).last_hidden_state, atol=1e-5, rtol=0)
+
+
+def test_sd2_like_v_prediction_pipeline_matches_diffusers_and_exports(tmp_path):
+    """SD-2.x-like: linear projections, a head count per level, v-prediction, trailing timesteps."""
+    path = _save_pipeline(tmp_path / "sd2", {**SD2, "transformer_layers_per_block": 1},
+                          prediction_type="v_prediction", timestep_spacing="trailing", steps_offset=0)
+    pipe = mmlm.load(path)
+    assert pipe.scheduler.prediction_type == "v_prediction" and pipe.config.unet.use_linear_projection
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    ours = mmlm.generate_image(pipe, PROMPTS, steps=3, guidance=5.0, latents=latents)
+    torch.testing.assert_close(ours, _diffusers_images(path, latents, steps=3, guidance=5.0), atol=1e-4, rtol=0)
+    export_pipeline(pipe, tmp_path / "exported")
+    torch.testing.assert_close(_diffusers_images(tmp_path / "exported", latents, steps=3, guidance=5.0), ours,
+                               atol=1e-4, rtol=0)
 
 
 def test_export_and_mmlm_checkpoint_round_trip(sd_dir, tmp_path):
