@@ -36,6 +36,9 @@ ACTIONS = ("moving left", "moving right", "moving up", "moving down", "growing",
 # one held-out action per shape, each action at most once: every action and every shape is still seen
 HELD_OUT_ACTIONS = tuple((SHAPES[i], ACTIONS[(3 * i) % len(ACTIONS)]) for i in range(len(SHAPES)))
 VIDEO_TEMPLATES = ("a video of {}.", "{}.", "a clip of {}.")
+# zero-shot action prompts leave the object unnamed; a quarter of the training captions do too, so that such a
+# sentence is one the text tower has read
+ACTION_TEMPLATES = ("something {}.", "a video of something {}.")
 _SYMMETRIC = {"circle"}  # a spinning circle looks still: never asked to spin
 
 
@@ -90,7 +93,10 @@ def moving_shape_item(split: str, index: int, seed: int = 0, frames: int = 8, si
     shape, action = pairs[rng.integers(len(pairs))]
     colour = COLOURS[rng.integers(len(COLOURS))]
     text = f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape} {action}"
-    caption = VIDEO_TEMPLATES[rng.integers(len(VIDEO_TEMPLATES))].format(text)
+    if rng.random() < 0.25:
+        caption = ACTION_TEMPLATES[rng.integers(len(ACTION_TEMPLATES))].format(action)
+    else:
+        caption = VIDEO_TEMPLATES[rng.integers(len(VIDEO_TEMPLATES))].format(text)
     return {"video": render_action(shape, colour, action, rng, frames, size), "caption": caption,
             "label": ACTIONS.index(action), "shape": shape, "colour": colour}
 
@@ -191,7 +197,7 @@ def spoken_item(split: str, index: int, seed: int = 0, seconds: float = 1.0, rat
 # ---------------------------------------------------------------------------------------------- writing
 
 DATASETS: dict[str, dict[str, Any]] = {
-    "moving-shapes": {"classes": ACTIONS, "templates": VIDEO_TEMPLATES, "column": "video", "ext": ".mp4",
+    "moving-shapes": {"classes": ACTIONS, "templates": ACTION_TEMPLATES, "column": "video", "ext": ".mp4",
                       "held_out": [list(p) for p in HELD_OUT_ACTIONS]},
     "sounds": {"classes": SOUNDS, "templates": SOUND_TEMPLATES, "column": "audio", "ext": ".wav", "held_out": []},
     "spoken": {"classes": WORDS, "templates": SPOKEN_TEMPLATES, "column": "audio", "ext": ".wav",
