@@ -250,3 +250,6 @@ def test_cli_export_and_generate(sd_dir, tmp_path, capsys):
     assert main(["generate", "--model", str(sd_dir), "--prompt", "lower", "--out", str(tmp_path / "x.png"),
                  "--steps", "0"]) == 2
     assert "steps" in capsys.readouterr().err
+    for prompt in ["  ", "lower " * 40]:
+        assert main(["generate", "--model", str(sd_dir), "--prompt", prompt, "--out", str(tmp_path / "x.png")]) == 2
+        assert "--prompt" in capsys.readouterr().err

@@ -22,7 +22,8 @@ __all__ = ["load", "save", "load_tokenizer", "generate", "generate_image", "quan
 
 def load(path: Any, dtype: Any = None, device: Any = None):
     """Open a model: an mmlm checkpoint dir, a transformers CLIPModel / LlamaForCausalLM / Qwen2ForCausalLM /
-    LlavaForConditionalGeneration dir, or a llama-architecture .gguf file. Eval mode; float32 on the CPU unless
+    LlavaForConditionalGeneration dir, a diffusers Stable Diffusion pipeline dir (.text_encoder .unet .vae .scheduler
+    .tokenizer), or a llama-architecture .gguf file. Eval mode; float32 on the CPU unless
     `dtype` (torch.bfloat16 / float16 / float32, or "bf16", ...) and `device` ("cuda", "auto", ...) say otherwise.
     Built on the meta device, each tensor read from the memory-mapped file straight into its dtype and device.
     See mmlm.formats.load."""

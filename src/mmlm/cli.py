@@ -83,7 +83,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.n < 1 or args.n > 64:
         raise ValueError(f"--n must be from 1 to 64, got {args.n}")
+    if not args.prompt.strip():
+        raise ValueError("--prompt is empty")
     pipe = load(args.model, dtype=args.dtype, device=args.device)
+    if pipe.tokenizer is not None:
+        try:
+            pipe.tokenizer([args.prompt], context_length=min(pipe.tokenizer.context_length, pipe.config.text.context_length),
+                           truncate=False)
+        except ValueError as e:
+            raise ValueError(f"--prompt is too long for the model: {e}") from None
     images = generate_image(pipe, [args.prompt] * args.n, steps=args.steps, guidance=args.guidance, seed=args.seed,
                             scheduler=args.scheduler, negative_prompt=args.negative_prompt)
     print(json.dumps({"prompt": args.prompt, "images": [str(p) for p in save_images(images, args.out)]}))
