@@ -86,6 +86,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise ValueError("--prompt is empty")
     pipe = load(args.model, dtype=args.dtype, device=args.device)
+    if not hasattr(pipe, "unet"):
+        raise ValueError(f"--model {args.model} is not a text-to-image model")
     if pipe.tokenizer is not None:
         try:
             pipe.tokenizer([args.prompt], context_length=min(pipe.tokenizer.context_length, pipe.config.text.context_length),

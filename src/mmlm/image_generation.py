@@ -43,6 +43,9 @@ def generate_image(pipe: TextToImage, prompts: str | Sequence[str], steps: int =
     """Images (B, 3, H, W) in [0, 1] for `prompts`; guidance > 1 applies classifier-free guidance against
     `negative_prompt`. `latents` (B, C, h, w) given: no noise is drawn (they are scaled by the sampler's initial
     sigma, as diffusers does); else they are drawn from `seed`. H, W default to the model's image size."""
+    if not isinstance(pipe, TextToImage):
+        raise ValueError(f"generate_image needs a text-to-image model (mmlm.load of a diffusers pipeline dir or an "
+                         f"mmlm diffusion run), got {type(pipe).__name__}")
     if isinstance(prompts, str):
         prompts = [prompts]
     _check_request(prompts, steps, guidance, scheduler)
