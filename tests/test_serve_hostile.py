@@ -95,10 +95,12 @@ class HealthWatch:
 
 
 def hold_model_thread(model):
-    """Blocks the model thread at its next forward pass until the returned event is set (any batching mode)."""
-    gate = threading.Event()
+    """Blocks the model thread at its next forward pass until `release()` (any batching mode); `release.entered` is
+    set once the model thread is held."""
+    gate, entered = threading.Event(), threading.Event()
 
     def hold(*args):
+        entered.set()
         gate.wait(120)  # (returns None: the module's inputs are left as they are)
 
     handles = [m.register_forward_pre_hook(hold) for m in model.modules()]
@@ -108,6 +110,7 @@ def hold_model_thread(model):
         for h in handles:
             h.remove()
 
+    release.entered = entered
     return release
 
 
@@ -249,7 +252,9 @@ def test_abandoned_streams_leave_the_queue_count_at_once(llava_dir):
         with running(app) as url:
             blocker = threading.Thread(target=lambda: httpx.post(url + CHAT, json=chat("hi"), timeout=60))
             blocker.start()
-            wait_for(lambda: httpx.get(url + "/health").json()["queue"] == 0 and app.state.service.worker.depth == 0,
+            # held in the blocker's forward (queue 0 alone also holds before the blocker has even arrived: then a
+            # stream would be taken instead, and the late blocker would stay in the count for good)
+            wait_for(lambda: release.entered.is_set() and httpx.get(url + "/health").json()["queue"] == 0,
                      "the model thread to take the first request")
             streams = []
             for _ in range(4):  # they wait behind the held model thread, then their clients leave
