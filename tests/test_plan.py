@@ -44,6 +44,7 @@ def test_parameter_counts_from_the_meta_device():
     counts = parameter_counts(cfg)
     assert counts["total"] == sum(p.numel() for p in CLIP(cfg.model).parameters())
     assert counts["vision"] + counts["text"] + 1 == counts["total"]  # + the logit scale
+    assert counts["largest_unit"] >= counts["second_unit"] > 0
 
 
 def test_mmlm_plan_prints_the_table(capsys):

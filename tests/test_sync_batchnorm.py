@@ -86,7 +86,7 @@ def test_sync_batch_norm_on_two_processes_equals_batch_norm_on_the_global_batch(
 
 # ----------------------------------------------------------------------------- the shapes recipe under torchrun
 
-def _train(out: Path, recipe: str, processes: int) -> dict[str, torch.Tensor]:
+def _train(out: Path, recipe: str, processes: int, *extra: str) -> dict[str, torch.Tensor]:
     """`mmlm train clip` of a packaged recipe for 3 fp32 steps of a global batch of 16, as a user runs it.
 
     At a small learning rate: AdamW moves a weight whose gradient is ~0 by about +-lr on rounding noise alone (its
@@ -96,7 +96,7 @@ def _train(out: Path, recipe: str, processes: int) -> dict[str, torch.Tensor]:
     args = ["-m", "mmlm", "train", "clip", "--config", str(_recipe(recipe)), "--out", str(out), "train.lr=1e-5", "train.device=cpu",
             "train.steps=3", "train.batch_size=16", "train.precision=fp32", "train.num_workers=0", "train.threads=1",
             "train.warmup_steps=1", "train.eval_every=0", "train.ckpt_every=0", "train.progress=false",
-            "data.train_size=64", "data.eval_size=8"]
+            "data.train_size=64", "data.eval_size=8", *extra]
     launcher = [sys.executable] if processes == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-port",
          str(_free_port())]
@@ -113,11 +113,13 @@ def _recipe(name: str) -> Path:
     return recipe_path(name)
 
 
-@pytest.mark.parametrize("recipe, tol", [("clip-shapes", 1e-4), ("clip-shapes-vit", 1e-6)])
-def test_a_shapes_recipe_on_two_processes_ends_where_one_process_does(tmp_path, recipe, tol):
+@pytest.mark.parametrize("recipe, tol, sharded", [("clip-shapes", 1e-4, False), ("clip-shapes-vit", 1e-6, False),
+                                                   ("clip-shapes", 1e-4, True), ("clip-shapes-vit", 1e-6, True)])
+def test_a_shapes_recipe_on_two_processes_ends_where_one_process_does(tmp_path, recipe, tol, sharded):
     """ResNet tower: weights and BatchNorm buffers within 1e-4 of one process (fp32 rounding through BatchNorm);
-    ViT tower (no batch statistics): as exact as before (measured: ResNet 2.7e-5 weights, 5.8e-6 buffers; ViT 1.5e-8)."""
-    two = _train(tmp_path / "two", recipe, 2)
+    ViT tower (no batch statistics): as exact as before (measured: ResNet 2.7e-5 weights, 5.8e-6 buffers; ViT 1.5e-8).
+    The same with the CLIP sharded by FSDP2 (`train.fsdp=true`; its final weights consolidated from the shards)."""
+    two = _train(tmp_path / "two", recipe, 2, *(["train.fsdp=true"] if sharded else []))
     one = _train(tmp_path / "one", recipe, 1)
     assert two.keys() == one.keys()
     buffers = [k for k in one if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]

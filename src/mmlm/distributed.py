@@ -183,12 +183,15 @@ def broadcast_parameters(model: nn.Module) -> None:
 def average_gradients(params: Sequence[nn.Parameter]) -> None:
     """Replace each gradient by its mean over ranks: one flat all-reduce per dtype (DDP's bucketed all-reduce).
 
-    A parameter that got a gradient on some rank but not on another counts zeros for the latter.
+    A parameter that got a gradient on some rank but not on another counts zeros for the latter. FSDP2's sharded
+    parameters (DTensors) are skipped: FSDP2 reduced their gradients.
     """
     w = world()
     if not w.enabled:
         return
-    params = [p for p in params if p.requires_grad]
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in params if p.requires_grad and not isinstance(p, DTensor)]
     has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
     dist.all_reduce(has)
     for p, h in zip(params, has.tolist()):
@@ -274,10 +277,13 @@ def sync_batch_norm(model: nn.Module) -> int:
 
 # ----------------------------------------------------------------------------- FSDP2
 
-def fully_shard_model(model: nn.Module, blocks: Iterable[nn.Module], precision: str = "fp32") -> nn.Module:
-    """FSDP2: each of `blocks` is its own shard unit (all-gathered just before its forward), the rest of the
-    model one root unit. bf16 mixed precision all-gathers and computes in bf16 (under autocast), keeps fp32
-    master weights and optimizer state, and reduces gradients in fp32."""
+def fully_shard_model(model: nn.Module, blocks: Iterable[nn.Module], precision: str = "fp32",
+                      ignored: Iterable[nn.Parameter] = ()) -> nn.Module:
+    """FSDP2: each of `blocks` is its own shard unit (all-gathered just before its forward; a unit inside another
+    comes first), the rest of the model one root unit. bf16 mixed precision all-gathers and computes in bf16 (under
+    autocast), keeps fp32 master weights and optimizer state, and reduces gradients in fp32. `ignored` parameters
+    stay whole on every rank (a scalar used outside any forward, such as CLIP's logit scale): their gradients are
+    averaged as a replicated model's (`average_gradients`)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -289,7 +295,8 @@ def fully_shard_model(model: nn.Module, blocks: Iterable[nn.Module], precision: 
         if precision == "bf16" else MixedPrecisionPolicy()
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+    ignored = set(ignored)
+    fully_shard(model, mesh=mesh, mp_policy=mp, **({"ignored_params": ignored} if ignored else {}))
     return model
 
 

@@ -248,18 +248,24 @@ def measure(cfg: Any) -> Measured:
 # ----------------------------------------------------------------------------- the plan
 
 def parameter_counts(cfg: Any) -> dict[str, int]:
-    """Parameters of the full-size model, built on the meta device (no memory, no initialisation cost)."""
+    """Parameters of the full-size model, built on the meta device (no memory, no initialisation cost), and the
+    sizes of the two largest FSDP2 units (`train.fsdp`: ClipTask's `fsdp_units`, each without the units inside it)."""
     from .models.clip import CLIP
+    from .train.clip_task import fsdp_units
 
     with torch.device("meta"):
         model = CLIP(cfg.model)
-    units = _units(model)
-    largest = max((sum(p.numel() for p in m.parameters()) for m in units.values()), default=0)
-    total = sum(p.numel() for p in model.parameters())
-    in_units = sum(sum(p.numel() for p in m.parameters()) for m in units.values())
-    return {"total": total, "vision": sum(p.numel() for p in model.visual.parameters()),
-            "text": sum(p.numel() for p in model.text.parameters()), "largest_block": largest,
-            "outside_blocks": total - in_units}
+    seen: set[int] = set()
+    sizes = []
+    for unit in fsdp_units(model):  # innermost first: a tower's own parameters are those its blocks leave
+        own = [p for p in unit.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in own)
+        sizes.append(sum(p.numel() for p in own))
+    sizes.sort(reverse=True)
+    return {"total": sum(p.numel() for p in model.parameters()),
+            "vision": sum(p.numel() for p in model.visual.parameters()),
+            "text": sum(p.numel() for p in model.text.parameters()),
+            "largest_unit": sizes[0], "second_unit": sizes[1] if len(sizes) > 1 else 0}
 
 
 @dataclass
@@ -282,9 +288,10 @@ class Plan:
             if self.bf16:
                 out["bf16 weight copies"] = 2 * n  # autocast's casts, kept for the backward
             return out
-        unit, root = self.params["largest_block"], self.params["outside_blocks"]
+        unit, other = self.params["largest_unit"], self.params["second_unit"]
         out = {"weights (fp32 shard)": 4 * n / W, "gradients (fp32 shard)": 4 * n / W, "AdamW moments (fp32 shard)": 8 * n / W,
-               "gathered blocks": (2 if self.bf16 else 4) * (2 * unit + root) + 4 * unit}  # 2 blocks + root, 1 block's grads
+               # the unit computing and the next one prefetched, whole in the compute dtype; one unit's fp32 gradients
+               "gathered units": (2 if self.bf16 else 4) * (unit + other) + 4 * unit}
         return out
 
     def batch_per_gpu(self, mode: str, ckpt: bool) -> int:
@@ -318,7 +325,7 @@ class Plan:
                                                    for ck in (False, True)) + " |"
         lines += [header, "|" + "---|" * 5]
         cols = [(mode, ck) for mode in ("DDP", "FSDP2") for ck in (False, True)]
-        names = ["weights", "gradients", "AdamW moments", "bf16 weight copies / gathered blocks"]
+        names = ["weights", "gradients", "AdamW moments", "bf16 weight copies / gathered units"]
         for i, name in enumerate(names):
             row = []
             for mode, ck in cols:
@@ -341,8 +348,8 @@ class Plan:
         lines += ["", f"step time = FLOPs / ({self.gpus} GPUs x {self.peak_tflops:g} TFLOP/s x {self.utilization:g}) + the "
                   f"gradient traffic at {self.link_gb_s:g} GB/s (DDP: one fp32 ring all-reduce after the backward; "
                   f"FSDP2: weight all-gathers forward and backward + the gradient reduce-scatter)",
-                  "FSDP2 is what sharding would give: `train.fsdp` shards LLaVA's LM today; a CLIP trains replicated "
-                  "(DDP's columns)"]
+                  "FSDP2: `train.fsdp=true` (units: each image-tower block, each tower; the largest here "
+                  f"{self.params['largest_unit'] / 1e6:.0f} M parameters)"]
         return "\n".join(lines)
 
 

@@ -16,7 +16,8 @@ from ..checkpoint import save
 from ..config import AudioCLIPConfig, CLIPConfig, VideoCLIPConfig, clip_preset, model_config_from_dict, to_dict
 from ..data.sources import DataConfig
 from ..data.transforms import PreprocessConfig
-from ..distributed import all_gather_objects, all_mean
+from ..devices import resolve as resolve_device
+from ..distributed import all_gather_objects, all_mean, fully_shard_model, sync_batch_norm, world
 from .feature_cache import contrastive_step
 from .loop import TrainConfig
 from .objectives import contrastive_loss
@@ -90,6 +91,20 @@ def lock_tower(blocks: nn.ModuleList | None, tower: nn.Module, unlocked_layers: 
                     p.requires_grad_(True)
 
 
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """FSDP2's shard units of a CLIP, innermost first: the image tower's blocks, then each tower. A unit must be
+    called as a module (FSDP2 gathers it in its forward hook): the pooling of a transformer tower runs its last
+    block's parts, and the text tower's packed path every block's, so those are gathered with their tower."""
+    units: list[nn.Module] = []
+    blocks = getattr(getattr(model.visual, "transformer", None), "blocks", None)
+    if blocks is not None:
+        units += list(blocks)[:-1]
+    else:  # ModifiedResNet: its Bottlenecks, each called as a module
+        units += [b for stage in (model.visual.layer1, model.visual.layer2, model.visual.layer3, model.visual.layer4)
+                  for b in stage]
+    return units + [model.visual, model.text]
+
+
 class ClipTask:
     """Contrastive pretraining of a CLIP model on image-text pairs."""
 
@@ -105,6 +120,11 @@ class ClipTask:
             lock_tower(blocks, tower, lk.image_unlocked_layers)
         if lk.text:
             lock_tower(model.text.transformer.blocks, model.text, lk.text_unlocked_layers)
+        if cfg.train.fsdp and world().enabled:  # before the loop builds the optimizer over the sharded parameters
+            model.to(resolve_device(cfg.train.device, "train.device"))  # FSDP2 shards where the model is
+            sync_batch_norm(model)  # (a ResNet tower) before sharding: FSDP2 keeps hold of the modules it shards
+            scales = [p for p in (model.logit_scale, model.logit_bias) if p is not None]  # used outside any forward
+            fully_shard_model(model, fsdp_units(model), cfg.train.precision, ignored=scales)
 
     def train_dataset(self) -> Dataset:
         return self.data

@@ -66,7 +66,7 @@ class TrainConfig:
     max_bad_sample_fraction: float = 0.01  # abort when more than this fraction of samples fail to load
     progress: bool = True
     # under torchrun (see distributed.py): batch_size is the global batch, split evenly over the ranks
-    fsdp: bool = False  # shard the model with FSDP2 (LLaVA's LM blocks); else every rank holds all of it
+    fsdp: bool = False  # shard the model with FSDP2 (LLaVA's LM blocks; a CLIP's blocks and towers); else every rank holds all of it
     checkpoint_format: str = "consolidated"  # consolidated: one model.safetensors | sharded: DCP shards per rank
     dist_timeout_s: float = 1800.0  # a rank waiting longer than this for a peer (that died) gives up
 
@@ -359,7 +359,7 @@ def train(task: Task, cfg: TrainConfig, run: str | Path, resume: bool = True) ->
             batch = devices.to_device(batch, device)
             # with train.compile, a step the compiler fails on runs again eagerly, and so do all after it
             metrics, compiled = devices.step_with_fallback(lambda: task.step(batch, autocast), model, compiled)
-            if replicated:
+            if w.enabled:  # DDP's all-reduce (under FSDP2, of the parameters it leaves whole: it reduced the rest)
                 average_gradients(params)
             if scaler is not None:  # fp16: the true gradients, before they are clipped
                 scaler.unscale_(opt)
