@@ -24,7 +24,7 @@ ROOT = Path(mmlm.__file__).resolve().parent
 # A new top-level module or package goes in the lowest layer its imports allow.
 LAYERS = [
     ["config", "diffusion_config", "assets", "report"],  # plain Python: configs, file lookup, figures
-    ["models", "tokenizer", "data", "quant", "weights", "schedulers"],  # the model code, text and image inputs, weights on disk
+    ["models", "tokenizer", "data", "quant", "weights", "schedulers", "devices"],  # the model code, inputs, weights on disk, device choice
     ["checkpoint", "generation", "image_generation"],  # mmlm's own checkpoint format; decoding
     ["distributed", "convert"],  # process groups (train/ and eval/ both use them); other formats <-> mmlm
     ["formats"],  # opens and writes every format
