@@ -260,7 +260,7 @@ def _media_dataset(kind: str, csv_path: Path, d: Any, preprocess: Any):
 
 def _written(name: str, d: Any, preprocess: Any) -> Path:
     """The dataset's directory (data.path), written there first when it holds no train.csv yet."""
-    path = Path(d.path or f"data/{name}")
+    path = Path(d.path or f"runs/data/{name}")
     if not (path / "train.csv").is_file():
         write_media_dataset(name, path, train=d.train_size, val=d.eval_size, novel=d.eval_size, seed=d.seed,
                             frames=max(8, min(16, d.frames)), image_size=preprocess.image_size)
