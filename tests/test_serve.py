@@ -434,7 +434,8 @@ def test_a_client_leaving_a_stream_stops_its_generation(llava_dir, monkeypatch):
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 300, "temperature": 0, "stream": True}
     with running(app) as url:
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
-            next(line for line in r.iter_lines() if line.startswith("data: "))
+            lines = r.iter_lines()  # held: a dropped line iterator closes httpx's stream, and the client leaves early
+            next(line for line in lines if line.startswith("data: "))
             wait_for(lambda: tokens, "generation to start")  # then it holds at the second token
         wait_for(lambda: jobs and jobs[0].cancelled.is_set(), "the server to notice the client left")
         wait_for(lambda: finished, "the batch to end")
