@@ -40,6 +40,26 @@ def test_user_errors_are_one_line_messages(tmp_path, capsys):
     assert main(["train", "clip", "--out", str(tmp_path / "run"), "train.lr=oops"]) == 2
 
 
+def test_generate_writes_pngs_and_bad_flags_are_named(tmp_path, capsys):
+    from PIL import Image
+
+    from mmlm.serve.tiny import tiny_text_to_image
+
+    model = str(tiny_text_to_image(tmp_path / "t2i"))
+    out = str(tmp_path / "img.png")
+    assert main(["generate", "--model", model, "--prompt", "a red circle", "--out", out, "--steps", "1",
+                 "--size", "32x16"]) == 0
+    assert Image.open(out).size == (32, 16)
+    capsys.readouterr()
+    for flags, named in [(["--steps", "0"], "--steps"), (["--steps", "10000"], "--steps"),
+                         (["--guidance", "nan"], "--guidance"), (["--guidance", "inf"], "--guidance"),
+                         (["--size", "banana"], "--size"), (["--size", "17x16"], "--size"),
+                         (["--size", "99999x16"], "--size"), (["--n", "0"], "--n"), (["--prompt", " "], "--prompt")]:
+        assert main(["generate", "--model", model, "--prompt", "x", "--out", out, *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert named in err and err.count("\n") == 1, (flags, err)
+
+
 @pytest.mark.slow
 def test_quickstart_smoke(tmp_path):
     from mmlm.quickstart import quickstart

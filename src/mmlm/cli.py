@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -77,17 +79,39 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_size(text: str | None) -> tuple[int, int] | None:
+    """`--size WxH` -> (height, width); None when not given."""
+    if text is None:
+        return None
+    found = re.fullmatch(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})", text.strip())
+    if not found:
+        raise ValueError(f"--size must be WIDTHxHEIGHT in pixels (e.g. 32x32), got {text!r}")
+    return int(found.group(2)), int(found.group(1))
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from . import generate_image, load
-    from .image_generation import save_images
+    from .image_generation import MAX_STEPS, save_images
 
     if args.n < 1 or args.n > 64:
         raise ValueError(f"--n must be from 1 to 64, got {args.n}")
     if not args.prompt.strip():
         raise ValueError("--prompt is empty")
+    if not 1 <= args.steps <= MAX_STEPS:
+        raise ValueError(f"--steps must be from 1 to {MAX_STEPS}, got {args.steps}")
+    if not math.isfinite(args.guidance):
+        raise ValueError(f"--guidance must be a finite number, got {args.guidance}")
+    size = _image_size(args.size)
     pipe = load(args.model, dtype=args.dtype, device=args.device)
     if not hasattr(pipe, "unet"):
         raise ValueError(f"--model {args.model} is not a text-to-image model")
+    height, width = size or (None, None)
+    if size is not None:
+        cfg = pipe.config
+        step = (cfg.vae.downscale if cfg.vae is not None else 1) * 2 ** (len(cfg.unet.block_out_channels) - 1)
+        if height % step or width % step or max(size) > 16 * cfg.image_size:
+            raise ValueError(f"--size {args.size}: this model draws sides that are multiples of {step} px, up to "
+                             f"{16 * cfg.image_size} (its native size is {cfg.image_size}x{cfg.image_size})")
     if pipe.tokenizer is not None:
         try:
             pipe.tokenizer([args.prompt], context_length=min(pipe.tokenizer.context_length, pipe.config.text.context_length),
@@ -95,7 +119,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise ValueError(f"--prompt is too long for the model: {e}") from None
     images = generate_image(pipe, [args.prompt] * args.n, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                            scheduler=args.scheduler, negative_prompt=args.negative_prompt)
+                            scheduler=args.scheduler, negative_prompt=args.negative_prompt, height=height, width=width)
     print(json.dumps({"prompt": args.prompt, "images": [str(p) for p in save_images(images, args.out)]}))
     return 0
 
@@ -212,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     gi.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 turns it off")
     gi.add_argument("--seed", type=int, default=0)
     gi.add_argument("--scheduler", default="ddim", choices=["ddim", "ddpm", "euler"])
+    gi.add_argument("--size", default=None, help="WIDTHxHEIGHT in pixels (default: the model's native size)")
     gi.add_argument("--negative-prompt", default="", help="what guidance steers away from (default: the empty prompt)")
     add_load_flags(gi)
     gi.set_defaults(func=cmd_generate)
