@@ -137,7 +137,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          api_key=_api_key(args), allowed_hosts=tuple(args.allowed_host), weights=args.weights,
                          max_body_bytes=args.max_body_mb * 1024 * 1024, max_text_chars=args.max_text_chars,
                          body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout,
-                         shutdown_timeout_s=args.shutdown_timeout, fetch_timeout_s=args.fetch_timeout)
+                         shutdown_timeout_s=args.shutdown_timeout, fetch_timeout_s=args.fetch_timeout,
+                         max_generated_images=args.max_generated_images, max_image_steps=args.max_image_steps)
     config.dtype, config.device = args.dtype, args.device
     if args.threads:
         import torch
@@ -347,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fetch-timeout", type=float, default=10.0, help="seconds per remote image, everything included")
     s.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds requests in flight get on SIGTERM before they are cut")
+    s.add_argument("--max-generated-images", type=int, default=4, help="text-to-image: images per request (n)")
+    s.add_argument("--max-image-steps", type=int, default=100, help="text-to-image: sampling steps per request")
     s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, i.e. the cores)")
     s.add_argument("--weights", default=None, choices=["int8", "int4"],
                    help="LM / LLaVA: quantize the LM's weights for faster decoding on a CPU")
