@@ -58,6 +58,18 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.cli import eval_retrieval, eval_vqa, eval_zeroshot
 
+    if args.task == "generation":
+        from .eval.generation import eval_generation
+
+        if args.judge is None:
+            raise ValueError("eval generation needs --judge CLIP_DIR (a CLIP that scores the images)")
+        result = eval_generation(args.model, args.judge, per_group=args.limit or 8, steps=args.steps,
+                                 guidance=args.guidance, seed=args.seed, out=args.out, dtype=args.dtype,
+                                 device=args.device)
+        print(json.dumps(result))
+        return 0
+    if args.data is None:
+        raise ValueError(f"eval {args.task} needs --data")
     if args.task == "vqa":
         result = eval_vqa(args.model, args.data, template=args.template, limit=args.limit, weights=args.weights,
                           answers=args.answers, dtype=args.dtype, device=args.device)
@@ -263,15 +275,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_data)
 
     v = sub.add_parser("eval", help="evaluate a CLIP (zeroshot, retrieval) or LLaVA (vqa) model; prints one JSON object")
-    v.add_argument("task", choices=["zeroshot", "retrieval", "vqa"])
+    v.add_argument("task", choices=["zeroshot", "retrieval", "vqa", "generation"])
     v.add_argument("--model", type=Path, required=True)
-    v.add_argument("--data", required=True,
+    v.add_argument("--data", default=None,
                    help="zeroshot: 'shapes', 'shapes-novel', 'fashion_mnist' or a CSV with image,label columns; "
                         "retrieval: 'shapes' or a CSV/TSV with image,caption columns (an image may repeat); "
                         "vqa: shapes | shapes-novel | a LLaVA conversation JSON with reference answers")
     v.add_argument("--classes", default=None, help="zeroshot on a CSV: JSON/text file of class names (default: labels seen)")
     v.add_argument("--templates", default=None, help="zeroshot: text file, one prompt template with {} per line")
-    v.add_argument("--limit", type=int, default=0, help="evaluate at most this many images (0 = all)")
+    v.add_argument("--limit", type=int, default=0,
+                   help="evaluate at most this many images (0 = all); generation: prompts per group (0 = 8)")
+    v.add_argument("--judge", type=Path, default=None, help="generation: the CLIP that judges the images")
+    v.add_argument("--steps", type=int, default=50, help="generation: sampling steps")
+    v.add_argument("--guidance", type=float, default=7.5, help="generation: classifier-free guidance scale")
+    v.add_argument("--seed", type=int, default=0, help="generation: the prompts' scenes and the noise")
+    v.add_argument("--out", type=Path, default=None,
+                   help="generation: where generation.json and generation_grid.png go (default: the model's run)")
     v.add_argument("--weights", default=None, choices=["int8", "int4"],
                    help="vqa: answer with the LM's weights quantized (measures what quantization costs)")
     v.add_argument("--template", default=None, choices=["plain", "vicuna_v1", "chat"],
