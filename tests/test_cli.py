@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import mmlm
 from mmlm.cli import main
@@ -40,6 +41,26 @@ def test_user_errors_are_one_line_messages(tmp_path, capsys):
     assert main(["train", "clip", "--out", str(tmp_path / "run"), "train.lr=oops"]) == 2
 
 
+def test_generate_writes_pngs_and_bad_flags_are_named(tmp_path, capsys):
+    from PIL import Image
+
+    from mmlm.serve.tiny import tiny_text_to_image
+
+    model = str(tiny_text_to_image(tmp_path / "t2i"))
+    out = str(tmp_path / "img.png")
+    assert main(["generate", "--model", model, "--prompt", "a red circle", "--out", out, "--steps", "1",
+                 "--size", "32x16"]) == 0
+    assert Image.open(out).size == (32, 16)
+    capsys.readouterr()
+    for flags, named in [(["--steps", "0"], "--steps"), (["--steps", "10000"], "--steps"),
+                         (["--guidance", "nan"], "--guidance"), (["--guidance", "inf"], "--guidance"),
+                         (["--size", "banana"], "--size"), (["--size", "17x16"], "--size"),
+                         (["--size", "99999x16"], "--size"), (["--n", "0"], "--n"), (["--prompt", " "], "--prompt")]:
+        assert main(["generate", "--model", model, "--prompt", "x", "--out", out, *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert named in err and err.count("\n") == 1, (flags, err)
+
+
 @pytest.mark.slow
 def test_quickstart_smoke(tmp_path):
     from mmlm.quickstart import quickstart
@@ -54,3 +75,24 @@ def test_quickstart_smoke(tmp_path):
     assert (tmp_path / "qs" / "llava-s2" / "answers.png").is_file()
     assert "Answered questions" in (tmp_path / "qs" / "llava-s2" / "report.md").read_text()
     assert 0.0 <= llava["vqa_val"]["accuracy"] <= 1.0 and "count" in json.dumps(llava)
+
+
+def test_eval_generation_structure_and_real_floor(tmp_path, capsys):
+    from mmlm.eval.generation import ATTRIBUTES, GROUPS, frechet_distance
+    from mmlm.serve.tiny import tiny_clip, tiny_text_to_image
+
+    model, judge = tiny_text_to_image(tmp_path / "run" / "final"), tiny_clip(tmp_path / "judge")
+    assert main(["eval", "generation", "--model", str(model), "--judge", str(judge), "--limit", "2",
+                 "--steps", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 2 * len(GROUPS) == 12
+    assert set(result["groups"]) == {f"{s}-{n}" for s, n in GROUPS}
+    assert set(result["attributes"]) == set(ATTRIBUTES)
+    assert all(0 <= v <= 1 for g in result["groups"].values() for k, v in g.items() if k != "prompts")
+    assert result["frechet"] >= 0 and result["frechet_real_floor"] >= 0
+    assert (tmp_path / "run" / "generation_grid.png").is_file() and (tmp_path / "run" / "generation.json").is_file()
+    assert main(["eval", "generation", "--model", str(model)]) == 2
+    assert "--judge" in capsys.readouterr().err
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    assert abs(frechet_distance(x, x)) < 1e-9
+    assert frechet_distance(x, x + 1) == pytest.approx(4.0, abs=1e-6)  # a shift of the mean by 1 in 4 dims

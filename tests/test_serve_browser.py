@@ -1,5 +1,6 @@
 """The web page in headless Chromium (selenium + Debian's chromium-driver): upload an image, get a streamed
-answer equal to the API's, and a zero-shot bar chart equal to /v1/classify."""
+answer equal to the API's, a zero-shot bar chart equal to /v1/classify, and generated images equal to
+/v1/images/generations'."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ webdriver = pytest.importorskip("selenium.webdriver")
 from serve_helpers import data_uri, png_bytes, running  # noqa: E402
 
 from mmlm.serve import ServeConfig, create_app  # noqa: E402
-from mmlm.serve.tiny import tiny_clip, tiny_llava  # noqa: E402
+from mmlm.serve.tiny import tiny_clip, tiny_llava, tiny_text_to_image  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = [pytest.mark.slow,  # a headless Chromium per module
@@ -122,3 +123,30 @@ def test_page_asks_for_the_api_key_and_sends_it(browser, tmp_path):
         browser.get(url + "/")  # the key stays for this tab
         assert wait(browser, "#chat:not(.hidden)") and browser.find_element(By.ID, "api-key").get_attribute(
             "value") == "sesame"
+
+
+def test_page_generates_images_with_the_api_key(browser, tmp_path):
+    import httpx
+    from selenium.webdriver.common.by import By
+
+    app = create_app(tiny_text_to_image(tmp_path / "tiny-t2i"), ServeConfig(api_key="sesame"))
+    with running(app) as url:
+        browser.get(url + "/")
+        browser.execute_script("sessionStorage.clear()")
+        browser.get(url + "/")
+        wait(browser, "#images:not(.hidden)")
+        assert not browser.find_element(By.ID, "image-input").is_displayed()  # nothing to upload
+        browser.find_element(By.ID, "api-key").send_keys("sesame")
+        browser.find_element(By.ID, "use-key").click()
+        for field, value in [("image-n", "2"), ("image-steps", "2"), ("image-seed", "5")]:
+            box = browser.find_element(By.ID, field)
+            box.clear()
+            box.send_keys(value)
+        browser.find_element(By.ID, "image-prompt").send_keys("a red circle")
+        browser.find_element(By.ID, "generate").click()
+        wait(browser, "#gallery[data-done='1']")
+        assert browser.find_element(By.ID, "gen-error").text == ""
+        shown = [img.get_attribute("src") for img in browser.find_elements(By.CSS_SELECTOR, "#gallery img")]
+        api = httpx.post(url + "/v1/images/generations", headers={"Authorization": "Bearer sesame"}, timeout=60,
+                         json={"prompt": "a red circle", "n": 2, "steps": 2, "seed": 5, "guidance_scale": 7.5}).json()
+    assert shown == ["data:image/png;base64," + d["b64_json"] for d in api["data"]]

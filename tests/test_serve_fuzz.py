@@ -13,7 +13,7 @@ from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.specs.openapi.checks import status_code_conformance  # noqa: E402
 
 from mmlm.serve import ServeConfig, create_app  # noqa: E402
-from mmlm.serve.tiny import tiny_clip, tiny_llava  # noqa: E402
+from mmlm.serve.tiny import tiny_clip, tiny_llava, tiny_text_to_image  # noqa: E402
 
 pytestmark = pytest.mark.slow
 FUZZ = settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -35,6 +35,14 @@ def llava_api(tmp_path_factory):
 @pytest.fixture(scope="module")
 def clip_api(tmp_path_factory):
     app = create_app(tiny_clip(tmp_path_factory.mktemp("fuzz") / "tiny-clip"), ServeConfig(allowed_hosts=HOST))
+    yield _schema(app)
+    app.state.service.close()
+
+
+@pytest.fixture(scope="module")
+def t2i_api(tmp_path_factory):
+    config = ServeConfig(allowed_hosts=HOST, max_image_steps=2, max_generated_images=2)
+    app = create_app(tiny_text_to_image(tmp_path_factory.mktemp("fuzz") / "tiny-t2i"), config)
     yield _schema(app)
     app.state.service.close()
 
@@ -61,3 +69,7 @@ def test_fuzz_llava_server(llava_api):
 
 def test_fuzz_clip_server(clip_api):
     assert {"POST /v1/embeddings", "POST /v1/classify"} <= set(fuzz(clip_api))
+
+
+def test_fuzz_text_to_image_server(t2i_api):
+    assert "POST /v1/images/generations" in fuzz(t2i_api)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -56,6 +58,18 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.cli import eval_retrieval, eval_vqa, eval_zeroshot
 
+    if args.task == "generation":
+        from .eval.generation import eval_generation
+
+        if args.judge is None:
+            raise ValueError("eval generation needs --judge CLIP_DIR (a CLIP that scores the images)")
+        result = eval_generation(args.model, args.judge, per_group=args.limit or 8, steps=args.steps,
+                                 guidance=args.guidance, seed=args.seed, out=args.out, dtype=args.dtype,
+                                 device=args.device)
+        print(json.dumps(result))
+        return 0
+    if args.data is None:
+        raise ValueError(f"eval {args.task} needs --data")
     if args.task == "vqa":
         result = eval_vqa(args.model, args.data, template=args.template, limit=args.limit, weights=args.weights,
                           answers=args.answers, dtype=args.dtype, device=args.device)
@@ -77,17 +91,39 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_size(text: str | None) -> tuple[int, int] | None:
+    """`--size WxH` -> (height, width); None when not given."""
+    if text is None:
+        return None
+    found = re.fullmatch(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})", text.strip())
+    if not found:
+        raise ValueError(f"--size must be WIDTHxHEIGHT in pixels (e.g. 32x32), got {text!r}")
+    return int(found.group(2)), int(found.group(1))
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from . import generate_image, load
-    from .image_generation import save_images
+    from .image_generation import MAX_STEPS, save_images
 
     if args.n < 1 or args.n > 64:
         raise ValueError(f"--n must be from 1 to 64, got {args.n}")
     if not args.prompt.strip():
         raise ValueError("--prompt is empty")
+    if not 1 <= args.steps <= MAX_STEPS:
+        raise ValueError(f"--steps must be from 1 to {MAX_STEPS}, got {args.steps}")
+    if not math.isfinite(args.guidance):
+        raise ValueError(f"--guidance must be a finite number, got {args.guidance}")
+    size = _image_size(args.size)
     pipe = load(args.model, dtype=args.dtype, device=args.device)
     if not hasattr(pipe, "unet"):
         raise ValueError(f"--model {args.model} is not a text-to-image model")
+    height, width = size or (None, None)
+    if size is not None:
+        cfg = pipe.config
+        step = (cfg.vae.downscale if cfg.vae is not None else 1) * 2 ** (len(cfg.unet.block_out_channels) - 1)
+        if height % step or width % step or max(size) > 16 * cfg.image_size:
+            raise ValueError(f"--size {args.size}: this model draws sides that are multiples of {step} px, up to "
+                             f"{16 * cfg.image_size} (its native size is {cfg.image_size}x{cfg.image_size})")
     if pipe.tokenizer is not None:
         try:
             pipe.tokenizer([args.prompt], context_length=min(pipe.tokenizer.context_length, pipe.config.text.context_length),
@@ -95,7 +131,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise ValueError(f"--prompt is too long for the model: {e}") from None
     images = generate_image(pipe, [args.prompt] * args.n, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                            scheduler=args.scheduler, negative_prompt=args.negative_prompt)
+                            scheduler=args.scheduler, negative_prompt=args.negative_prompt, height=height, width=width)
     print(json.dumps({"prompt": args.prompt, "images": [str(p) for p in save_images(images, args.out)]}))
     return 0
 
@@ -113,7 +149,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          api_key=_api_key(args), allowed_hosts=tuple(args.allowed_host), weights=args.weights,
                          max_body_bytes=args.max_body_mb * 1024 * 1024, max_text_chars=args.max_text_chars,
                          body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout,
-                         shutdown_timeout_s=args.shutdown_timeout, fetch_timeout_s=args.fetch_timeout)
+                         shutdown_timeout_s=args.shutdown_timeout, fetch_timeout_s=args.fetch_timeout,
+                         max_generated_images=args.max_generated_images, max_image_steps=args.max_image_steps)
     config.dtype, config.device = args.dtype, args.device
     if args.threads:
         import torch
@@ -212,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     gi.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 turns it off")
     gi.add_argument("--seed", type=int, default=0)
     gi.add_argument("--scheduler", default="ddim", choices=["ddim", "ddpm", "euler"])
+    gi.add_argument("--size", default=None, help="WIDTHxHEIGHT in pixels (default: the model's native size)")
     gi.add_argument("--negative-prompt", default="", help="what guidance steers away from (default: the empty prompt)")
     add_load_flags(gi)
     gi.set_defaults(func=cmd_generate)
@@ -237,15 +275,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_data)
 
     v = sub.add_parser("eval", help="evaluate a CLIP (zeroshot, retrieval) or LLaVA (vqa) model; prints one JSON object")
-    v.add_argument("task", choices=["zeroshot", "retrieval", "vqa"])
+    v.add_argument("task", choices=["zeroshot", "retrieval", "vqa", "generation"])
     v.add_argument("--model", type=Path, required=True)
-    v.add_argument("--data", required=True,
+    v.add_argument("--data", default=None,
                    help="zeroshot: 'shapes', 'shapes-novel', 'fashion_mnist' or a CSV with image,label columns; "
                         "retrieval: 'shapes' or a CSV/TSV with image,caption columns (an image may repeat); "
                         "vqa: shapes | shapes-novel | a LLaVA conversation JSON with reference answers")
     v.add_argument("--classes", default=None, help="zeroshot on a CSV: JSON/text file of class names (default: labels seen)")
     v.add_argument("--templates", default=None, help="zeroshot: text file, one prompt template with {} per line")
-    v.add_argument("--limit", type=int, default=0, help="evaluate at most this many images (0 = all)")
+    v.add_argument("--limit", type=int, default=0,
+                   help="evaluate at most this many images (0 = all); generation: prompts per group (0 = 8)")
+    v.add_argument("--judge", type=Path, default=None, help="generation: the CLIP that judges the images")
+    v.add_argument("--steps", type=int, default=50, help="generation: sampling steps")
+    v.add_argument("--guidance", type=float, default=7.5, help="generation: classifier-free guidance scale")
+    v.add_argument("--seed", type=int, default=0, help="generation: the prompts' scenes and the noise")
+    v.add_argument("--out", type=Path, default=None,
+                   help="generation: where generation.json and generation_grid.png go (default: the model's run)")
     v.add_argument("--weights", default=None, choices=["int8", "int4"],
                    help="vqa: answer with the LM's weights quantized (measures what quantization costs)")
     v.add_argument("--template", default=None, choices=["plain", "vicuna_v1", "chat"],
@@ -322,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fetch-timeout", type=float, default=10.0, help="seconds per remote image, everything included")
     s.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds requests in flight get on SIGTERM before they are cut")
+    s.add_argument("--max-generated-images", type=int, default=4, help="text-to-image: images per request (n)")
+    s.add_argument("--max-image-steps", type=int, default=100, help="text-to-image: sampling steps per request")
     s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, i.e. the cores)")
     s.add_argument("--weights", default=None, choices=["int8", "int4"],
                    help="LM / LLaVA: quantize the LM's weights for faster decoding on a CPU")

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from .models.diffusion import TextToImage
@@ -39,10 +40,13 @@ def _check_request(prompts: Sequence[str], steps: int, guidance: float, schedule
 @torch.no_grad()
 def generate_image(pipe: TextToImage, prompts: str | Sequence[str], steps: int = 50, guidance: float = 7.5, seed: int = 0,
                    scheduler: str = "ddim", latents: torch.Tensor | None = None, negative_prompt: str = "",
-                   height: int | None = None, width: int | None = None) -> torch.Tensor:
+                   height: int | None = None, width: int | None = None,
+                   on_step: Callable[[int], None] | None = None) -> torch.Tensor:
     """Images (B, 3, H, W) in [0, 1] for `prompts`; guidance > 1 applies classifier-free guidance against
     `negative_prompt`. `latents` (B, C, h, w) given: no noise is drawn (they are scaled by the sampler's initial
-    sigma, as diffusers does); else they are drawn from `seed`. H, W default to the model's image size."""
+    sigma, as diffusers does); else they are drawn from `seed`. H, W default to the model's image size.
+    `on_step(i)` is called after each sampling step; an exception it raises stops sampling (the server stops a
+    request its client abandoned this way)."""
     if not isinstance(pipe, TextToImage):
         raise ValueError(f"generate_image needs a text-to-image model (mmlm.load of a diffusers pipeline dir or an "
                          f"mmlm diffusion run), got {type(pipe).__name__}")
@@ -81,7 +85,14 @@ def generate_image(pipe: TextToImage, prompts: str | Sequence[str], steps: int =
             out_uncond, out_text = out.chunk(2)
             out = out_uncond + guidance * (out_text - out_uncond)
         x = plan.step(out, i, x, generator)
+        if on_step is not None:
+            on_step(i)
     return pipe.to_image(x)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) images in [0, 1] -> (B, H, W, 3) uint8 pixels, as image files hold them."""
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def save_images(images: torch.Tensor, out: str | Path) -> list[Path]:
@@ -91,7 +102,6 @@ def save_images(images: torch.Tensor, out: str | Path) -> list[Path]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(len(images))]
-    pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
-    for p, a in zip(paths, pixels):
+    for p, a in zip(paths, to_uint8(images)):
         Image.fromarray(a).save(p)
     return paths

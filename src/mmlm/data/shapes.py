@@ -255,6 +255,11 @@ def render(scene: Scene, image_size: int = 64, rng: np.random.Generator | None =
 # ---------------------------------------------------------------- text
 
 
+def position_phrase(position: str) -> str:
+    """How captions say a grid cell: "top left" -> "in the top left"."""
+    return _POSITION_PHRASES[position]
+
+
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 

@@ -27,7 +27,7 @@ def open_model(model_dir: str | Path, dtype: Any = None, device: Any = None):
     return model, load_tokenizer(model_dir), ImageProcessor(preprocess)
 
 
-def _array_batches(images: list[np.ndarray], processor: ImageProcessor, batch: int = 256) -> Iterator[torch.Tensor]:
+def array_batches(images: list[np.ndarray], processor: ImageProcessor, batch: int = 256) -> Iterator[torch.Tensor]:
     from PIL import Image
 
     size = processor.config.image_size
@@ -88,7 +88,7 @@ def eval_zeroshot(model_dir: str | Path, data: str, classes: str | None = None, 
     if templates:
         tmpl = tuple(l.strip() for l in Path(templates).read_text().splitlines() if l.strip())
     with torch.no_grad():
-        result = zeroshot(model, tok, _array_batches(images, processor), torch.tensor(labels), class_names, tmpl)
+        result = zeroshot(model, tok, array_batches(images, processor), torch.tensor(labels), class_names, tmpl)
     return {"task": "zeroshot", "data": data, **result, "skipped": skipped}
 
 
@@ -170,7 +170,7 @@ def eval_retrieval(model_dir: str | Path, data: str, limit: int = 0, dtype: Any 
         new_index = {paths[k]: j for j, k in enumerate(kept)}
         pairs = [(r["caption"], new_index[r["image"]]) for r in rows if r["image"] in new_index]
         captions, text_image = [c for c, _ in pairs], [j for _, j in pairs]
-    metrics = evaluate_retrieval(model, tok, _array_batches(images, processor), captions, text_image)
+    metrics = evaluate_retrieval(model, tok, array_batches(images, processor), captions, text_image)
     return {"task": "retrieval", "data": data, **metrics, "skipped": skipped}
 
 

@@ -1,4 +1,5 @@
-"""`mmlm serve`: an OpenAI-compatible HTTP API (chat, embeddings, zero-shot) and a web page, for one model.
+"""`mmlm serve`: an OpenAI-compatible HTTP API (chat, embeddings, zero-shot, image generation) and a web page, for one
+model.
 
     from mmlm.serve import create_app, serve, ServeConfig
     app = create_app("runs/llava", ServeConfig(max_queue=32))   # a FastAPI app (needs the `serve` extra)

@@ -3,6 +3,7 @@
     POST /v1/chat/completions   LLaVA or LM: text + image_url parts; stream=true answers server-sent events
     POST /v1/embeddings         CLIP: texts and images -> L2-normalised embeddings (float or base64)
     POST /v1/classify           CLIP: one image + candidate labels -> probabilities (zero-shot)
+    POST /v1/images/generations text-to-image: a prompt -> n PNGs (base64), seeded and bounded in steps and n
     GET  /v1/models, /health, /
 
 A request's way in (`admit`): the edge checks its Host header and key (edge.py); it is counted from its
@@ -171,6 +172,13 @@ def create_app(model_path: str | Path, config: ServeConfig | None = None, **serv
                 for i, (label, p, z) in enumerate(zip(out["labels"], out["probabilities"], out["logits"]))]
         best = max(data, key=lambda d: d["probability"])
         return {"object": "classification", "model": service.name, "label": best["label"], "data": data}
+
+    @app.post("/v1/images/generations", responses=ERROR_RESPONSES,
+              openapi_extra=_body_doc("/v1/images/generations"))
+    async def images_generations(request: Request) -> Any:
+        _, _, job = await admit(request, "/v1/images/generations")
+        pngs = await result(job)
+        return {"created": int(time.time()), "data": [{"b64_json": png} for png in pngs]}
 
     return app
 

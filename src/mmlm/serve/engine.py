@@ -434,3 +434,41 @@ def run_embeddings(model: Any, tokenizer: Any, jobs: list[EmbeddingJob]) -> None
         n_img = 0 if j.pixel_values is None else len(j.pixel_values)
         j.emit("done", j.finish(text_embeds[t:t + len(j.texts)], image_embeds[i:i + n_img]))
         t, i = t + len(j.texts), i + n_img
+
+
+# ----------------------------------------------------------------------------- images
+
+class _Abandoned(Exception):
+    """Raised between sampling steps when the request was cancelled or timed out."""
+
+
+class ImageJob(Job):
+    """A text-to-image request: `generate_image`'s arguments; `finish(images)` makes the result (PNGs) on the
+    model thread. Each job runs alone, so its seed alone decides its images."""
+
+    def __init__(self, settings: dict[str, Any], finish: Callable[[torch.Tensor], Any]):
+        super().__init__()
+        self.settings, self.finish = settings, finish
+        self.size = len(settings["prompts"])
+
+    def batch_key(self) -> Any:
+        return ("image", id(self))
+
+
+def run_images(pipe: Any, jobs: list[ImageJob]) -> None:
+    """Each job's `generate_image` call; one whose client left stops at the next sampling step."""
+    from ..image_generation import generate_image
+
+    for job in jobs:
+        if job.expired():
+            continue
+
+        def on_step(i: int, job: ImageJob = job) -> None:
+            if job.expired():
+                raise _Abandoned
+
+        try:
+            images = generate_image(pipe, on_step=on_step, **job.settings)
+        except _Abandoned:
+            continue
+        job.emit("done", job.finish(images))

@@ -3,7 +3,8 @@
 Types are strict (`max_tokens: true` is refused, not taken as 1). Unknown fields are ignored, as
 OpenAI-compatible servers do, so newer clients keep working; OpenAI's fields that this server does not
 implement (tools, JSON output, log-probabilities, penalties, ...) are declared, and refused with a 400 naming
-them (`unsupported`) unless they ask for the default.
+them (`unsupported`) unless they ask for the default. Image generation is the exception: an unknown field
+there (a quality or style this server cannot give) is refused, naming it, rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -129,6 +130,26 @@ class ClassifyRequest(_Body):
     image: Union[ImageURL, str] = Field(description="the image: a data: URI (or a file path / URL if allowed)")
     labels: list[str] = Field(min_length=1, max_length=1000, description="candidate class names")
     template: str = Field("a photo of a {}.", description="prompt with {} where the label goes")
+
+
+class ImageGenerationRequest(_Body):
+    """OpenAI's images API (`/v1/images/generations`) plus mmlm's sampling settings. Limits that the operator
+    sets (`n`, `steps`) are checked by the service against ServeConfig."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: Optional[str] = None
+    prompt: str = Field(description="what to draw; it must fit the text tower's context")
+    n: Optional[int] = Field(1, ge=1, description="images to generate (at most the server's max_generated_images)")
+    size: Optional[str] = Field(None, description='"WxH": only the model\'s native size (default)')
+    response_format: Optional[str] = Field("b64_json", description='only "b64_json" (PNG); nothing is hosted for "url"')
+    user: Optional[str] = None
+    steps: Optional[int] = Field(None, ge=1, description="sampling steps (mmlm; at most the server's max_image_steps)")
+    guidance_scale: Optional[float] = Field(None, ge=0, le=100, allow_inf_nan=False,
+                                            description="classifier-free guidance (mmlm; <= 1 turns it off)")
+    seed: Optional[int] = Field(None, ge=0, lt=2**63, description="the same seed and settings give the same images")
+    scheduler: Optional[Literal["ddim", "euler", "ddpm"]] = Field(None, description="the sampler (mmlm)")
+    negative_prompt: Optional[str] = Field(None, description="what guidance steers away from (mmlm)")
 
 
 class ErrorDetail(BaseModel):

@@ -5,13 +5,16 @@ Everything here is blocking (JSON, image decoding, tokenizing) and runs on the a
 a request causes is bounded before it is done: the body's JSON values are counted while parsing (body.py),
 its parts and images are counted, and its text is measured in characters before it is tokenized: a text of
 more characters than `context × the longest token` cannot fit the context, so it is refused untokenized, and
-what is tokenized is at most that long.
+what is tokenized is at most that long. An image generation request is bounded the same way, and by the
+images (`max_generated_images`) and sampling steps (`max_image_steps`) it may ask for.
 """
 
 from __future__ import annotations
 
 import base64
+import io
 import os
+import secrets
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,15 +27,21 @@ from ..chat import prompt_ids
 from ..data.conversation import IMAGE, ConversationError
 from ..data.transforms import ImageProcessor, PreprocessConfig
 from ..formats import load, load_preprocess, load_tokenizer
+from ..image_generation import to_uint8
 from .body import parse
-from .engine import ContinuousWorker, EmbeddingJob, GenerationJob, Worker, run_embeddings, run_generation
+from .engine import (ContinuousWorker, EmbeddingJob, GenerationJob, ImageJob, Worker, run_embeddings,
+                     run_generation, run_images)
 from .errors import APIError
 from .images import ImageLoader
-from .schemas import ChatCompletionRequest, ClassifyRequest, EmbeddingRequest, ImageURL, refuse_unsupported
+from .schemas import (ChatCompletionRequest, ClassifyRequest, EmbeddingRequest, ImageGenerationRequest, ImageURL,
+                      refuse_unsupported)
 
 MIN_TEMPERATURE = 1e-4  # below it sampling is greedy: logits / 1e-300 overflow, and the softmax is NaN
 ENDPOINTS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/embeddings": EmbeddingRequest,
-             "/v1/classify": ClassifyRequest}
+             "/v1/classify": ClassifyRequest, "/v1/images/generations": ImageGenerationRequest}
+# which model kinds serve each endpoint
+SERVED_BY = {"/v1/chat/completions": ("llava", "lm"), "/v1/embeddings": ("clip",), "/v1/classify": ("clip",),
+             "/v1/images/generations": ("text-to-image",)}
 
 
 @dataclass
@@ -60,6 +69,9 @@ class ServeConfig:
     keep_alive_s: float = 15.0  # idle connections are kept this long between requests
     shutdown_timeout_s: float = 10.0  # on SIGTERM, requests in flight get this long before they are cut
     default_max_tokens: int = 256
+    max_generated_images: int = 4  # images per image generation request (`n`)
+    max_image_steps: int = 100  # sampling steps per image generation request (`steps`)
+    default_image_steps: int | None = None  # when a request gives none (default: 50, at most max_image_steps)
     local_dir: str | None = None  # images may be read from files under this directory
     allow_remote: bool = False  # images may be fetched from http(s) URLs
     allow_private_remote: bool = False  # ... even from loopback, private and link-local addresses
@@ -74,6 +86,14 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("the API key is empty: give a key, or none to serve without one")
+        for name in ("max_generated_images", "max_image_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.default_image_steps is None:
+            self.default_image_steps = min(50, self.max_image_steps)
+        if not 1 <= self.default_image_steps <= self.max_image_steps:
+            raise ValueError(f"default_image_steps {self.default_image_steps} must be from 1 to max_image_steps "
+                             f"{self.max_image_steps}")
 
 
 GENERIC_NAMES = {"final", "last", "latest", "best", "model", "checkpoint", "weights"}
@@ -101,13 +121,16 @@ def longest_token(tokenizer: Any) -> int:
 
 
 def model_kind(model: Any) -> str:
+    if hasattr(model, "unet") and hasattr(model, "encode_prompt"):
+        return "text-to-image"
     if hasattr(model, "encode_image") and hasattr(model, "encode_text"):
         return "clip"
     if hasattr(model.config, "image_token_id"):
         return "llava"
     if hasattr(model, "new_cache"):
         return "lm"
-    raise ValueError(f"cannot serve a {type(model).__name__}: expected a CLIP, a language model or a LLaVA")
+    raise ValueError(f"cannot serve a {type(model).__name__}: expected a CLIP, a language model, a LLaVA or a "
+                     "text-to-image model")
 
 
 def _url(image: ImageURL | str) -> str:
@@ -121,18 +144,25 @@ class Service:
                  tokenizer: Any = None):
         self.config = cfg = config or ServeConfig()
         self.model = model if model is not None else load(model_path, dtype=cfg.dtype, device=cfg.device)
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path)
         self.kind = model_kind(self.model)
+        if self.kind == "text-to-image":  # the pipeline holds its tokenizer: the one generate_image uses
+            if tokenizer is not None:
+                self.model.tokenizer = tokenizer
+            if self.model.tokenizer is None:
+                raise ValueError(f"{model_path}: this text-to-image model has no tokenizer")
+            tokenizer = self.model.tokenizer
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path)
         if cfg.weights:
-            if self.kind == "clip":
-                raise ValueError(f"--weights {cfg.weights} quantizes a language model; {model_path} is a CLIP")
+            if self.kind in ("clip", "text-to-image"):
+                what = "a CLIP" if self.kind == "clip" else "a text-to-image model"
+                raise ValueError(f"--weights {cfg.weights} quantizes a language model; {model_path} is {what}")
             from ..quant import quantize
 
             quantize(self.model, cfg.weights)
         self.name = cfg.name or model_id(model_path)
         self.images = ImageLoader(cfg.max_image_bytes, cfg.max_image_pixels, cfg.local_dir, cfg.allow_remote)
         self.processor = None
-        if self.kind != "lm":
+        if self.kind in ("clip", "llava"):
             default = PreprocessConfig(image_size=self.model.config.vision.image_size,
                                        mode="pad_square" if self.kind == "llava" else "resize_crop")
             found = load_preprocess(model_path) if Path(model_path).is_dir() else None
@@ -144,9 +174,16 @@ class Service:
         # `longest_token` characters. (A chat template that trims messages, or CLIP's cleaning, which drops
         # repeated whitespace, could shrink a text padded with whitespace: it is refused all the same, as what
         # is tokenized must stay bounded.)
-        self.context = self.model.config.text.context_length if self.kind == "clip" else self.model.max_seq_len
+        if self.kind == "text-to-image":  # the prompt is framed in what both the tokenizer and the tower take
+            self.context = min(self.tokenizer.context_length, self.model.config.text.context_length)
+        elif self.kind == "clip":
+            self.context = self.model.config.text.context_length
+        else:
+            self.context = self.model.max_seq_len
         self.max_text_chars = cfg.max_text_chars or self.context * longest_token(self.tokenizer)
-        if self.kind == "clip":
+        if self.kind == "text-to-image":
+            self.worker = Worker(lambda jobs: run_images(self.model, jobs), cfg.max_queue, 1)
+        elif self.kind == "clip":
             self.worker = Worker(lambda jobs: run_embeddings(self.model, self.tokenizer, jobs), cfg.max_queue,
                                  cfg.max_embed_batch)
         elif cfg.batching == "continuous":  # a short request never waits for a long one: a larger batch costs it little
@@ -170,13 +207,13 @@ class Service:
     def require(self, *kinds: str, endpoint: str) -> None:
         if self.kind not in kinds:
             what = {"clip": "a CLIP model (embeddings, classify)", "llava": "a LLaVA model (chat)",
-                    "lm": "a language model (chat)"}[self.kind]
+                    "lm": "a language model (chat)",
+                    "text-to-image": "a text-to-image model (images/generations)"}[self.kind]
             raise APIError(400, f"{endpoint} is not available: this server runs {what}", "unsupported_endpoint")
 
     def check_endpoint(self, endpoint: str) -> None:
         """Before the body is read: whether this model serves `endpoint` at all."""
-        kinds = ("llava", "lm") if endpoint == "/v1/chat/completions" else ("clip",)
-        self.require(*kinds, endpoint=endpoint)
+        self.require(*SERVED_BY[endpoint], endpoint=endpoint)
 
     def parse(self, endpoint: str, body: bytes) -> Any:
         """The body as the endpoint's request (bounded, strict), its model and its OpenAI fields checked."""
@@ -188,6 +225,8 @@ class Service:
 
     def remote_images(self, req: Any) -> list[tuple[str, str]]:
         """(param, url) of the http(s) images among the first `max_images` of the request: what to fetch."""
+        if isinstance(req, ImageGenerationRequest):
+            return []
         if isinstance(req, ChatCompletionRequest):
             if self.kind != "llava":
                 return []
@@ -212,7 +251,7 @@ class Service:
 
     def job(self, endpoint: str, req: Any, fetched: Mapping[str, bytes] | None = None) -> Any:
         builder = {"/v1/chat/completions": self.chat_job, "/v1/embeddings": self.embedding_job,
-                   "/v1/classify": self.classify_job}[endpoint]
+                   "/v1/classify": self.classify_job, "/v1/images/generations": self.image_job}[endpoint]
         return builder(req, fetched or {})
 
     # --- chat -----------------------------------------------------------------------------------
@@ -365,3 +404,58 @@ class Service:
             return {"labels": labels, "probabilities": probs.tolist(), "logits": logits.tolist()}
 
         return EmbeddingJob(prompts, pixel_values, finish)
+
+    # --- image generation -----------------------------------------------------------------------
+
+    def native_size(self) -> str:
+        size = self.model.config.image_size
+        return f"{size}x{size}"
+
+    def _check_prompt(self, text: str, param: str, allow_empty: bool = False) -> None:
+        """A prompt that fits the text tower: measured in characters first, then in tokens (never cut)."""
+        if not allow_empty and not text.strip():
+            raise APIError(400, f"{param}: the prompt is empty", "invalid_value", param)
+        self.check_chars(len(text), param)
+        framed = len(self.tokenizer.encode(text)) + (2 if self.tokenizer.sot_id is not None else 1)
+        if framed > self.context:
+            raise APIError(400, f"{param}: {framed} tokens, more than this model's text context of {self.context}",
+                           "context_length_exceeded", param)
+
+    def image_job(self, req: ImageGenerationRequest, fetched: Mapping[str, bytes] | None = None) -> ImageJob:
+        """A prompt and sampling settings -> one job making `n` PNGs; every limit checked, naming the field."""
+        self.check_model(req.model)
+        self.require("text-to-image", endpoint="/v1/images/generations")
+        cfg = self.config
+        if req.response_format not in (None, "b64_json"):
+            raise APIError(400, f"response_format: only \"b64_json\" is supported (this server hosts no images to "
+                                f"link to), got {req.response_format!r}", "unsupported_parameter", "response_format")
+        native = self.native_size()
+        if req.size not in (None, native):
+            raise APIError(400, f"size: this model draws {native} images, got {req.size!r}", "invalid_value", "size")
+        n = 1 if req.n is None else req.n
+        if n > cfg.max_generated_images:
+            raise APIError(400, f"n: {n} images, more than the limit of {cfg.max_generated_images}", "invalid_value",
+                           "n")
+        steps = cfg.default_image_steps if req.steps is None else req.steps
+        if steps > cfg.max_image_steps:
+            raise APIError(400, f"steps: {steps} sampling steps, more than the limit of {cfg.max_image_steps}",
+                           "invalid_value", "steps")
+        self._check_prompt(req.prompt, "prompt")
+        negative = req.negative_prompt or ""
+        if negative:
+            self._check_prompt(negative, "negative_prompt", allow_empty=True)
+        settings = {"prompts": [req.prompt] * n, "steps": steps, "scheduler": req.scheduler or "ddim",
+                    "guidance": 7.5 if req.guidance_scale is None else req.guidance_scale,
+                    "seed": secrets.randbits(63) if req.seed is None else req.seed, "negative_prompt": negative}
+
+        def finish(images: torch.Tensor) -> list[str]:
+            from PIL import Image
+
+            out = []
+            for a in to_uint8(images):  # (H, W, 3)
+                buf = io.BytesIO()
+                Image.fromarray(a).save(buf, "PNG")
+                out.append(base64.b64encode(buf.getvalue()).decode())
+            return out
+
+        return ImageJob(settings, finish)

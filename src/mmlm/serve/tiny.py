@@ -1,4 +1,4 @@
-"""Tiny random CLIP and LLaVA checkpoints, for the server's tests and load benchmark (seconds to build).
+"""Tiny random CLIP, LLaVA and text-to-image checkpoints, for the server's tests and load benchmark (seconds to build).
 
 Their answers are noise; they exercise every code path of the server at the real models' shapes of data.
 """
@@ -54,3 +54,24 @@ def tiny_clip(directory: str | Path) -> Path:
 
     torch.manual_seed(0)
     return save(CLIP(cfg), directory, tokenizer=tok, preprocess=PreprocessConfig(image_size=32))
+
+
+def tiny_text_to_image(directory: str | Path) -> Path:
+    """A pixel-space text-to-image model (16 px, a 2-level UNet, a 1-layer text tower) with a CLIP-style BPE."""
+    from ..diffusion_config import DiffusionConfig, NoiseScheduleConfig, UNetConfig
+    from ..models.diffusion import TextToImage
+
+    tok = Tokenizer.train_bpe(word_corpus(), vocab_size=600, context_length=16)
+    cfg = DiffusionConfig(text=TextConfig(vocab_size=tok.vocab_size, eot_token_id=tok.eot_id, context_length=16,
+                                          width=32, layers=1, heads=2),
+                          unet=UNetConfig(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32),
+                                          cross_attention=(False, True), layers_per_block=1, heads=2,
+                                          cross_attention_dim=0, norm_num_groups=8),
+                          vae=None, scheduler=NoiseScheduleConfig(beta_schedule="linear", beta_start=1e-4,
+                                                                  beta_end=0.02, steps_offset=0,
+                                                                  timestep_spacing="trailing"))
+    torch.manual_seed(0)
+    model = TextToImage(cfg)
+    model.text_encoder.init_weights()
+    return save(model, directory, tokenizer=tok,
+                preprocess=PreprocessConfig(image_size=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
