@@ -73,3 +73,16 @@ def test_data_bench_compares_with_the_train_step():
                                    emit=lambda r: None)
     default = [r for r in rows if r["default"]][0]
     assert default["images_per_s"] > 0 and default["vs_train_step"]["fp32"] == pytest.approx(default["images_per_s"], rel=0.01)
+
+
+def test_generation_bench_rows_and_parity():
+    pytest.importorskip("diffusers")
+    from mmlm.bench_generation import bench_generation
+
+    rows = bench_generation(quick=True, batch=2, steps=2, emit=lambda r: None)
+    for model in ("shapes", "tiny-sd"):
+        assert _by(rows, bench="generation_parity", model=model)[0]["image_max_abs_diff"] < 1e-4  # same images
+        assert {r["library"] for r in _by(rows, bench="generation", model=model)} == {"mmlm", "diffusers",
+                                                                                     "mmlm/diffusers"}
+        ratio = _by(rows, bench="generation", model=model, library="mmlm/diffusers")[0]
+        assert ratio["ratio"] > 0 and ratio["target"] == 1.5

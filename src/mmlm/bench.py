@@ -237,8 +237,8 @@ def bench_decode(models: list[str] | None = None, quick: bool = False, threads: 
 def run_bench(what: str, models: list[str] | None = None, quick: bool = False, threads: int | None = None,
               memory: bool = True, compile: bool = False, weights: tuple[str, ...] = ("int4",),
               device: str | None = None) -> None:
-    """`mmlm bench WHAT`: decode | clip | llava | data | all, JSON lines on stdout; decode, clip and llava on
-    `device` (default cpu; the data pipeline is the CPU's)."""
+    """`mmlm bench WHAT`: decode | clip | llava | data | generation | all, JSON lines on stdout; decode, clip and
+    llava on `device` (default cpu; the data pipeline and generation run on the CPU)."""
     from .bench_models import bench_clip, bench_data, bench_llava
 
     require_transformers()
@@ -256,3 +256,7 @@ def run_bench(what: str, models: list[str] | None = None, quick: bool = False, t
         bench_llava(quick=quick, compile=compile, weights=weights, device=device)
     if what in ("data", "all"):
         bench_data(quick=quick, train_images_per_s=train_rates)
+    if what in ("generation", "all"):
+        from .bench_generation import bench_generation
+
+        bench_generation(quick=quick)

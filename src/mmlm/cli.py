@@ -318,10 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_load_flags(h)
 
     b = sub.add_parser("bench", help="speed against transformers in the same run; prints JSON lines (needs transformers)")
-    b.add_argument("what", choices=["decode", "clip", "llava", "data", "all"],
+    b.add_argument("what", choices=["decode", "clip", "llava", "data", "generation", "all"],
                    help="decode: LM greedy generate() tokens/s, prefill tokens/s, peak memory; clip: bench-vit train step "
                         "(fp32, bf16) and image/text embedding; llava: tiny LLaVA decode and prefill; data: the CLIP "
-                        "input pipeline per DataLoader worker count; all: every one")
+                        "input pipeline per DataLoader worker count; generation: 50-step guided DDIM text-to-image "
+                        "against diffusers; all: every one")
     b.add_argument("--quick", action="store_true", help="fewer tokens and repeats (about a minute less)")
     b.add_argument("--model", action="append", choices=["tiny", "smollm2-135m"], default=None,
                    help="benchmark only this model (repeatable; default: both)")
