@@ -88,7 +88,9 @@ def test_eval_generation_structure_and_real_floor(tmp_path, capsys):
     assert result["images"] == 2 * len(GROUPS) == 12
     assert set(result["groups"]) == {f"{s}-{n}" for s, n in GROUPS}
     assert set(result["attributes"]) == set(ATTRIBUTES)
-    assert all(0 <= v <= 1 for g in result["groups"].values() for k, v in g.items() if k != "prompts")
+    assert all(0 <= v <= 1 for g in result["groups"].values() for k, v in g.items() if k not in ("prompts", "real"))
+    assert set(result["real_attributes"]) == set(ATTRIBUTES)  # the judge on the rendered scenes: the ceiling
+    assert all(0 <= v <= 1 for g in result["groups"].values() for v in g["real"].values())
     assert result["frechet"] >= 0 and result["frechet_real_floor"] >= 0
     assert (tmp_path / "run" / "generation_grid.png").is_file() and (tmp_path / "run" / "generation.json").is_file()
     assert main(["eval", "generation", "--model", str(model)]) == 2

@@ -3,7 +3,8 @@
     scenes (val: seen colour-shape pairs; novel: held-out pairs) x (one, two, three objects)
         -> prompt = the scene's full description -> generate_image -> images
     the judge, zero-shot per attribute (colour, shape, position, count): correct when its top choice among
-        the attribute's values is one the prompt asked for (for count: the number of objects)
+        the attribute's values is one the prompt asked for (for count: the number of objects); the same judge on
+        the rendered (real) images of the same scenes is the ceiling beside each share
     Frechet distance between the judge's image features of generated and real (rendered) images of the same
         scenes, beside the floor: real against real images of other scenes (what the metric reads for a perfect
         generator with this many images)
@@ -109,13 +110,17 @@ def eval_generation(model: str | Path, judge: str | Path, per_group: int = 8, st
         prompts = [describe(s) for s in group]
         images = to_uint8(generate_image(pipe, prompts, steps=steps, guidance=guidance, seed=seed + g))
         feats = image_embeddings(clip, array_batches(list(images), processor))
-        scores = {}
-        for name, weights in classifiers.items():
-            top = (feats @ weights.T).argmax(dim=-1).tolist()
-            scores[name] = float(np.mean([t in _wanted(s, name) for t, s in zip(top, group)]))
-        groups[f"{split}-{n}"] = {"prompts": len(group), **scores}
+        real_feats = image_embeddings(clip, array_batches([render(s, real_size) for s in group], processor))
+
+        def judged(f: torch.Tensor) -> dict[str, float]:
+            tops = {name: (f @ weights.T).argmax(dim=-1).tolist() for name, weights in classifiers.items()}
+            return {name: float(np.mean([t in _wanted(s, name) for t, s in zip(top, group)]))
+                    for name, top in tops.items()}
+
+        # the judge on the rendered images of the same scenes: the most a perfect generator could score
+        groups[f"{split}-{n}"] = {"prompts": len(group), **judged(feats), "real": judged(real_feats)}
         generated.append(feats)
-        real.append(image_embeddings(clip, array_batches([render(s, real_size) for s in group], processor)))
+        real.append(real_feats)
         grid_images += list(images[:2])
         grid_prompts += prompts[:2]
     other = [s for split, n in GROUPS for s in scenes(split, n, per_group, seed + 1)]  # other scenes, real
@@ -124,6 +129,7 @@ def eval_generation(model: str | Path, judge: str | Path, per_group: int = 8, st
     result = {
         "images": len(generated_all), "steps": steps, "guidance": guidance, "seed": seed,
         "attributes": {name: float(np.mean([v[name] for v in groups.values()])) for name in ATTRIBUTES},
+        "real_attributes": {name: float(np.mean([v["real"][name] for v in groups.values()])) for name in ATTRIBUTES},
         "groups": groups,
         "frechet": frechet_distance(generated_all, real_all),
         "frechet_real_floor": frechet_distance(floor_feats, real_all),
