@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -78,7 +77,6 @@ def main() -> None:
             f"rendered vs rendered images of other scenes (the floor for {result['images']} images): "
             f"{result['frechet_real_floor']:.2f}.\n")
     (out / "generation.md").write_text(text)
-    (out / "generation.json").write_text(json.dumps(result, indent=1))
     print(text)
 
 
