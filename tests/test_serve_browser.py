@@ -100,14 +100,19 @@ def test_page_draws_a_zero_shot_chart(browser, tmp_path):
     assert widths == sorted(widths, reverse=True) and abs(sum(widths) - 100) < 0.5  # bars sized by probability
 
 
+def open_fresh(browser, url: str) -> None:
+    """The page as a new tab sees it: no API key kept from an earlier test."""
+    browser.get(url + "/")
+    browser.execute_script("sessionStorage.clear()")
+    browser.get(url + "/")
+
+
 def test_page_asks_for_the_api_key_and_sends_it(browser, tmp_path):
     from selenium.webdriver.common.by import By
 
     app = create_app(tiny_llava(tmp_path / "tiny-llava"), ServeConfig(api_key="sesame"))
     with running(app) as url:
-        browser.get(url + "/")
-        browser.execute_script("sessionStorage.clear()")
-        browser.get(url + "/")
+        open_fresh(browser, url)
         wait(browser, "#auth:not(.hidden)")  # the server needs a key: the page asks for it
         assert browser.title == "mmlm: tiny-llava"
         browser.find_element(By.ID, "prompt").send_keys("hi")
@@ -131,9 +136,7 @@ def test_page_generates_images_with_the_api_key(browser, tmp_path):
 
     app = create_app(tiny_text_to_image(tmp_path / "tiny-t2i"), ServeConfig(api_key="sesame"))
     with running(app) as url:
-        browser.get(url + "/")
-        browser.execute_script("sessionStorage.clear()")
-        browser.get(url + "/")
+        open_fresh(browser, url)
         wait(browser, "#images:not(.hidden)")
         assert not browser.find_element(By.ID, "image-input").is_displayed()  # nothing to upload
         browser.find_element(By.ID, "api-key").send_keys("sesame")

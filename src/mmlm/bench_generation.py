@@ -56,7 +56,7 @@ def _randomize(module: torch.nn.Module, std: float) -> None:
         p.data = torch.randn(p.shape, generator=g) * std
 
 
-def _diffusers_loop(diffusers, unet, scheduler, text: torch.Tensor, latents: torch.Tensor, steps: int,
+def _diffusers_loop(unet, scheduler, text: torch.Tensor, latents: torch.Tensor, steps: int,
                     decode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """StableDiffusionPipeline.__call__'s denoising loop, for a model it has no pipeline for."""
     scheduler.set_timesteps(steps)
@@ -100,7 +100,7 @@ def shapes_pair(workdir: Path, batch: int, steps: int) -> tuple[Callable[[], Any
 
     @torch.no_grad()
     def run_theirs():
-        return _diffusers_loop(diffusers, theirs, scheduler, text, latents, steps, lambda x: (x / 2 + 0.5).clamp(0, 1))
+        return _diffusers_loop(theirs, scheduler, text, latents, steps, lambda x: (x / 2 + 0.5).clamp(0, 1))
 
     return run_ours, run_theirs
 
