@@ -114,13 +114,18 @@ def _recipe(name: str) -> Path:
 
 
 @pytest.mark.parametrize("recipe, tol, sharded", [("clip-shapes", 1e-4, False), ("clip-shapes-vit", 1e-6, False),
-                                                   ("clip-shapes", 1e-4, True), ("clip-shapes-vit", 1e-6, True)])
+                                                   ("clip-shapes", 1e-4, True), ("clip-shapes-vit", 1e-6, True),
+                                                   pytest.param("clip-audio", 1e-6, True, marks=pytest.mark.slow),
+                                                   pytest.param("clip-video-shapes", 1e-6, True, marks=pytest.mark.slow)])
 def test_a_shapes_recipe_on_two_processes_ends_where_one_process_does(tmp_path, recipe, tol, sharded):
     """ResNet tower: weights and BatchNorm buffers within 1e-4 of one process (fp32 rounding through BatchNorm);
     ViT tower (no batch statistics): as exact as before (measured: ResNet 2.7e-5 weights, 5.8e-6 buffers; ViT 1.5e-8).
-    The same with the CLIP sharded by FSDP2 (`train.fsdp=true`; its final weights consolidated from the shards)."""
-    two = _train(tmp_path / "two", recipe, 2, *(["train.fsdp=true"] if sharded else []))
-    one = _train(tmp_path / "one", recipe, 1)
+    The same with the CLIP sharded by FSDP2 (`train.fsdp=true`; its final weights consolidated from the shards),
+    and with an audio CLIP and a video CLIP sharded (the spectrogram transformer's blocks, the frame tower's blocks
+    and the temporal fusion are units)."""
+    data = [f"data.path={tmp_path / 'media'}"] if recipe in ("clip-audio", "clip-video-shapes") else []
+    two = _train(tmp_path / "two", recipe, 2, *data, *(["train.fsdp=true"] if sharded else []))
+    one = _train(tmp_path / "one", recipe, 1, *data)
     assert two.keys() == one.keys()
     buffers = [k for k in one if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     assert bool(buffers) == (recipe == "clip-shapes")

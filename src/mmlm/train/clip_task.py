@@ -96,13 +96,20 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
     called as a module (FSDP2 gathers it in its forward hook): the pooling of a transformer tower runs its last
     block's parts, and the text tower's packed path every block's, so those are gathered with their tower."""
     units: list[nn.Module] = []
-    blocks = getattr(getattr(model.visual, "transformer", None), "blocks", None)
+    tower = media_tower(model)
+    blocks = getattr(getattr(tower, "transformer", None), "blocks", None)
     if blocks is not None:
         units += list(blocks)[:-1]
     else:  # ModifiedResNet: its Bottlenecks, each called as a module
-        units += [b for stage in (model.visual.layer1, model.visual.layer2, model.visual.layer3, model.visual.layer4)
-                  for b in stage]
-    return units + [model.visual, model.text]
+        units += [b for stage in (tower.layer1, tower.layer2, tower.layer3, tower.layer4) for b in stage]
+    temporal = [model.temporal] if hasattr(model, "temporal") else []  # a video CLIP's fusion over the frames
+    return units + [tower, *temporal, model.text]
+
+
+def media_tower(model: nn.Module) -> nn.Module:
+    """The tower that is not the text's: an audio CLIP's spectrogram transformer, else the image tower (a video
+    CLIP's frame encoder)."""
+    return model.audio if isinstance(model.config, AudioCLIPConfig) else model.visual
 
 
 class ClipTask:
@@ -115,7 +122,7 @@ class ClipTask:
         self._evaluate = evaluate
         lk = cfg.lock
         if lk.image:  # a video CLIP's frame encoder; an audio CLIP's AST
-            tower = model.audio if isinstance(model.config, AudioCLIPConfig) else model.visual
+            tower = media_tower(model)
             blocks = getattr(getattr(tower, "transformer", None), "blocks", None)
             lock_tower(blocks, tower, lk.image_unlocked_layers)
         if lk.text:
@@ -125,6 +132,10 @@ class ClipTask:
             sync_batch_norm(model)  # (a ResNet tower) before sharding: FSDP2 keeps hold of the modules it shards
             scales = [p for p in (model.logit_scale, model.logit_bias) if p is not None]  # used outside any forward
             fully_shard_model(model, fsdp_units(model), cfg.train.precision, ignored=scales)
+            if isinstance(model.config, AudioCLIPConfig):  # encode_audio calls the tower's encode, not its forward
+                from torch.distributed.fsdp import register_fsdp_forward_method
+
+                register_fsdp_forward_method(model.audio, "encode")
 
     def train_dataset(self) -> Dataset:
         return self.data
@@ -143,8 +154,8 @@ class ClipTask:
         if min(sizes) == 0 or sum(sizes) < 2:
             return {"loss": float("nan")}
         model = self.model
-        if self.cfg.lock.image and not self.cfg.lock.image_unlocked_layers and hasattr(model, "visual"):
-            model.visual.eval()  # a locked tower keeps its BatchNorm statistics too
+        if self.cfg.lock.image and not self.cfg.lock.image_unlocked_layers:
+            media_tower(model).eval()  # a locked tower keeps its BatchNorm statistics too
 
         def loss_fn(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
             return contrastive_loss(self.cfg.loss, img, txt, model.logit_scale, model.logit_bias, self.cfg.loss_gather)
