@@ -330,6 +330,7 @@ def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
 @pytest.mark.parametrize("preset", ["tiny-vit", "tiny-rn"])
 @pytest.mark.parametrize("train", [True, False])
 def test_clip_reference_mode_gives_the_fast_outputs_and_gradients(preset, train):
+    torch.manual_seed(0)  # the weights do not depend on which tests ran before
     model = _perturbed(CLIP(clip_preset(preset))).train(train)
     cfg = model.config
     g = torch.Generator().manual_seed(0)
@@ -337,7 +338,7 @@ def test_clip_reference_mode_gives_the_fast_outputs_and_gradients(preset, train)
     ids = torch.randint(1, cfg.text.eot_token_id, (4, cfg.text.context_length), generator=g)
     for row, length in enumerate([3, 7, 5, 12]):
         ids[row, length - 1], ids[row, length:] = cfg.text.eot_token_id, 0
-    params = [p for p in model.parameters()]
+    params = [p for p in model.parameters() if p is not model.logit_scale]
     for fn in (lambda: model.encode_image(pixels), lambda: model.encode_text(ids),
                lambda: model(pixel_values=pixels, input_ids=ids).logits_per_image):
         if train:
@@ -345,6 +346,13 @@ def test_clip_reference_mode_gives_the_fast_outputs_and_gradients(preset, train)
         else:
             with torch.no_grad():
                 _assert_agree(_run(fn, []), atol=1e-5, rtol=1e-4)
+    if train:
+        # d/ds sum(w * exp(s) cos) = sum(w * logits): one scalar from terms of both signs that cancel, so its
+        # rounding is relative to the sum of their magnitudes, not to itself
+        (logits, (fast,)), (_, (ref,)) = _run(lambda: model(pixel_values=pixels, input_ids=ids).logits_per_image,
+                                              [model.logit_scale])
+        w = torch.randn(logits.shape, generator=torch.Generator().manual_seed(3))  # the weights _run used
+        assert (fast - ref).abs() <= 1e-5 * (w * logits).abs().sum(), (fast, ref)
 
 
 def test_lm_reference_mode_gives_the_fast_outputs_and_gradients():
