@@ -120,8 +120,9 @@ def test_bytes_in_memory_read_as_the_file_and_limits_stop_decoding(tmp_path):
     assert np.array_equal(read_video(data, frames=4), read_video(path, frames=4))
     assert np.array_equal(read_video(data, frames=3, fps=4), read_video(path, frames=3, fps=4))
     assert read_video(data, frames=4, limits=VideoLimits(frames=12, pixels=32 * 32, seconds=1.5)).shape[0] == 4
-    for limits, what in [(VideoLimits(frames=11), "decoded frames 12"), (VideoLimits(pixels=32 * 31), "pixels"),
-                         (VideoLimits(seconds=1.0), "seconds of video")]:
+    for limits, what in [(VideoLimits(frames=11), "more decoded frames than the limit of 11"),
+                         (VideoLimits(pixels=32 * 31), "pixels"),
+                         (VideoLimits(seconds=1.0), "longer than the limit of 1 s of video")]:
         with pytest.raises(MediaTooLargeError, match=what):
             read_video(data, frames=4, limits=limits, name="input.0")
     with pytest.raises(BadMediaError, match="^clip: cannot decode video") as e:
@@ -132,7 +133,7 @@ def test_bytes_in_memory_read_as_the_file_and_limits_stop_decoding(tmp_path):
     wav = write_audio(tmp_path / "a.wav", 0.3 * np.sin(2 * np.pi * 300 * t))
     assert np.array_equal(read_audio(io.BytesIO(wav.read_bytes())), read_audio(wav))
     assert read_audio(io.BytesIO(wav.read_bytes()), max_seconds=2.0, formats=("WAV",)).shape == (32_000,)
-    with pytest.raises(MediaTooLargeError, match="seconds of audio 2 is over the limit of 1.5"):
+    with pytest.raises(MediaTooLargeError, match="2 s of audio, more than the limit of 1.5 s"):
         read_audio(io.BytesIO(wav.read_bytes()), max_seconds=1.5)
     with pytest.raises(BadMediaError, match="is WAV audio, not FLAC"):
         read_audio(io.BytesIO(wav.read_bytes()), formats=("FLAC",))

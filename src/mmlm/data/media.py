@@ -60,7 +60,7 @@ class MediaTooLargeError(BadMediaError):
     """A video or audio file past a limit the caller set (VideoLimits, `max_seconds`); the message names it."""
 
 
-def _open_video(source: Path | BinaryIO, name: str) -> Any:
+def _open_video(source: Path | BinaryIO, name: str) -> tuple[Any, Any]:
     """The PyAV container of a file or a binary file object (rewound), and its first video stream."""
     import av  # imported here: `import mmlm` stays light
 
@@ -79,8 +79,8 @@ def _decode_errors() -> tuple[type[Exception], ...]:
     return av.error.FFmpegError, OSError, ValueError, EOFError  # every PyAV error is an FFmpegError
 
 
-def _too_large(name: str, what: str, value: float, limit: float) -> MediaTooLargeError:
-    return MediaTooLargeError(f"{name}: {what} {value:g} is over the limit of {limit:g}")
+def _too_large(name: str, what: str) -> MediaTooLargeError:
+    return MediaTooLargeError(f"{name}: {what}")
 
 
 def _frame_times(source: Path | BinaryIO, name: str, limits: VideoLimits) -> list[float]:
@@ -89,18 +89,19 @@ def _frame_times(source: Path | BinaryIO, name: str, limits: VideoLimits) -> lis
     with container:
         size = (stream.codec_context.width or 0) * (stream.codec_context.height or 0)
         if limits.pixels is not None and size > limits.pixels:
-            raise _too_large(name, "a frame of pixels", size, limits.pixels)
+            raise _too_large(name, f"frames of {size} pixels, more than the limit of {limits.pixels}")
         base = float(stream.time_base) if stream.time_base is not None else 0.0
         times: list[float] = []
         for frame in container.decode(stream):
             t = frame.pts * base if frame.pts is not None else len(times) / float(stream.average_rate or 25)
             times.append(t)
             if limits.frames is not None and len(times) > limits.frames:
-                raise _too_large(name, "decoded frames", len(times), limits.frames)
+                raise _too_large(name, f"more decoded frames than the limit of {limits.frames}")
             if limits.pixels is not None and frame.width * frame.height > limits.pixels:
-                raise _too_large(name, "a frame of pixels", frame.width * frame.height, limits.pixels)
+                raise _too_large(name, f"a frame of {frame.width * frame.height} pixels, more than the limit of "
+                                       f"{limits.pixels}")
             if limits.seconds is not None and t - times[0] > limits.seconds:
-                raise _too_large(name, "seconds of video", round(t - times[0], 3), limits.seconds)
+                raise _too_large(name, f"longer than the limit of {limits.seconds:g} s of video")
     if not times:
         raise BadMediaError(f"{name}: the video has no decodable frames")
     return times
@@ -149,8 +150,8 @@ def read_video(source: str | Path | BinaryIO, frames: int = 8, fps: float | None
         return _frames_at(source, name, _pick(times, frames, fps))
     except BadMediaError:
         raise
-    except _decode_errors() as e:
-        raise BadMediaError(f"{name}: cannot decode video: {e}") from None
+    except _decode_errors() as e:  # PyAV's own words (strerror) leave out the file object's name
+        raise BadMediaError(f"{name}: cannot decode video: {getattr(e, 'strerror', None) or e}") from None
 
 
 def _read_frame_folder(path: Path, frames: int, fps: float | None) -> np.ndarray:
@@ -246,13 +247,13 @@ def read_audio(source: str | Path | BinaryIO, sample_rate: int = 16_000, min_sec
                 raise BadMediaError(f"{name}: a sample rate of {rate} Hz (at most {MAX_SAMPLE_RATE})")
             most = None if max_seconds is None else int(max_seconds * rate)  # samples per channel
             if most is not None and f.frames > most:
-                raise _too_large(name, "seconds of audio", round(f.frames / rate, 3), max_seconds)
+                raise _too_large(name, f"{f.frames / rate:.3g} s of audio, more than the limit of {max_seconds:g} s")
             blocks, n = [], 0
             for block in f.blocks(blocksize=1 << 16, dtype="float32", always_2d=True):  # (s, channels)
                 blocks.append(block.mean(axis=1))
                 n += len(block)
                 if most is not None and n > most:
-                    raise _too_large(name, "seconds of audio", round(n / rate, 3), max_seconds)
+                    raise _too_large(name, f"longer than the limit of {max_seconds:g} s of audio")
     except BadMediaError:
         raise
     except (sf.LibsndfileError, RuntimeError, OSError, ValueError, TypeError) as e:
@@ -284,7 +285,7 @@ def video_pixels(frames: np.ndarray, processor: ImageProcessor) -> np.ndarray:
 
 
 def normalize_videos(videos: torch.Tensor, processor: ImageProcessor) -> torch.Tensor:
-    """uint8 (B, T, S, S, 3) -> float32 (B, T, 3, S, S), each frame normalised as an image is: `encode_video`'s input."""
+    """uint8 (B, T, S, S, 3) -> float32 (B, T, 3, S, S), `encode_video`'s input: each frame normalised as an image."""
     return processor.normalize(videos.flatten(0, 1), channels_last=True).unflatten(0, tuple(videos.shape[:2]))
 
 
