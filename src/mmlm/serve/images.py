@@ -3,7 +3,8 @@
 Three sources: `data:` URIs (base64), local files (only under a directory the operator allows), and
 http(s) URLs (refused unless the operator allows them; fetched beforehand on the event loop by fetch.py, and
 handed in as bytes). Every refusal is an APIError naming the field. Decoding goes through `load_image`, which
-refuses decompression bombs from the header.
+refuses decompression bombs from the header. Videos come from the same three sources (`read_bytes(...,
+kind="video")`, their own byte limit) and are decoded by serve/media.py.
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """The served model: loads it once, turns request bodies into jobs for the model thread.
 
-Everything here is blocking (JSON, image decoding, tokenizing) and runs on the app's pre-processing threads
-(admission.py), never on the event loop; the model itself only runs on the model thread (engine.py). The work
-a request causes is bounded before it is done: the body's JSON values are counted while parsing (body.py),
-its parts and images are counted, and its text is measured in characters before it is tokenized: a text of
-more characters than `context × the longest token` cannot fit the context, so it is refused untokenized, and
-what is tokenized is at most that long. An image generation request is bounded the same way, and by the
-images (`max_generated_images`) and sampling steps (`max_image_steps`) it may ask for.
+Everything here is blocking (JSON, decoding images, videos and sounds, tokenizing) and runs on the app's
+pre-processing threads (admission.py), never on the event loop; the model itself only runs on the model thread
+(engine.py). The work a request causes is bounded before it is done: the body's JSON values are counted while
+parsing (body.py), its parts and media are counted (and each video or sound bounded while it decodes,
+serve/media.py), and its text is measured in characters before it is tokenized: a text of more characters than
+`context × the longest token` cannot fit the context, so it is refused untokenized, and what is tokenized is at
+most that long. An image generation request is bounded the same way, and by the images (`max_generated_images`)
+and sampling steps (`max_image_steps`) it may ask for.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ ENDPOINTS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/embeddings": Em
 # which model kinds serve each endpoint
 SERVED_BY = {"/v1/chat/completions": ("llava", "lm"), "/v1/embeddings": ("clip",), "/v1/classify": ("clip",),
              "/v1/images/generations": ("text-to-image",)}
+MEDIA = ("image", "video", "audio")  # what a CLIP-style model may read besides text: encode_image, _video, _audio
+PART_MEDIA = {"image_url": "image", "video_url": "video", "input_audio": "audio"}  # content part type -> medium
+CLASSIFY_TEMPLATES = {"image": "a photo of a {}.", "video": "a video of {}.", "audio": "the sound of {}."}
 
 
 @dataclass
@@ -146,11 +150,6 @@ def model_kind(model: Any) -> str:
 
 def _url(source: ImageURL | VideoURL | str) -> str:
     return source if isinstance(source, str) else source.url
-
-
-MEDIA = ("image", "video", "audio")  # what a CLIP-style model may read besides text: encode_image, _video, _audio
-PART_MEDIA = {"image_url": "image", "video_url": "video", "input_audio": "audio"}  # content part type -> medium
-CLASSIFY_TEMPLATES = {"image": "a photo of a {}.", "video": "a video of {}.", "audio": "the sound of {}."}
 
 
 def _source(item: Any, medium: str) -> Any:
@@ -276,8 +275,7 @@ class Service:
                      for j, part in enumerate(m.content) if part.type == "image_url"]
         elif isinstance(req, EmbeddingRequest):
             items = [] if isinstance(req.input, str) else req.input  # a string is a text, or a data: URI
-            found = [(medium, self.media_param(i, item), item if isinstance(item, str) else
-                      _url(item.image_url if medium == "image" else item.video_url))
+            found = [(medium, self.media_param(i, item), _source(item, medium))
                      for i, item in enumerate(items) if (medium := item_medium(item)) in ("image", "video")]
         else:
             found = [(medium, medium, _url(getattr(req, medium))) for medium in ("image", "video")
@@ -295,8 +293,9 @@ class Service:
     def media_param(i: int, item: Any) -> str:
         """The field an embeddings item's media errors name: `input.2` (an image, a data: string), or the part's
         field holding the data (`input.2.video_url`, `input.2.input_audio`)."""
-        medium = item_medium(item)
-        return f"input.{i}.{item.type}" if medium in ("video", "audio") and not isinstance(item, str) else f"input.{i}"
+        if isinstance(item, str) or item_medium(item) == "image":
+            return f"input.{i}"
+        return f"input.{i}.{item.type}"
 
     def check_chars(self, n: int, param: str) -> None:
         """Refuse, untokenized, a text too long to fit the context."""
