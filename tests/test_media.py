@@ -108,3 +108,35 @@ def test_bad_audio_is_skipped_and_named(tmp_path):
     assert batch["audio_values"].shape == (2, 50, 32) and len(batch["bad"]) == 3
     with pytest.raises(BadMediaError, match="no such file"):
         read_audio(tmp_path / "absent.wav")
+
+
+def test_bytes_in_memory_read_as_the_file_and_limits_stop_decoding(tmp_path):
+    import io
+
+    from mmlm.data.media import MediaTooLargeError, VideoLimits
+
+    path = write_video(tmp_path / "clip.mp4", _moving_square(12), fps=8)
+    data = io.BytesIO(path.read_bytes())
+    assert np.array_equal(read_video(data, frames=4), read_video(path, frames=4))
+    assert np.array_equal(read_video(data, frames=3, fps=4), read_video(path, frames=3, fps=4))
+    assert read_video(data, frames=4, limits=VideoLimits(frames=12, pixels=32 * 32, seconds=1.5)).shape[0] == 4
+    for limits, what in [(VideoLimits(frames=11), "more decoded frames than the limit of 11"),
+                         (VideoLimits(pixels=32 * 31), "pixels"),
+                         (VideoLimits(seconds=1.0), "longer than the limit of 1 s of video")]:
+        with pytest.raises(MediaTooLargeError, match=what):
+            read_video(data, frames=4, limits=limits, name="input.0")
+    with pytest.raises(BadMediaError, match="^clip: cannot decode video") as e:
+        read_video(io.BytesIO(b"not a video" * 20), name="clip")
+    assert "0x" not in str(e.value)  # no heap address of the file object
+
+    t = np.arange(32_000) / 16_000
+    wav = write_audio(tmp_path / "a.wav", 0.3 * np.sin(2 * np.pi * 300 * t))
+    assert np.array_equal(read_audio(io.BytesIO(wav.read_bytes())), read_audio(wav))
+    assert read_audio(io.BytesIO(wav.read_bytes()), max_seconds=2.0, formats=("WAV",)).shape == (32_000,)
+    with pytest.raises(MediaTooLargeError, match="2 s of audio, more than the limit of 1.5 s"):
+        read_audio(io.BytesIO(wav.read_bytes()), max_seconds=1.5)
+    with pytest.raises(BadMediaError, match="is WAV audio, not FLAC"):
+        read_audio(io.BytesIO(wav.read_bytes()), formats=("FLAC",))
+    with pytest.raises(BadMediaError, match="cannot decode audio: Format not recognised") as e:
+        read_audio(io.BytesIO(b"not audio" * 20))
+    assert "0x" not in str(e.value)

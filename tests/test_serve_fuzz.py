@@ -13,7 +13,8 @@ from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.specs.openapi.checks import status_code_conformance  # noqa: E402
 
 from mmlm.serve import ServeConfig, create_app  # noqa: E402
-from mmlm.serve.tiny import tiny_clip, tiny_llava, tiny_text_to_image  # noqa: E402
+from mmlm.serve.tiny import (tiny_audio_clip, tiny_clip, tiny_llava, tiny_text_to_image,  # noqa: E402
+                             tiny_video_clip)
 
 pytestmark = pytest.mark.slow
 FUZZ = settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -35,6 +36,15 @@ def llava_api(tmp_path_factory):
 @pytest.fixture(scope="module")
 def clip_api(tmp_path_factory):
     app = create_app(tiny_clip(tmp_path_factory.mktemp("fuzz") / "tiny-clip"), ServeConfig(allowed_hosts=HOST))
+    yield _schema(app)
+    app.state.service.close()
+
+
+@pytest.fixture(scope="module", params=["video", "audio"])
+def media_clip_api(request, tmp_path_factory):
+    build = {"video": tiny_video_clip, "audio": tiny_audio_clip}[request.param]
+    directory = build(tmp_path_factory.mktemp("fuzz") / f"tiny-{request.param}-clip")
+    app = create_app(directory, ServeConfig(allowed_hosts=HOST))
     yield _schema(app)
     app.state.service.close()
 
@@ -69,6 +79,10 @@ def test_fuzz_llava_server(llava_api):
 
 def test_fuzz_clip_server(clip_api):
     assert {"POST /v1/embeddings", "POST /v1/classify"} <= set(fuzz(clip_api))
+
+
+def test_fuzz_video_and_audio_clip_servers(media_clip_api):
+    assert {"POST /v1/embeddings", "POST /v1/classify"} <= set(fuzz(media_clip_api))
 
 
 def test_fuzz_text_to_image_server(t2i_api):

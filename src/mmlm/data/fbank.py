@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from ..config import ASTConfig
 
 # AudioSet's feature statistics: the normalisation every published AST checkpoint was trained with
 AUDIOSET_MEAN, AUDIOSET_STD = -4.2677393, 4.5689974
@@ -34,6 +38,11 @@ class FbankConfig:
     do_normalize: bool = True
     mean: float = AUDIOSET_MEAN
     std: float = AUDIOSET_STD
+
+    @classmethod
+    def for_tower(cls, audio: ASTConfig) -> FbankConfig:
+        """The features an audio tower (an ASTConfig) reads: its mel bins and frames, the defaults otherwise."""
+        return cls(num_mel_bins=audio.num_mel_bins, max_length=audio.max_length)
 
 
 def kaldi_mel_filterbank(n_mels: int, n_fft: int = 512, sample_rate: int = 16_000, f_min: float = 20.0,

@@ -12,8 +12,9 @@ that the collate drops and the training loop counts and names, stopping only pas
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Collection
 
 import numpy as np
 import torch
@@ -42,57 +43,132 @@ def sample_indices(n: int, frames: int) -> np.ndarray:
     return np.minimum(((np.arange(frames) + 0.5) * n / frames).astype(np.int64), n - 1)
 
 
-def _decode_all(path: Path) -> tuple[list[np.ndarray], list[float]]:
-    """Every frame of the first video stream as uint8 (H, W, 3), and its time in seconds."""
+@dataclass
+class VideoLimits:
+    """The most a video may cost to decode (a server's bounds on untrusted files); None: no bound.
+
+    `pixels` is checked from the stream's header before decoding and again on every frame; `frames` (decoded) and
+    `seconds` (the frames' timestamps) while decoding, so a file whose header lies stops where the bound is passed.
+    Decoding keeps only the frames it returns, so memory is bounded by those, not by the clip's length."""
+
+    frames: int | None = None
+    pixels: int | None = None  # width x height of one frame
+    seconds: float | None = None
+
+
+class MediaTooLargeError(BadMediaError):
+    """A video or audio file past a limit the caller set (VideoLimits, `max_seconds`); the message names it."""
+
+
+def _open_video(source: Path | BinaryIO, name: str) -> tuple[Any, Any]:
+    """The PyAV container of a file or a binary file object (rewound), and its first video stream."""
     import av  # imported here: `import mmlm` stays light
 
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise BadMediaError(f"{path}: no video stream")
-            stream = container.streams.video[0]
-            base = float(stream.time_base) if stream.time_base is not None else 0.0
-            frames, times = [], []
-            for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="rgb24"))
-                times.append(frame.pts * base if frame.pts is not None else len(times) / float(stream.average_rate or 25))
-    except BadMediaError:
-        raise
-    except (av.error.FFmpegError, OSError, ValueError, EOFError) as e:  # every PyAV error is an FFmpegError
-        raise BadMediaError(f"{path}: cannot decode video: {e}") from None
-    if not frames:
-        raise BadMediaError(f"{path}: the video has no decodable frames")
-    return frames, times
+    if not isinstance(source, Path):
+        source.seek(0)
+    container = av.open(str(source) if isinstance(source, Path) else source)
+    if not container.streams.video:
+        container.close()
+        raise BadMediaError(f"{name}: no video stream")
+    return container, container.streams.video[0]
 
 
-def read_video(path: str | Path, frames: int = 8, fps: float | None = None) -> np.ndarray:
-    """A video file or a folder of frame images -> uint8 (T, H, W, 3).
+def _decode_errors() -> tuple[type[Exception], ...]:
+    import av
+
+    return av.error.FFmpegError, OSError, ValueError, EOFError  # every PyAV error is an FFmpegError
+
+
+def _too_large(name: str, what: str) -> MediaTooLargeError:
+    return MediaTooLargeError(f"{name}: {what}")
+
+
+def _frame_times(source: Path | BinaryIO, name: str, limits: VideoLimits) -> list[float]:
+    """Pass 1: the time in seconds of every frame of the first video stream, decoded but not converted."""
+    container, stream = _open_video(source, name)
+    with container:
+        size = (stream.codec_context.width or 0) * (stream.codec_context.height or 0)
+        if limits.pixels is not None and size > limits.pixels:
+            raise _too_large(name, f"frames of {size} pixels, more than the limit of {limits.pixels}")
+        base = float(stream.time_base) if stream.time_base is not None else 0.0
+        times: list[float] = []
+        for frame in container.decode(stream):
+            t = frame.pts * base if frame.pts is not None else len(times) / float(stream.average_rate or 25)
+            times.append(t)
+            if limits.frames is not None and len(times) > limits.frames:
+                raise _too_large(name, f"more decoded frames than the limit of {limits.frames}")
+            if limits.pixels is not None and frame.width * frame.height > limits.pixels:
+                raise _too_large(name, f"a frame of {frame.width * frame.height} pixels, more than the limit of "
+                                       f"{limits.pixels}")
+            if limits.seconds is not None and t - times[0] > limits.seconds:
+                raise _too_large(name, f"longer than the limit of {limits.seconds:g} s of video")
+    if not times:
+        raise BadMediaError(f"{name}: the video has no decodable frames")
+    return times
+
+
+def _frames_at(source: Path | BinaryIO, name: str, picks: np.ndarray) -> np.ndarray:
+    """Pass 2: the frames at indices `picks` (in decoding order, repeats allowed) as uint8 (T, H, W, 3)."""
+    wanted = {int(i) for i in picks}
+    kept: dict[int, np.ndarray] = {}
+    container, stream = _open_video(source, name)
+    with container:
+        for i, frame in enumerate(container.decode(stream)):
+            if i in wanted:
+                kept[i] = frame.to_ndarray(format="rgb24")
+            if len(kept) == len(wanted):
+                break
+    if len(kept) < len(wanted):
+        raise BadMediaError(f"{name}: the video decoded to fewer frames the second time")
+    if len({f.shape for f in kept.values()}) > 1:
+        raise BadMediaError(f"{name}: frames of different sizes {sorted({f.shape for f in kept.values()})}")
+    return np.stack([kept[int(i)] for i in picks])
+
+
+def read_video(source: str | Path | BinaryIO, frames: int = 8, fps: float | None = None,
+               limits: VideoLimits | None = None, name: str | None = None) -> np.ndarray:
+    """A video file, a binary file object holding one, or a folder of frame images -> uint8 (T, H, W, 3).
 
     fps None: `frames` frames spread evenly over the whole clip. fps given: one frame every 1/fps seconds from
-    the start (a folder's frames count as 25 fps), the first `frames` of them (a shorter clip repeats its last)."""
-    path = Path(path)
+    the start (a folder's frames count as 25 fps), the first `frames` of them (a shorter clip repeats its last).
+    A file is decoded twice: once for the frames' times, once converting only the frames picked. `limits` bound
+    the decoding (MediaTooLargeError past them); `name` is what errors call the source (default: its path)."""
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not files:
-            raise BadMediaError(f"{path}: a frame folder with no images ({', '.join(IMAGE_EXTENSIONS)})")
-        times = [i / 25.0 for i in range(len(files))]
-        pick = _pick(times, frames, fps)
-        out = []
-        for i in pick:
-            try:
-                with Image.open(files[i]) as im:
-                    out.append(np.asarray(im.convert("RGB")))
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
-                raise BadMediaError(f"{files[i]}: cannot read frame: {e}") from None
-        if len({f.shape for f in out}) > 1:
-            raise BadMediaError(f"{path}: frames of different sizes {sorted({f.shape for f in out})}")
-        return np.stack(out)
-    if not path.is_file():
-        raise BadMediaError(f"{path}: no such file or folder")
-    decoded, times = _decode_all(path)
-    return np.stack([decoded[i] for i in _pick(times, frames, fps)])
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        name = name or str(path)
+        if path.is_dir():
+            return _read_frame_folder(path, frames, fps)
+        if not path.is_file():
+            raise BadMediaError(f"{name}: no such file or folder")
+        source = path
+    else:
+        name = name or "<in-memory video>"
+    try:
+        times = _frame_times(source, name, limits or VideoLimits())
+        return _frames_at(source, name, _pick(times, frames, fps))
+    except BadMediaError:
+        raise
+    except _decode_errors() as e:  # PyAV's own words (strerror) leave out the file object's name
+        raise BadMediaError(f"{name}: cannot decode video: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _read_frame_folder(path: Path, frames: int, fps: float | None) -> np.ndarray:
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise BadMediaError(f"{path}: a frame folder with no images ({', '.join(IMAGE_EXTENSIONS)})")
+    times = [i / 25.0 for i in range(len(files))]
+    out = []
+    for i in _pick(times, frames, fps):
+        try:
+            with Image.open(files[i]) as im:
+                out.append(np.asarray(im.convert("RGB")))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise BadMediaError(f"{files[i]}: cannot read frame: {e}") from None
+    if len({f.shape for f in out}) > 1:
+        raise BadMediaError(f"{path}: frames of different sizes {sorted({f.shape for f in out})}")
+    return np.stack(out)
 
 
 def _pick(times: list[float], frames: int, fps: float | None) -> np.ndarray:
@@ -141,21 +217,53 @@ def resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
     return (np.fft.irfft(out, n=m) * (m / n)).astype(np.float32)
 
 
-def read_audio(path: str | Path, sample_rate: int = 16_000, min_seconds: float = 0.025) -> np.ndarray:
-    """An audio file -> float32 (S,) mono in [-1, 1] at `sample_rate`. Channels are averaged."""
+MAX_SAMPLE_RATE = 384_000  # the highest rate audio is recorded at: a header claiming more is broken
+
+
+def read_audio(source: str | Path | BinaryIO, sample_rate: int = 16_000, min_seconds: float = 0.025,
+               max_seconds: float | None = None, formats: Collection[str] | None = None,
+               name: str | None = None) -> np.ndarray:
+    """An audio file, or a binary file object holding one -> float32 (S,) mono in [-1, 1] at `sample_rate`.
+
+    Channels are averaged block by block while decoding, so memory holds the mono clip only. `max_seconds`: a
+    longer clip is refused (MediaTooLargeError) from its header, and decoding stops past it whatever the header
+    says. `formats`: the containers accepted (soundfile's names: WAV, FLAC, OGG, MP3); others are refused.
+    `name` is what errors call the source (default: its path)."""
     import soundfile as sf
 
-    path = Path(path)
-    if not path.is_file():
-        raise BadMediaError(f"{path}: no such file")
+    if isinstance(source, (str, Path)):
+        name = name or str(source)
+        if not Path(source).is_file():
+            raise BadMediaError(f"{name}: no such file")
+        source = str(source)
+    else:
+        name = name or "<in-memory audio>"
     try:
-        wave, rate = sf.read(str(path), dtype="float32", always_2d=True)  # (S, channels)
+        with sf.SoundFile(source) as f:
+            if formats is not None and f.format not in formats:
+                raise BadMediaError(f"{name}: the data is {f.format} audio, not {' or '.join(formats)}")
+            rate = f.samplerate
+            if not 0 < rate <= MAX_SAMPLE_RATE:
+                raise BadMediaError(f"{name}: a sample rate of {rate} Hz (at most {MAX_SAMPLE_RATE})")
+            most = None if max_seconds is None else int(max_seconds * rate)  # samples per channel
+            if most is not None and f.frames > most:
+                raise _too_large(name, f"{f.frames / rate:.3g} s of audio, more than the limit of {max_seconds:g} s")
+            blocks, n = [], 0
+            for block in f.blocks(blocksize=1 << 16, dtype="float32", always_2d=True):  # (s, channels)
+                blocks.append(block.mean(axis=1))
+                n += len(block)
+                if most is not None and n > most:
+                    raise _too_large(name, f"longer than the limit of {max_seconds:g} s of audio")
+    except BadMediaError:
+        raise
     except (sf.LibsndfileError, RuntimeError, OSError, ValueError, TypeError) as e:
-        raise BadMediaError(f"{path}: cannot decode audio: {e}") from None
-    if wave.shape[0] < min_seconds * rate:
-        raise BadMediaError(f"{path}: {wave.shape[0]} samples ({wave.shape[0] / rate:.3f} s) is too short "
+        why = getattr(e, "error_string", None) or str(e)  # a file object's repr (a heap address) stays out
+        raise BadMediaError(f"{name}: cannot decode audio: {why}") from None
+    wave = np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
+    if len(wave) < min_seconds * rate:
+        raise BadMediaError(f"{name}: {len(wave)} samples ({len(wave) / rate:.3f} s) is too short "
                             f"(the file is empty or truncated)")
-    return resample(wave.mean(axis=1), rate, sample_rate)
+    return resample(wave, rate, sample_rate)
 
 
 def write_audio(path: str | Path, wave: np.ndarray | torch.Tensor, sample_rate: int = 16_000) -> Path:
@@ -167,6 +275,23 @@ def write_audio(path: str | Path, wave: np.ndarray | torch.Tensor, sample_rate: 
     subtype = "VORBIS" if path.suffix.lower() == ".ogg" else "PCM_16"
     sf.write(str(path), wave, sample_rate, subtype=subtype)
     return path
+
+
+# ---------------------------------------------------------------------------------------------- model inputs
+
+def video_pixels(frames: np.ndarray, processor: ImageProcessor) -> np.ndarray:
+    """Decoded frames uint8 (T, H, W, 3) -> uint8 (T, S, S, 3): each frame resized and cropped as an image is."""
+    return np.stack([processor.pixels(Image.fromarray(f)) for f in frames])
+
+
+def normalize_videos(videos: torch.Tensor, processor: ImageProcessor) -> torch.Tensor:
+    """uint8 (B, T, S, S, 3) -> float32 (B, T, 3, S, S), `encode_video`'s input: each frame normalised as an image."""
+    return processor.normalize(videos.flatten(0, 1), channels_last=True).unflatten(0, tuple(videos.shape[:2]))
+
+
+def audio_features(wave: np.ndarray, features: FbankConfig) -> np.ndarray:
+    """float32 (S,) at features.sampling_rate -> float32 (T, F) log-mel features: `encode_audio`'s input, one clip."""
+    return ast_features(torch.from_numpy(wave), features)[0].numpy()
 
 
 # ---------------------------------------------------------------------------------------------- sources
@@ -190,8 +315,7 @@ class CsvVideoText(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         try:
-            raw = read_video(self.videos[i], self.frames, self.fps)  # (T, H, W, 3)
-            video = np.stack([self.processor.pixels(Image.fromarray(f)) for f in raw])  # (T, S, S, 3)
+            video = video_pixels(read_video(self.videos[i], self.frames, self.fps), self.processor)  # (T, S, S, 3)
         except (BadMediaError, BadImageError) as e:
             return {"bad": (f"{self.path}:{i + 2}", str(e))}  # line i + 2: the header is line 1
         return {"video": video, "caption": self.captions[i], "label": self.labels[i]}
@@ -218,8 +342,7 @@ class CsvAudioText(Dataset):
             wave = read_audio(self.files[i], self.features.sampling_rate)
         except BadMediaError as e:
             return {"bad": (f"{self.path}:{i + 2}", str(e))}
-        return {"audio": ast_features(torch.from_numpy(wave), self.features)[0].numpy(), "caption": self.captions[i],
-                "label": self.labels[i]}
+        return {"audio": audio_features(wave, self.features), "caption": self.captions[i], "label": self.labels[i]}
 
 
 class MediaTextCollate:
@@ -238,10 +361,9 @@ class MediaTextCollate:
             return out
         if "video" in good[0]:
             videos = torch.from_numpy(np.stack([s["video"] for s in good]))  # (B, T, S, S, 3) uint8
-            B, T = videos.shape[:2]
             if self.processor is None:
                 raise ValueError("MediaTextCollate needs a PreprocessConfig for videos")
-            out["video_values"] = self.processor.normalize(videos.flatten(0, 1), channels_last=True).unflatten(0, (B, T))
+            out["video_values"] = normalize_videos(videos, self.processor)
         else:
             out["audio_values"] = torch.from_numpy(np.stack([s["audio"] for s in good]))  # (B, T, F)
         ids = self.tokenizer([s["caption"] for s in good], context_length=self.context_length)

@@ -99,7 +99,7 @@ def _media_zeroshot(model, tok, processor: ImageProcessor, data: str, classes: s
     Class names and templates: `classes` / `templates` files, else the classes.json beside the table (`mmlm data`
     writes one), else the sorted labels and "a video of {}." / "the sound of {}."."""
     from ..data.fbank import FbankConfig
-    from ..data.media import CsvAudioText, CsvVideoText
+    from ..data.media import CsvAudioText, CsvVideoText, normalize_videos
 
     video = isinstance(model.config, VideoCLIPConfig)
     col = "video" if video else "audio"
@@ -125,8 +125,7 @@ def _media_zeroshot(model, tok, processor: ImageProcessor, data: str, classes: s
     if video:
         ds = CsvVideoText(data, processor.config, frames=model.config.temporal.frames, caption_col="label")
     else:
-        a = model.config.audio
-        ds = CsvAudioText(data, FbankConfig(num_mel_bins=a.num_mel_bins, max_length=a.max_length), caption_col="label")
+        ds = CsvAudioText(data, FbankConfig.for_tower(model.config.audio), caption_col="label")
     items, labels, skipped = [], [], []
     for i in range(min(len(ds), limit or len(ds))):
         x = ds[i]
@@ -141,7 +140,7 @@ def _media_zeroshot(model, tok, processor: ImageProcessor, data: str, classes: s
     def batches(n: int = 64) -> Iterator[torch.Tensor]:
         for i in range(0, len(items), n):
             x = torch.from_numpy(np.stack(items[i:i + n]))
-            yield processor.normalize(x.flatten(0, 1), channels_last=True).unflatten(0, x.shape[:2]) if video else x
+            yield normalize_videos(x, processor) if video else x
 
     encode = model.encode_video if video else model.encode_audio
     with torch.no_grad():

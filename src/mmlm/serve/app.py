@@ -1,15 +1,17 @@
 """The HTTP app: OpenAI-compatible routes and the web page at `/`.
 
     POST /v1/chat/completions   LLaVA or LM: text + image_url parts; stream=true answers server-sent events
-    POST /v1/embeddings         CLIP: texts and images -> L2-normalised embeddings (float or base64)
-    POST /v1/classify           CLIP: one image + candidate labels -> probabilities (zero-shot)
+    POST /v1/embeddings         CLIP: texts and images (videos, audio clips: a video or audio CLIP) -> L2-normalised
+                                embeddings (float or base64)
+    POST /v1/classify           CLIP: one image (video, audio clip) + candidate labels -> probabilities (zero-shot)
     POST /v1/images/generations text-to-image: a prompt -> n PNGs (base64), seeded and bounded in steps and n
     GET  /v1/models, /health, /
 
 A request's way in (`admit`): the edge checks its Host header and key (edge.py); it is counted from its
 arrival (admission.py, 429 when full); its body is read within a deadline (body.py); it is parsed, and later
-its images decoded and its text tokenized, on the bounded pre-processing pool, within the request's deadline;
-its remote images are fetched on the event loop (fetch.py); then its job joins the model thread's queue
+its images (videos, audio) decoded and its text tokenized, on the bounded pre-processing pool, within the
+request's deadline; its remote images and videos are fetched on the event loop (fetch.py); then its job joins the
+model thread's queue
 (engine.py). The event loop itself only reads headers and bodies and streams answers.
 """
 
@@ -66,15 +68,15 @@ def create_app(model_path: str | Path, config: ServeConfig | None = None, **serv
     _document_bodies(app)
     app.add_middleware(Guard, api_key=cfg.api_key, allowed_hosts=tuple(cfg.allowed_hosts))
 
-    async def fetch_images(sources: list[tuple[str, str]], ticket: Ticket) -> dict[str, bytes]:
-        """The remote images' bytes by param, fetched at once (at most `max_fetches` server-wide)."""
+    async def fetch_media(sources: list[tuple[str, str, int]], ticket: Ticket) -> dict[str, bytes]:
+        """The remote images' and videos' bytes by param, fetched at once (at most `max_fetches` server-wide)."""
 
-        async def one(param: str, url: str) -> tuple[str, bytes]:
+        async def one(param: str, url: str, max_bytes: int) -> tuple[str, bytes]:
             async with fetch_slots:
                 timeout = min(cfg.fetch_timeout_s, ticket.remaining())
-                return param, await fetch(url, param, cfg.max_image_bytes, timeout, cfg.allow_private_remote)
+                return param, await fetch(url, param, max_bytes, timeout, cfg.allow_private_remote)
 
-        tasks = [asyncio.ensure_future(one(param, url)) for param, url in sources]
+        tasks = [asyncio.ensure_future(one(*source)) for source in sources]
         try:
             return dict(await ticket.within_deadline(asyncio.gather(*tasks)))
         finally:
@@ -91,7 +93,7 @@ def create_app(model_path: str | Path, config: ServeConfig | None = None, **serv
                                    min(ticket.deadline, time.monotonic() + cfg.body_timeout_s))
             req = await ticket.prepare(service.parse, endpoint, body)
             del body
-            fetched = await fetch_images(service.remote_images(req), ticket) if cfg.allow_remote else {}
+            fetched = await fetch_media(service.remote_media(req), ticket) if cfg.allow_remote else {}
             made = await ticket.prepare(service.job, endpoint, req, fetched)
             job = made[0] if isinstance(made, tuple) else made
             job.on_leave = ticket.leave  # the model thread taking the job ends its wait
@@ -134,7 +136,8 @@ def create_app(model_path: str | Path, config: ServeConfig | None = None, **serv
     @app.get("/health")
     async def health() -> dict[str, Any]:
         w = service.worker
-        return {"status": "ok", "model": service.name, "kind": service.kind, "queue": admission.waiting,
+        return {"status": "ok", "model": service.name, "kind": service.kind, "media": list(service.media),
+                "queue": admission.waiting,
                 "max_queue": admission.max_queue, "batches": w.batches, "rows": w.rows, "auth": cfg.api_key is not None}
 
     @app.get("/v1/models", responses=ERROR_RESPONSES)

@@ -3,8 +3,9 @@
 Requests become jobs in one bounded queue (full -> `QueueFull`, which the app answers with 429). The
 thread takes the oldest job plus every queued job it can run in the same batch (same batch key), up to
 `max_batch` rows, and runs them together: generation jobs as one left-padded `generate` call, embedding
-jobs as one `encode_text` and one `encode_image` call. Jobs that arrive while a batch runs wait for the
-next one (batching at admission: `generate` takes its rows at the start).
+jobs as one `encode_text` call and one call per medium (`encode_image`, `encode_video`, `encode_audio`). Jobs
+that arrive while a batch runs wait for the next one (batching at admission: `generate` takes its rows at the
+start).
 
 That is static batching (`--batching static`). Generation runs by default with continuous batching instead
 (`ContinuousWorker`): the thread keeps one running `DecodeBatch` and, before each decoding step, prefills the
@@ -401,16 +402,21 @@ class ContinuousWorker(Worker):
 
 # ----------------------------------------------------------------------------- embeddings
 
-class EmbeddingJob(Job):
-    """Texts and images to embed; `finish(text_embeds, image_embeds)` (normalised) makes the result,
-    on the model thread."""
+ENCODERS = {"image": "encode_image", "video": "encode_video", "audio": "encode_audio"}  # medium -> the model's call
 
-    def __init__(self, texts: list[str], pixel_values: torch.Tensor | None,
-                 finish: Callable[[torch.Tensor, torch.Tensor], Any] | None = None):
+
+class EmbeddingJob(Job):
+    """Texts and media to embed. `media` maps a medium to its encoder's input: "image" pixel_values (N, C, H, W),
+    "video" video_values (N, T, C, H, W), "audio" audio_values (N, T, F). `finish(text_embeds, media_embeds)`
+    (normalised; media_embeds by medium) makes the result, on the model thread."""
+
+    def __init__(self, texts: list[str], media: dict[str, torch.Tensor] | None = None,
+                 finish: Callable[[torch.Tensor, dict[str, torch.Tensor]], Any] | None = None):
         super().__init__()
-        self.texts, self.pixel_values = texts, pixel_values
-        self.finish = finish or (lambda t, i: (t, i))
-        self.size = len(texts) + (0 if pixel_values is None else len(pixel_values))
+        self.texts, self.media = texts, dict(media or {})
+        self.finish = finish or (lambda t, m: (t, m))
+        # rows of work in a batch: a text, an image or an audio clip is one, a video is one per frame
+        self.size = len(texts) + sum(x.shape[:2].numel() if m == "video" else len(x) for m, x in self.media.items())
 
     def batch_key(self) -> Any:
         return "embed"
@@ -418,22 +424,28 @@ class EmbeddingJob(Job):
 
 @torch.inference_mode()
 def run_embeddings(model: Any, tokenizer: Any, jobs: list[EmbeddingJob]) -> None:
-    """All texts of the batch in one `encode_text`, all images in one `encode_image`; L2-normalised."""
+    """All texts of the batch in one `encode_text`, and each medium in one call of its encoder
+    (`encode_image`, `encode_video`, `encode_audio`); L2-normalised."""
     jobs = [j for j in jobs if not j.expired()]
     texts = [t for j in jobs for t in j.texts]
-    images = [j.pixel_values for j in jobs if j.pixel_values is not None]
     dim, device = model.config.embed_dim, next(model.parameters()).device  # inputs go where the weights are
     text_embeds = torch.empty(0, dim, device=device)
     if texts:
         ids = tokenizer(texts, context_length=model.config.text.context_length, truncate=False).to(device)
         text_embeds = F.normalize(model.encode_text(ids).float(), dim=-1)
-    image_embeds = F.normalize(model.encode_image(torch.cat(images).to(device)).float(), dim=-1) if images \
-        else torch.empty(0, dim, device=device)
-    t = i = 0
+    media_embeds = {}
+    for medium, encode in ENCODERS.items():
+        inputs = [j.media[medium] for j in jobs if medium in j.media]
+        if inputs:
+            media_embeds[medium] = F.normalize(getattr(model, encode)(torch.cat(inputs).to(device)).float(), dim=-1)
+    t, start = 0, dict.fromkeys(media_embeds, 0)
     for j in jobs:
-        n_img = 0 if j.pixel_values is None else len(j.pixel_values)
-        j.emit("done", j.finish(text_embeds[t:t + len(j.texts)], image_embeds[i:i + n_img]))
-        t, i = t + len(j.texts), i + n_img
+        own = {}
+        for medium, x in j.media.items():
+            own[medium] = media_embeds[medium][start[medium]:start[medium] + len(x)]
+            start[medium] += len(x)
+        j.emit("done", j.finish(text_embeds[t:t + len(j.texts)], own))
+        t += len(j.texts)
 
 
 # ----------------------------------------------------------------------------- images

@@ -107,29 +107,62 @@ class EmbeddingImage(_Body):
     image_url: Union[ImageURL, str]
 
 
+class VideoURL(_Body):
+    url: str = Field(max_length=64 * 1024 * 1024,
+                     description="a data:video/...;base64 URI, or a file path / URL if allowed")
+
+
+class EmbeddingVideo(_Body):
+    """vLLM's video part."""
+
+    type: Literal["video_url"]
+    video_url: Union[VideoURL, str]
+
+
+class InputAudio(_Body):
+    data: str = Field(max_length=64 * 1024 * 1024, description="the audio file, base64")
+    format: str = Field(description="wav, flac, ogg or mp3")
+
+
+class EmbeddingAudio(_Body):
+    """OpenAI's audio part (chat completions' `input_audio`)."""
+
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
 class EmbeddingText(_Body):
     type: Literal["text"]
     text: str
 
 
-EmbeddingItem = Union[str, Annotated[Union[EmbeddingText, EmbeddingImage], Field(discriminator="type")]]
+EmbeddingItem = Union[str, Annotated[Union[EmbeddingText, EmbeddingImage, EmbeddingVideo, EmbeddingAudio],
+                                     Field(discriminator="type")]]
 
 
 class EmbeddingRequest(_Body):
     model: Optional[str] = None
     input: Union[str, list[EmbeddingItem]] = Field(
-        description="text, or a list of texts and images ({type: image_url, image_url: {url}}); a string that is "
-                    "a data:image/... URI is an image")
+        description="text, or a list of texts and media the model reads: images ({type: image_url, image_url: "
+                    "{url}}), videos ({type: video_url, video_url: {url}}), audio ({type: input_audio, input_audio: "
+                    "{data, format}}); a string that is a data:image/... (data:video/...) URI is an image (a video)")
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Optional[int] = Field(None, ge=1)
     user: Optional[str] = None
 
 
 class ClassifyRequest(_Body):
+    """One image, video or audio clip (exactly one of the three fields) and candidate labels."""
+
     model: Optional[str] = None
-    image: Union[ImageURL, str] = Field(description="the image: a data: URI (or a file path / URL if allowed)")
+    image: Union[ImageURL, str, None] = Field(None, description="an image: a data: URI (or a file path / URL if "
+                                                                "allowed)")
+    video: Union[VideoURL, str, None] = Field(None, description="a video (a video CLIP): a data: URI (or a file "
+                                                                "path / URL if allowed)")
+    audio: Optional[InputAudio] = Field(None, description="an audio clip (an audio CLIP): base64 data and format")
     labels: list[str] = Field(min_length=1, max_length=1000, description="candidate class names")
-    template: str = Field("a photo of a {}.", description="prompt with {} where the label goes")
+    template: Optional[str] = Field(None, description='prompt with {} where the label goes (default: "a photo of '
+                                                      'a {}.", "a video of {}." or "the sound of {}.")')
 
 
 class ImageGenerationRequest(_Body):

@@ -1,12 +1,13 @@
 """The served model: loads it once, turns request bodies into jobs for the model thread.
 
-Everything here is blocking (JSON, image decoding, tokenizing) and runs on the app's pre-processing threads
-(admission.py), never on the event loop; the model itself only runs on the model thread (engine.py). The work
-a request causes is bounded before it is done: the body's JSON values are counted while parsing (body.py),
-its parts and images are counted, and its text is measured in characters before it is tokenized: a text of
-more characters than `context × the longest token` cannot fit the context, so it is refused untokenized, and
-what is tokenized is at most that long. An image generation request is bounded the same way, and by the
-images (`max_generated_images`) and sampling steps (`max_image_steps`) it may ask for.
+Everything here is blocking (JSON, decoding images, videos and sounds, tokenizing) and runs on the app's
+pre-processing threads (admission.py), never on the event loop; the model itself only runs on the model thread
+(engine.py). The work a request causes is bounded before it is done: the body's JSON values are counted while
+parsing (body.py), its parts and media are counted (and each video or sound bounded while it decodes,
+serve/media.py), and its text is measured in characters before it is tokenized: a text of more characters than
+`context × the longest token` cannot fit the context, so it is refused untokenized, and what is tokenized is at
+most that long. An image generation request is bounded the same way, and by the images (`max_generated_images`)
+and sampling steps (`max_image_steps`) it may ask for.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import torch
 
 from ..chat import prompt_ids
 from ..data.conversation import IMAGE, ConversationError
+from ..data.fbank import FbankConfig
+from ..data.media import VideoLimits, normalize_videos
 from ..data.transforms import ImageProcessor, PreprocessConfig
 from ..formats import load, load_preprocess, load_tokenizer
 from ..image_generation import to_uint8
@@ -33,8 +36,9 @@ from .engine import (ContinuousWorker, EmbeddingJob, GenerationJob, ImageJob, Wo
                      run_generation, run_images)
 from .errors import APIError
 from .images import ImageLoader
+from .media import AudioReader, VideoReader
 from .schemas import (ChatCompletionRequest, ClassifyRequest, EmbeddingRequest, ImageGenerationRequest, ImageURL,
-                      refuse_unsupported)
+                      VideoURL, refuse_unsupported)
 
 MIN_TEMPERATURE = 1e-4  # below it sampling is greedy: logits / 1e-300 overflow, and the softmax is NaN
 ENDPOINTS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/embeddings": EmbeddingRequest,
@@ -42,6 +46,9 @@ ENDPOINTS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/embeddings": Em
 # which model kinds serve each endpoint
 SERVED_BY = {"/v1/chat/completions": ("llava", "lm"), "/v1/embeddings": ("clip",), "/v1/classify": ("clip",),
              "/v1/images/generations": ("text-to-image",)}
+MEDIA = ("image", "video", "audio")  # what a CLIP-style model may read besides text: encode_image, _video, _audio
+PART_MEDIA = {"image_url": "image", "video_url": "video", "input_audio": "audio"}  # content part type -> medium
+CLASSIFY_TEMPLATES = {"image": "a photo of a {}.", "video": "a video of {}.", "audio": "the sound of {}."}
 
 
 @dataclass
@@ -57,12 +64,20 @@ class ServeConfig:
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 4096 * 4096  # decoded size; larger headers are refused before decoding
     max_images: int = 4  # per request
-    max_inputs: int = 256  # texts + images per embeddings request
+    max_video_bytes: int = 10 * 1024 * 1024
+    max_video_frames: int = 900  # decoded frames of one video, counted while decoding
+    max_video_pixels: int = 1280 * 720  # one frame's size, from the header and every decoded frame
+    max_video_seconds: float = 120.0  # from the frames' timestamps, while decoding
+    max_videos: int = 2  # per request
+    max_audio_bytes: int = 10 * 1024 * 1024
+    max_audio_seconds: float = 60.0  # from the header before decoding, and counted while decoding
+    max_audio_clips: int = 4  # per request
+    max_inputs: int = 256  # texts and media per embeddings request
     max_queue: int = 64  # requests waiting (from arrival until the model thread takes them) before 429
     prep_threads: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))  # parsing, decoding, tokenizing
     batching: str = "continuous"  # generation: "continuous" (rows join and leave at every step) or "static"
     max_batch: int | None = None  # generation rows per batch (default: 32 continuous, 8 static)
-    max_embed_batch: int = 64  # texts + images per embedding batch
+    max_embed_batch: int = 64  # texts + images + video frames + audio clips per embedding batch
     timeout_s: float = 60.0  # per request, from its arrival: body, preparation, queueing and the answer
     body_timeout_s: float = 30.0  # the whole body must arrive within this (408 after)
     header_timeout_s: float = 10.0  # the request line and headers must arrive within this (connection closed)
@@ -123,7 +138,7 @@ def longest_token(tokenizer: Any) -> int:
 def model_kind(model: Any) -> str:
     if hasattr(model, "unet") and hasattr(model, "encode_prompt"):
         return "text-to-image"
-    if hasattr(model, "encode_image") and hasattr(model, "encode_text"):
+    if hasattr(model, "encode_text") and any(hasattr(model, f"encode_{m}") for m in MEDIA):
         return "clip"
     if hasattr(model.config, "image_token_id"):
         return "llava"
@@ -133,8 +148,23 @@ def model_kind(model: Any) -> str:
                      "text-to-image model")
 
 
-def _url(image: ImageURL | str) -> str:
-    return image if isinstance(image, str) else image.url
+def _url(source: ImageURL | VideoURL | str) -> str:
+    return source if isinstance(source, str) else source.url
+
+
+def _source(item: Any, medium: str) -> Any:
+    """Where an embeddings item's medium is: a URL (images, videos), or the InputAudio (base64 and format)."""
+    if isinstance(item, str):
+        return item
+    return item.input_audio if medium == "audio" else _url(getattr(item, item.type))
+
+
+def item_medium(item: Any) -> str:
+    """What an embeddings input item is: "text", "image", "video" or "audio" (a data:image/... or data:video/...
+    string is an image or a video)."""
+    if isinstance(item, str):
+        return next((m for m in ("image", "video") if item.startswith(f"data:{m}/")), "text")
+    return PART_MEDIA.get(item.type, "text")
 
 
 class Service:
@@ -162,11 +192,20 @@ class Service:
         self.name = cfg.name or model_id(model_path)
         self.images = ImageLoader(cfg.max_image_bytes, cfg.max_image_pixels, cfg.local_dir, cfg.allow_remote)
         self.processor = None
-        if self.kind in ("clip", "llava"):
+        # what the model reads besides text (a video CLIP reads images too: a video of one frame)
+        self.media = tuple(m for m in MEDIA if hasattr(self.model, f"encode_{m}")) if self.kind == "clip" else ()
+        if self.kind == "llava" or "image" in self.media:
             default = PreprocessConfig(image_size=self.model.config.vision.image_size,
                                        mode="pad_square" if self.kind == "llava" else "resize_crop")
             found = load_preprocess(model_path) if Path(model_path).is_dir() else None
             self.processor = ImageProcessor(found or default, max_pixels=cfg.max_image_pixels)
+        if "video" in self.media:  # the frames `mmlm eval zeroshot` reads: temporal.frames spread over the clip
+            limits = VideoLimits(cfg.max_video_frames, cfg.max_video_pixels, cfg.max_video_seconds)
+            self.videos = VideoReader(self.images, self.processor, self.model.config.temporal.frames,
+                                      cfg.max_video_bytes, limits)
+        if "audio" in self.media:  # the features the model was trained and evaluated on
+            self.audio = AudioReader(FbankConfig.for_tower(self.model.config.audio), cfg.max_audio_bytes,
+                                     cfg.max_audio_seconds)
         # a LLaVA is prompted with the template it was tuned with (saved in its config)
         self.template = cfg.template or (getattr(self.model.config, "template", "vicuna_v1")
                                          if self.kind == "llava" else "chat")
@@ -223,24 +262,40 @@ class Service:
             refuse_unsupported(req)
         return req
 
-    def remote_images(self, req: Any) -> list[tuple[str, str]]:
-        """(param, url) of the http(s) images among the first `max_images` of the request: what to fetch."""
+    def remote_media(self, req: Any) -> list[tuple[str, str, int]]:
+        """(param, url, most bytes) of the http(s) images and videos the request may read (the first `max_images`
+        images and `max_videos` videos, of the media the model reads): what to fetch."""
         if isinstance(req, ImageGenerationRequest):
             return []
         if isinstance(req, ChatCompletionRequest):
             if self.kind != "llava":
                 return []
-            found = [(f"messages.{i}.content.{j}.image_url", _url(part.image_url))
+            found = [("image", f"messages.{i}.content.{j}.image_url", _url(part.image_url))
                      for i, m in enumerate(req.messages) if isinstance(m.content, list)
                      for j, part in enumerate(m.content) if part.type == "image_url"]
         elif isinstance(req, EmbeddingRequest):
             items = [] if isinstance(req.input, str) else req.input  # a string is a text, or a data: URI
-            found = [(f"input.{i}", item) if isinstance(item, str) else (f"input.{i}", _url(item.image_url))
-                     for i, item in enumerate(items)
-                     if (item.startswith("data:image/") if isinstance(item, str) else item.type == "image_url")]
+            found = [(medium, self.media_param(i, item), _source(item, medium))
+                     for i, item in enumerate(items) if (medium := item_medium(item)) in ("image", "video")]
         else:
-            found = [("image", _url(req.image))]
-        return [(param, url) for param, url in found[: self.config.max_images] if ImageLoader.is_remote(url)]
+            found = [(medium, medium, _url(getattr(req, medium))) for medium in ("image", "video")
+                     if getattr(req, medium) is not None]
+        most = {"image": (self.config.max_images, self.config.max_image_bytes),
+                "video": (self.config.max_videos, self.config.max_video_bytes)}
+        wanted = []
+        for medium in ("image", "video"):
+            if medium in self.media or self.kind == "llava":
+                count, max_bytes = most[medium]
+                wanted += [(param, url, max_bytes) for m, param, url in found if m == medium][:count]
+        return [(param, url, max_bytes) for param, url, max_bytes in wanted if ImageLoader.is_remote(url)]
+
+    @staticmethod
+    def media_param(i: int, item: Any) -> str:
+        """The field an embeddings item's media errors name: `input.2` (an image, a data: string), or the part's
+        field holding the data (`input.2.video_url`, `input.2.input_audio`)."""
+        if isinstance(item, str) or item_medium(item) == "image":
+            return f"input.{i}"
+        return f"input.{i}.{item.type}"
 
     def check_chars(self, n: int, param: str) -> None:
         """Refuse, untokenized, a text too long to fit the context."""
@@ -329,12 +384,12 @@ class Service:
 
     def embedding_job(self, req: EmbeddingRequest, fetched: Mapping[str, bytes] | None = None
                       ) -> tuple[EmbeddingJob, int]:
-        """Texts and images to embed, as one job; also the number of text tokens (usage)."""
+        """Texts and media to embed, as one job; also the number of text tokens (usage)."""
         self.check_model(req.model)
         self.require("clip", endpoint="/v1/embeddings")
         items = [req.input] if isinstance(req.input, str) else req.input
         if not items:
-            raise APIError(400, "input: give at least one text or image", "invalid_value", "input")
+            raise APIError(400, "input: give at least one text or medium", "invalid_value", "input")
         if len(items) > self.config.max_inputs:
             raise APIError(400, f"input: {len(items)} items, more than the limit of {self.config.max_inputs}",
                            "too_many_inputs", "input")
@@ -342,36 +397,59 @@ class Service:
         if req.dimensions is not None and req.dimensions != dim:
             raise APIError(400, f"dimensions: this model's embeddings have {dim} dimensions", "invalid_value",
                            "dimensions")
-        texts, sources, order = [], [], []
+        texts, text_params, order = [], [], []  # order: (medium, its index among that medium's items) per item
+        parts: dict[str, list[tuple[Any, str]]] = {m: [] for m in MEDIA}  # medium -> (item, param)
         for i, item in enumerate(items):
-            if isinstance(item, str) and not item.startswith("data:image/"):
-                texts.append(item)
+            medium = item_medium(item)
+            if medium == "text":
+                texts.append(item if isinstance(item, str) else item.text)
+                text_params.append(f"input.{i}")
                 order.append(("text", len(texts) - 1))
-            elif getattr(item, "type", None) == "text":
-                texts.append(item.text)
-                order.append(("text", len(texts) - 1))
-            else:
-                if len(sources) >= self.config.max_images:
-                    raise APIError(400, f"input.{i}: more than {self.config.max_images} images in one request",
-                                   "too_many_images", f"input.{i}")
-                sources.append((item if isinstance(item, str) else _url(item.image_url), f"input.{i}"))
-                order.append(("image", len(sources) - 1))
-        text_params = [f"input.{i}" for i, (k, _) in enumerate(order) if k == "text"]
+                continue
+            self.check_medium(medium, f"input.{i}", len(parts[medium]))
+            parts[medium].append((_source(item, medium), self.media_param(i, item)))
+            order.append((medium, len(parts[medium]) - 1))
         for text, param in zip(texts, text_params):
             self.check_chars(len(text), param)
-        images = [self.images.load(url, param, fetched) for url, param in sources]
+        media = {m: self.media_values(m, found, fetched) for m, found in parts.items() if found}
         tokens = self._count_text_tokens(texts, text_params)
-        pixel_values = self.processor(images) if images else None
         base64_out = req.encoding_format == "base64"
 
-        def finish(text_embeds: torch.Tensor, image_embeds: torch.Tensor) -> list[Any]:
-            text_embeds, image_embeds = text_embeds.cpu(), image_embeds.cpu()  # from the model's device
-            rows = [(text_embeds if kind == "text" else image_embeds)[k].numpy() for kind, k in order]
+        def finish(text_embeds: torch.Tensor, media_embeds: dict[str, torch.Tensor]) -> list[Any]:
+            embeds = {m: e.cpu() for m, e in media_embeds.items()} | {"text": text_embeds.cpu()}  # from the device
+            rows = [embeds[medium][k].numpy() for medium, k in order]
             if base64_out:
                 return [base64.b64encode(r.astype("<f4").tobytes()).decode() for r in rows]
             return [r.astype(np.float64).round(7).tolist() for r in rows]
 
-        return EmbeddingJob(texts, pixel_values, finish), tokens
+        return EmbeddingJob(texts, media, finish), tokens
+
+    def check_medium(self, medium: str, param: str, already: int) -> None:
+        """400 naming `param` when the model cannot read `medium`, or the request holds too many of it already."""
+        plurals = {"image": "images", "video": "videos", "audio": "audio clips"}
+        plural = plurals[medium]
+        if medium not in self.media:
+            reads = ", ".join(["texts", *(plurals[m] for m in self.media)])
+            article = "a" if medium == "video" else "an"
+            raise APIError(400, f"{param}: this model reads {reads}, not {plural} ({article} {medium} CLIP does)",
+                           f"{plural.split()[0]}_not_supported", param)
+        most = {"image": self.config.max_images, "video": self.config.max_videos,
+                "audio": self.config.max_audio_clips}[medium]
+        if already >= most:
+            raise APIError(400, f"{param}: more than {most} {plural} in one request",
+                           f"too_many_{plural.replace(' ', '_')}", param)
+
+    def media_values(self, medium: str, sources: list[tuple[Any, str]], fetched: Mapping[str, bytes] | None
+                     ) -> torch.Tensor:
+        """Sources of one medium (a URL, or an InputAudio), each with its param, decoded into the encoder's
+        input: pixel_values (N, C, H, W), video_values (N, T, C, H, W) or audio_values (N, T, F)."""
+        if medium == "image":
+            return self.processor([self.images.load(url, param, fetched) for url, param in sources])
+        if medium == "video":
+            frames = [self.videos.load(url, param, fetched) for url, param in sources]  # each uint8 (T, S, S, 3)
+            return normalize_videos(torch.from_numpy(np.stack(frames)), self.processor)
+        clips = [self.audio.load(a.data, a.format, param) for a, param in sources]  # each (T, F)
+        return torch.from_numpy(np.stack(clips))
 
     def _count_text_tokens(self, texts: list[str], params: list[str]) -> int:
         context = self.model.config.text.context_length
@@ -385,25 +463,34 @@ class Service:
         return total
 
     def classify_job(self, req: ClassifyRequest, fetched: Mapping[str, bytes] | None = None) -> EmbeddingJob:
-        """One image and candidate labels -> probabilities (softmax over the scaled cosine similarities)."""
+        """One image, video or audio clip and candidate labels -> probabilities (softmax over the scaled cosine
+        similarities)."""
         self.check_model(req.model)
         self.require("clip", endpoint="/v1/classify")
-        if req.template.count("{}") != 1:
+        given = [m for m in MEDIA if getattr(req, m) is not None]
+        if len(given) != 1:
+            raise APIError(400, f"{' and '.join(given) or 'image'}: give exactly one of image, video and audio",
+                           "invalid_value", given[-1] if given else "image")
+        medium = given[0]
+        self.check_medium(medium, medium, 0)
+        template = CLASSIFY_TEMPLATES[medium] if req.template is None else req.template
+        if template.count("{}") != 1:
             raise APIError(400, "template: needs exactly one {} where the label goes", "invalid_value", "template")
-        self.check_chars(len(req.template), "template")  # first: each prompt then holds one copy of it
-        prompts = [req.template.replace("{}", label) for label in req.labels]
+        self.check_chars(len(template), "template")  # first: each prompt then holds one copy of it
+        prompts = [template.replace("{}", label) for label in req.labels]
         for i, prompt in enumerate(prompts):
             self.check_chars(len(prompt), f"labels.{i}")
         self._count_text_tokens(prompts, [f"labels.{i}" for i in range(len(prompts))])
-        pixel_values = self.processor([self.images.load(_url(req.image), "image", fetched)])
+        source = req.audio if medium == "audio" else _url(getattr(req, medium))
+        values = self.media_values(medium, [(source, medium)], fetched)
         labels, model = list(req.labels), self.model
 
-        def finish(text_embeds: torch.Tensor, image_embeds: torch.Tensor) -> dict[str, Any]:
-            logits = model.logits(image_embeds, text_embeds)[0].float()  # (labels,)
+        def finish(text_embeds: torch.Tensor, media_embeds: dict[str, torch.Tensor]) -> dict[str, Any]:
+            logits = model.logits(media_embeds[medium], text_embeds)[0].float()  # (labels,)
             probs = logits.softmax(dim=-1)
             return {"labels": labels, "probabilities": probs.tolist(), "logits": logits.tolist()}
 
-        return EmbeddingJob(prompts, pixel_values, finish)
+        return EmbeddingJob(prompts, {medium: values}, finish)
 
     # --- image generation -----------------------------------------------------------------------
 

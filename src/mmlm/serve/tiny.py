@@ -1,4 +1,5 @@
-"""Tiny random CLIP, LLaVA and text-to-image checkpoints, for the server's tests and load benchmark (seconds to build).
+"""Tiny random CLIP (image, video, audio), LLaVA and text-to-image checkpoints, for the server's tests and load
+benchmark (seconds to build).
 
 Their answers are noise; they exercise every code path of the server at the real models' shapes of data.
 """
@@ -10,7 +11,8 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import save
-from ..config import CLIPConfig, LlavaConfig, LMConfig, TextConfig, ViTConfig
+from ..config import (ASTConfig, AudioCLIPConfig, CLIPConfig, LlavaConfig, LMConfig, TemporalConfig, TextConfig,
+                      VideoCLIPConfig, ViTConfig)
 from ..data.transforms import PreprocessConfig
 from ..tokenizer import Tokenizer
 
@@ -54,6 +56,32 @@ def tiny_clip(directory: str | Path) -> Path:
 
     torch.manual_seed(0)
     return save(CLIP(cfg), directory, tokenizer=tok, preprocess=PreprocessConfig(image_size=32))
+
+
+def tiny_video_clip(directory: str | Path, frames: int = 4) -> Path:
+    """A video CLIP (tiny_clip's towers, 32 px frames, `frames` frames fused by a 1-layer temporal Transformer)."""
+    tok = Tokenizer.train_bpe(word_corpus(), vocab_size=600, context_length=16)
+    cfg = VideoCLIPConfig(embed_dim=32, vision=ViTConfig(image_size=32, patch_size=8, width=64, layers=2, heads=4),
+                          text=TextConfig(vocab_size=tok.vocab_size, eot_token_id=tok.eot_id, context_length=16,
+                                          width=64, layers=2, heads=4),
+                          temporal=TemporalConfig(fusion="transformer", frames=frames, layers=1, heads=2))
+    from ..models.video import VideoCLIP
+
+    torch.manual_seed(0)
+    return save(VideoCLIP(cfg), directory, tokenizer=tok, preprocess=PreprocessConfig(image_size=32))
+
+
+def tiny_audio_clip(directory: str | Path) -> Path:
+    """An audio CLIP (a 1-layer AST over 0.5 s of 32-bin log-mel features at 16 kHz, a 2-layer text tower)."""
+    tok = Tokenizer.train_bpe(word_corpus(), vocab_size=600, context_length=16)
+    cfg = AudioCLIPConfig(embed_dim=32, audio=ASTConfig(num_mel_bins=32, max_length=50, patch_size=8,
+                                                        frequency_stride=8, time_stride=8, width=32, layers=1, heads=4),
+                          text=TextConfig(vocab_size=tok.vocab_size, eot_token_id=tok.eot_id, context_length=16,
+                                          width=64, layers=2, heads=4))
+    from ..models.audio import AudioCLIP
+
+    torch.manual_seed(0)
+    return save(AudioCLIP(cfg), directory, tokenizer=tok)
 
 
 def tiny_text_to_image(directory: str | Path) -> Path:
