@@ -77,6 +77,24 @@ def test_quickstart_smoke(tmp_path):
     assert 0.0 <= llava["vqa_val"]["accuracy"] <= 1.0 and "count" in json.dumps(llava)
 
 
+@pytest.mark.slow
+def test_quickstart_generation_stage_trains_judges_and_reports(tmp_path):
+    from mmlm.quickstart_generation import quickstart_generation
+    from mmlm.serve.tiny import tiny_clip
+
+    clip = tiny_clip(tmp_path / "clip")
+    tiny = ["train.batch_size=4", "train.num_workers=0", "train.progress=false", "data.train_size=32",
+            "model.unet.block_out_channels=[16,32]", "model.unet.cross_attention=[false,true]", "model.unet.heads=2",
+            "model.unet.sample_size=24"]
+    result = quickstart_generation(tmp_path / "qs", clip, overrides=tiny, steps=2, per_group=2, sample_steps=2)
+    run = tmp_path / "qs" / "diffusion"
+    assert (run / "final" / "ema.safetensors").is_file() and (run / "generation_grid.png").is_file()
+    report = (run / "report.md").read_text()
+    assert "generation_grid.png" in report and "loss.png" in report and "one_object_seen_pairs" in report
+    assert 0 <= result["one_object_novel_pairs"]["shape"] <= 1
+    assert result["frechet"]["rendered_vs_rendered"] >= 0
+
+
 def test_eval_generation_structure_and_real_floor(tmp_path, capsys):
     from mmlm.eval.generation import ATTRIBUTES, GROUPS, frechet_distance
     from mmlm.serve.tiny import tiny_clip, tiny_text_to_image

@@ -30,7 +30,8 @@ LAYERS = [
     ["formats"],  # opens and writes every format
     ["mmlm", "chat", "eval"],  # the public facade (mmlm/__init__), chat, evaluation
     ["train"],
-    ["serve", "bench_common", "bench", "bench_models", "bench_generation", "quickstart", "quickstart_llava", "plan"],
+    ["serve", "bench_common", "bench", "bench_models", "bench_generation", "quickstart", "quickstart_llava",
+     "quickstart_generation", "plan"],
     ["cli", "__main__"],
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

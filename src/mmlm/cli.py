@@ -180,7 +180,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from .quickstart import quickstart
 
     quickstart(args.out, minutes=args.minutes, steps=args.steps, overrides=args.overrides or None,
-               eval_size=args.eval_size, llava=not args.no_llava)
+               eval_size=args.eval_size, llava=not args.no_llava, generation=args.generation,
+               generation_steps=args.generation_steps)
     return 0
 
 
@@ -383,6 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the CLIP for about this many minutes here instead of its recipe's 1100 steps (~7 min on "
                         "2 idle cores); a shorter CLIP gives the LLaVA after it a weaker vision tower")
     q.add_argument("--no-llava", action="store_true", help="stop after the CLIP part")
+    q.add_argument("--generation", action="store_true",
+                   help="then train a text-to-image UNet on the CLIP's text tower and judge its images with the CLIP "
+                        "(the diffusion recipe: about 30 min on 2 idle cores)")
+    q.add_argument("--generation-steps", type=int, default=None, help="training steps of the text-to-image UNet")
     q.add_argument("--steps", type=int, default=None, help="train the CLIP for exactly this many steps")
     q.add_argument("--eval-size", type=int, default=1000, help="images per evaluation (LLaVA: at most 500)")
     q.add_argument("overrides", nargs="*", metavar="KEY=VALUE",

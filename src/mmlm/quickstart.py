@@ -5,7 +5,9 @@
 3. evaluates zero-shot (seen and held-out colour-shape pairs) and retrieval;
 4. writes plots and report.md into the run directory, and prints where it is;
 5. then trains and evaluates a tiny LLaVA on the shapes conversations with that CLIP's image tower
-   (`quickstart_llava.py`).
+   (`quickstart_llava.py`);
+6. with `--generation`, trains a text-to-image UNet on that CLIP's text tower and has the CLIP judge its images
+   (`quickstart_generation.py`).
 """
 
 from __future__ import annotations
@@ -58,11 +60,13 @@ def _measure_step_time(cfg, steps: int = 12, skip: int = 4) -> float:
 
 def quickstart(out: str | Path = "runs/quickstart", minutes: float | None = None, steps: int | None = None,
                overrides: list[str] | None = None, eval_size: int = 1000, llava: bool = True,
-               llava_steps: tuple[int, int] | None = None) -> dict[str, Any]:
+               llava_steps: tuple[int, int] | None = None, generation: bool = False,
+               generation_steps: int | None = None, generation_prompts: int = 16) -> dict[str, Any]:
     """CLIP on shapes (the recipe's steps, or `steps`, or about `minutes` of training on this machine), then
     (with `llava`) the tiny LLaVA of
     `quickstart_llava` on that CLIP's image tower, with its recipe's step counts (or `llava_steps`: stage 1,
-    stage 2)."""
+    stage 2), then (with `generation`) the text-to-image model of `quickstart_generation` on that CLIP's text tower,
+    judged by the CLIP (`generation_steps` training steps, default the recipe's; `generation_prompts` per group)."""
     from .data.shapes import write_shapes
     from .report import plot_confusion, plot_training, write_report
     from .train.clip_run import train_clip
@@ -118,6 +122,12 @@ def quickstart(out: str | Path = "runs/quickstart", minutes: float | None = None
 
         result["llava"] = quickstart_llava(out, final, overrides=[o for o in overrides or [] if o.startswith("train.")],
                                            steps=llava_steps, eval_size=min(eval_size, 500))
+    if generation:
+        from .quickstart_generation import quickstart_generation
+
+        result["generation"] = quickstart_generation(
+            out, final, overrides=[o for o in overrides or [] if o.startswith("train.")], steps=generation_steps,
+            per_group=generation_prompts)
     print(json.dumps(result, indent=2))
     return result
 

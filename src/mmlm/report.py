@@ -35,10 +35,12 @@ def plot_training(run: Path, out: Path) -> list[str]:
     files = []
     if train:
         steps = [r["step"] for r in train if "loss" in r]
-        fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+        scale = any("logit_scale" in r for r in train)  # a contrastive run's temperature beside its loss
+        fig, ax = plt.subplots(1, 2, figsize=(10, 3.5)) if scale else plt.subplots(1, 1, figsize=(6, 3.5), squeeze=False)
+        ax = ax.flat
         ax[0].plot(steps, [r["loss"] for r in train if "loss" in r])
         ax[0].set(xlabel="step", ylabel="loss", title="training loss")
-        if any("logit_scale" in r for r in train):
+        if scale:
             ax[1].plot(steps, [r.get("logit_scale", np.nan) for r in train if "loss" in r])
             ax[1].set(xlabel="step", ylabel="exp(logit_scale)", title="temperature$^{-1}$")
         fig.tight_layout()
