@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--out", default="docs/figures")
     ap.add_argument("--per-group", type=int, default=16, help="prompts per (split, object count) group")
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     ap.add_argument("--quick", action="store_true", help="2 prompts per group, 2 steps (a smoke run)")
     args = ap.parse_args()
     run, out = Path(args.run), Path(args.out)
@@ -67,7 +68,8 @@ def main() -> None:
     per_group, steps = (2, 2) if args.quick else (args.per_group, args.steps)
     plot_loss(run, out)
     with tempfile.TemporaryDirectory() as tmp:
-        result = eval_generation(run / "final", args.judge, per_group=per_group, steps=steps, out=tmp)
+        result = eval_generation(run / "final", args.judge, per_group=per_group, steps=steps, guidance=args.guidance,
+                                 out=tmp)
         shutil.copy(Path(tmp) / "generation_grid.png", out / "generation_grid.png")
     result.pop("grid")
     text = (f"Judged by `{args.judge}`: the share of generated images whose attribute the judge reads as the "

@@ -46,7 +46,7 @@ def shapes_model() -> DiffusionConfig:
                         norm_num_groups=8),
         vae=None,
         scheduler=NoiseScheduleConfig(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, steps_offset=0,
-                                      timestep_spacing="trailing", prediction_type="epsilon", clip_sample=True))
+                                      timestep_spacing="trailing", prediction_type="v_prediction", clip_sample=True))
 
 
 @dataclass
