@@ -57,6 +57,7 @@ def test_clip_train_step_learns():
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_llava_bench_same_tokens():
     rows = bench_models.bench_llava(quick=True, batches=(2,), compile=False, emit=lambda r: None,
                                     text_config=SMALL_LLAMA)
@@ -75,6 +76,7 @@ def test_data_bench_compares_with_the_train_step():
     assert default["images_per_s"] > 0 and default["vs_train_step"]["fp32"] == pytest.approx(default["images_per_s"], rel=0.01)
 
 
+@pytest.mark.slow
 def test_generation_bench_rows_and_parity():
     pytest.importorskip("diffusers")
     from mmlm.bench_generation import bench_generation

@@ -259,6 +259,7 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow
 def test_train_device_cpu_auto_and_a_compile_failure_all_train_the_same_weights(tmp_path, monkeypatch):
     cpu = _train_clip(tmp_path / "cpu", "train.device=cpu")
     _assert_same(cpu, _train_clip(tmp_path / "auto", "train.device=auto"))
@@ -286,6 +287,7 @@ def test_an_error_that_is_not_the_compilers_is_raised_as_it_is():
             devices.step_with_fallback(step, model, compiled)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("checkpointed", [False, True])
 def test_a_compiled_training_run_follows_the_eager_one(tmp_path, monkeypatch, checkpointed):
     """Compiling through dynamo and AOTAutograd (backend aot_eager: no C++ compiler needed) keeps the losses, with

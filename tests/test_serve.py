@@ -209,6 +209,7 @@ def test_queued_requests_are_batched_and_answer_as_alone(llava_dir):
     assert results == alone  # a row's greedy answer does not depend on its batch (left padding, mixed images)
 
 
+@pytest.mark.slow
 def test_full_queue_answers_429_and_slow_request_504(llava_dir):
     app = create_app(llava_dir, ServeConfig(max_queue=1, timeout_s=1.5, batching="static"))
     worker = app.state.service.worker

@@ -187,6 +187,7 @@ def test_a_body_of_many_tiny_parts_is_refused_after_a_bounded_parse(llava_dir):
     watch.check()
 
 
+@pytest.mark.slow
 def test_preparation_runs_on_the_bounded_pool_within_the_deadline(llava_dir):
     """Finding 1: decoding and tokenizing ran on the default thread pool, outside the deadline and any count."""
     app = create_app(llava_dir, ServeConfig(prep_threads=1, timeout_s=1.0))
@@ -370,6 +371,7 @@ def test_a_remote_image_is_fetched_and_answered(remote_server):
     assert images.requests[0].startswith("GET /image.png HTTP/1.1\r\n")
 
 
+@pytest.mark.slow
 def test_a_dripping_image_server_meets_one_deadline_per_fetch(remote_server):
     """Finding 2: the 10 s timeout was per read, so a byte every 2 s held the chat (8 of them: ~50 s)."""
     url, _ = remote_server
@@ -683,6 +685,7 @@ def test_slow_headers_and_idle_connections_are_closed(llava_dir):
     watch.check()
 
 
+@pytest.mark.slow
 def test_a_slow_body_gets_408_and_the_connection_closes(llava_dir):
     """Finding 5: bodies sent slowly held their connection (and a place) for as long as the client liked."""
     app = create_app(llava_dir, ServeConfig(body_timeout_s=1.0))

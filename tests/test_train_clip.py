@@ -28,6 +28,7 @@ TINY = [
 ]
 
 
+@pytest.mark.slow
 def test_loss_falls_and_run_writes_everything(tmp_path):
     cfg = load_recipe("clip", None, TINY + ["data.train_size=32", "train.steps=40", "train.eval_every=20", "train.ckpt_every=10",
                                     "train.keep_last=2"])

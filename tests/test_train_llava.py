@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mmlm.config import LlavaConfig, LMConfig, ViTConfig
@@ -158,6 +159,7 @@ def test_llava_json_data_with_a_missing_image_trains_and_reports_it(tmp_path, ca
     assert all(r["correct"] == (r["answer"] == r["reference"].strip()) for r in rows)
 
 
+@pytest.mark.slow
 def test_stage2_lora_trains_only_low_rank_updates_and_exports_merged(tmp_path):
     import mmlm
     from mmlm.convert.hf import export_hf
