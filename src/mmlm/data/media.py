@@ -83,8 +83,10 @@ def _too_large(name: str, what: str) -> MediaTooLargeError:
     return MediaTooLargeError(f"{name}: {what}")
 
 
-def _frame_times(source: Path | BinaryIO, name: str, limits: VideoLimits) -> list[float]:
-    """Pass 1: the time in seconds of every frame of the first video stream, decoded but not converted."""
+def _frame_times(source: Path | BinaryIO, name: str, limits: VideoLimits,
+                 keep: list[np.ndarray] | None = None) -> list[float]:
+    """Pass 1: the time in seconds of every frame of the first video stream, decoded but not converted (or, with
+    `keep`, converted and appended to it: one pass where memory need not be bounded)."""
     container, stream = _open_video(source, name)
     with container:
         size = (stream.codec_context.width or 0) * (stream.codec_context.height or 0)
@@ -95,6 +97,8 @@ def _frame_times(source: Path | BinaryIO, name: str, limits: VideoLimits) -> lis
         for frame in container.decode(stream):
             t = frame.pts * base if frame.pts is not None else len(times) / float(stream.average_rate or 25)
             times.append(t)
+            if keep is not None:
+                keep.append(frame.to_ndarray(format="rgb24"))
             if limits.frames is not None and len(times) > limits.frames:
                 raise _too_large(name, f"more decoded frames than the limit of {limits.frames}")
             if limits.pixels is not None and frame.width * frame.height > limits.pixels:
@@ -120,9 +124,7 @@ def _frames_at(source: Path | BinaryIO, name: str, picks: np.ndarray) -> np.ndar
                 break
     if len(kept) < len(wanted):
         raise BadMediaError(f"{name}: the video decoded to fewer frames the second time")
-    if len({f.shape for f in kept.values()}) > 1:
-        raise BadMediaError(f"{name}: frames of different sizes {sorted({f.shape for f in kept.values()})}")
-    return np.stack([kept[int(i)] for i in picks])
+    return _stack([kept[int(i)] for i in picks], name)
 
 
 def read_video(source: str | Path | BinaryIO, frames: int = 8, fps: float | None = None,
@@ -131,8 +133,10 @@ def read_video(source: str | Path | BinaryIO, frames: int = 8, fps: float | None
 
     fps None: `frames` frames spread evenly over the whole clip. fps given: one frame every 1/fps seconds from
     the start (a folder's frames count as 25 fps), the first `frames` of them (a shorter clip repeats its last).
-    A file is decoded twice: once for the frames' times, once converting only the frames picked. `limits` bound
-    the decoding (MediaTooLargeError past them); `name` is what errors call the source (default: its path)."""
+    Without `limits` (trusted files: training, evaluation) a file is decoded once, every frame kept; with them it
+    is decoded twice, once for the frames' times and once converting only the frames picked, so memory is bounded
+    by the output. `limits` bound the decoding (MediaTooLargeError past them); `name` is what errors call the
+    source (default: its path)."""
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
     if isinstance(source, (str, Path)):
@@ -146,8 +150,11 @@ def read_video(source: str | Path | BinaryIO, frames: int = 8, fps: float | None
     else:
         name = name or "<in-memory video>"
     try:
-        times = _frame_times(source, name, limits or VideoLimits())
-        return _frames_at(source, name, _pick(times, frames, fps))
+        if limits is None:
+            decoded: list[np.ndarray] = []
+            picks = _pick(_frame_times(source, name, VideoLimits(), keep=decoded), frames, fps)
+            return _stack([decoded[i] for i in picks], name)
+        return _frames_at(source, name, _pick(_frame_times(source, name, limits), frames, fps))
     except BadMediaError:
         raise
     except _decode_errors() as e:  # PyAV's own words (strerror) leave out the file object's name
@@ -166,9 +173,14 @@ def _read_frame_folder(path: Path, frames: int, fps: float | None) -> np.ndarray
                 out.append(np.asarray(im.convert("RGB")))
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise BadMediaError(f"{files[i]}: cannot read frame: {e}") from None
-    if len({f.shape for f in out}) > 1:
-        raise BadMediaError(f"{path}: frames of different sizes {sorted({f.shape for f in out})}")
-    return np.stack(out)
+    return _stack(out, str(path))
+
+
+def _stack(frames: list[np.ndarray], name: str) -> np.ndarray:
+    """(H, W, 3) frames -> (T, H, W, 3); frames of different sizes are a bad video, named."""
+    if len({f.shape for f in frames}) > 1:
+        raise BadMediaError(f"{name}: frames of different sizes {sorted({f.shape for f in frames})}")
+    return np.stack(frames)
 
 
 def _pick(times: list[float], frames: int, fps: float | None) -> np.ndarray:
