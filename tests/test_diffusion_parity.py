@@ -29,6 +29,8 @@ SD2 = dict(sample_size=8, block_out_channels=(16, 32, 32), layers_per_block=1, c
            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
            attention_head_dim=[2, 4, 8], use_linear_projection=True, transformer_layers_per_block=2)
+# the pooled prompt added to the timestep embedding (DeepFloyd IF's addition_embed_type "text")
+POOLED = dict(SD1, addition_embed_type="text", addition_embed_type_num_heads=4)
 VAE = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, norm_num_groups=4,
            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1, sample_size=16)
 
@@ -48,7 +50,8 @@ def _unet_pair(kwargs):
     return ref, ours
 
 
-@pytest.mark.parametrize("kwargs", [SD1, SD2], ids=["sd1-conv-proj-int-heads", "sd2-linear-proj-head-list"])
+@pytest.mark.parametrize("kwargs", [SD1, SD2, POOLED],
+                         ids=["sd1-conv-proj-int-heads", "sd2-linear-proj-head-list", "pooled-text-in-timestep"])
 def test_unet_matches_diffusers(kwargs):
     ref, ours = _unet_pair(kwargs)
     x, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 24)
@@ -76,8 +79,9 @@ def test_autoencoder_matches_diffusers():
         torch.testing.assert_close(ours.decode(z), ref.decode(z).sample, atol=1e-4, rtol=0)
 
 
-def test_gradients_reach_every_unet_parameter():
-    _, ours = _unet_pair(SD2)
+@pytest.mark.parametrize("kwargs", [SD2, POOLED], ids=["sd2", "pooled-text"])
+def test_gradients_reach_every_unet_parameter(kwargs):
+    _, ours = _unet_pair(kwargs)
     ours.train()
     out = ours(torch.randn(2, 4, 8, 8), torch.tensor([5, 700]), torch.randn(2, 3, 24))
     out.square().mean().backward()
@@ -190,8 +194,10 @@ def test_guided_ddim_run_matches_diffusers(sd_dir):
 
 
 def test_sd2_like_v_prediction_pipeline_matches_diffusers_and_exports(tmp_path):
-    """SD-2.x-like: linear projections, a head count per level, v-prediction, trailing timesteps."""
-    path = _save_pipeline(tmp_path / "sd2", {**SD2, "transformer_layers_per_block": 1},
+    """SD-2.x-like: linear projections, a head count per level, v-prediction, trailing timesteps; with the pooled
+    prompt in the timestep embedding, which StableDiffusionPipeline runs unchanged (the UNet pools it itself)."""
+    path = _save_pipeline(tmp_path / "sd2", {**SD2, "transformer_layers_per_block": 1, "addition_embed_type": "text",
+                                             "addition_embed_type_num_heads": 4},
                           prediction_type="v_prediction", timestep_spacing="trailing", steps_offset=0)
     pipe = mmlm.load(path)
     assert pipe.scheduler.prediction_type == "v_prediction" and pipe.config.unet.use_linear_projection
@@ -232,6 +238,10 @@ def test_seeded_noise_and_bad_input(sd_dir):
 def test_unsupported_unet_config_names_the_field():
     with pytest.raises(ValueError, match="class_embed_type"):
         unet_config_from_diffusers({**SD1, "class_embed_type": "timestep"})
+    with pytest.raises(ValueError, match="addition_embed_type"):
+        unet_config_from_diffusers({**SD1, "addition_embed_type": "text_time"})
+    with pytest.raises(ValueError, match="addition_embed_type_num_heads"):
+        unet_config_from_diffusers({**SD1, "addition_embed_type": "text", "addition_embed_type_num_heads": 5})
     with pytest.raises(ValueError, match="down_block_types"):
         unet_config_from_diffusers({**SD1, "down_block_types": ["SimpleCrossAttnDownBlock2D", "DownBlock2D"]})
 

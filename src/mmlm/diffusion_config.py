@@ -56,6 +56,11 @@ class UNetConfig:
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
     upcast_attention: bool = False  # softmax(q k^T) in float32 when running in half precision
+    # "text": the prompt, attention-pooled from its token states, is added to the timestep embedding, so every
+    # resnet at every resolution sees it (DeepFloyd IF's; diffusers' addition_embed_type "text"). None: SD's
+    # UNet, where the prompt reaches the picture only through cross-attention.
+    addition_embed_type: Optional[str] = None
+    addition_embed_type_num_heads: int = 64
 
     def __post_init__(self) -> None:
         _check(self.kind == "unet2d_condition", f"UNetConfig.kind must be 'unet2d_condition', got {self.kind!r}")
@@ -70,6 +75,12 @@ class UNetConfig:
             _check(h > 0 and c % h == 0, f"unet.heads[{i}] = {h} does not divide unet.block_out_channels[{i}] = {c}")
         self.heads = list(heads) if isinstance(self.heads, (list, tuple)) else int(self.heads)
         _check(self.layers_per_block >= 1, f"unet.layers_per_block must be >= 1, got {self.layers_per_block}")
+        _check(self.addition_embed_type in (None, "text"),
+               f"unet.addition_embed_type must be null or 'text', got {self.addition_embed_type!r}")
+        if self.addition_embed_type == "text" and self.cross_attention_dim:
+            _check(self.cross_attention_dim % self.addition_embed_type_num_heads == 0,
+                   f"unet.addition_embed_type_num_heads = {self.addition_embed_type_num_heads} does not divide "
+                   f"unet.cross_attention_dim = {self.cross_attention_dim}")
         _check(self.transformer_layers_per_block >= 1,
                f"unet.transformer_layers_per_block must be >= 1, got {self.transformer_layers_per_block}")
 

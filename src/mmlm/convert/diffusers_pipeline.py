@@ -75,7 +75,7 @@ def _refuse(cfg: dict, where: str, expected: dict[str, Any]) -> None:
 
 def unet_config_from_diffusers(d: dict, where: str = "unet/config.json") -> UNetConfig:
     _refuse(d, where, {"mid_block_type": "UNetMidBlock2DCrossAttn", "act_fn": "silu", "center_input_sample": False,
-                       "class_embed_type": None, "addition_embed_type": None, "time_embedding_type": "positional",
+                       "class_embed_type": None, "time_embedding_type": "positional",
                        "conv_in_kernel": 3, "conv_out_kernel": 3, "only_cross_attention": False,
                        "dual_cross_attention": False, "resnet_time_scale_shift": "default", "time_cond_proj_dim": None,
                        "downsample_padding": 1, "mid_block_scale_factor": 1, "encoder_hid_dim": None,
@@ -83,6 +83,8 @@ def unet_config_from_diffusers(d: dict, where: str = "unet/config.json") -> UNet
                        "timestep_post_act": None, "time_embedding_dim": None, "reverse_transformer_layers_per_block": None,
                        "mid_block_only_cross_attention": None, "resnet_skip_time_act": False,
                        "time_embedding_act_fn": None, "class_embeddings_concat": False, "num_class_embeds": None})
+    if d.get("addition_embed_type") not in (None, "text"):
+        raise ValueError(f"{where}: addition_embed_type={d['addition_embed_type']!r} is not supported (null or 'text')")
     down, up = list(d.get("down_block_types", [])), list(d.get("up_block_types", []))
     kinds = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
     unknown = [t for t in down if t not in kinds]
@@ -104,7 +106,9 @@ def unet_config_from_diffusers(d: dict, where: str = "unet/config.json") -> UNet
                       use_linear_projection=d.get("use_linear_projection", False),
                       norm_num_groups=d.get("norm_num_groups", 32), norm_eps=d.get("norm_eps", 1e-5),
                       flip_sin_to_cos=d.get("flip_sin_to_cos", True), freq_shift=d.get("freq_shift", 0),
-                      upcast_attention=d.get("upcast_attention", False))
+                      upcast_attention=d.get("upcast_attention", False),
+                      addition_embed_type=d.get("addition_embed_type"),
+                      addition_embed_type_num_heads=d.get("addition_embed_type_num_heads", 64))
 
 
 def unet_config_to_diffusers(c: UNetConfig) -> dict:
@@ -117,7 +121,8 @@ def unet_config_to_diffusers(c: UNetConfig) -> dict:
             "attention_head_dim": c.heads, "cross_attention_dim": c.cross_attention_dim,
             "use_linear_projection": c.use_linear_projection, "norm_num_groups": c.norm_num_groups,
             "norm_eps": c.norm_eps, "flip_sin_to_cos": c.flip_sin_to_cos, "freq_shift": c.freq_shift,
-            "upcast_attention": c.upcast_attention, "act_fn": "silu", "downsample_padding": 1}
+            "upcast_attention": c.upcast_attention, "act_fn": "silu", "downsample_padding": 1,
+            "addition_embed_type": c.addition_embed_type, "addition_embed_type_num_heads": c.addition_embed_type_num_heads}
 
 
 def vae_config_from_diffusers(d: dict, where: str = "vae/config.json") -> VAEConfig:

@@ -10,6 +10,7 @@ the prompt's tokens in every Transformer2D block.
       up:   per level, [h, skip] concatenated -> resnets (+ Transformer2D), then nearest upsample + conv
     -> GroupNorm, SiLU, conv_out -> (B, C, H, W)
     t -> sinusoidal embedding -> MLP -> added inside every ResnetBlock2D
+    (addition_embed_type "text": + the prompt's token states, attention-pooled to one vector, in that same sum)
 """
 
 from __future__ import annotations
@@ -47,6 +48,39 @@ class TimestepEmbedding(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class AttentionPooling(nn.Module):
+    """The token states (B, T, D) -> one vector (B, D): a query made from their mean (+ a learned offset) attends
+    over [that query token, the tokens] (CLIP's ResNet pooling, as DeepFloyd IF pools its T5 states)."""
+
+    def __init__(self, heads: int, dim: int):
+        super().__init__()
+        self.heads = heads
+        self.positional_embedding = nn.Parameter(torch.randn(1, dim) / dim**0.5)
+        self.k_proj, self.q_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        query = x.mean(dim=1, keepdim=True) + self.positional_embedding.to(x.dtype)  # (B, 1, D)
+        x = torch.cat([query, x], dim=1)  # (B, 1 + T, D)
+        split = lambda h: h.unflatten(-1, (self.heads, D // self.heads)).transpose(1, 2)  # noqa: E731  (B, H, n, hd)
+        y = attention(split(self.q_proj(query)), split(self.k_proj(x)), split(self.v_proj(x)))  # (B, H, 1, hd)
+        return y.transpose(1, 2).reshape(B, D)
+
+
+class TextTimeEmbedding(nn.Module):
+    """LayerNorm, attention pooling, linear to the timestep embedding's width, LayerNorm: (B, T, D) -> (B, temb)."""
+
+    def __init__(self, text_dim: int, dim: int, heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(text_dim)
+        self.pool = AttentionPooling(heads, text_dim)
+        self.proj = nn.Linear(text_dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return self.norm2(self.proj(self.pool(self.norm1(states))))
 
 
 class ResnetBlock2D(nn.Module):
@@ -275,6 +309,8 @@ class UNet2DConditionModel(nn.Module):
         chs, heads, n = cfg.block_out_channels, cfg.level_heads, len(cfg.block_out_channels)
         self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(chs[0], cfg.time_embed_dim)
+        self.add_embedding = (TextTimeEmbedding(cfg.cross_attention_dim, cfg.time_embed_dim, cfg.addition_embed_type_num_heads)
+                              if cfg.addition_embed_type == "text" else None)
         self.down_blocks = nn.ModuleList()
         for i in range(n):
             block = CrossAttnDownBlock2D if cfg.cross_attention[i] else DownBlock2D
@@ -303,6 +339,8 @@ class UNet2DConditionModel(nn.Module):
         t = t.reshape(-1).expand(sample.shape[0])  # (B,)
         temb = self.time_embedding(timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos,
                                                       cfg.freq_shift).to(sample.dtype))  # (B, 4 c0)
+        if self.add_embedding is not None:  # the pooled prompt joins the timestep: every resnet sees both
+            temb = temb + self.add_embedding(encoder_hidden_states)
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:

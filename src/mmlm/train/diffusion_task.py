@@ -38,12 +38,13 @@ EMA_NAME = "ema.safetensors"
 
 
 def shapes_model() -> DiffusionConfig:
-    """A small pixel-space model for 32 px shapes: three levels, cross-attention at the two lower ones."""
+    """A small pixel-space model for 32 px shapes: three levels, cross-attention at the two lower ones, the pooled
+    prompt added to the timestep embedding."""
     return DiffusionConfig(
         text=TextConfig(vocab_size=1024, eot_token_id=1023, context_length=40, width=128, layers=2, heads=4),
         unet=UNetConfig(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(32, 64, 128),
                         cross_attention=(False, True, True), layers_per_block=1, heads=4, cross_attention_dim=0,
-                        norm_num_groups=8),
+                        norm_num_groups=8, addition_embed_type="text", addition_embed_type_num_heads=4),
         vae=None,
         scheduler=NoiseScheduleConfig(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, steps_offset=0,
                                       timestep_spacing="trailing", prediction_type="v_prediction", clip_sample=True))
