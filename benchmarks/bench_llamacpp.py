@@ -12,8 +12,9 @@ over the rounds with their spread. The prompts are token ids (the model's chat t
 and filler text cut to each length), so both engines read exactly the same tokens; llama.cpp's cache is reset before each run.
 
 Decode tokens/s = (new_tokens - 1) / (time of the last token - time of the first): the prompt is not in it.
-Time to first token = prefill + choosing one token, for prompts of each length (a filler text's first n tokens). Engines: "mmlm" (what `mmlm chat` loads for a GGUF: float32
-weights), "mmlm-int4" (`--weights int4`), "mmlm-int4-compile" (and the decode step torch.compile'd), "llamacpp".
+Time to first token = prefill + choosing one token, for prompts of each length (a filler text's first n tokens). Engines: "mmlm" (what `mmlm chat` and `mmlm serve` run by
+default: `--weights auto`, a Q4 GGUF at 4 bits), "mmlm-fp32" (`--weights none`: widened to float32),
+"mmlm-compile" (the default and the decode step torch.compile'd), "llamacpp".
 Prints JSON lines: one per engine and setting, then ratios against llama.cpp.
 """
 
@@ -29,7 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MMLM_ENGINES = ("mmlm", "mmlm-int4", "mmlm-int4-compile")
+MMLM_ENGINES = ("mmlm", "mmlm-fp32", "mmlm-compile")
 CHAT = "Tell me a short story about a robot who learns to paint."  # the decode prompt's user message
 FILLER = ("The history of computing is a story of people who wanted machines to do arithmetic for them, and then "
           "found that arithmetic could describe almost anything: weather, music, language and pictures. ")
@@ -68,9 +69,12 @@ def run_mmlm(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     engine, n_new = spec["engine"], spec["new_tokens"]
     t0 = time.perf_counter()
+    from mmlm.quant import auto_weights
+
     model = mmlm.load(spec["gguf"])
-    if engine != "mmlm":
-        mmlm.quantize(model, "int4")
+    weights = auto_weights("none" if engine == "mmlm-fp32" else "auto", spec["gguf"], model)
+    if weights:
+        mmlm.quantize(model, weights)
     load_s = time.perf_counter() - t0
     compile = engine.endswith("compile")
 
@@ -95,7 +99,7 @@ def run_mmlm(spec: dict) -> dict:
         decode(spec["chat"], spec["batch"])
     warmup_s = time.perf_counter() - t0
     tokens, _, rate = decode(spec["chat"])
-    row = {"load_s": load_s, "warmup_s": warmup_s, "decode_tok_s": rate, "tokens": tokens[:32],
+    row = {"weights": weights or "float32", "load_s": load_s, "warmup_s": warmup_s, "decode_tok_s": rate, "tokens": tokens[:32],
            "ttft_s": {n: first_token(ids) for n, ids in spec["lengths"].items()}}
     if spec["batch"] > 1:
         row[f"decode_batch{spec['batch']}_tok_s"] = decode(spec["chat"], spec["batch"])[2]

@@ -156,3 +156,17 @@ def test_quantize_refuses_clip_and_unknown_modes():
         mmlm.quantize(_tiny_lm(), "int2")
     with pytest.raises(ValueError, match="already quantized"):
         mmlm.quantize(mmlm.quantize(_tiny_lm(), "int8"), "int4")
+
+
+def test_auto_weights_keeps_what_is_loaded_unless_the_file_is_a_quantized_gguf(tmp_path):
+    from mmlm.quant import auto_weights, stored_weights
+
+    lm = _tiny_lm()
+    mmlm.save(lm, tmp_path / "lm")
+    assert stored_weights(tmp_path / "lm") is None  # a checkpoint directory: float weights
+    assert auto_weights("auto", tmp_path / "lm", lm) is None
+    assert auto_weights("none", tmp_path / "lm", lm) is None and auto_weights(None, tmp_path / "lm", lm) is None
+    assert auto_weights("int8", tmp_path / "lm", lm) == "int8"
+    (tmp_path / "fake.gguf").write_bytes(b"not a gguf")
+    with pytest.raises(ValueError, match="fake.gguf"):
+        stored_weights(tmp_path / "fake.gguf")  # a broken file is an error, not silently "float"

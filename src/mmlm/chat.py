@@ -71,14 +71,15 @@ def reply(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int 
 def chat(model_path: str | Path, prompt: str | None = None, system: str | None = None, max_new_tokens: int = 256,
          temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, out: TextIO | None = None,
          read: Callable[[str], str] = input, image: str | Path | None = None,
-         template: str | None = None, weights: str | None = None, dtype: str | torch.dtype | None = None,
+         template: str | None = None, weights: str | None = "auto", dtype: str | torch.dtype | None = None,
          device: str | torch.device | None = None) -> list[dict[str, str]]:
     """Answer `prompt` and return, or (prompt None) loop reading user turns until EOF / "exit".
 
     The model and its tokenizer come from the same path: a .gguf file, or a directory with tokenizer.json.
     With a LLaVA model, `image` is placed before the first user turn and `template` (default "vicuna_v1")
     is the conversation template it was trained with. `weights` "int8" / "int4" quantizes the LM for faster
-    decoding (mmlm.quantize). `dtype` ("bf16", torch.float16, ...; default float32) and `device` ("cuda", "auto";
+    decoding (mmlm.quantize); "auto" (the default) runs a 4-bit or 8-bit GGUF at its own precision on the CPU
+    (`quant.stored_weights`) and everything else as loaded; None or "none" keeps the loaded weights. `dtype` ("bf16", torch.float16, ...; default float32) and `device` ("cuda", "auto";
     default cpu) are where the weights are loaded (`mmlm.load`). Returns the conversation.
     """
     from .formats import load, load_preprocess, load_tokenizer
@@ -86,9 +87,10 @@ def chat(model_path: str | Path, prompt: str | None = None, system: str | None =
     out = out if out is not None else sys.stdout  # looked up per call: a default bound at import goes stale
 
     model, tokenizer = load(model_path, dtype=dtype, device=device), load_tokenizer(model_path)
-    if weights:
-        from .quant import quantize
+    from .quant import auto_weights, quantize
 
+    weights = auto_weights(weights, model_path, model)
+    if weights:
         quantize(model, weights)
     llava = hasattr(model.config, "image_token_id")
     pixel_values = None

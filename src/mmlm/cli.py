@@ -311,8 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--top-p", type=float, default=1.0)
     h.add_argument("--seed", type=int, default=None)
     h.add_argument("--image", type=Path, default=None, help="LLaVA: the image to talk about")
-    h.add_argument("--weights", default=None, choices=["int8", "int4"],
-                   help="quantize the LM's weights for faster decoding on a CPU (default: as loaded, float32)")
+    h.add_argument("--weights", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="quantize the LM's weights for faster decoding on a CPU; auto (default): a Q4/Q8 GGUF runs at "
+                        "its own precision (int4/int8), anything else as loaded; none: as loaded (float32)")
     h.add_argument("--template", default=None, choices=["plain", "vicuna_v1", "chat"],
                    help="LLaVA: the conversation template (default: the one it was tuned with, from its config)")
     h.set_defaults(func=cmd_chat)
@@ -372,8 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-generated-images", type=int, default=4, help="text-to-image: images per request (n)")
     s.add_argument("--max-image-steps", type=int, default=100, help="text-to-image: sampling steps per request")
     s.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, i.e. the cores)")
-    s.add_argument("--weights", default=None, choices=["int8", "int4"],
-                   help="LM / LLaVA: quantize the LM's weights for faster decoding on a CPU")
+    s.add_argument("--weights", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="LM / LLaVA: quantize the LM's weights for faster decoding on a CPU; auto (default): a Q4/Q8 "
+                        "GGUF at its own precision (int4/int8), anything else as loaded; none: as loaded")
     s.set_defaults(func=cmd_serve)
     add_load_flags(s)
 

@@ -15,6 +15,8 @@ in accuracy is measured, not assumed (tests/test_quant.py, docs/performance.md).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -114,6 +116,47 @@ def quantize(model: nn.Module, mode: str) -> nn.Module:
     model.eval().requires_grad_(False)
     model.quantized = mode
     return model
+
+
+# GGUF block-weight types -> the mode that keeps them at their own precision (Q4_x: 4-bit codes with a scale and
+# an offset per 32 weights, our int4; Q8_0: 8-bit codes, our int8 up to its per-row scale)
+_GGUF_MODES = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q8_0": "int8"}
+
+
+def stored_weights(path: str | Path) -> str | None:
+    """The quantization a model file's own weights imply: for a .gguf whose block linears are mostly Q4_0/Q4_1/Q4_K
+    "int4", Q8_0 "int8"; otherwise (float weights, other formats, a directory) None. What `weights="auto"` uses:
+    a 4-bit file runs at 4 bits, as llama.cpp runs it, instead of being widened to float32."""
+    path = Path(path)
+    if path.suffix.lower() != ".gguf" or not path.is_file():
+        return None
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    try:
+        tensors = GGUFReader(str(path)).tensors
+    except Exception as e:  # the reader's own errors name neither the file nor the problem clearly
+        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+    types = Counter(t.tensor_type.name for t in tensors
+                    if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2)
+    return _GGUF_MODES.get(types.most_common(1)[0][0]) if types else None
+
+
+def auto_weights(weights: str | None, path: str | Path, model: nn.Module) -> str | None:
+    """Resolve a `weights` setting: "auto" -> `stored_weights(path)` where it applies (a language model on the
+    CPU, with the kernels), else None; "none" -> None; "int8" / "int4" as given."""
+    if weights in (None, "none"):
+        return None
+    if weights != "auto":
+        return weights
+    from .assets import resolve
+
+    mode = stored_weights(resolve(path))
+    lm = getattr(model, "lm", model)
+    if mode is None or not (hasattr(lm, "blocks") and hasattr(lm, "lm_head")) or not _cpu_kernels():
+        return None
+    return mode if all(p.device.type == "cpu" for p in lm.parameters()) else None
 
 
 def is_quantized(model: nn.Module) -> bool:

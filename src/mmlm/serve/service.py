@@ -94,7 +94,9 @@ class ServeConfig:
     max_fetches: int = 16  # remote images fetched at once (more wait, within their request's deadline)
     api_key: str | None = None  # if set, /v1/* needs "Authorization: Bearer <key>"
     allowed_hosts: tuple[str, ...] = ()  # Host header names accepted without a key, besides localhost and IPs
-    weights: str | None = None  # "int8" / "int4": quantize the LM for faster decoding (mmlm.quantize)
+    # "int8" / "int4": quantize the LM for faster decoding (mmlm.quantize); "auto": a Q4/Q8 GGUF at its own
+    # precision on the CPU, anything else as loaded (quant.auto_weights); None / "none": as loaded
+    weights: str | None = "auto"
     dtype: str | None = None  # load the weights in this dtype ("bf16", "fp16"; default float32), see mmlm.load
     device: str | None = None  # ... on this device ("cuda", "auto"; default cpu)
 
@@ -182,13 +184,18 @@ class Service:
                 raise ValueError(f"{model_path}: this text-to-image model has no tokenizer")
             tokenizer = self.model.tokenizer
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path)
-        if cfg.weights:
+        weights = cfg.weights
+        if weights == "auto" or weights == "none":
+            from ..quant import auto_weights
+
+            weights = None if self.kind in ("clip", "text-to-image") else auto_weights(weights, model_path, self.model)
+        if weights:
             if self.kind in ("clip", "text-to-image"):
                 what = "a CLIP" if self.kind == "clip" else "a text-to-image model"
-                raise ValueError(f"--weights {cfg.weights} quantizes a language model; {model_path} is {what}")
+                raise ValueError(f"--weights {weights} quantizes a language model; {model_path} is {what}")
             from ..quant import quantize
 
-            quantize(self.model, cfg.weights)
+            quantize(self.model, weights)
         self.name = cfg.name or model_id(model_path)
         self.images = ImageLoader(cfg.max_image_bytes, cfg.max_image_pixels, cfg.local_dir, cfg.allow_remote)
         self.processor = None
