@@ -38,6 +38,31 @@ def test_video_recipe_trains_and_evaluates(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["n"] == 4 and result["classes"] == 10 and 0 <= result["top1"] <= 1
     assert len(result["skipped"]) == 1 and "broken.mp4" in result["skipped"][0]["reason"]
+    # `mmlm eval retrieval` on the same table with a second caption for the first clip: each file decoded once,
+    # the broken one skipped, Recall@K equal to the metric on the model's own embeddings
+    lines = table.read_text().splitlines()
+    first = lines[1].split(",")
+    table.write_text("\n".join(lines + [",".join([first[0], "another caption of the first clip", *first[2:]])]) + "\n")
+    assert main(["eval", "retrieval", "--model", str(tmp_path / "run" / "final"), "--data", str(table)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["images"], result["texts"]) == (4, 5) and len(result["skipped"]) == 1
+    from mmlm.data.media import CsvVideoText, normalize_videos
+    from mmlm.eval.retrieval import retrieval_metrics
+    from mmlm.formats import load_tokenizer
+
+    ds = CsvVideoText(table, mmlm.formats.load_preprocess(tmp_path / "run" / "final"), frames=model.config.temporal.frames)
+    from mmlm.data.transforms import ImageProcessor
+
+    videos = normalize_videos(torch.from_numpy(np.stack([ds[i]["video"] for i in range(4)])),
+                              ImageProcessor(ds.processor.config))
+    tok = load_tokenizer(tmp_path / "run" / "final")
+    captions = [ds.captions[i] for i in (0, 1, 2, 3, 5)]
+    with torch.no_grad():
+        want = retrieval_metrics(torch.nn.functional.normalize(model.encode_video(videos), dim=-1),
+                                 torch.nn.functional.normalize(model.encode_text(
+                                     tok(captions, context_length=model.config.text.context_length)), dim=-1),
+                                 torch.tensor([0, 1, 2, 3, 0]))
+    assert all(result[k] == want[k] for k in want)
 
 
 def test_audio_recipe_trains_and_evaluates(tmp_path, capsys):
@@ -52,6 +77,10 @@ def test_audio_recipe_trains_and_evaluates(tmp_path, capsys):
                  "--data", str(tmp_path / "data" / "val.csv")]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["n"] == 4 and result["classes"] == 10 and not result["skipped"]
+    assert main(["eval", "retrieval", "--model", str(tmp_path / "run" / "final"),
+                 "--data", str(tmp_path / "data" / "val.csv")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["images"], result["texts"]) == (4, 4) and result["i2t_R@5"] == 1.0
 
 
 def test_a_run_skips_and_names_broken_files(tmp_path, capsys):

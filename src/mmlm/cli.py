@@ -279,8 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("task", choices=["zeroshot", "retrieval", "vqa", "generation"])
     v.add_argument("--model", type=Path, required=True)
     v.add_argument("--data", default=None,
-                   help="zeroshot: 'shapes', 'shapes-novel', 'fashion_mnist' or a CSV with image,label columns; "
-                        "retrieval: 'shapes' or a CSV/TSV with image,caption columns (an image may repeat); "
+                   help="zeroshot: 'shapes', 'shapes-novel', 'fashion_mnist' or a CSV with image (video, audio),label "
+                        "columns; retrieval: 'shapes' or a CSV/TSV with image (a video / audio CLIP: video / audio),"
+                        "caption columns (a file may repeat); "
                         "vqa: shapes | shapes-novel | a LLaVA conversation JSON with reference answers")
     v.add_argument("--classes", default=None, help="zeroshot on a CSV: JSON/text file of class names (default: labels seen)")
     v.add_argument("--templates", default=None, help="zeroshot: text file, one prompt template with {} per line")

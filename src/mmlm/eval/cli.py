@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -98,10 +98,7 @@ def _media_zeroshot(model, tok, processor: ImageProcessor, data: str, classes: s
 
     Class names and templates: `classes` / `templates` files, else the classes.json beside the table (`mmlm data`
     writes one), else the sorted labels and "a video of {}." / "the sound of {}."."""
-    from ..data.fbank import FbankConfig
-    from ..data.media import CsvAudioText, CsvVideoText, normalize_videos
-
-    video = isinstance(model.config, VideoCLIPConfig)
+    video = _media_column(model) == "video"
     col = "video" if video else "audio"
     rows = read_table(data, [col, "label"])
     beside = Path(data).parent / "classes.json"
@@ -122,36 +119,84 @@ def _media_zeroshot(model, tok, processor: ImageProcessor, data: str, classes: s
             return int(label)
         raise ValueError(f"{data}: label {label!r} is neither a class name nor a class index")
 
-    if video:
-        ds = CsvVideoText(data, processor.config, frames=model.config.temporal.frames, caption_col="label")
+    _, items, kept, skipped = _media_items(model, processor, data, "label", limit)
+    labels = [label_index(rows[i]["label"]) for i in kept]
+
+    with torch.no_grad():
+        result = zeroshot(model, tok, _media_batches(model, processor, items), torch.tensor(labels), class_names, tmpl,
+                          encode=_media_encoder(model))
+    return {"task": "zeroshot", "data": data, **result, "skipped": skipped}
+
+
+def _media_column(model) -> str | None:
+    """"video" for a video CLIP, "audio" for an audio CLIP, None for an image CLIP."""
+    if isinstance(model.config, VideoCLIPConfig):
+        return "video"
+    return "audio" if hasattr(model, "encode_audio") else None
+
+
+def _media_encoder(model):
+    return model.encode_video if _media_column(model) == "video" else model.encode_audio
+
+
+def _media_items(model, processor: ImageProcessor, data: str, caption_col: str, limit: int,
+                 rows: Sequence[int] | None = None) -> tuple[Any, list, list[int], list[dict]]:
+    """Decode the table's videos (as the model samples frames) or audio clips (as log-mel features): rows `rows`
+    (default all, up to `limit`). Returns the dataset, the decoded items, the rows they came from, and the rows
+    skipped (file and reason)."""
+    from ..data.fbank import FbankConfig
+    from ..data.media import CsvAudioText, CsvVideoText
+
+    col = _media_column(model)
+    if col == "video":
+        ds = CsvVideoText(data, processor.config, frames=model.config.temporal.frames, caption_col=caption_col)
     else:
-        ds = CsvAudioText(data, FbankConfig.for_tower(model.config.audio), caption_col="label")
-    items, labels, skipped = [], [], []
-    for i in range(min(len(ds), limit or len(ds))):
+        ds = CsvAudioText(data, FbankConfig.for_tower(model.config.audio), caption_col=caption_col)
+    wanted = list(rows) if rows is not None else list(range(min(len(ds), limit or len(ds))))
+    items, kept, skipped = [], [], []
+    for i in wanted:
         x = ds[i]
         if "bad" in x:
-            skipped.append({col: ds.videos[i] if video else ds.files[i], "reason": x["bad"][1]})
+            skipped.append({col: ds.videos[i] if col == "video" else ds.files[i], "reason": x["bad"][1]})
         else:
             items.append(x[col])
-            labels.append(label_index(rows[i]["label"]))
+            kept.append(i)
     if not items:
-        raise ValueError(f"{data}: none of its {len(ds)} {col} files could be read")
+        raise ValueError(f"{data}: none of its {len(wanted)} {col} files could be read")
+    return ds, items, kept, skipped
 
-    def batches(n: int = 64) -> Iterator[torch.Tensor]:
-        for i in range(0, len(items), n):
-            x = torch.from_numpy(np.stack(items[i:i + n]))
-            yield normalize_videos(x, processor) if video else x
 
-    encode = model.encode_video if video else model.encode_audio
-    with torch.no_grad():
-        result = zeroshot(model, tok, batches(), torch.tensor(labels), class_names, tmpl, encode=encode)
-    return {"task": "zeroshot", "data": data, **result, "skipped": skipped}
+def _media_batches(model, processor: ImageProcessor, items: list, n: int = 64) -> Iterator[torch.Tensor]:
+    from ..data.media import normalize_videos
+
+    video = _media_column(model) == "video"
+    for i in range(0, len(items), n):
+        x = torch.from_numpy(np.stack(items[i:i + n]))
+        yield normalize_videos(x, processor) if video else x
 
 
 def eval_retrieval(model_dir: str | Path, data: str, limit: int = 0, dtype: Any = None,
                    device: Any = None) -> dict[str, Any]:
+    """Recall@K both ways over 'shapes' (val) or a CSV/TSV of image (or, for a video / audio CLIP, video / audio)
+    and caption columns; a file may repeat with several captions and is decoded once."""
     model, tok, processor = open_model(model_dir, dtype, device)
     skipped: list[dict] = []
+    col = _media_column(model)
+    if col is not None:
+        if data == "shapes":
+            raise ValueError(f"--data shapes holds images; a {col} CLIP needs a CSV/TSV with {col},caption columns "
+                             f"(`mmlm data {'moving-shapes' if col == 'video' else 'sounds'}` writes one)")
+        rows = read_table(data, [col, "caption"])
+        first: dict[str, int] = {}
+        for i, r in enumerate(rows):
+            first.setdefault(r[col], i)
+        files = list(first)[: limit or None]
+        _, items, kept, skipped = _media_items(model, processor, data, "caption", 0, [first[f] for f in files])
+        index = {rows[i][col]: j for j, i in enumerate(kept)}
+        pairs = [(r["caption"], index[r[col]]) for r in rows if r[col] in index]
+        metrics = evaluate_retrieval(model, tok, _media_batches(model, processor, items), [c for c, _ in pairs],
+                                     [j for _, j in pairs], encode=_media_encoder(model))
+        return {"task": "retrieval", "data": data, **metrics, "skipped": skipped}
     if data == "shapes":
         from ..data.shapes import ShapesDataset
 

@@ -47,13 +47,15 @@ def retrieval_metrics(image_embeds: torch.Tensor, text_embeds: torch.Tensor, tex
 
 @torch.no_grad()
 def evaluate_retrieval(model, tokenizer, image_batches: Iterable[torch.Tensor], captions: Sequence[str],
-                       text_image: Sequence[int], batch_size: int = 256) -> dict[str, float]:
-    """Embed images (an iterable of pixel batches) and captions with a CLIP, then `retrieval_metrics`.
+                       text_image: Sequence[int], batch_size: int = 256, encode=None) -> dict[str, float]:
+    """Embed images (an iterable of pixel batches) and captions with a CLIP, then `retrieval_metrics`. `encode`
+    replaces model.encode_image (a video or audio CLIP's encode_video / encode_audio: the batches hold those).
 
     Under torch.distributed the ranks share the embedding work and every rank scores all of it."""
     ctx = model.config.text.context_length
     dev = next(model.parameters()).device  # inputs go where the weights are, embeddings come back to the CPU
-    img = F.normalize(torch.cat(map_shards(lambda px: model.encode_image(px.to(dev)).float().cpu(), image_batches)), dim=-1)
+    encode = encode or model.encode_image
+    img = F.normalize(torch.cat(map_shards(lambda px: encode(px.to(dev)).float().cpu(), image_batches)), dim=-1)
     txt = F.normalize(torch.cat(map_shards(
         lambda i: model.encode_text(tokenizer(list(captions[i:i + batch_size]), context_length=ctx).to(dev)).float().cpu(),
         range(0, len(captions), batch_size))), dim=-1)
