@@ -102,3 +102,64 @@ def test_a_run_skips_and_names_broken_files(tmp_path, capsys):
     printed = capsys.readouterr().out  # the loop names each skipped sample: the table's line, the file, the reason
     assert "pairs.csv:5: " in printed and "cut.wav: cannot decode audio" in printed
     assert "pairs.csv:6: " in printed and "readme.wav: cannot decode audio" in printed
+
+
+def _tar(path: Path, members: dict[str, bytes]) -> Path:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_tar_shards_of_videos_and_audio_train_and_name_bad_members(tmp_path, capsys):
+    """webdataset-style shards (KEY.mp4 / KEY.wav + KEY.txt), as for images: read by seeking, the same items as
+    the CSV readers, a broken or captionless member a bad sample named shard:key."""
+    from mmlm.data.fbank import FbankConfig
+    from mmlm.data.media import TarMediaText, audio_features, read_audio, read_video, video_pixels
+    from mmlm.data.media_sets import moving_shape_item, sound_item
+    from mmlm.data.transforms import ImageProcessor, PreprocessConfig
+
+    clips, sounds = {}, {}
+    for i in range(4):
+        item = moving_shape_item("train", i, frames=8, size=32)
+        write_video(tmp_path / f"v{i}.mp4", item["video"])
+        clips[f"c{i}.mp4"], clips[f"c{i}.txt"] = (tmp_path / f"v{i}.mp4").read_bytes(), item["caption"].encode()
+        s = sound_item("train", i)
+        write_audio(tmp_path / f"a{i}.wav", s["audio"])
+        sounds[f"s{i}.wav"], sounds[f"s{i}.txt"] = (tmp_path / f"a{i}.wav").read_bytes(), s["caption"].encode()
+    clips["broken.mp4"], clips["broken.txt"] = b"\x00" * 64, b"a broken clip"
+    clips["nocaption.mp4"] = clips["c0.mp4"]
+    _tar(tmp_path / "video-000.tar", dict(list(clips.items())[:4]))
+    _tar(tmp_path / "video-001.tar", dict(list(clips.items())[4:]))
+    _tar(tmp_path / "audio-000.tar", sounds)
+
+    pre = PreprocessConfig(image_size=32)
+    videos = TarMediaText(str(tmp_path / "video-*.tar"), "video", pre, frames=8)
+    assert len(videos) == 6
+    got = {x["caption"]: x["video"] for x in (videos[i] for i in range(6)) if "bad" not in x}
+    assert len(got) == 4
+    want = video_pixels(read_video(tmp_path / "v1.mp4", 8), ImageProcessor(pre))
+    assert np.array_equal(got[clips["c1.txt"].decode()], want)
+    bad = [videos[i]["bad"] for i in range(6) if "bad" in videos[i]]
+    assert {b[0].rsplit(":", 1)[1] for b in bad} == {"broken", "nocaption"}
+    assert any("missing caption" in b[1] for b in bad) and any("cannot decode video" in b[1] for b in bad)
+    audio = TarMediaText(str(tmp_path / "audio-*.tar"), "audio", features=FbankConfig(num_mel_bins=64, max_length=100))
+    first = audio[0]
+    assert np.allclose(first["audio"], audio_features(read_audio(tmp_path / "a0.wav"), audio.features))
+
+    cfg = load_recipe("clip", RECIPES / "clip-video-shapes.yaml",
+                      ["train.steps=2", "train.batch_size=3", "train.eval_every=0", "train.ckpt_every=2",
+                       "train.precision=fp32", "train.num_workers=0", "train.max_bad_sample_fraction=0.5",
+                       "data.kind=video_tar", f"data.path={tmp_path / 'video-*.tar'}"])
+    summary = train_clip(cfg, tmp_path / "run")
+    assert summary["step"] == 2 and summary["bad_samples"] >= 1
+    cfg = load_recipe("clip", RECIPES / "clip-audio.yaml",
+                      ["train.steps=2", "train.batch_size=2", "train.eval_every=0", "train.ckpt_every=2",
+                       "train.precision=fp32", "train.num_workers=0", "data.kind=audio_tar",
+                       f"data.path={tmp_path / 'audio-*.tar'}"])
+    assert train_clip(cfg, tmp_path / "run-audio")["step"] == 2

@@ -79,15 +79,13 @@ class _Member:
     size: int
 
 
-class TarImageText(Dataset):
-    """webdataset-style tar shards: `KEY.jpg|png|...` + `KEY.txt` members that share a key.
+class TarShards(Dataset):
+    """webdataset-style tar shards indexed once (tar headers only, no payload read): members `KEY.EXT` that share
+    a key are one sample, `KEY.txt` its caption. Any sample is then read by seeking, so shuffling, worker and rank
+    splitting and exact resume work as for a CSV. `samples[i]` = (shard:key, the first member with one of
+    `extensions`, the .txt member); a missing one makes the sample bad, never silently dropped."""
 
-    The shards are indexed once (tar headers only, no image bytes read) so that any sample can be read
-    by seeking: shuffling, worker and rank splitting and exact resume then work as for a CSV. A sample
-    with no image or no caption is reported as bad rather than dropped silently.
-    """
-
-    def __init__(self, shards: str | Sequence[str], preprocess: PreprocessConfig, max_pixels: int | None = None):
+    def __init__(self, shards: str | Sequence[str], extensions: Sequence[str]):
         if isinstance(shards, (str, Path)):
             paths = sorted(glob.glob(str(shards))) or ([str(shards)] if Path(shards).is_file() else [])
         else:
@@ -108,9 +106,8 @@ class TarImageText(Dataset):
             except (tarfile.TarError, OSError) as e:
                 raise ValueError(f"{path}: not a readable tar shard: {e}") from e
             for key, parts in groups.items():
-                image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
-                self.samples.append((f"{path}:{key}", image, parts.get(".txt")))
-        self.processor = ImageProcessor(preprocess, max_pixels=max_pixels)
+                payload = next((parts[e] for e in extensions if e in parts), None)
+                self.samples.append((f"{path}:{key}", payload, parts.get(".txt")))
         self._files: dict[int, Any] = {}
 
     def __len__(self) -> int:
@@ -123,6 +120,23 @@ class TarImageText(Dataset):
         f.seek(m.offset)
         return f.read(m.size)
 
+    def raw_caption(self, i: int) -> str | None:
+        """Sample i's caption text as stored (undecodable bytes replaced), without reading its payload; None
+        when it has no caption member."""
+        text = self.samples[i][2]
+        return None if text is None else self._read(text).decode("utf-8", errors="replace")
+
+    def __getstate__(self) -> dict[str, Any]:  # file handles do not cross process boundaries
+        return {**self.__dict__, "_files": {}}
+
+
+class TarImageText(TarShards):
+    """Tar shards of `KEY.jpg|png|...` + `KEY.txt` (see TarShards)."""
+
+    def __init__(self, shards: str | Sequence[str], preprocess: PreprocessConfig, max_pixels: int | None = None):
+        super().__init__(shards, IMAGE_EXTENSIONS)
+        self.processor = ImageProcessor(preprocess, max_pixels=max_pixels)
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         name, image, text = self.samples[i]
         if image is None or text is None:
@@ -133,15 +147,6 @@ class TarImageText(Dataset):
         except (BadImageError, UnicodeDecodeError) as e:
             return {"bad": (name, str(e))}
         return {"image": self.processor.pixels(pil), "caption": caption}
-
-    def raw_caption(self, i: int) -> str | None:
-        """Sample i's caption text as stored (undecodable bytes replaced), without reading its image; None
-        when it has no caption member."""
-        text = self.samples[i][2]
-        return None if text is None else self._read(text).decode("utf-8", errors="replace")
-
-    def __getstate__(self) -> dict[str, Any]:  # file handles do not cross process boundaries
-        return {**self.__dict__, "_files": {}}
 
 
 class ArrayImageText(Dataset):

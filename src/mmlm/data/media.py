@@ -22,7 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .fbank import FbankConfig, ast_features
-from .image_text import IMAGE_EXTENSIONS, read_table
+from .image_text import IMAGE_EXTENSIONS, TarShards, read_table
 from .transforms import BadImageError, ImageProcessor, PreprocessConfig
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".gif")
@@ -355,6 +355,38 @@ class CsvAudioText(Dataset):
         except BadMediaError as e:
             return {"bad": (f"{self.path}:{i + 2}", str(e))}
         return {"audio": audio_features(wave, self.features), "caption": self.captions[i], "label": self.labels[i]}
+
+
+class TarMediaText(TarShards):
+    """webdataset-style tar shards of `KEY.mp4|webm|...` (column "video") or `KEY.wav|flac|ogg` (column "audio")
+    with `KEY.txt` captions (see data/image_text.py TarShards). Items as CsvVideoText / CsvAudioText give them;
+    an unreadable member is a bad item named `shard:key`."""
+
+    def __init__(self, shards: str | Any, column: str, preprocess: PreprocessConfig | None = None, frames: int = 8,
+                 fps: float | None = None, features: FbankConfig | None = None):
+        if column not in ("video", "audio"):
+            raise ValueError(f"column must be 'video' or 'audio', got {column!r}")
+        super().__init__(shards, VIDEO_EXTENSIONS if column == "video" else AUDIO_EXTENSIONS)
+        self.column, self.frames, self.fps = column, frames, fps
+        self.processor = ImageProcessor(preprocess) if column == "video" else None
+        self.features = features or FbankConfig()
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        import io
+
+        name, payload, text = self.samples[i]
+        if payload is None or text is None:
+            return {"bad": (name, "missing " + (self.column if payload is None else "caption") + " member")}
+        try:
+            caption = self._read(text).decode("utf-8").strip()
+            data = io.BytesIO(self._read(payload))
+            if self.column == "video":
+                item = video_pixels(read_video(data, self.frames, self.fps, name=name), self.processor)
+            else:
+                item = audio_features(read_audio(data, self.features.sampling_rate, name=name), self.features)
+        except (BadMediaError, BadImageError, UnicodeDecodeError) as e:
+            return {"bad": (name, str(e))}
+        return {self.column: item, "caption": caption, "label": -1}
 
 
 class MediaTextCollate:

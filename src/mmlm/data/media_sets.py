@@ -293,3 +293,12 @@ def generated_evaluation(name: str) -> Callable[[Any, Any], tuple[list, list]]:
 
 def csv_train(column: str) -> Callable[[Any, Any], Any]:
     return lambda d, pre: _media_dataset(column, Path(d.path), d, pre)
+
+
+def tar_train(column: str) -> Callable[[Any, Any], Any]:
+    """Tar shards (`data.path` a glob) of videos or audio clips with .txt captions."""
+    from .fbank import FbankConfig
+    from .media import TarMediaText
+
+    return lambda d, pre: TarMediaText(d.path, column, pre, frames=d.frames, fps=d.fps or None,
+                                       features=FbankConfig(num_mel_bins=d.mel_bins, max_length=d.audio_frames))

@@ -31,7 +31,7 @@ def _check_kind(kind: str, path: str, registry: dict[str, Any]) -> None:
 
 @dataclass
 class DataConfig:
-    kind: str = "shapes"  # shapes | fashion_mnist | csv | tar | moving_shapes | sounds | spoken | video_csv | audio_csv
+    kind: str = "shapes"  # shapes | fashion_mnist | csv | tar | moving_shapes | sounds | spoken | video_csv | audio_csv | video_tar | audio_tar
     path: str = ""  # csv/tsv file, or a tar shard glob; the generated video/audio sets: their directory
     image_col: str = "image"
     caption_col: str = "caption"
@@ -143,6 +143,8 @@ IMAGE_TEXT: dict[str, ImageTextSource] = {
        for name in media_sets.DATASETS},
     **{f"{col}_csv": ImageTextSource(media_sets.csv_train(col), lambda d, data, limit: list(data.captions[:limit]),
                                      lambda d, pre: ([], []), needs_path=True)
+       for col in ("video", "audio")},
+    **{f"{col}_tar": ImageTextSource(media_sets.tar_train(col), _tar_captions, lambda d, pre: ([], []), needs_path=True)
        for col in ("video", "audio")},
 }
 
