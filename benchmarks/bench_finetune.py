@@ -19,7 +19,7 @@ Reported: seconds a step (median, min, max; spread = (max - min) / median), toke
 the batch), the first step's loss in each (on the same batch, before any update), trainable parameters, and the
 peak resident memory of a fresh process running only that engine (`peak_mb`: model, data, activations,
 gradients, optimizer state; `train_mb`: above the RSS once the model and batches are in memory).
-peft and transformers are benchmark dependencies only (`pip install peft`).
+peft and transformers are benchmark dependencies only (`pip install -e ".[bench]"`).
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ def main() -> None:
         import peft  # noqa: F401
         import transformers  # noqa: F401
     except ImportError:
-        sys.exit("bench_finetune needs transformers and peft in this venv: pip install peft transformers")
+        sys.exit('bench_finetune needs transformers and peft in this venv: pip install -e ".[bench]"')
     torch.set_num_threads(args.threads)
     from mmlm.bench_common import time_ab
     from mmlm.convert.hf import export_hf
