@@ -1,4 +1,5 @@
-"""The one attention of every mmlm model: CLIP's towers, the ResNet attention pool and the decoder LLM."""
+"""The one attention of every mmlm model: CLIP's towers, the ResNet attention pool and the decoder LLM (`Attention`);
+the UNet's text and Flamingo's media reach their queries through `CrossAttention`, the same kernel."""
 
 from __future__ import annotations
 
@@ -57,3 +58,28 @@ class Attention(nn.Module):
             k, v = write_cache(cache, k, v)  # (B, Hkv, S, hd): the earlier tokens' keys and values too
         y = attention(q, k, v, attn_mask, is_causal and attn_mask is None)  # softmax(q k^T / sqrt(hd) + mask) v
         return self.proj(y.transpose(1, 2).reshape(B, T, self.q_dim))  # (B, T, H*hd) -> (B, T, out_dim)
+
+
+class CrossAttention(nn.Module):
+    """Queries from x (B, N, dim), keys and values from a context (B, S, context_dim): softmax(q k^T / sqrt(hd)) v
+    per head, through the same attention kernel. k and v are one fused matmul. Stable Diffusion's UNet attends
+    from image positions to the text states; Flamingo attends from text tokens to media latents, with a mask."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, upcast: bool = False, out_bias: bool = True):
+        super().__init__()
+        self.heads, self.head_dim, self.upcast = heads, dim // heads, upcast
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(context_dim, 2 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=out_bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, dim), context (B, S, context_dim) -> (B, N, dim); attn_mask bool (True = may attend),
+        broadcastable to (B, H, N, S)."""
+        B, N, D = x.shape
+        q = self.q(x).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # (B, H, N, hd)
+        k, v = self.kv(context).unflatten(-1, (2 * self.heads, self.head_dim)).transpose(1, 2).chunk(2, dim=1)  # (B, H, S, hd)
+        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
+            y = attention(q.float(), k.float(), v.float(), attn_mask).to(q.dtype)
+        else:
+            y = attention(q, k, v, attn_mask)  # (B, H, N, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, N, D))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import torch
 from torch import nn
@@ -106,7 +107,8 @@ class LM(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None, only_last: bool = False,
-                logits_at: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> LMOutput:
+                logits_at: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                before_block: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> LMOutput:
         """input_ids (B, T) (or inputs_embeds (B, T, C)) -> logits (B, T, V).
 
         attention_mask (B, S), 1 = real token, covers the cached tokens too (S = cache.pos + T); padding
@@ -116,7 +118,8 @@ class LM(nn.Module):
         (B, T) bool computes them only where it is True, (N, V) in row-major order: training needs them only
         where a learned token is predicted, and the vocabulary projection is the costliest matmul of a small LM.
         With `targets` (N,) beside `logits_at`, no logits come back but each target's cross-entropy, `token_loss`
-        (N,), computed without materialising float32 logits (see `kernels.next_token_loss`).
+        (N,), computed without materialising float32 logits (see `kernels.next_token_loss`). `before_block(i, x)`
+        may change the states before block i (Flamingo's gated cross-attention, models/flamingo.py).
         """
         if targets is not None and (logits_at is None or only_last):
             raise ValueError("targets need logits_at (the positions they are predicted from), without only_last")
@@ -149,6 +152,8 @@ class LM(nn.Module):
         elif not is_causal and T > 1:  # new tokens after cached ones: causal with an offset
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(start)
         for i, block in enumerate(self.blocks):
+            if before_block is not None:
+                x = before_block(i, x)
             layer_cache = (cache.k[i], cache.v[i], start) if cache is not None else None
             x = block(x, attn_mask=mask, is_causal=is_causal, rope=rope, cache=layer_cache)
         if cache is not None:

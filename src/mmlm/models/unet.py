@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..diffusion_config import UNetConfig
-from .attention import Attention
+from .attention import Attention, CrossAttention
 from .kernels import attention
 
 
@@ -132,29 +132,6 @@ class Upsample2D(nn.Module):
         else:
             x = F.interpolate(x, size=size, mode="nearest")
         return self.conv(x)
-
-
-class CrossAttention(nn.Module):
-    """Queries from the image positions (B, N, dim), keys and values from the text states (B, T, context_dim):
-    softmax(q k^T / sqrt(hd)) v per head, through mmlm's one attention kernel. k and v are one fused matmul."""
-
-    def __init__(self, dim: int, context_dim: int, heads: int, upcast: bool = False):
-        super().__init__()
-        self.heads, self.head_dim, self.upcast = heads, dim // heads, upcast
-        self.q = nn.Linear(dim, dim, bias=False)
-        self.kv = nn.Linear(context_dim, 2 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x (B, N, dim), context (B, T, context_dim) -> (B, N, dim)."""
-        B, N, D = x.shape
-        q = self.q(x).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # (B, H, N, hd)
-        k, v = self.kv(context).unflatten(-1, (2 * self.heads, self.head_dim)).transpose(1, 2).chunk(2, dim=1)  # (B, H, T, hd)
-        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
-            y = attention(q.float(), k.float(), v.float()).to(q.dtype)
-        else:
-            y = attention(q, k, v)  # (B, H, N, hd)
-        return self.proj(y.transpose(1, 2).reshape(B, N, D))
 
 
 class GEGLU(nn.Module):
