@@ -35,6 +35,12 @@ def test_shapes_recipe_trains_saves_generates_and_resumes(tmp_path):
     assert pipe.vae is None and pipe.tokenizer is not None
     images = mmlm.generate_image(pipe, ["a red circle", "a blue star"], steps=2, guidance=2.0)
     assert images.shape == (2, 3, 24, 24) and 0 <= images.min() and images.max() <= 1
+    # no guidance asked for: the recipe's own scale, saved with the model
+    assert pipe.config.guidance == 1.5
+    torch.testing.assert_close(mmlm.generate_image(pipe, ["a red circle"], steps=2),
+                               mmlm.generate_image(pipe, ["a red circle"], steps=2, guidance=1.5), atol=0, rtol=0)
+    assert not torch.equal(mmlm.generate_image(pipe, ["a red circle"], steps=2),
+                           mmlm.generate_image(pipe, ["a red circle"], steps=2, guidance=7.5))
     # sampling uses the average of the UNet's weights, which differs from the last weights
     ema = load_file(run / "final" / "ema.safetensors")
     last = load_file(run / "final" / "model.safetensors")
@@ -52,5 +58,7 @@ def test_recipe_reads_and_bad_field_is_named():
     assert cfg.model.vae is None and cfg.model.image_size == 32
     with pytest.raises(ValueError, match="caption_dropout"):
         load_recipe("diffusion", recipe_path("diffusion-shapes"), ["caption_dropout=1.5"])
+    with pytest.raises(ValueError, match="guidance"):
+        load_recipe("diffusion", recipe_path("diffusion-shapes"), ["model.guidance=nan"])
     with pytest.raises(ValueError, match="in_channels"):
         load_recipe("diffusion", recipe_path("diffusion-shapes"), ["model.unet.in_channels=4"])

@@ -57,11 +57,11 @@ def generate(model: Any, input_ids: Any, attention_mask: Any = None, **kwargs: A
     return _generate(model, input_ids, attention_mask, **kwargs)
 
 
-def generate_image(pipe: Any, prompts: Any, steps: int = 50, guidance: float = 7.5, seed: int = 0, scheduler: str = "ddim",
+def generate_image(pipe: Any, prompts: Any, steps: int = 50, guidance: float | None = None, seed: int = 0, scheduler: str = "ddim",
                    latents: Any = None, **kwargs: Any):
     """Images (B, 3, H, W) in [0, 1] from a text-to-image model (`mmlm.load` of a diffusers pipeline dir or an mmlm
-    one): `steps` of the "ddim", "ddpm" or "euler" sampler, classifier-free guidance when guidance > 1, noise from
-    `seed` unless `latents` are given. See mmlm.image_generation.generate_image."""
+    one): `steps` of the "ddim", "ddpm" or "euler" sampler, classifier-free guidance when guidance > 1 (None: the
+    model's own scale, 7.5 for a Stable Diffusion pipeline), noise from `seed` unless `latents` are given. See mmlm.image_generation.generate_image."""
     from .image_generation import generate_image as _generate_image
 
     return _generate_image(pipe, prompts, steps=steps, guidance=guidance, seed=seed, scheduler=scheduler,

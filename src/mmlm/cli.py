@@ -111,7 +111,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("--prompt is empty")
     if not 1 <= args.steps <= MAX_STEPS:
         raise ValueError(f"--steps must be from 1 to {MAX_STEPS}, got {args.steps}")
-    if not math.isfinite(args.guidance):
+    if args.guidance is not None and not math.isfinite(args.guidance):
         raise ValueError(f"--guidance must be a finite number, got {args.guidance}")
     size = _image_size(args.size)
     pipe = load(args.model, dtype=args.dtype, device=args.device)
@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     gi.add_argument("--out", type=Path, required=True, help="img.png (with --n > 1: img-0.png, img-1.png, ...)")
     gi.add_argument("--n", type=int, default=1, help="images for the prompt (default 1)")
     gi.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    gi.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 turns it off")
+    gi.add_argument("--guidance", type=float, default=None,
+                    help="classifier-free guidance scale; <= 1 turns it off (default: the model's, 7.5 for SD pipelines)")
     gi.add_argument("--seed", type=int, default=0)
     gi.add_argument("--scheduler", default="ddim", choices=["ddim", "ddpm", "euler"])
     gi.add_argument("--size", default=None, help="WIDTHxHEIGHT in pixels (default: the model's native size)")
@@ -289,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate at most this many images (0 = all); generation: prompts per group (0 = 8)")
     v.add_argument("--judge", type=Path, default=None, help="generation: the CLIP that judges the images")
     v.add_argument("--steps", type=int, default=50, help="generation: sampling steps")
-    v.add_argument("--guidance", type=float, default=7.5, help="generation: classifier-free guidance scale")
+    v.add_argument("--guidance", type=float, default=None,
+                   help="generation: classifier-free guidance scale (default: the model's)")
     v.add_argument("--seed", type=int, default=0, help="generation: the prompts' scenes and the noise")
     v.add_argument("--out", type=Path, default=None,
                    help="generation: where generation.json and generation_grid.png go (default: the model's run)")

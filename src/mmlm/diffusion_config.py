@@ -9,6 +9,8 @@ of a diffusers `config.json` finds them here; `heads` is the one rename (diffuse
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -162,6 +164,9 @@ class DiffusionConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: Optional[VAEConfig] = field(default_factory=VAEConfig)
     scheduler: NoiseScheduleConfig = field(default_factory=NoiseScheduleConfig)
+    # the classifier-free guidance scale sampling uses when none is asked for: diffusers' 7.5 for Stable Diffusion;
+    # a recipe sets what suits its model (the shapes model: 1.5)
+    guidance: float = 7.5
 
     def __post_init__(self) -> None:
         _check(self.kind == "diffusion", f"DiffusionConfig.kind must be 'diffusion', got {self.kind!r}")
@@ -173,6 +178,9 @@ class DiffusionConfig:
             self.vae = from_dict(VAEConfig, self.vae, ".vae")
         if isinstance(self.scheduler, dict):
             self.scheduler = from_dict(NoiseScheduleConfig, self.scheduler, ".scheduler")
+        _check(isinstance(self.guidance, (int, float)) and not isinstance(self.guidance, bool)
+               and math.isfinite(self.guidance) and self.guidance >= 0,
+               f"DiffusionConfig.guidance must be a finite number >= 0, got {self.guidance!r}")
         if not self.unet.cross_attention_dim:
             self.unet.cross_attention_dim = self.text.width
         _check(self.unet.cross_attention_dim == self.text.width,

@@ -38,7 +38,7 @@ def _check_request(prompts: Sequence[str], steps: int, guidance: float, schedule
 
 
 @torch.no_grad()
-def generate_image(pipe: TextToImage, prompts: str | Sequence[str], steps: int = 50, guidance: float = 7.5, seed: int = 0,
+def generate_image(pipe: TextToImage, prompts: str | Sequence[str], steps: int = 50, guidance: float | None = None, seed: int = 0,
                    scheduler: str = "ddim", latents: torch.Tensor | None = None, negative_prompt: str = "",
                    height: int | None = None, width: int | None = None,
                    on_step: Callable[[int], None] | None = None) -> torch.Tensor:
@@ -52,6 +52,8 @@ def generate_image(pipe: TextToImage, prompts: str | Sequence[str], steps: int =
                          f"mmlm diffusion run), got {type(pipe).__name__}")
     if isinstance(prompts, str):
         prompts = [prompts]
+    if guidance is None:  # the model's own scale (its config's `guidance`)
+        guidance = pipe.config.guidance
     _check_request(prompts, steps, guidance, scheduler)
     if pipe.tokenizer is None:
         raise ValueError("the model has no tokenizer (load it with mmlm.load, or set pipe.tokenizer)")

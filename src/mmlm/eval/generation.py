@@ -84,7 +84,7 @@ def _grid(images: Sequence[np.ndarray], prompts: Sequence[str], out: Path, cell:
 
 @torch.no_grad()
 def eval_generation(model: str | Path, judge: str | Path, per_group: int = 8, steps: int = 50,
-                    guidance: float = 7.5, seed: int = 0, out: str | Path | None = None, dtype: Any = None,
+                    guidance: float | None = None, seed: int = 0, out: str | Path | None = None, dtype: Any = None,
                     device: Any = None) -> dict[str, Any]:
     """Generate for held-out scene prompts and judge them (see the module docstring); writes
     `generation.json` and `generation_grid.png` under `out` (default: the model's run directory)."""
@@ -98,6 +98,8 @@ def eval_generation(model: str | Path, judge: str | Path, per_group: int = 8, st
     pipe = load(model, dtype=dtype, device=device)
     if not hasattr(pipe, "unet"):
         raise ValueError(f"--model {model} is not a text-to-image model")
+    if guidance is None:
+        guidance = pipe.config.guidance  # the model's own scale
     clip, tokenizer, processor = open_model(judge, dtype=dtype, device=device)
     if not hasattr(clip, "encode_image") or not hasattr(clip, "encode_text"):
         raise ValueError(f"--judge {judge} is not a CLIP model")

@@ -539,7 +539,7 @@ class Service:
         if negative:
             self._check_prompt(negative, "negative_prompt", allow_empty=True)
         settings = {"prompts": [req.prompt] * n, "steps": steps, "scheduler": req.scheduler or "ddim",
-                    "guidance": 7.5 if req.guidance_scale is None else req.guidance_scale,
+                    "guidance": req.guidance_scale,  # None: the model's own scale
                     "seed": secrets.randbits(63) if req.seed is None else req.seed, "negative_prompt": negative}
 
         def finish(images: torch.Tensor) -> list[str]:

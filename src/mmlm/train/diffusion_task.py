@@ -47,7 +47,8 @@ def shapes_model() -> DiffusionConfig:
                         norm_num_groups=8, addition_embed_type="text", addition_embed_type_num_heads=4),
         vae=None,
         scheduler=NoiseScheduleConfig(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, steps_offset=0,
-                                      timestep_spacing="trailing", prediction_type="v_prediction", clip_sample=True))
+                                      timestep_spacing="trailing", prediction_type="v_prediction", clip_sample=True),
+        guidance=1.5)
 
 
 @dataclass
