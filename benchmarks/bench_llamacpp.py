@@ -69,7 +69,7 @@ def run_mmlm(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     engine, n_new = spec["engine"], spec["new_tokens"]
     t0 = time.perf_counter()
-    from mmlm.quant import auto_weights
+    from mmlm.formats import auto_weights
 
     model = mmlm.load(spec["gguf"])
     weights = auto_weights("none" if engine == "mmlm-fp32" else "auto", spec["gguf"], model)

@@ -170,7 +170,7 @@ def test_chat_cli_int4(capsys):
 def test_auto_weights_run_the_q4_file_at_4_bits(ours):
     """`mmlm chat` / `mmlm serve` default (weights "auto"): the Q4_1 SmolLM2 runs int4 (its own blocks), not float32;
     on the GPU, or with "none", the loaded weights stay."""
-    from mmlm.quant import auto_weights, stored_weights
+    from mmlm.formats import auto_weights, stored_weights
 
     assert stored_weights(GGUF) == "int4"
     assert auto_weights("auto", GGUF, ours) == "int4" and auto_weights("auto", "smollm2", ours) == "int4"

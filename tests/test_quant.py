@@ -159,7 +159,7 @@ def test_quantize_refuses_clip_and_unknown_modes():
 
 
 def test_auto_weights_keeps_what_is_loaded_unless_the_file_is_a_quantized_gguf(tmp_path):
-    from mmlm.quant import auto_weights, stored_weights
+    from mmlm.formats import auto_weights, stored_weights
 
     lm = _tiny_lm()
     mmlm.save(lm, tmp_path / "lm")

@@ -79,7 +79,7 @@ def chat(model_path: str | Path, prompt: str | None = None, system: str | None =
     With a LLaVA model, `image` is placed before the first user turn and `template` (default "vicuna_v1")
     is the conversation template it was trained with. `weights` "int8" / "int4" quantizes the LM for faster
     decoding (mmlm.quantize); "auto" (the default) runs a 4-bit or 8-bit GGUF at its own precision on the CPU
-    (`quant.stored_weights`) and everything else as loaded; None or "none" keeps the loaded weights. `dtype` ("bf16", torch.float16, ...; default float32) and `device` ("cuda", "auto";
+    (`formats.stored_weights`) and everything else as loaded; None or "none" keeps the loaded weights. `dtype` ("bf16", torch.float16, ...; default float32) and `device` ("cuda", "auto";
     default cpu) are where the weights are loaded (`mmlm.load`). Returns the conversation.
     """
     from .formats import load, load_preprocess, load_tokenizer
@@ -87,7 +87,8 @@ def chat(model_path: str | Path, prompt: str | None = None, system: str | None =
     out = out if out is not None else sys.stdout  # looked up per call: a default bound at import goes stale
 
     model, tokenizer = load(model_path, dtype=dtype, device=device), load_tokenizer(model_path)
-    from .quant import auto_weights, quantize
+    from .formats import auto_weights
+    from .quant import quantize
 
     weights = auto_weights(weights, model_path, model)
     if weights:

@@ -14,15 +14,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from .assets import resolve
 from .checkpoint import CONFIG_NAME, PREPROCESS_NAME, load_model, read_json, save
 from .config import CLIPConfig
 from .convert import from_open_clip, from_openai
 from .convert.diffusers_pipeline import export_pipeline, is_pipeline_dir, load_pipeline
 from .convert.diffusers_pipeline import load_checkpoint as load_diffusion_checkpoint
-from .convert.gguf import load_gguf, tokenizer_from_gguf
+from .convert.gguf import header, load_gguf, tokenizer_from_gguf
 from .convert.hf import export_hf, load_hf
 from .data.transforms import PreprocessConfig
 from .tokenizer import CLIP_BPE_FILE, TOKENIZER_FILE, Tokenizer
+from .quant import cpu_kernels
 from .weights import parse_device, parse_dtype, place
 
 
@@ -129,3 +131,36 @@ def export_diffusers(src: str | Path, out: str | Path) -> Path:
     """`mmlm export diffusers SRC --out DIR`: SRC is a text-to-image model `mmlm.load` opens; DIR opens with
     `diffusers.StableDiffusionPipeline.from_pretrained`."""
     return export_pipeline(load(src), out)
+
+
+# GGUF block-weight types -> the mode that keeps them at their own precision (Q4_x: 4-bit codes with a scale and
+# an offset per 32 weights, our int4; Q8_0: 8-bit codes, our int8 up to its per-row scale)
+_GGUF_MODES = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q8_0": "int8"}
+
+
+def stored_weights(path: str | Path) -> str | None:
+    """The quantization a model file's own weights imply: for a .gguf whose block linears are mostly Q4_0/Q4_1/Q4_K
+    "int4", Q8_0 "int8"; otherwise (float weights, other formats, a directory) None. What `weights="auto"` uses:
+    a 4-bit file runs at 4 bits, as llama.cpp runs it, instead of being widened to float32."""
+    path = Path(path)
+    if path.suffix.lower() != ".gguf" or not path.is_file():
+        return None
+    try:
+        _, types = header(path)  # read once per process: the model's load has usually read it already
+    except Exception as e:  # the reader's own errors name neither the file nor the problem clearly
+        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+    return _GGUF_MODES.get(types.most_common(1)[0][0]) if types else None
+
+
+def auto_weights(weights: str | None, path: str | Path, model: nn.Module) -> str | None:
+    """Resolve a `weights` setting: "auto" -> `stored_weights(path)` where it applies (a language model on the
+    CPU, with the kernels), else None; "none" -> None; "int8" / "int4" as given."""
+    if weights in (None, "none"):
+        return None
+    if weights != "auto":
+        return weights
+    mode = stored_weights(resolve(path))
+    lm = getattr(model, "lm", model)
+    if mode is None or not (hasattr(lm, "blocks") and hasattr(lm, "lm_head")) or not cpu_kernels():
+        return None
+    return mode if all(p.device.type == "cpu" for p in lm.parameters()) else None

@@ -99,7 +99,7 @@ def quantize(model: nn.Module, mode: str) -> nn.Module:
     """
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}; known: {', '.join(MODES)}")
-    if not _cpu_kernels():
+    if not cpu_kernels():
         raise RuntimeError(f"this torch ({torch.__version__}) lacks the CPU weight-only kernels {mode} needs")
     lm = _language_model(model)
     if is_quantized(lm):
@@ -118,51 +118,10 @@ def quantize(model: nn.Module, mode: str) -> nn.Module:
     return model
 
 
-# GGUF block-weight types -> the mode that keeps them at their own precision (Q4_x: 4-bit codes with a scale and
-# an offset per 32 weights, our int4; Q8_0: 8-bit codes, our int8 up to its per-row scale)
-_GGUF_MODES = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q8_0": "int8"}
-
-
-def stored_weights(path: str | Path) -> str | None:
-    """The quantization a model file's own weights imply: for a .gguf whose block linears are mostly Q4_0/Q4_1/Q4_K
-    "int4", Q8_0 "int8"; otherwise (float weights, other formats, a directory) None. What `weights="auto"` uses:
-    a 4-bit file runs at 4 bits, as llama.cpp runs it, instead of being widened to float32."""
-    path = Path(path)
-    if path.suffix.lower() != ".gguf" or not path.is_file():
-        return None
-    from collections import Counter
-
-    from gguf import GGUFReader
-
-    try:
-        tensors = GGUFReader(str(path)).tensors
-    except Exception as e:  # the reader's own errors name neither the file nor the problem clearly
-        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
-    types = Counter(t.tensor_type.name for t in tensors
-                    if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2)
-    return _GGUF_MODES.get(types.most_common(1)[0][0]) if types else None
-
-
-def auto_weights(weights: str | None, path: str | Path, model: nn.Module) -> str | None:
-    """Resolve a `weights` setting: "auto" -> `stored_weights(path)` where it applies (a language model on the
-    CPU, with the kernels), else None; "none" -> None; "int8" / "int4" as given."""
-    if weights in (None, "none"):
-        return None
-    if weights != "auto":
-        return weights
-    from .assets import resolve
-
-    mode = stored_weights(resolve(path))
-    lm = getattr(model, "lm", model)
-    if mode is None or not (hasattr(lm, "blocks") and hasattr(lm, "lm_head")) or not _cpu_kernels():
-        return None
-    return mode if all(p.device.type == "cpu" for p in lm.parameters()) else None
-
-
 def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, QuantLinear) for m in model.modules())
 
 
-def _cpu_kernels() -> bool:
+def cpu_kernels() -> bool:
     return all(hasattr(torch.ops.aten, op) for op in
                ("_weight_int8pack_mm", "_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu"))

@@ -7,9 +7,11 @@ llama.cpp's converter permutes the rows of q and k so that each head's rotary pa
 
 from __future__ import annotations
 
-from pathlib import Path
 import gc
 import mmap
+import os
+from collections import Counter, OrderedDict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,6 +48,35 @@ def _reader(path: str | Path):
 def read_metadata(reader: Any) -> dict[str, Any]:
     """Every key/value of the file's header as plain Python values."""
     return {name: field.contents() for name, field in reader.fields.items()}
+
+
+# The gguf package parses the whole header, the tokenizer's ~100k strings included, in Python (~2 s for SmolLM2):
+# a file's header is read once per process, by whichever of the model, its tokenizer and `weights="auto"` asks
+# first, and kept (key: path, modification time, size) for the others.
+_HEADERS: OrderedDict[tuple, tuple[dict[str, Any], Counter]] = OrderedDict()
+
+
+def _file_key(path: str | Path) -> tuple:
+    st = os.stat(path)
+    return (str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+
+
+def _remember(key: tuple, reader: Any) -> tuple[dict[str, Any], Counter]:
+    types = Counter(t.tensor_type.name for t in reader.tensors
+                    if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2)
+    _HEADERS[key] = (read_metadata(reader), types)
+    while len(_HEADERS) > 2:
+        _HEADERS.popitem(last=False)
+    return _HEADERS[key]
+
+
+def header(path: str | Path) -> tuple[dict[str, Any], Counter]:
+    """(the header's key/values, a count of the block linears' tensor types, e.g. {"Q4_1": 210}) of a .gguf file."""
+    key = _file_key(path)
+    if key not in _HEADERS:
+        _remember(key, _reader(path))
+    _HEADERS.move_to_end(key)
+    return _HEADERS[key]
 
 
 def unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -143,7 +174,8 @@ def load_gguf(path: str | Path) -> torch.nn.Module:
     init, no second copy): peak memory is about one float32 model plus the file's mapping.
     """
     reader = _reader(path)
-    cfg = config_from_gguf(read_metadata(reader), str(path))
+    meta, _ = _remember(_file_key(path), reader)
+    cfg = config_from_gguf(meta, str(path))
     tensors = {t.name: t for t in reader.tensors}
     # the reader holds the header parsed into many small arrays (the tokenizer's vocabulary: ~150 MB for
     # SmolLM2); the tensor records keep only the file mapping alive
@@ -167,7 +199,7 @@ def tokenizer_from_gguf(path: str | Path):
     import tokenizers
     from tokenizers import decoders, models, pre_tokenizers
 
-    meta = read_metadata(_reader(path))
+    meta, _ = header(path)
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise ValueError(f"{path}: GGUF tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2')")

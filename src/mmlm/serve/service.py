@@ -95,7 +95,7 @@ class ServeConfig:
     api_key: str | None = None  # if set, /v1/* needs "Authorization: Bearer <key>"
     allowed_hosts: tuple[str, ...] = ()  # Host header names accepted without a key, besides localhost and IPs
     # "int8" / "int4": quantize the LM for faster decoding (mmlm.quantize); "auto": a Q4/Q8 GGUF at its own
-    # precision on the CPU, anything else as loaded (quant.auto_weights); None / "none": as loaded
+    # precision on the CPU, anything else as loaded (formats.auto_weights); None / "none": as loaded
     weights: str | None = "auto"
     dtype: str | None = None  # load the weights in this dtype ("bf16", "fp16"; default float32), see mmlm.load
     device: str | None = None  # ... on this device ("cuda", "auto"; default cpu)
@@ -186,7 +186,7 @@ class Service:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path)
         weights = cfg.weights
         if weights == "auto" or weights == "none":
-            from ..quant import auto_weights
+            from ..formats import auto_weights
 
             weights = None if self.kind in ("clip", "text-to-image") else auto_weights(weights, model_path, self.model)
         if weights:
