@@ -180,8 +180,13 @@ class FlamingoLM(nn.Module):
             return self.lm(input_ids, attention_mask=attention_mask, **lm_kwargs)
         context, mask = self.media_context(input_ids, media)
         interval = self.config.interval
+        cast: dict[torch.dtype, torch.Tensor] = {}  # the latents in the states' dtype, converted once per forward
 
         def before_block(i: int, x: torch.Tensor) -> torch.Tensor:
-            return self.cross[i // interval](x, context.to(x.dtype), mask) if i % interval == 0 else x
+            if i % interval:
+                return x
+            if x.dtype not in cast:
+                cast[x.dtype] = context.to(x.dtype)
+            return self.cross[i // interval](x, cast[x.dtype], mask)
 
         return self.lm(input_ids, attention_mask=attention_mask, before_block=before_block, **lm_kwargs)
