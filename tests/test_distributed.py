@@ -41,6 +41,7 @@ def _worker(rank: int, world: int, port: int, name: str, out: str, args: tuple) 
         globals()[name](rank, Path(out), *args)
     finally:
         distributed.shutdown()
+    os._exit(0)  # done and written: skip the interpreter's teardown, where gloo's threads can abort the process
 
 
 def launch(name: str, out: Path, *args, world: int = WORLD, timeout: float = 240) -> None:
