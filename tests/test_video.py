@@ -79,3 +79,20 @@ def test_save_load_round_trip_and_errors(tmp_path):
         video.encode_video(frames[:, 0])
     with pytest.raises(ValueError, match="exactly one"):
         video(input_ids=torch.zeros(1, 16, dtype=torch.long))
+
+
+def test_position_embeddings_start_at_the_asked_scale():
+    """`vision.pos_init_std` (the video recipe's 1.0) sets the ViT's position init; 0 keeps OpenAI's width^-1/2;
+    the temporal Transformer's frame positions start at N(0, 1)."""
+    from mmlm.config import ViTConfig
+
+    torch.manual_seed(0)
+    openai = CLIP(clip_preset("tiny-vit")).visual.pos_embed
+    cfg = clip_preset("tiny-vit")
+    cfg.vision.pos_init_std = 1.0
+    video = VideoCLIP.from_image_clip(CLIP(cfg), TemporalConfig(fusion="transformer", frames=8))
+    assert abs(openai.std().item() - 64**-0.5) < 0.03
+    assert abs(video.visual.pos_embed.std().item() - 1.0) < 0.15
+    assert abs(video.temporal.frame_pos.std().item() - 1.0) < 0.15
+    with pytest.raises(ValueError, match="pos_init_std"):
+        ViTConfig(image_size=32, patch_size=8, width=64, layers=1, heads=4, pos_init_std=-1)

@@ -37,9 +37,14 @@ class ViTConfig:
     act: str = "quick_gelu"
     norm_eps: float = 1e-5
     in_channels: int = 3
+    # the position embeddings' std at init; 0 = OpenAI's width^-1/2, a quarter of what a patch's content weighs
+    # at these widths, so a tower trained from scratch first learns what is in a picture and only slowly where
+    # (a video tower needs where from the start: a move left and a move right show the same frames, reversed)
+    pos_init_std: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.kind == "vit", f"ViTConfig.kind must be 'vit', got {self.kind!r}")
+        _check(self.pos_init_std >= 0, f"vision.pos_init_std must be >= 0, got {self.pos_init_std}")
         if not self.mlp_dim:
             self.mlp_dim = 4 * self.width
         _check(self.image_size % self.patch_size == 0,

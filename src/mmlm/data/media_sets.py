@@ -36,8 +36,9 @@ ACTIONS = ("moving left", "moving right", "moving up", "moving down", "growing",
 # one held-out action per shape, each action at most once: every action and every shape is still seen
 HELD_OUT_ACTIONS = tuple((SHAPES[i], ACTIONS[(3 * i) % len(ACTIONS)]) for i in range(len(SHAPES)))
 VIDEO_TEMPLATES = ("a video of {}.", "{}.", "a clip of {}.")
-# zero-shot action prompts leave the object unnamed; a quarter of the training captions do too, so that such a
-# sentence is one the text tower has read
+# zero-shot action prompts leave the object unnamed; half the training captions do too (ActionCLIP's texts are
+# the action alone): a caption that names colour and shape is matched without looking at the motion, so only
+# these captions make a batch tell "moving left" from "moving right"
 ACTION_TEMPLATES = ("something {}.", "a video of something {}.")
 _SYMMETRIC = {"circle"}  # a spinning circle looks still: never asked to spin
 
@@ -93,7 +94,7 @@ def moving_shape_item(split: str, index: int, seed: int = 0, frames: int = 8, si
     shape, action = pairs[rng.integers(len(pairs))]
     colour = COLOURS[rng.integers(len(COLOURS))]
     text = f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape} {action}"
-    if rng.random() < 0.25:
+    if rng.random() < 0.5:
         caption = ACTION_TEMPLATES[rng.integers(len(ACTION_TEMPLATES))].format(action)
     else:
         caption = VIDEO_TEMPLATES[rng.integers(len(VIDEO_TEMPLATES))].format(text)

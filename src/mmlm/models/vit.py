@@ -25,10 +25,11 @@ class VisionTransformer(nn.Module):
         self.proj = nn.Linear(w, embed_dim, bias=False) if embed_dim is not None else None
 
     def init_weights(self) -> None:
-        """OpenAI's init: embeddings and projection ~ N(0, width^-1/2); blocks as nn.MultiheadAttention leaves them."""
+        """OpenAI's init: embeddings and projection ~ N(0, width^-1/2) (positions: `pos_init_std` when set); blocks as
+        nn.MultiheadAttention leaves them."""
         scale = self.cfg.width**-0.5
         nn.init.normal_(self.class_embedding, std=scale)
-        nn.init.normal_(self.pos_embed, std=scale)
+        nn.init.normal_(self.pos_embed, std=self.cfg.pos_init_std or scale)
         if self.proj is not None:
             nn.init.normal_(self.proj.weight, std=scale)
         self.transformer.init_torch_mha()
