@@ -241,6 +241,38 @@ def test_patch_embedding_is_the_strided_convolution():
         torch.testing.assert_close(kernels.patch_embed(pixels, w, 8), conv)
 
 
+def test_channels_last_convolutions_give_the_nchw_results_and_leave_the_model_as_it_was():
+    """conv_layout / conv_weights_layout: a text-to-image UNet with a VAE sampled (and trained) on channels-last
+    activations and weights gives the reference's NCHW results; the weights are contiguous again afterwards."""
+    from mmlm.config import TextConfig
+    from mmlm.diffusion_config import DiffusionConfig, UNetConfig, VAEConfig
+    from mmlm.models.diffusion import TextToImage
+    from mmlm.tokenizer import Tokenizer
+
+    unet = UNetConfig(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                      cross_attention=(True, True), heads=2, norm_num_groups=4, cross_attention_dim=0)
+    vae = VAEConfig(block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4, sample_size=16)
+    text = TextConfig(vocab_size=530, eot_token_id=529, context_length=8, width=16, layers=1, heads=2)
+    cfg = DiffusionConfig(text=text, unet=unet, vae=vae)
+    tok = Tokenizer.train_bpe(["a red circle", "a blue square"] * 8, vocab_size=530, context_length=8)
+    cfg.text.vocab_size, cfg.text.eot_token_id = tok.vocab_size, tok.eot_id
+    torch.manual_seed(0)
+    pipe = TextToImage(cfg).eval()
+    pipe.tokenizer = tok
+    images = _run(lambda: mmlm.generate_image(pipe, ["a red circle", "a blue square"], steps=3, guidance=2.0), [])
+    _assert_agree(images, atol=1e-5)
+    assert images[0][0].is_contiguous()  # handed back NCHW
+    assert all(p.is_contiguous() for p in pipe.parameters())
+    w = pipe.unet.conv_in.weight
+    for ref in (False, True):
+        with mmlm.reference_mode(ref), kernels.conv_weights_layout(pipe.unet, None):
+            assert w.is_contiguous(memory_format=torch.channels_last) != ref and w.is_contiguous() == ref
+            assert kernels.conv_layout(torch.randn(1, 4, 8, 8)).is_contiguous() == ref
+    assert w.is_contiguous()
+    x, t, ctx = torch.randn(2, 4, 8, 8, requires_grad=True), torch.tensor([3, 500]), torch.randn(2, 5, cfg.text.width)
+    _assert_agree(_run(lambda: pipe.unet(x, t, ctx), [x, *pipe.unet.parameters()]), atol=1e-5, grad_scale=True)
+
+
 def test_packing_rounds_its_row_count():
     """Packing(multiple=m) keeps every real token and adds dropped ones until the count is a multiple of m (few
     distinct matmul shapes); round_rows pads with zero rows."""

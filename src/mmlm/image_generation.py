@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .models.diffusion import TextToImage
+from .models.kernels import conv_weights_layout
 from .schedulers import SAMPLERS, sampler
 
 MAX_STEPS = 1000
@@ -80,16 +81,17 @@ def generate_image(pipe: TextToImage, prompts: str | Sequence[str], steps: int =
     elif tuple(latents.shape) != shape:
         raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
     x = latents.to(device=device, dtype=dtype) * plan.init_noise_sigma
-    for i, t in enumerate(plan.timesteps):
-        x_in = plan.scale_input(torch.cat([x, x]) if guided else x, i)
-        out = pipe.unet(x_in, t.to(device), text)
-        if guided:
-            out_uncond, out_text = out.chunk(2)
-            out = out_uncond + guidance * (out_text - out_uncond)
-        x = plan.step(out, i, x, generator)
-        if on_step is not None:
-            on_step(i)
-    return pipe.to_image(x)
+    with conv_weights_layout(pipe.unet, pipe.vae):  # the convolutions' weights as their inputs: channels-last
+        for i, t in enumerate(plan.timesteps):
+            x_in = plan.scale_input(torch.cat([x, x]) if guided else x, i)
+            out = pipe.unet(x_in, t.to(device), text)
+            if guided:
+                out_uncond, out_text = out.chunk(2)
+                out = out_uncond + guidance * (out_text - out_uncond)
+            x = plan.step(out, i, x, generator)
+            if on_step is not None:
+                on_step(i)
+        return pipe.to_image(x).contiguous()  # (B, 3, H, W), NCHW whatever layout the kernels chose
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..diffusion_config import UNetConfig
 from .attention import Attention, CrossAttention
-from .kernels import attention
+from .kernels import attention, conv_layout
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0) -> torch.Tensor:
@@ -318,7 +318,7 @@ class UNet2DConditionModel(nn.Module):
                                                       cfg.freq_shift).to(sample.dtype))  # (B, 4 c0)
         if self.add_embedding is not None:  # the pooled prompt joins the timestep: every resnet sees both
             temb = temb + self.add_embedding(encoder_hidden_states)
-        x = self.conv_in(sample)
+        x = self.conv_in(conv_layout(sample))  # (B, c0, H, W)
         skips = [x]
         for block in self.down_blocks:
             x, level_skips = block(x, temb, encoder_hidden_states)

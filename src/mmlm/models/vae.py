@@ -13,6 +13,7 @@ from torch import nn
 
 from ..diffusion_config import VAEConfig
 from .attention import Attention
+from .kernels import conv_layout
 from .unet import Downsample2D, ResnetBlock2D, Upsample2D
 
 EPS = 1e-6  # the autoencoder's GroupNorm epsilon
@@ -136,7 +137,7 @@ class AutoencoderKL(nn.Module):
         """x (B, C, H, W) in [-1, 1] -> mean, logvar (B, L, H/f, W/f); logvar clamped to [-30, 20] as diffusers'."""
         if x.dim() != 4 or x.shape[1] != self.cfg.in_channels:
             raise ValueError(f"x must be (B, {self.cfg.in_channels}, H, W), got {tuple(x.shape)}")
-        moments = self.encoder(x)
+        moments = self.encoder(conv_layout(x))
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
         mean, logvar = moments.chunk(2, dim=1)
@@ -152,6 +153,7 @@ class AutoencoderKL(nn.Module):
         """z (B, L, h, w) (unscaled: divide the UNet's latents by `scaling_factor` first) -> (B, C, h f, w f)."""
         if z.dim() != 4 or z.shape[1] != self.cfg.latent_channels:
             raise ValueError(f"z must be (B, {self.cfg.latent_channels}, h, w), got {tuple(z.shape)}")
+        z = conv_layout(z)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)

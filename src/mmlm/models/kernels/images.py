@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .casts import matmul_dtype
 from .switch import reference
@@ -28,8 +32,25 @@ def patch_embed(pixel_values: torch.Tensor, weight: torch.Tensor, patch: int) ->
 
 
 def conv_layout(x: torch.Tensor) -> torch.Tensor:
-    """x itself (NCHW), or while training its channels-last copy: oneDNN's convolutions run ~1.4x faster on NHWC
-    activations. Inference keeps NCHW, whose kernels round exactly like the reference implementations'."""
-    if not reference() and torch.is_grad_enabled():
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
+    """x itself (NCHW) under the reference switch, else its channels-last copy (the same values, stored NHWC):
+    oneDNN's convolutions run ~1.4x faster on NHWC activations, and GroupNorm, SiLU and the other pointwise ops
+    keep the layout, so one conversion at a model's entry serves every layer after it."""
+    if reference():
+        return x
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+@contextmanager
+def conv_weights_layout(*modules: nn.Module | None) -> Iterator[None]:
+    """While inside, the 4-D (convolution) weights of `modules` are stored channels-last too (when the fast paths
+    are on): with NHWC activations that saves oneDNN a weight reorder per call, ~10% of a sampling run. Sampling
+    calls the same convolutions hundreds of times, so it converts once around the loop; on exit the weights are
+    contiguous (NCHW) again, so the model a caller holds is unchanged."""
+    params = [] if reference() else [p for m in modules if m is not None for p in m.parameters() if p.dim() == 4]
+    for p in params:
+        p.data = p.data.contiguous(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.data = p.data.contiguous()
