@@ -69,12 +69,11 @@ def run_mmlm(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     engine, n_new = spec["engine"], spec["new_tokens"]
     t0 = time.perf_counter()
-    from mmlm.formats import auto_weights
+    from mmlm.formats import load_quantized_gguf
 
-    model = mmlm.load(spec["gguf"])
-    weights = auto_weights("none" if engine == "mmlm-fp32" else "auto", spec["gguf"], model)
-    if weights:
-        mmlm.quantize(model, weights)
+    # as `mmlm chat` / `mmlm serve` load it: a Q4 file read straight into int4 ("auto"), or widened to float32
+    model = load_quantized_gguf(spec["gguf"], "none" if engine == "mmlm-fp32" else "auto") or mmlm.load(spec["gguf"])
+    weights = getattr(model, "quantized", None)
     load_s = time.perf_counter() - t0
     compile = engine.endswith("compile")
 

@@ -175,3 +175,24 @@ def test_auto_weights_run_the_q4_file_at_4_bits(ours):
     assert stored_weights(GGUF) == "int4"
     assert auto_weights("auto", GGUF, ours) == "int4" and auto_weights("auto", "smollm2", ours) == "int4"
     assert auto_weights("none", GGUF, ours) is None
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_quantized_while_loading_equals_load_then_quantize(ours, mode):
+    """`load_gguf(weights=...)` (what chat and serve use on the CPU) quantizes each layer as it is read; the model
+    is the one `mmlm.quantize` makes from the float32 load, tensor for tensor."""
+    import copy
+
+    from mmlm.convert.gguf import load_gguf
+    from mmlm.formats import load_quantized_gguf
+
+    want = mmlm.quantize(copy.deepcopy(ours), mode).state_dict()
+    got = load_gguf(GGUF, weights=mode)
+    assert got.quantized == mode and not any(p.requires_grad for p in got.parameters())
+    sd = got.state_dict()
+    assert sd.keys() == want.keys()
+    for name, t in want.items():
+        assert sd[name].dtype == t.dtype and torch.equal(sd[name], t), name
+    auto = load_quantized_gguf("smollm2", "auto")
+    assert auto.quantized == "int4"
+    assert load_quantized_gguf(GGUF, "none") is None and load_quantized_gguf(GGUF, "int4", dtype="bf16") is None

@@ -86,11 +86,13 @@ def chat(model_path: str | Path, prompt: str | None = None, system: str | None =
 
     out = out if out is not None else sys.stdout  # looked up per call: a default bound at import goes stale
 
-    model, tokenizer = load(model_path, dtype=dtype, device=device), load_tokenizer(model_path)
-    from .formats import auto_weights
-    from .quant import quantize
+    from .formats import auto_weights, load_quantized_gguf
+    from .quant import is_quantized, quantize
 
-    weights = auto_weights(weights, model_path, model)
+    model = load_quantized_gguf(model_path, weights, dtype, device)  # a GGUF read straight into int4 / int8
+    model = model if model is not None else load(model_path, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(model_path)
+    weights = None if is_quantized(model) else auto_weights(weights, model_path, model)
     if weights:
         quantize(model, weights)
     llava = hasattr(model.config, "image_token_id")

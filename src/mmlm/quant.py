@@ -27,6 +27,7 @@ GROUP = 32  # int4: weights per scale/offset pair (llama.cpp's Q4_0/Q4_1 block)
 # 14.0 ms int8 kernel, 2.1 ms dequantize + bf16 GEMM, 6.5 ms fp32). int4 has no such path (its packed layout
 # is the kernel's own, CPU-dependent) and runs a prefill ~2x slower than float32.
 DENSE_ROWS = 32
+ROWS = 4096  # int8 quantization works through a matrix this many rows at a time
 
 
 class QuantLinear(nn.Module):
@@ -35,14 +36,30 @@ class QuantLinear(nn.Module):
     def __init__(self, linear: nn.Linear, bits: int):
         super().__init__()
         w = (linear.merged_weight() if hasattr(linear, "merged_weight") else linear.weight).detach().float()  # LoRA folded in
+        self._pack(w, linear.bias, bits)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, bits: int) -> "QuantLinear":
+        """The layer straight from a weight (out, in) and bias, no nn.Linear around them: a loader quantizes each
+        weight as soon as it is read, so the whole model never exists in float32 (convert/gguf.py)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._pack(weight.detach().float(), bias, bits)
+        return layer
+
+    def _pack(self, w: torch.Tensor, bias: torch.Tensor | None, bits: int) -> None:
         self.out_features, self.in_features = w.shape
-        if bits == 4 and not int4_fits(linear):
+        if bits == 4 and not _int4_shape_fits(*w.shape):
             raise ValueError(f"int4 needs in_features % {GROUP} == 0 and out_features % 16 == 0, "
                              f"got {self.in_features} -> {self.out_features}")
         self.bits = bits
         if bits == 8:
-            scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-            self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+            qweight, scale = torch.empty(w.shape, dtype=torch.int8), torch.empty(self.out_features)
+            for i in range(0, self.out_features, ROWS):  # in row chunks: a vocabulary projection's float
+                rows = w[i : i + ROWS]                    # temporaries would be several times its size
+                scale[i : i + ROWS] = rows.abs().amax(dim=1).clamp(min=1e-12) / 127
+                qweight[i : i + ROWS] = torch.round(rows / scale[i : i + ROWS, None]).clamp(-127, 127)
+            self.register_buffer("qweight", qweight)
             self.register_buffer("scales", scale.to(torch.bfloat16))
         elif bits == 4:
             g = w.view(self.out_features, self.in_features // GROUP, GROUP)
@@ -57,7 +74,7 @@ class QuantLinear(nn.Module):
                                  .transpose(0, 1).contiguous().to(torch.bfloat16))
         else:
             raise ValueError(f"bits must be 8 or 4, got {bits}")
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -77,8 +94,16 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}"
 
 
+def block_bits(mode: str, out_features: int, in_features: int) -> int:
+    """The bits a block's linear layer gets under `mode`: 4 for "int4" where the kernel takes its shape, else 8."""
+    return 4 if mode == "int4" and _int4_shape_fits(out_features, in_features) else 8
+
+
 def int4_fits(linear: nn.Linear) -> bool:
-    out_features, in_features = linear.weight.shape
+    return _int4_shape_fits(*linear.weight.shape)
+
+
+def _int4_shape_fits(out_features: int, in_features: int) -> bool:
     return in_features % GROUP == 0 and out_features % 16 == 0
 
 
@@ -110,8 +135,7 @@ def quantize(model: nn.Module, mode: str) -> nn.Module:
         targets = [(parent, attr, child) for parent in block.modules()
                    for attr, child in parent.named_children() if isinstance(child, nn.Linear)]
         for parent, attr, child in targets:
-            bits = 4 if mode == "int4" and int4_fits(child) else 8
-            setattr(parent, attr, QuantLinear(child, bits))
+            setattr(parent, attr, QuantLinear(child, block_bits(mode, *child.weight.shape)))
     lm.lm_head = QuantLinear(lm.lm_head, 8)
     model.eval().requires_grad_(False)
     model.quantized = mode

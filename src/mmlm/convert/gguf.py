@@ -7,12 +7,13 @@ llama.cpp's converter permutes the rows of q and k so that each head's rotary pa
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import mmap
 import os
 from collections import Counter, OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -68,6 +69,15 @@ def _remember(key: tuple, reader: Any) -> tuple[dict[str, Any], Counter]:
     while len(_HEADERS) > 2:
         _HEADERS.popitem(last=False)
     return _HEADERS[key]
+
+
+# the quantization a file's block linears imply (their most common tensor type): what `weights="auto"` runs
+STORED_MODES = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q8_0": "int8"}
+
+
+def stored_mode(types: Counter) -> str | None:
+    """"int4" / "int8" for a file whose block linears are mostly 4-bit / 8-bit; None for float ones."""
+    return STORED_MODES.get(types.most_common(1)[0][0]) if types else None
 
 
 def header(path: str | Path) -> tuple[dict[str, Any], Counter]:
@@ -132,13 +142,34 @@ def _release_pages(record: Any) -> None:
     mapping.madvise(mmap.MADV_DONTNEED, start, record.data_offset + record.n_bytes - start)
 
 
-def state_dict_from_gguf(tensors: dict[str, Any], cfg: LMConfig, path: str = "gguf") -> dict[str, torch.Tensor]:
+def _trim_heap() -> None:
+    """Give the heap's free memory back to the OS (glibc's `malloc_trim`; elsewhere nothing). Quantizing layer by
+    layer frees a few MB of float32 temporaries each time, and glibc keeps such pieces scattered across its
+    arenas: without this the peak of a streamed SmolLM2 load varied from 0.69 to 0.92 GB run to run, with it
+    0.58 GB every time."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None
+
+
+def state_dict_from_gguf(tensors: dict[str, Any], cfg: LMConfig, path: str = "gguf",
+                         finish: Callable[[str, torch.Tensor], torch.Tensor | None] | None = None) -> dict[str, torch.Tensor]:
     """The file's tensors (name -> the reader's tensor record) dequantised to float32 under mmlm's names; q/k
     rows back in transformers' order.
 
     Each weight is dequantised straight into its place in the fused mmlm tensor (q/k/v, gate/up): no
     per-name float32 copies to concatenate and free, which would leave the heap fragmented (measured:
-    ~200 MB more peak memory for SmolLM2).
+    ~200 MB more peak memory for SmolLM2). `finish(name, tensor)`, when given, sees each tensor as soon as it is
+    complete and returns what to keep under that name (None: nothing; it took the tensor elsewhere).
     """
     if "rope_freqs.weight" in tensors:
         raise ValueError(f"{path}: per-dimension RoPE frequency factors (rope_freqs, Llama 3.1 scaling) are not supported")
@@ -163,32 +194,76 @@ def state_dict_from_gguf(tensors: dict[str, Any], cfg: LMConfig, path: str = "gg
                 heads = cfg.heads if ".attn_q." in name else cfg.kv_heads if ".attn_k." in name else None
                 if heads:
                     part.copy_(unpermute_rope(part, heads))
-            sd[ours] = out
+            kept = out if finish is None else finish(ours, out)
+            if kept is not None:
+                sd[ours] = kept
     return sd
 
 
-def load_gguf(path: str | Path) -> torch.nn.Module:
+def load_gguf(path: str | Path, weights: str | None = None) -> torch.nn.Module:
     """A llama-architecture .gguf file -> mmlm LM (float32).
 
     The model is built on the meta device and takes the dequantised tensors as its parameters (no random
     init, no second copy): peak memory is about one float32 model plus the file's mapping.
+
+    `weights` "int8" / "int4" gives the model `quant.quantize(model, weights)` would, without ever holding it in
+    float32: each block linear is quantized as soon as it is read (the vocabulary projection too when it has its
+    own matrix), so peak memory is the embedding table, the quantized weights and one layer in float32.
+    "auto" picks the file's own precision (`stored_mode`; float files load in float32).
     """
     reader = _reader(path)
-    meta, _ = _remember(_file_key(path), reader)
+    key = _file_key(path)
+    meta, types = _HEADERS[key] if key in _HEADERS else _remember(key, reader)  # parsed once per process
+    if weights == "auto":
+        weights = stored_mode(types)
+    if weights is not None:
+        from ..quant import MODES, cpu_kernels
+
+        if weights not in MODES:
+            raise ValueError(f"unknown quantization {weights!r}; known: {', '.join(MODES)}")
+        if not cpu_kernels():
+            raise RuntimeError(f"this torch ({torch.__version__}) lacks the CPU weight-only kernels {weights} needs")
     cfg = config_from_gguf(meta, str(path))
     tensors = {t.name: t for t in reader.tensors}
     # the reader holds the header parsed into many small arrays (the tokenizer's vocabulary: ~150 MB for
     # SmolLM2); the tensor records keep only the file mapping alive
     del reader
     gc.collect()  # the reader's objects sit in reference cycles: free them now, before the big allocations
-    sd = state_dict_from_gguf(tensors, cfg, str(path))
-    del tensors  # unmaps the file
-    cfg.qkv_bias = any(k.endswith("attn.qkv.bias") for k in sd)
+    cfg.tie_embeddings = "output.weight" not in tensors  # no output matrix: the head shares the token embedding
+    cfg.qkv_bias = any(name.endswith("attn_q.bias") for name in tensors)
     with torch.device("meta"):
         model = build_model(cfg)
+    packed: dict[str, torch.nn.Module] = {}
+    finish = None
+    if weights is not None:
+        from ..quant import QuantLinear, block_bits
+
+        def finish(name: str, tensor: torch.Tensor) -> torch.Tensor | None:
+            module = name.removesuffix(".weight")
+            if not (name.endswith(".weight") and isinstance(model.get_submodule(module), torch.nn.Linear)):
+                return tensor
+            bits = 8 if module == "lm_head" else block_bits(weights, *tensor.shape)
+            packed[module] = QuantLinear.from_weight(tensor, None, bits)
+            _trim_heap()
+            return None  # the float32 weight is dropped here
+
+    sd = state_dict_from_gguf(tensors, cfg, str(path), finish)
+    del tensors  # unmaps the file
+    for name, layer in packed.items():
+        bias = sd.pop(f"{name}.bias", None)
+        if bias is not None:
+            layer.bias = bias
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, layer)
+        sd.update({f"{name}.{k}": v for k, v in layer.state_dict().items()})
     load_state_dict_strict(model, sd, str(path), assign=True)
-    if cfg.tie_embeddings:  # assign gives each name its own Parameter: tie them again
+    if cfg.tie_embeddings and "lm_head" not in packed:  # assign gives each name its own Parameter: tie them again
         model.lm_head.weight = model.embed.weight
+    if weights is not None:
+        if cfg.tie_embeddings:  # the head's own int8 copy of the (float) embedding table, as quantize makes it
+            model.lm_head = QuantLinear(model.lm_head, 8)
+        model.eval().requires_grad_(False)
+        model.quantized = weights
     return model
 
 

@@ -31,6 +31,7 @@ from ..data.media import VideoLimits, normalize_videos
 from ..data.transforms import ImageProcessor, PreprocessConfig
 from ..formats import load, load_preprocess, load_tokenizer
 from ..image_generation import to_uint8
+from ..quant import is_quantized
 from .body import parse
 from .engine import (ContinuousWorker, EmbeddingJob, GenerationJob, ImageJob, Worker, run_embeddings,
                      run_generation, run_images)
@@ -175,6 +176,10 @@ class Service:
     def __init__(self, model_path: str | Path, config: ServeConfig | None = None, model: Any = None,
                  tokenizer: Any = None):
         self.config = cfg = config or ServeConfig()
+        if model is None:  # a GGUF language model is read straight into the weights it runs with (int4 / int8)
+            from ..formats import load_quantized_gguf
+
+            model = load_quantized_gguf(model_path, cfg.weights, cfg.dtype, cfg.device)
         self.model = model if model is not None else load(model_path, dtype=cfg.dtype, device=cfg.device)
         self.kind = model_kind(self.model)
         if self.kind == "text-to-image":  # the pipeline holds its tokenizer: the one generate_image uses
@@ -184,7 +189,7 @@ class Service:
                 raise ValueError(f"{model_path}: this text-to-image model has no tokenizer")
             tokenizer = self.model.tokenizer
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path)
-        weights = cfg.weights
+        weights = None if is_quantized(self.model) else cfg.weights
         if weights == "auto" or weights == "none":
             from ..formats import auto_weights
 
