@@ -101,7 +101,8 @@ def _train(out: Path, recipe: str, processes: int, *extra: str) -> dict[str, tor
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-port",
          str(_free_port())]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(launcher + args, check=True, env=env, timeout=300, capture_output=True)
+    done = subprocess.run(launcher + args, env=env, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, f"exit status {done.returncode}; stderr ends:\n{done.stderr[-3000:]}"
     from mmlm.checkpoint import read_state_dict
 
     return read_state_dict(out / "final" / "model.safetensors")
