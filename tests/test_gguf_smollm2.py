@@ -196,3 +196,22 @@ def test_quantized_while_loading_equals_load_then_quantize(ours, mode):
     auto = load_quantized_gguf("smollm2", "auto")
     assert auto.quantized == "int4"
     assert load_quantized_gguf(GGUF, "none") is None and load_quantized_gguf(GGUF, "int4", dtype="bf16") is None
+
+
+def test_chat_cli_compile_flag_reaches_generate(capsys, monkeypatch):
+    """`mmlm chat --compile` decodes through the torch.compile'd step (the flag is passed down to generate; the
+    compiled path itself is tested in tests/test_decode_fast.py)."""
+    import mmlm.generation
+    from mmlm.cli import main
+
+    seen, real = [], mmlm.generation.generate
+
+    def spy(*args, compile=False, **kwargs):
+        seen.append(compile)
+        return real(*args, compile=False, **kwargs)
+
+    monkeypatch.setattr(mmlm.generation, "generate", spy)
+    assert main(["chat", "--model", str(GGUF), "--compile", "--prompt", "What is the capital of France?",
+                 "--max-new-tokens", "4"]) == 0
+    assert main(["chat", "--model", str(GGUF), "--prompt", "Hi", "--max-new-tokens", "2"]) == 0
+    assert seen == [True, False]

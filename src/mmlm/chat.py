@@ -50,11 +50,12 @@ def end_token_ids(model, tokenizer) -> list[int]:
 
 def reply(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int = 256, temperature: float = 0.0,
           top_p: float = 1.0, seed: int | None = None, out: TextIO | None = None,
-          pixel_values: torch.Tensor | None = None, template: str = "chat") -> str:
+          pixel_values: torch.Tensor | None = None, template: str = "chat", compile: bool = False) -> str:
     """The assistant's answer to `messages` (rendered with the tokenizer's chat template); streamed to `out`.
 
     A LLaVA model takes `pixel_values` (one image per `<image>` in the messages) and encodes the messages
-    with its conversation `template` ("plain", "vicuna_v1" or "chat"), exactly as it was trained.
+    with its conversation `template` ("plain", "vicuna_v1" or "chat"), exactly as it was trained. `compile` runs
+    the decoding step torch.compile'd (`generation.generate`).
     """
     from .generation import generate
 
@@ -64,7 +65,8 @@ def reply(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int 
         raise ValueError(f"the conversation ({ids.shape[1]} tokens) fills the model's context of {model.max_seq_len}")
     stream = TextStream(tokenizer, out) if out is not None else None
     new = generate(model, ids, max_new_tokens=max_new, temperature=temperature, top_p=top_p, seed=seed,
-                   eos_token_id=end_token_ids(model, tokenizer), stream=stream, pixel_values=pixel_values)
+                   eos_token_id=end_token_ids(model, tokenizer), stream=stream, pixel_values=pixel_values,
+                   compile=compile)
     return tokenizer.decode(new[0].tolist(), skip_special_tokens=True).strip()
 
 
@@ -72,7 +74,7 @@ def chat(model_path: str | Path, prompt: str | None = None, system: str | None =
          temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, out: TextIO | None = None,
          read: Callable[[str], str] = input, image: str | Path | None = None,
          template: str | None = None, weights: str | None = "auto", dtype: str | torch.dtype | None = None,
-         device: str | torch.device | None = None) -> list[dict[str, str]]:
+         device: str | torch.device | None = None, compile: bool = False) -> list[dict[str, str]]:
     """Answer `prompt` and return, or (prompt None) loop reading user turns until EOF / "exit".
 
     The model and its tokenizer come from the same path: a .gguf file, or a directory with tokenizer.json.
@@ -130,6 +132,6 @@ def chat(model_path: str | Path, prompt: str | None = None, system: str | None =
             text = "<image>\n" + text  # the image comes first, as in LLaVA's training conversations
         messages.append({"role": "user", "content": text})
         answer = reply(model, tokenizer, messages, max_new_tokens, temperature, top_p, seed, out,
-                       pixel_values=pixel_values, template=template)
+                       pixel_values=pixel_values, template=template, compile=compile)
         out.write("\n")
         messages.append({"role": "assistant", "content": answer})

@@ -95,7 +95,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     chat(args.model, prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
          temperature=args.temperature, top_p=args.top_p, seed=args.seed, image=args.image, template=args.template,
-         weights=args.weights, dtype=args.dtype, device=args.device)
+         weights=args.weights, dtype=args.dtype, device=args.device, compile=args.compile)
     return 0
 
 
@@ -327,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "its own precision (int4/int8), anything else as loaded; none: as loaded (float32)")
     h.add_argument("--template", default=None, choices=["plain", "vicuna_v1", "chat"],
                    help="LLaVA: the conversation template (default: the one it was tuned with, from its config)")
+    h.add_argument("--compile", action="store_true",
+                   help="torch.compile the decoding step: ~20 s once, then ~1.5x the tokens/s on a CPU (SmolLM2 int4)")
     h.set_defaults(func=cmd_chat)
     add_load_flags(h)
 
