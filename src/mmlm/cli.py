@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--template", default=None, choices=["plain", "vicuna_v1", "chat"],
                    help="LLaVA: the conversation template (default: the one it was tuned with, from its config)")
     h.add_argument("--compile", action="store_true",
-                   help="torch.compile the decoding step: ~20 s once, then ~1.5x the tokens/s on a CPU (SmolLM2 int4)")
+                   help="torch.compile the decoding step: ~20 s once, then ~1.5x the eager tokens/s on a CPU (SmolLM2 int4)")
     h.set_defaults(func=cmd_chat)
     add_load_flags(h)
 
