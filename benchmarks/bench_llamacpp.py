@@ -63,16 +63,15 @@ def build_prompts(gguf: str, lengths: list[int]) -> dict:
 def run_mmlm(spec: dict) -> dict:
     import torch
 
-    import mmlm
     from mmlm.generation import generate
 
     torch.set_num_threads(spec["threads"])
     engine, n_new = spec["engine"], spec["new_tokens"]
     t0 = time.perf_counter()
-    from mmlm.formats import load_quantized_gguf
+    from mmlm.formats import load_for_generation
 
     # as `mmlm chat` / `mmlm serve` load it: a Q4 file read straight into int4 ("auto"), or widened to float32
-    model = load_quantized_gguf(spec["gguf"], "none" if engine == "mmlm-fp32" else "auto") or mmlm.load(spec["gguf"])
+    model = load_for_generation(spec["gguf"], "none" if engine == "mmlm-fp32" else "auto")
     weights = getattr(model, "quantized", None)
     load_s = time.perf_counter() - t0
     compile = engine.endswith("compile")

@@ -84,19 +84,11 @@ def chat(model_path: str | Path, prompt: str | None = None, system: str | None =
     (`formats.stored_weights`) and everything else as loaded; None or "none" keeps the loaded weights. `dtype` ("bf16", torch.float16, ...; default float32) and `device` ("cuda", "auto";
     default cpu) are where the weights are loaded (`mmlm.load`). Returns the conversation.
     """
-    from .formats import load, load_preprocess, load_tokenizer
+    from .formats import load_for_generation, load_preprocess, load_tokenizer
 
     out = out if out is not None else sys.stdout  # looked up per call: a default bound at import goes stale
 
-    from .formats import auto_weights, load_quantized_gguf
-    from .quant import is_quantized, quantize
-
-    model = load_quantized_gguf(model_path, weights, dtype, device)  # a GGUF read straight into int4 / int8
-    model = model if model is not None else load(model_path, dtype=dtype, device=device)
-    tokenizer = load_tokenizer(model_path)
-    weights = None if is_quantized(model) else auto_weights(weights, model_path, model)
-    if weights:
-        quantize(model, weights)
+    model, tokenizer = load_for_generation(model_path, weights, dtype, device), load_tokenizer(model_path)
     llava = hasattr(model.config, "image_token_id")
     pixel_values = None
     if image is not None:

@@ -49,7 +49,7 @@ class QuantLinear(nn.Module):
 
     def _pack(self, w: torch.Tensor, bias: torch.Tensor | None, bits: int) -> None:
         self.out_features, self.in_features = w.shape
-        if bits == 4 and not _int4_shape_fits(*w.shape):
+        if bits == 4 and not int4_fits(*w.shape):
             raise ValueError(f"int4 needs in_features % {GROUP} == 0 and out_features % 16 == 0, "
                              f"got {self.in_features} -> {self.out_features}")
         self.bits = bits
@@ -96,14 +96,11 @@ class QuantLinear(nn.Module):
 
 def block_bits(mode: str, out_features: int, in_features: int) -> int:
     """The bits a block's linear layer gets under `mode`: 4 for "int4" where the kernel takes its shape, else 8."""
-    return 4 if mode == "int4" and _int4_shape_fits(out_features, in_features) else 8
+    return 4 if mode == "int4" and int4_fits(out_features, in_features) else 8
 
 
-def int4_fits(linear: nn.Linear) -> bool:
-    return _int4_shape_fits(*linear.weight.shape)
-
-
-def _int4_shape_fits(out_features: int, in_features: int) -> bool:
+def int4_fits(out_features: int, in_features: int) -> bool:
+    """Whether the int4 kernel takes a (out_features, in_features) weight."""
     return in_features % GROUP == 0 and out_features % 16 == 0
 
 

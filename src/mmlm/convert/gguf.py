@@ -8,6 +8,7 @@ llama.cpp's converter permutes the rows of q and k so that each head's rotary pa
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import mmap
 import os
@@ -142,23 +143,22 @@ def _release_pages(record: Any) -> None:
     mapping.madvise(mmap.MADV_DONTNEED, start, record.data_offset + record.n_bytes - start)
 
 
+@functools.cache
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def _trim_heap() -> None:
     """Give the heap's free memory back to the OS (glibc's `malloc_trim`; elsewhere nothing). Quantizing layer by
     layer frees a few MB of float32 temporaries each time, and glibc keeps such pieces scattered across its
     arenas: without this the peak of a streamed SmolLM2 load varied from 0.69 to 0.92 GB run to run, with it
     0.58 GB every time."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC: Any = None
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(ctypes.c_size_t(0))
 
 
 def state_dict_from_gguf(tensors: dict[str, Any], cfg: LMConfig, path: str = "gguf",
