@@ -106,7 +106,8 @@ def build_task(cfg: ClipRunConfig, run: Path) -> ClipTask:
     if isinstance(cfg.model, VideoCLIPConfig) and cfg.data.frames > cfg.model.temporal.frames:
         raise ValueError(f"data.frames {cfg.data.frames} is more than the model's temporal.frames "
                          f"{cfg.model.temporal.frames}")
-    data = train_data(cfg, preprocess)
+    with distributed.main_first():  # a generated set (moving shapes, sounds) is written once, by rank 0
+        data = train_data(cfg, preprocess)
     with distributed.main_first():  # rank 0 fits and saves the tokenizer, the other ranks load it
         tok = build_tokenizer(cfg, data, run)
     fit_text_to_tokenizer(cfg, tok)
