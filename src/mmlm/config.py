@@ -369,6 +369,18 @@ class LlavaConfig:
     # The conversation template the model was tuned with (plain | vicuna_v1 | chat): chat, serving and VQA
     # evaluation prompt it the same way. Not architecture: transformers' config has no such field.
     template: str = "vicuna_v1"
+    # Video and sound (mmlm only; None: the model reads images alone). A video is `video_frames` frames, each
+    # read by the `video` ViT (a video CLIP's frame tower) with its patch grid average-pooled to video_grid x
+    # video_grid tokens, plus a learned frame-time embedding; `<video>` expands to video_frames * video_grid**2
+    # tokens. A sound is read by the `audio` AST (an audio CLIP's tower), its (frequency, time) patch grid
+    # average-pooled to `audio_grid` cells; `<audio>` expands to their product. Each has its own projector.
+    video: Optional[ViTConfig] = None
+    video_frames: int = 8
+    video_grid: int = 2
+    video_token_id: int = -1
+    audio: Optional[ASTConfig] = None
+    audio_grid: list = field(default_factory=lambda: [1, 8])
+    audio_token_id: int = -1
 
     def __post_init__(self) -> None:
         _check(self.kind == "llava", f"LlavaConfig.kind must be 'llava', got {self.kind!r}")
@@ -394,10 +406,47 @@ class LlavaConfig:
         _check(self.lora_rank >= 0, f"llava.lora_rank must be >= 0, got {self.lora_rank}")
         if isinstance(self.vision_layer, tuple):
             self.vision_layer = list(self.vision_layer)
+        if isinstance(self.video, dict):
+            self.video = from_dict(ViTConfig, self.video, ".video")
+        _check(self.video is None or isinstance(self.video, ViTConfig), "llava.video must be a ViT (kind 'vit') or null")
+        if self.video is not None:
+            cells = self.video.image_size // self.video.patch_size
+            _check(self.video_frames >= 1, f"llava.video_frames must be at least 1, got {self.video_frames}")
+            _check(1 <= self.video_grid <= cells,
+                   f"llava.video_grid must be between 1 and the frame's {cells} patches a side, got {self.video_grid}")
+        if isinstance(self.audio, dict):
+            self.audio = from_dict(ASTConfig, self.audio, ".audio")
+        _check(self.audio is None or isinstance(self.audio, ASTConfig), "llava.audio must be an AST (kind 'ast') or null")
+        self.audio_grid = list(self.audio_grid)
+        if self.audio is not None:
+            most = [self.audio.frequency_patches, self.audio.time_patches]
+            _check(len(self.audio_grid) == 2 and all(isinstance(g, int) and 1 <= g <= m
+                                                     for g, m in zip(self.audio_grid, most)),
+                   f"llava.audio_grid must be [frequency, time] cells within the tower's {most} patches, "
+                   f"got {self.audio_grid}")
 
     @property
     def vision_layers(self) -> list:
         return list(self.vision_layer) if isinstance(self.vision_layer, (list, tuple)) else [self.vision_layer]
+
+    @property
+    def video_tokens(self) -> int:
+        """LM positions one `<video>` fills: every frame's pooled cells."""
+        return self.video_frames * self.video_grid**2 if self.video is not None else 0
+
+    @property
+    def audio_tokens(self) -> int:
+        """LM positions one `<audio>` fills: the pooled (frequency, time) cells."""
+        return self.audio_grid[0] * self.audio_grid[1] if self.audio is not None else 0
+
+    def placeholders(self) -> dict[str, tuple[int, int]]:
+        """The placeholders this model reads -> (token id, LM positions each expands to)."""
+        out = {"<image>": (self.image_token_id, self.image_tokens)}
+        if self.video is not None:
+            out["<video>"] = (self.video_token_id, self.video_tokens)
+        if self.audio is not None:
+            out["<audio>"] = (self.audio_token_id, self.audio_tokens)
+        return out
 
     @property
     def image_tokens(self) -> int:

@@ -89,13 +89,15 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
              eos_token_id: int | Sequence[int] | None = None, stop: Sequence[str] | None = None,
              tokenizer: Any = None, stream: Callable[[int, int], None] | None = None,
-             compile: bool = False) -> torch.Tensor:
+             compile: bool = False, videos: torch.Tensor | None = None,
+             audios: torch.Tensor | None = None) -> torch.Tensor:
     """Continue each prompt; returns the new tokens, LongTensor (B, n) with n <= max_new_tokens.
 
     input_ids (B, T) are left-padded when attention_mask (B, T) has zeros. A row ends at an EOS id
     (`eos_token_id`, default the model config's) or when its decoded text contains one of `stop` (needs
     `tokenizer`); the ending token is kept and the rest of the row is filled with the first EOS id (or 0).
-    pixel_values (N_images, C, H, W) are a LLaVA model's images, read once by the prefill pass.
+    pixel_values (N_images, C, H, W) are a LLaVA model's images, read once by the prefill pass; videos
+    (N, frames, C, H, W) and audios (N, T, F) its clips and sounds, the same way.
     Inputs may be on any device: they are moved to the model's, and the result is there too.
     `stream(row, token_id)` is called for each new token as it is chosen. `seed` makes sampling repeatable.
     `compile` runs the one-token decoding step through torch.compile (see `decode_step_fn`); its shapes then
@@ -103,8 +105,10 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
-    if pixel_values is not None and "pixel_values" not in inspect.signature(model.forward).parameters:
-        raise ValueError(f"{type(model).__name__} takes no images (pixel_values); a LLaVA model does")
+    media = {k: v for k, v in (("pixel_values", pixel_values), ("videos", videos), ("audios", audios)) if v is not None}
+    for name in media:
+        if name not in inspect.signature(model.forward).parameters:
+            raise ValueError(f"{type(model).__name__} takes no images or other media ({name}); a LLaVA model does")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0 or repetition_penalty <= 0 or max_new_tokens < 0:
         raise ValueError(f"bad sampling settings: temperature={temperature} (>= 0), top_k={top_k} (>= 0), "
                          f"top_p={top_p} (0 < p <= 1), repetition_penalty={repetition_penalty} (> 0), "
@@ -143,9 +147,9 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
     cache = model.new_cache(B, total)
     texts = [""] * B
 
-    images = {} if pixel_values is None else {"pixel_values": pixel_values.to(device)}  # the prefill reads the images
+    media = {k: v.to(device) for k, v in media.items()}  # the prefill reads the media
     logits = model(input_ids, attention_mask=mask, position_ids=positions, cache=cache,
-                   only_last=True, **images).logits[:, -1]
+                   only_last=True, **media).logits[:, -1]
 
     # Everything the decoding steps need, allocated once: which cache slots hold real tokens (B, total), the
     # slot the next token goes to, its position. Per step: one token chosen, one mask column set, one step.

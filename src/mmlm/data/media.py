@@ -416,3 +416,44 @@ class MediaTextCollate:
         out["labels"] = torch.tensor([s.get("label", -1) for s in good])
         return out
 
+
+
+class MediaProcessor:
+    """A LLaVA's media, as samples hold them, -> its forward's inputs:
+
+        images  PIL or uint8 (H, W, 3)                    -> pixel_values (N, 3, S, S)
+        videos  uint8 (T, H, W, 3), any T                 -> videos (N, frames, 3, S', S'): `frames` picked evenly
+        sounds  float32 (S,) waveform at the features' rate -> audios (N, T, F) log-mel features
+
+    Each kind is prepared as its tower was trained: images by the model's preprocess, frames as the video CLIP's
+    images (its size, CLIP's normalisation), sounds by the audio tower's filterbank (`FbankConfig.for_tower`)."""
+
+    def __init__(self, images: ImageProcessor, frames: ImageProcessor | None = None, n_frames: int = 8,
+                 features: FbankConfig | None = None):
+        self.images, self.frames, self.n_frames, self.features = images, frames, n_frames, features
+
+    @classmethod
+    def for_model(cls, config: Any, images: ImageProcessor | PreprocessConfig) -> MediaProcessor:
+        """For a LlavaConfig: its video and audio towers decide how frames and sounds are prepared."""
+        images = images if isinstance(images, ImageProcessor) else ImageProcessor(images)
+        frames = ImageProcessor(PreprocessConfig(image_size=config.video.image_size)) if config.video else None
+        features = FbankConfig.for_tower(config.audio) if config.audio else None
+        return cls(images, frames, config.video_frames, features)
+
+    def __call__(self, images: Collection[Any] = (), videos: Collection[np.ndarray] = (),
+                 audios: Collection[np.ndarray] = ()) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        if images:
+            out["pixel_values"] = self.images([im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im))
+                                               for im in images])
+        if videos:
+            if self.frames is None:
+                raise ValueError("this model reads no video (it has no video tower)")
+            clips = [video_pixels(v[sample_indices(len(v), self.n_frames)], self.frames) for v in videos]
+            out["videos"] = normalize_videos(torch.from_numpy(np.stack(clips)), self.frames)
+        if audios:
+            if self.features is None:
+                raise ValueError("this model reads no sound (it has no audio tower)")
+            out["audios"] = torch.from_numpy(np.stack([audio_features(np.asarray(a, dtype=np.float32), self.features)
+                                                       for a in audios]))
+        return out

@@ -195,6 +195,70 @@ def spoken_item(split: str, index: int, seed: int = 0, seconds: float = 1.0, rat
             "voice": voice}
 
 
+# ---------------------------------------------------------------------------------------------- conversations
+
+# Questions about a clip or a sound, each with one short exact answer (for LLaVA: `mmlm eval vqa` scores them by
+# exact match). Every question type is asked only where its answer exists (beeps are counted, chirps rise or fall).
+_COUNTS = {"two beeps": "two", "three beeps": "three", "four beeps": "four"}
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def video_questions(shape: str, colour: str, action: str, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+    """(question, answer, qtype) for one clip of one `colour` `shape` doing `action`, every type once."""
+    others = [a for a in ACTIONS if a != action and not (shape in _SYMMETRIC and a == "spinning")]
+    asked = action if rng.random() < 0.5 else others[rng.integers(len(others))]
+    return [(f"What is the {colour} {shape} doing?", action, "video_action"),
+            ("Which shape is in the video?", shape, "video_shape"),
+            (f"What colour is the {shape} at the start?", colour, "video_colour"),
+            (f"Is the {colour} {shape} {asked}?", "yes" if asked == action else "no", "video_check")]
+
+
+def sound_questions(kind: str) -> list[tuple[str, str, str]]:
+    """(question, answer, qtype) for one SOUNDS class: what it is, and what can be told about it."""
+    out = [("What do you hear?", kind, "audio_sound"),
+           ("Is it a tone or noise?", "noise" if kind.endswith("noise") else "tone", "audio_noise")]
+    if kind in _COUNTS:
+        out.append(("How many beeps?", _COUNTS[kind], "audio_count"))
+    if kind.endswith("chirp"):
+        out.append(("Is the tone rising or falling?", kind.split()[1], "audio_direction"))
+    if kind.endswith("tone"):
+        out.append(("Is the tone low or high?", kind.split()[1], "audio_pitch"))
+    return out
+
+
+def media_conversation(split: str, index: int, kinds: str, seed: int = 0, n_questions: int = 3, frames: int = 8,
+                       size: int = 64) -> dict[str, Any]:
+    """One LLaVA sample about a generated clip (`kinds` "video"), a sound ("audio") or both at once ("video+audio":
+    a clip and its soundtrack, each question about one of them): {id, images: [], videos: [uint8 (T, S, S, 3)],
+    audios: [float32 (S,) at 16 kHz], conversations, caption, question_types, modality}. Sounds have no held-out
+    split: `novel` asks about the clips of held-out (shape, action) pairs and the sounds of `val`."""
+    rng = np.random.default_rng([seed, 30 + ("train", "val", "novel").index(split), index, len(kinds)])
+    videos, audios, pool, captions = [], [], [], []
+    if "video" in kinds:
+        pairs = _action_pairs(split)
+        shape, action = pairs[rng.integers(len(pairs))]
+        colour = COLOURS[rng.integers(len(COLOURS))]
+        videos.append(render_action(shape, colour, action, rng, frames, size))
+        pool += video_questions(shape, colour, action, rng)
+        captions.append(f"{_article(colour)} {colour} {shape} {action}.")
+    if "audio" in kinds:
+        kind = SOUNDS[rng.integers(len(SOUNDS))]
+        audios.append(render_sound(kind, rng))
+        pool += sound_questions(kind)
+        captions.append(f"{kind}.")
+    picks = [pool[k] for k in rng.permutation(len(pool))[:n_questions]]
+    head = "".join(p + "\n" for p, media in (("<video>", videos), ("<audio>", audios)) if media)
+    turns: list[dict[str, str]] = []
+    for k, (q, a, _) in enumerate(picks):
+        turns += [{"from": "human", "value": head + q if k == 0 else q}, {"from": "gpt", "value": a}]
+    return {"id": f"{kinds}-{split}-{index}", "images": [], "videos": videos, "audios": audios,
+            "conversations": turns, "caption": " ".join(captions), "question_types": [t for _, _, t in picks],
+            "modality": kinds}
+
+
 # ---------------------------------------------------------------------------------------------- writing
 
 DATASETS: dict[str, dict[str, Any]] = {

@@ -8,7 +8,7 @@ A new source is one entry in `IMAGE_TEXT` or `CONVERSATIONS`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -153,7 +153,8 @@ IMAGE_TEXT: dict[str, ImageTextSource] = {
 
 @dataclass
 class LlavaDataConfig:
-    kind: str = "shapes"  # shapes (generated on the fly) | json (LLaVA's conversation JSON)
+    # shapes (generated on the fly) | media_shapes (shapes, moving shapes and sounds, on the fly) | json (LLaVA's JSON)
+    kind: str = "shapes"
     path: str = ""  # json: the training file
     image_root: str = ""  # json: image paths are relative to this (default: the file's directory)
     eval_path: str = ""  # json: a file whose first question/answer per record is scored by exact match
@@ -161,9 +162,15 @@ class LlavaDataConfig:
     n_questions: int = 3  # shapes: questions per conversation (stage 2)
     seed: int = 0
     eval_size: int = 200
+    # media_shapes: the share of samples with an image, a video, a sound, and a clip with its soundtrack
+    mix: list = field(default_factory=lambda: [0.4, 0.3, 0.2, 0.1])
+    frames: int = 8  # media_shapes: frames rendered per clip
 
     def __post_init__(self) -> None:
         _check_kind(self.kind, self.path, CONVERSATIONS)
+        self.mix = list(self.mix)
+        if len(self.mix) != 4 or any(not isinstance(m, (int, float)) or m < 0 for m in self.mix) or sum(self.mix) <= 0:
+            raise ValueError(f"data.mix must be four shares >= 0 (image, video, audio, video+audio), got {self.mix}")
 
 
 class ShapesConversations(Dataset):
@@ -180,6 +187,40 @@ class ShapesConversations(Dataset):
         item = self.ds[i]
         return {"id": f"shapes-{self.split}-{i}", "images": [item["image"]], "conversations": item["conversations"],
                 "caption": item["caption"], "question_types": item["question_types"]}
+
+
+class MediaShapesConversations(Dataset):
+    """Shapes conversations about images mixed with conversations about generated clips and sounds
+    (media_sets.media_conversation): sample i is an image, a video, a sound, or a clip with its soundtrack,
+    drawn per index in the `mix` proportions. Every sample has the same fields (images, videos, audios)."""
+
+    MODALITIES = ("image", "video", "audio", "video+audio")
+
+    def __init__(self, split: str, size: int, seed: int, image_size: int, n_questions: int,
+                 mix: list | tuple = (0.4, 0.3, 0.2, 0.1), frames: int = 8):
+        self.split, self.seed, self.n_questions, self.frames = split, seed, n_questions, frames
+        self.images = ShapesConversations(split, size, seed, image_size, n_questions)
+        p = np.asarray(mix, dtype=np.float64)
+        self.modality = np.random.default_rng([seed, 40, ("train", "val", "novel").index(split)]).choice(
+            len(self.MODALITIES), size=size, p=p / p.sum())
+
+    def __len__(self) -> int:
+        return len(self.modality)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        kind = self.MODALITIES[self.modality[i]]
+        if kind == "image":
+            return {**self.images[i], "videos": [], "audios": [], "modality": "image"}
+        return media_sets.media_conversation(self.split, i, kind, self.seed, self.n_questions, self.frames)
+
+
+def _media_vqa(d: LlavaDataConfig, size: int) -> dict[str, list[dict[str, Any]]]:
+    """One set per modality (and the held-out pairs of images and clips), `eval_size` one-question records each."""
+    out = _shapes_vqa(d, size)
+    for name, split, kind in (("video_val", "val", "video"), ("video_novel", "novel", "video"),
+                              ("audio_val", "val", "audio"), ("mixed_val", "val", "video+audio")):
+        out[name] = [media_sets.media_conversation(split, i, kind, d.seed, 1, d.frames) for i in range(d.eval_size)]
+    return out
 
 
 @dataclass(frozen=True)
@@ -207,6 +248,9 @@ CONVERSATIONS: dict[str, ConversationSource] = {
     "shapes": ConversationSource(
         lambda d, size: ShapesConversations("train", d.train_size, d.seed, size, d.n_questions),
         lambda data, n: [data[i] for i in range(n)], _shapes_vqa),
+    "media_shapes": ConversationSource(
+        lambda d, size: MediaShapesConversations("train", d.train_size, d.seed, size, d.n_questions, d.mix, d.frames),
+        lambda data, n: [data[i] for i in range(n)], _media_vqa),
     "json": ConversationSource(lambda d, size: LlavaJson(d.path, d.image_root), lambda data, n: data.records[:n],
                                _json_vqa, needs_path=True),
 }

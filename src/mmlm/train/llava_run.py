@@ -14,7 +14,9 @@ from ..assets import resolve
 from ..checkpoint import load_state_dict_strict
 from ..data.conversation import VICUNA_SYSTEM
 from ..data.sources import CONVERSATIONS
-from ..data.transforms import ImageProcessor, PreprocessConfig
+from ..config import ASTConfig, ModifiedResNetConfig, ViTConfig
+from ..data.media import MediaProcessor
+from ..data.transforms import PreprocessConfig
 from ..eval.vqa import evaluate_vqa
 from ..formats import load as load_model
 from ..formats import load_tokenizer
@@ -24,6 +26,7 @@ from .llava_task import LlavaRunConfig, LlavaTask
 from .loop import run_training
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<image>", "<pad>"]
+MEDIA_TOKENS = ["<video>", "<audio>"]  # joined when the model reads video or sound
 
 
 def train_data(cfg: LlavaRunConfig) -> Dataset:
@@ -38,8 +41,8 @@ def build_tokenizer(cfg: LlavaRunConfig, data: Dataset, run: Path):
     for src in (saved, Path(cfg.init_from) if cfg.init_from else None):  # resume / stage 2: tokenize as before
         if src is not None and (src / "tokenizer.json").is_file():
             return load_tokenizer(src)
-    if cfg.lm_from:  # a pretrained LM's own tokenizer, plus the image placeholder
-        tok = with_image_token(load_tokenizer(resolve(cfg.lm_from)))
+    if cfg.lm_from:  # a pretrained LM's own tokenizer, plus the media placeholders
+        tok = with_image_token(load_tokenizer(resolve(cfg.lm_from)), media_placeholders(cfg))
         tok.save(saved)
         return tok
     n = min(len(data), 5000)
@@ -48,19 +51,42 @@ def build_tokenizer(cfg: LlavaRunConfig, data: Dataset, run: Path):
     # The template's fixed text opens every conversation: fitted as often as the model will read it, it becomes
     # a few tokens instead of ~70 bytes-and-pieces per sample.
     texts += [VICUNA_SYSTEM + " USER: ASSISTANT: "] * len(records)
-    tok = Tokenizer.train_byte_level(texts, vocab_size=cfg.vocab_size, special_tokens=SPECIAL_TOKENS)
+    tok = Tokenizer.train_byte_level(texts, vocab_size=cfg.vocab_size, special_tokens=SPECIAL_TOKENS + media_placeholders(cfg))
     tok.pad_id = tok.tokenizer.token_to_id("<pad>")
     tok.save(saved)
     return tok
 
 
-def with_image_token(tok):
-    """The tokenizer with `<image>` as a special token (a new id at the end of the vocabulary if it is new)."""
+def media_placeholders(cfg: LlavaRunConfig) -> list[str]:
+    """`<video>` / `<audio>` when the run's model reads them (a tower to copy, or one in the recipe)."""
+    video = bool(cfg.video_from) or cfg.model.video is not None
+    audio = bool(cfg.audio_from) or cfg.model.audio is not None
+    return [p for p, used in zip(MEDIA_TOKENS, (video, audio)) if used]
+
+
+def with_image_token(tok, extra: list[str] = ()):
+    """The tokenizer with `<image>` (and `extra` placeholders) as special tokens (new ids at the end of the
+    vocabulary where they are new)."""
     from tokenizers import AddedToken
 
-    if tok.tokenizer.token_to_id("<image>") is None:
-        tok.tokenizer.add_special_tokens([AddedToken("<image>", special=True, normalized=False)])
+    for token in ["<image>", *extra]:
+        if tok.tokenizer.token_to_id(token) is None:
+            tok.tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)])
     return tok
+
+
+def copy_tower(path: str, kinds: tuple[type, ...], field: str, prefix: str, what: str) -> tuple[Any, dict[str, torch.Tensor]]:
+    """A CLIP checkpoint's tower -> (its config, its tensors without the CLIP projection or attention pool), for
+    a LLaVA tower: `field` names the tower's config in the CLIP's config, `prefix` its tensors."""
+    clip = load_model(path)
+    tower = getattr(getattr(clip, "config", None), field, None)
+    if not isinstance(tower, kinds):
+        raise ValueError(f"{what}_from={path!r} must be a CLIP whose {field} tower is a "
+                         f"{' or '.join(k.__name__.removesuffix('Config') for k in kinds)}, got "
+                         f"{type(clip).__name__} ({type(tower).__name__ if tower is not None else 'no ' + field})")
+    sd = {k.removeprefix(prefix + "."): v for k, v in clip.state_dict().items()
+          if k.startswith(prefix + ".") and k != f"{prefix}.proj.weight" and not k.startswith(f"{prefix}.attn_pool.")}
+    return tower, sd
 
 
 def pretrained_lm_state(lm: LM, vocab_size: int) -> dict[str, torch.Tensor]:
@@ -86,15 +112,15 @@ def build_model(cfg: LlavaRunConfig, tok) -> Llava:
         cfg.model = model.config
         return model
     mc = cfg.model
-    clip = None
+    towers = {}
     if cfg.vision_from:  # the tower is that CLIP's: its architecture wins over the recipe's `model.vision`
-        clip = load_model(cfg.vision_from)
-        vision = getattr(getattr(clip, "config", None), "vision", None)
-        if getattr(vision, "kind", None) not in ("vit", "modified_resnet"):
-            raise ValueError(f"vision_from={cfg.vision_from!r} must be a CLIP (ViT or ModifiedResNet image tower), "
-                             f"got {getattr(vision, 'kind', type(clip).__name__)!r}")
-        mc.vision = vision
-        mc.__post_init__()  # vision_layer checked against this tower
+        mc.vision, towers["vision"] = copy_tower(cfg.vision_from, (ViTConfig, ModifiedResNetConfig), "vision",
+                                                 "visual", "vision")
+    if cfg.video_from:
+        mc.video, towers["video"] = copy_tower(cfg.video_from, (ViTConfig,), "vision", "visual", "video")
+    if cfg.audio_from:
+        mc.audio, towers["audio"] = copy_tower(cfg.audio_from, (ASTConfig,), "audio", "audio", "audio")
+    mc.__post_init__()  # vision_layer and the media grids checked against the towers
     mc.lora_rank = 0  # added below, after the pretrained tensors are in
     lm = None
     if cfg.lm_from:
@@ -107,14 +133,19 @@ def build_model(cfg: LlavaRunConfig, tok) -> Llava:
         mc.lm.eos_token_id = [tok.eot_id]
         mc.lm.bos_token_id = tok.sot_id
     mc.image_token_id = tok.tokenizer.token_to_id("<image>")
+    for field_name, token, tower in (("video_token_id", "<video>", mc.video), ("audio_token_id", "<audio>", mc.audio)):
+        if tower is not None:
+            token_id = tok.tokenizer.token_to_id(token)
+            if token_id is None:
+                raise ValueError(f"the tokenizer has no {token} token, and the model reads {token[1:-1]}")
+            setattr(mc, field_name, token_id)
     model = Llava(mc)
     if lm is not None:
         load_state_dict_strict(model.lm, pretrained_lm_state(lm, tok.vocab_size), f"{cfg.lm_from} (LM)")
         del lm
-    if clip is not None:
-        sd = {k.removeprefix("visual."): v for k, v in clip.state_dict().items()  # no projection, no pooling
-              if k.startswith("visual.") and k != "visual.proj.weight" and not k.startswith("visual.attn_pool.")}
-        load_state_dict_strict(model.vision, sd, f"{cfg.vision_from} (vision tower)")
+    for name, sd in towers.items():
+        tower = model.vision if name == "vision" else getattr(model, name).tower
+        load_state_dict_strict(tower, sd, f"{getattr(cfg, name + '_from')} ({name} tower)")
     if cfg.lora_rank and cfg.stage == 2:
         model.add_lora(cfg.lora_rank, cfg.lora_alpha)
     return model
@@ -123,7 +154,7 @@ def build_model(cfg: LlavaRunConfig, tok) -> Llava:
 def build_evaluator(cfg: LlavaRunConfig, model: Llava, tok, preprocess: PreprocessConfig) -> Callable[[], dict[str, Any]]:
     if cfg.stage == 1 or cfg.data.eval_size <= 0:
         return lambda: {}
-    processor = ImageProcessor(preprocess)
+    processor = MediaProcessor.for_model(model.config, preprocess)
     sets = CONVERSATIONS[cfg.data.kind].evaluation(cfg.data, cfg.model.vision.image_size)
     return lambda: {name: evaluate_vqa(model, tok, processor, items, cfg.template)["accuracy"]
                     for name, items in sets.items()}

@@ -22,7 +22,8 @@ from ..checkpoint import save
 from ..config import LlavaConfig, LMConfig, ViTConfig
 from ..data.conversation import IGNORE, TEMPLATES, encode_conversation
 from ..data.sources import LlavaDataConfig
-from ..data.transforms import ImageProcessor, PreprocessConfig
+from ..data.media import MediaProcessor
+from ..data.transforms import PreprocessConfig
 from ..devices import backward
 from ..devices import resolve as resolve_device
 from ..distributed import all_gather_objects, all_sum, fully_shard_model, global_mean_factor, world
@@ -48,6 +49,8 @@ class LlavaRunConfig:
     lora_rank: int = 0  # stage 2: > 0 trains LoRA updates of this rank instead of the whole LM
     lora_alpha: float = 16.0
     vision_from: str = ""  # a CLIP checkpoint with a ViT whose vision tower is copied in (stage 1)
+    video_from: str = ""  # a video CLIP whose frame tower becomes the video tower (`model.video` follows it)
+    audio_from: str = ""  # an audio CLIP whose AST becomes the audio tower (`model.audio` follows it)
     # A pretrained LM (a .gguf file, a transformers Llama/Qwen2 dir, an mmlm LM dir, or an asset name such as
     # "smollm2"): its weights, tokenizer and chat template; `<image>` joins its vocabulary (stage 1).
     lm_from: str = ""
@@ -81,6 +84,10 @@ def set_trainable(model: nn.Module, stage: int, stage1_trains_lm: bool = False) 
     LoRA updates when the model has them. A from-scratch LM (`stage1_trains_lm`) learns in stage 1 as well."""
     model.vision.requires_grad_(False)
     model.projector.requires_grad_(True)
+    for media in (model.video, model.audio):  # the video / sound towers frozen, their projections learn
+        if media is not None:
+            media.requires_grad_(True)
+            media.tower.requires_grad_(False)
     lora = bool(model.config.lora_rank)
     train_lm = stage == 2 or stage1_trains_lm
     for name, p in model.lm.named_parameters():
@@ -92,8 +99,10 @@ def _pil(image: Any) -> Image.Image:
 
 
 def sample_turns(sample: dict[str, Any], template: str) -> list[dict[str, str]]:
-    if template == "plain":  # stage 1: the image, then its caption
-        return [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": sample["caption"]}]
+    if template == "plain":  # stage 1: the media (an image, a clip, a sound), then its caption
+        media = "".join(p * len(sample.get(k) or []) for p, k in (("<image>", "images"), ("<video>", "videos"),
+                                                                  ("<audio>", "audios")))
+        return [{"from": "human", "value": media}, {"from": "gpt", "value": sample["caption"]}]
     return sample["conversations"]
 
 
@@ -105,7 +114,7 @@ class LlavaTask:
                  preprocess: PreprocessConfig, evaluate: Callable[[], dict[str, Any]] | None = None):
         self.cfg, self.model, self.tokenizer, self.preprocess = cfg, model, tokenizer, preprocess
         self.data, self._evaluate = train_data, evaluate
-        self.processor = ImageProcessor(preprocess)
+        self.processor = MediaProcessor.for_model(model.config, preprocess)
         set_trainable(model, cfg.stage, cfg.stage1_trains_lm)
         if cfg.train.fsdp and world().enabled:  # before the loop builds the optimizer over the sharded parameters
             model.to(resolve_device(cfg.train.device, "train.device"))  # FSDP2 shards where the model is
@@ -125,9 +134,12 @@ class LlavaTask:
         if not samples:
             return {"input_ids": None, "labels": None, "attention_mask": None, "pixel_values": None, "bad": bad,
                     "batch_size": 0}
+        media = mc.placeholders()
         encoded = [encode_conversation(sample_turns(s, self.cfg.template), self.tokenizer, self.cfg.template,
                                        mc.image_token_id, mc.image_tokens, max_len=self.cfg.max_len,
-                                       n_images=len(s["images"]), name=s["id"]) for s in samples]
+                                       n_images=len(s["images"]), name=s["id"], media=media,
+                                       n_media={"<video>": len(s.get("videos") or []),
+                                                "<audio>": len(s.get("audios") or [])}) for s in samples]
         T = max(len(e.input_ids) for e in encoded)
         # a round length (within the LM's context): batches then share a few shapes, and oneDNN's per-shape
         # bf16 kernels stay few (see models/kernels/packing.py ROW_MULTIPLE)
@@ -138,24 +150,25 @@ class LlavaTask:
         mask = torch.tensor([[1] * len(e.input_ids) + [0] * (T - len(e.input_ids)) for e in encoded])
         if self.cfg.word_dropout:
             ids = self._word_dropout(ids, labels, [s["id"] for s in samples])
-        images = [_pil(im) for s in samples for im in s["images"]]
-        pixels = self.processor(images) if images else None
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels, "bad": bad,
-                "batch_size": len(samples)}
+        inputs = self.processor(images=[_pil(im) for s in samples for im in s["images"]],
+                                videos=[v for s in samples for v in s.get("videos") or []],
+                                audios=[a for s in samples for a in s.get("audios") or []])
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": inputs.get("pixel_values"),
+                "videos": inputs.get("videos"), "audios": inputs.get("audios"), "bad": bad, "batch_size": len(samples)}
 
     def _word_dropout(self, ids: torch.Tensor, labels: torch.Tensor, names: list[str]) -> torch.Tensor:
         """ids with some learned tokens' inputs replaced by random tokens (never the image token), per
         `word_dropout`; each row's draw is seeded by its sample id and the data seed."""
         ids = ids.clone()
-        vocab, image_id = self.model.config.lm.vocab_size, self.model.config.image_token_id
+        vocab = self.model.config.lm.vocab_size
+        media = sorted({i for i, _ in self.model.config.placeholders().values() if 0 <= i < vocab})
         for row, name in enumerate(names):
             g = torch.Generator().manual_seed(zlib.crc32(f"{self.cfg.data.seed}:{name}".encode()))
             drop = (torch.rand(ids.shape[1], generator=g) < self.cfg.word_dropout) & (labels[row] != IGNORE)
-            if 0 <= image_id < vocab:  # draw from the vocabulary without the image token
-                new = torch.randint(0, vocab - 1, (int(drop.sum()),), generator=g)
-                ids[row, drop] = new + (new >= image_id).long()
-            else:
-                ids[row, drop] = torch.randint(0, vocab, (int(drop.sum()),), generator=g)
+            new = torch.randint(0, vocab - len(media), (int(drop.sum()),), generator=g)
+            for m in media:  # draw from the vocabulary without the media tokens: skip over each, lowest first
+                new += (new >= m).long()
+            ids[row, drop] = new
         return ids
 
     def step(self, batch: dict[str, Any], autocast) -> dict[str, float]:
@@ -163,10 +176,14 @@ class LlavaTask:
         if min(all_gather_objects(batch["batch_size"])) == 0:  # every rank skips together (FSDP needs all)
             return {"loss": float("nan")}
         self.model.vision.eval()
+        for media in (self.model.video, self.model.audio):
+            if media is not None:
+                media.tower.eval()
         at, targets = next_token_targets(batch["labels"])
         with autocast():  # the loss only where an answer token is predicted
             per_token = self.model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   pixel_values=batch["pixel_values"], logits_at=at, targets=targets).token_loss
+                                   pixel_values=batch["pixel_values"], videos=batch.get("videos"),
+                                   audios=batch.get("audios"), logits_at=at, targets=targets).token_loss
         weights = reply_weights(batch["labels"]) if self.cfg.loss_per == "reply" else torch.ones_like(per_token)
         if not w.enabled:
             loss = (per_token * weights).sum() / weights.sum().clamp(min=1)

@@ -1,0 +1,144 @@
+"""LLaVA reading video and sound beside images: towers copied from video / audio CLIPs, one batch mixing every
+kind of sample, the label mask, the splice, cached decoding, and bad samples named."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+
+from mmlm.config import LMConfig, ViTConfig
+from mmlm.data.conversation import IGNORE, ConversationError
+from mmlm.data.media_sets import media_conversation, sound_questions, video_questions
+from mmlm.data.sources import LlavaDataConfig
+from mmlm.serve.tiny import tiny_audio_clip, tiny_video_clip
+from mmlm.train.llava_run import build_task
+from mmlm.train.llava_task import LlavaRunConfig
+from mmlm.train.loop import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    d = tmp_path_factory.mktemp("towers")
+    video, audio = tiny_video_clip(d / "video"), tiny_audio_clip(d / "audio")
+    cfg = LlavaRunConfig(stage=2, max_len=512, vocab_size=400, video_from=str(video), audio_from=str(audio),
+                         data=LlavaDataConfig(kind="media_shapes", train_size=48, n_questions=2, eval_size=4, frames=6),
+                         train=TrainConfig(steps=2, batch_size=6, lr=1e-3, warmup_steps=0, log_every=1, progress=False))
+    cfg.model.vision = ViTConfig(image_size=32, patch_size=8, width=32, layers=2, heads=4)
+    cfg.model.lm = LMConfig(width=48, layers=2, heads=4, kv_heads=2, mlp_dim=96, max_seq_len=512)
+    cfg.model.video_frames, cfg.model.video_grid, cfg.model.audio_grid = 4, 2, [2, 3]
+    return build_task(cfg, tmp_path_factory.mktemp("run"))
+
+
+def _samples(task):
+    data = task.data
+    by_kind = {}
+    for i in range(len(data)):
+        s = data[i]
+        by_kind.setdefault(s["modality"], s)
+    image = by_kind["image"]
+    two = {**image, "id": "two-images", "images": image["images"] * 2,
+           "conversations": [{"from": "human", "value": "<image>\n<image>\nAre they the same?"},
+                             {"from": "gpt", "value": "yes"}]}
+    text = {"id": "text-only", "images": [], "videos": [], "audios": [],
+            "conversations": [{"from": "human", "value": "Say yes."}, {"from": "gpt", "value": "yes"}]}
+    return [text, image, two, by_kind["video"], by_kind["audio"], by_kind["video+audio"]]
+
+
+def test_towers_come_from_the_clips_and_tokens_follow_the_budgets(task):
+    model, mc = task.model, task.model.config
+    assert mc.video.width == 64 and mc.audio.width == 32  # the tiny CLIPs' towers, not the recipe's
+    assert mc.video_tokens == 4 * 2 * 2 and mc.audio_tokens == 2 * 3
+    assert task.tokenizer.tokenizer.token_to_id("<video>") == mc.video_token_id
+    assert task.tokenizer.tokenizer.token_to_id("<audio>") == mc.audio_token_id
+    from mmlm.formats import load
+
+    clip = load(task.cfg.video_from)
+    assert torch.equal(model.video.tower.transformer.blocks[0].mlp.fc1.weight,
+                       clip.visual.transformer.blocks[0].mlp.fc1.weight)
+
+
+def test_a_batch_mixing_every_kind_trains_and_the_label_mask_covers_only_replies(task):
+    samples = _samples(task)
+    batch = task.collate(samples)
+    assert batch["pixel_values"].shape[0] == 1 + 2 + 0  # image, two images
+    assert batch["videos"].shape == (2, 4, 3, 32, 32)  # video, video+audio: 6 rendered frames sampled to 4
+    assert batch["audios"].shape == (2, 50, 32)
+    mc = task.model.config
+    for row, s in enumerate(samples):
+        ids, labels = batch["input_ids"][row], batch["labels"][row]
+        learned = labels[labels != IGNORE]
+        replies = [t["value"] for t in s["conversations"] if t["from"] == "gpt"]
+        assert task.tokenizer.decode(learned.tolist()).replace("</s>", "") == "".join(replies)
+        assert int((ids == mc.video_token_id).sum()) == len(s.get("videos") or []) * mc.video_tokens
+        assert int((ids == mc.audio_token_id).sum()) == len(s.get("audios") or []) * mc.audio_tokens
+    with torch.enable_grad():
+        before = {n: p.detach().clone() for n, p in task.model.named_parameters()}
+        task.model.zero_grad()
+        out = task.step(batch, contextlib.nullcontext)
+    assert np.isfinite(out["loss"])
+    grads = {n for n, p in task.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    for name in ("video.projector.fc1.weight", "video.projector.pos", "video.frame_time",
+                 "audio.projector.fc1.weight", "audio.projector.pos", "projector.fc1.weight", "lm.embed.weight"):
+        assert name in grads, name
+    assert not any(n.startswith(("video.tower.", "audio.tower.", "vision.")) for n in grads)  # towers frozen
+    assert all(torch.equal(p, before[n]) for n, p in task.model.named_parameters())  # step() only backpropagates
+
+
+def test_media_land_at_their_tokens_and_cached_decoding_equals_a_full_forward(task):
+    model = task.model.eval()
+    samples = _samples(task)[3:]  # video, audio, video+audio
+    batch = task.collate(samples)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    media = {k: batch[k] for k in ("pixel_values", "videos", "audios")}
+    with torch.no_grad():
+        x = model.embed(ids, media["pixel_values"], videos=media["videos"], audios=media["audios"])
+        mc = model.config
+        assert torch.allclose(x[ids == mc.video_token_id], model.video(media["videos"]).flatten(0, 1))
+        assert torch.allclose(x[ids == mc.audio_token_id], model.audio(media["audios"]).flatten(0, 1))
+        # the first reply token's logits: a prefill through the cache equals the uncached forward
+        first = [int((row != IGNORE).nonzero()[0]) for row in batch["labels"]]
+        T = min(first)
+        full = model(ids[:, :T], attention_mask=mask[:, :T], **{k: v for k, v in media.items() if v is not None})
+        cache = model.new_cache(len(ids), T + 4)
+        cached = model(ids[:, :T], attention_mask=mask[:, :T], cache=cache, only_last=True,
+                       **{k: v for k, v in media.items() if v is not None})
+    assert torch.allclose(full.logits[:, -1], cached.logits[:, -1], atol=1e-5)
+
+
+def test_evaluation_answers_questions_about_each_modality(task):
+    from mmlm.eval.vqa import evaluate_vqa
+
+    records = [media_conversation("val", i, kind, frames=6, n_questions=1) for i, kind in
+               enumerate(["video", "audio", "video+audio"])]
+    result = evaluate_vqa(task.model.eval(), task.tokenizer, task.processor, records, "vicuna_v1", max_new_tokens=4)
+    assert result["n"] == 3 and set(result["per_modality"]) == {"video", "audio", "video+audio"}
+
+
+def test_media_placeholders_without_their_media_name_the_sample(task):
+    video = _samples(task)[3]
+    with pytest.raises(ConversationError, match=r"video-train-\d+: the text holds 1 <video> placeholder\(s\) but "
+                                                r"the sample has 0 video"):
+        task.collate([{**video, "videos": []}])
+    audio = _samples(task)[4]
+    with pytest.raises(ConversationError, match=r"audio-train-\d+: .* 1 <audio> .* 2 audio"):
+        task.collate([{**audio, "audios": audio["audios"] * 2}])
+    with pytest.raises(ValueError, match="input_ids hold .* video tokens .* no videos were given"):
+        batch = task.collate([video])
+        task.model(batch["input_ids"])
+
+
+def test_questions_have_exact_answers():
+    qs = {t: a for _, a, t in video_questions("square", "red", "moving left", np.random.default_rng(0))}
+    assert qs["video_action"] == "moving left" and qs["video_shape"] == "square" and qs["video_colour"] == "red"
+    assert {t: a for _, a, t in sound_questions("three beeps")}["audio_count"] == "three"
+    assert {t: a for _, a, t in sound_questions("a falling chirp")}["audio_direction"] == "falling"
+    assert "audio_count" not in {t for _, _, t in sound_questions("a chord")}
+    novel = [media_conversation("novel", i, "video", n_questions=4) for i in range(20)]
+    from mmlm.data.media_sets import HELD_OUT_ACTIONS
+
+    for r in novel:  # the held-out split asks only about held-out (shape, action) pairs
+        answers = dict(zip(r["question_types"], [t["value"] for t in r["conversations"][1::2]]))
+        assert (answers["video_shape"], answers["video_action"]) in HELD_OUT_ACTIONS
