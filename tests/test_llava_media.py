@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmlm.config import LMConfig, ViTConfig
+from mmlm.config import FlamingoConnectorConfig, LMConfig, ViTConfig
 from mmlm.data.conversation import IGNORE, ConversationError
 from mmlm.data.media_sets import media_conversation, sound_questions, video_questions
 from mmlm.data.sources import LlavaDataConfig
@@ -20,15 +20,24 @@ from mmlm.train.loop import TrainConfig
 
 
 @pytest.fixture(scope="module")
-def task(tmp_path_factory):
+def towers(tmp_path_factory):
     d = tmp_path_factory.mktemp("towers")
-    video, audio = tiny_video_clip(d / "video"), tiny_audio_clip(d / "audio")
+    return tiny_video_clip(d / "video"), tiny_audio_clip(d / "audio")
+
+
+@pytest.fixture(scope="module", params=["llava", "flamingo"])
+def task(request, towers, tmp_path_factory):
+    video, audio = towers
     cfg = LlavaRunConfig(stage=2, max_len=512, vocab_size=400, video_from=str(video), audio_from=str(audio),
                          data=LlavaDataConfig(kind="media_shapes", train_size=48, n_questions=2, eval_size=4, frames=6),
                          train=TrainConfig(steps=2, batch_size=6, lr=1e-3, warmup_steps=0, log_every=1, progress=False))
     cfg.model.vision = ViTConfig(image_size=32, patch_size=8, width=32, layers=2, heads=4)
     cfg.model.lm = LMConfig(width=48, layers=2, heads=4, kv_heads=2, mlp_dim=96, max_seq_len=512)
     cfg.model.video_frames, cfg.model.video_grid, cfg.model.audio_grid = 4, 2, [2, 3]
+    cfg.model.connector = request.param
+    if request.param == "flamingo":
+        cfg.model.flamingo = FlamingoConnectorConfig(media_dim=48, latents=4, resampler_depth=1, resampler_heads=2,
+                                                     resampler_head_dim=8, interval=1, only_last_media=False)
     return build_task(cfg, tmp_path_factory.mktemp("run"))
 
 
@@ -50,7 +59,10 @@ def _samples(task):
 def test_towers_come_from_the_clips_and_tokens_follow_the_budgets(task):
     model, mc = task.model, task.model.config
     assert mc.video.width == 64 and mc.audio.width == 32  # the tiny CLIPs' towers, not the recipe's
-    assert mc.video_tokens == 4 * 2 * 2 and mc.audio_tokens == 2 * 3
+    assert mc.video_cells == 4 * (1 + 2 * 2) and mc.audio_cells == 2 * 3
+    # in the LM's context: every cell (llava) or one token per item (flamingo: the rest goes through cross-attention)
+    flamingo = mc.connector == "flamingo"
+    assert (mc.video_tokens, mc.audio_tokens, mc.image_tokens) == ((1, 1, 1) if flamingo else (20, 6, 16))
     assert task.tokenizer.tokenizer.token_to_id("<video>") == mc.video_token_id
     assert task.tokenizer.tokenizer.token_to_id("<audio>") == mc.audio_token_id
     from mmlm.formats import load
@@ -80,10 +92,29 @@ def test_a_batch_mixing_every_kind_trains_and_the_label_mask_covers_only_replies
         out = task.step(batch, contextlib.nullcontext)
     assert np.isfinite(out["loss"])
     grads = {n for n, p in task.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    for name in ("video.projector.fc1.weight", "video.projector.pos", "video.frame_time",
-                 "audio.projector.fc1.weight", "audio.projector.pos", "projector.fc1.weight", "lm.embed.weight"):
+    if mc.connector == "flamingo":  # stage 2: the LM frozen; at init only the gates move (tanh(0) hides the rest)
+        assert {n for n in grads if not n.startswith("flamingo.")} == set()
+        assert {f"flamingo.cross.{i}.alpha_cross_attn" for i in range(2)} <= grads
+        assert not any(p.requires_grad for p in task.model.lm.parameters())
+        with torch.no_grad():
+            for block in task.model.flamingo.cross:
+                block.alpha_cross_attn.fill_(0.5)
+                block.alpha_dense.fill_(0.5)
+        task.model.zero_grad()
+        with torch.enable_grad():
+            task.step(batch, contextlib.nullcontext)
+        grads = {n for n, p in task.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        want = ["flamingo.resampler.latents", "flamingo.cross.1.cross_attn.kv.weight"]
+    else:
+        want = ["lm.embed.weight"]
+    for name in ["video.projector.fc1.weight", "video.projector.pos", "video.frame_time", "audio.projector.fc1.weight",
+                 "audio.projector.pos", "projector.fc1.weight", *want]:
         assert name in grads, name
     assert not any(n.startswith(("video.tower.", "audio.tower.", "vision.")) for n in grads)  # towers frozen
+    with torch.no_grad():  # restore the gates for the other tests
+        for block in task.model.flamingo.cross if task.model.flamingo is not None else []:
+            block.alpha_cross_attn.fill_(0.0)
+            block.alpha_dense.fill_(0.0)
     assert all(torch.equal(p, before[n]) for n, p in task.model.named_parameters())  # step() only backpropagates
 
 
@@ -94,18 +125,41 @@ def test_media_land_at_their_tokens_and_cached_decoding_equals_a_full_forward(ta
     ids, mask = batch["input_ids"], batch["attention_mask"]
     media = {k: batch[k] for k in ("pixel_values", "videos", "audios")}
     with torch.no_grad():
-        x = model.embed(ids, media["pixel_values"], videos=media["videos"], audios=media["audios"])
         mc = model.config
-        assert torch.allclose(x[ids == mc.video_token_id], model.video(media["videos"]).flatten(0, 1))
-        assert torch.allclose(x[ids == mc.audio_token_id], model.audio(media["audios"]).flatten(0, 1))
-        # the first reply token's logits: a prefill through the cache equals the uncached forward
+        if mc.connector == "llava":
+            x = model.embed(ids, media["pixel_values"], videos=media["videos"], audios=media["audios"])
+            assert torch.allclose(x[ids == mc.video_token_id], model.video(media["videos"]).flatten(0, 1))
+            assert torch.allclose(x[ids == mc.audio_token_id], model.audio(media["audios"]).flatten(0, 1))
+        # each row's prompt (up to its first reply token), left-padded as generation takes them
         first = [int((row != IGNORE).nonzero()[0]) for row in batch["labels"]]
-        T = min(first)
-        full = model(ids[:, :T], attention_mask=mask[:, :T], **{k: v for k, v in media.items() if v is not None})
+        T = max(first)
+        prompt = torch.zeros(len(ids), T, dtype=torch.long)
+        pmask = torch.zeros_like(prompt)
+        for r, n in enumerate(first):
+            prompt[r, T - n:], pmask[r, T - n:] = ids[r, :n], 1
+        ids, mask = prompt, pmask
+        given = {k: v for k, v in media.items() if v is not None}
+        full = model(ids, attention_mask=mask, **given)  # the next token's logits: a cached prefill equals this
         cache = model.new_cache(len(ids), T + 4)
-        cached = model(ids[:, :T], attention_mask=mask[:, :T], cache=cache, only_last=True,
-                       **{k: v for k, v in media.items() if v is not None})
+        cached = model(ids, attention_mask=mask, cache=cache, only_last=True, **given)
     assert torch.allclose(full.logits[:, -1], cached.logits[:, -1], atol=1e-5)
+    if mc.connector == "flamingo":  # gates opened: greedy decoding through the cache equals full forwards
+        with torch.no_grad():
+            for block in model.flamingo.cross:
+                block.alpha_cross_attn.fill_(0.7)
+                block.alpha_dense.fill_(0.7)
+        from mmlm.generation import generate
+
+        out = generate(model, ids, mask, max_new_tokens=5, eos_token_id=[], **given)
+        cur, m = ids, mask
+        with torch.no_grad():
+            for _ in range(5):
+                nxt = model(cur, attention_mask=m, **given).logits[:, -1].argmax(-1, keepdim=True)
+                cur, m = torch.cat([cur, nxt], 1), torch.cat([m, torch.ones_like(nxt)], 1)
+            for block in model.flamingo.cross:
+                block.alpha_cross_attn.fill_(0.0)
+                block.alpha_dense.fill_(0.0)
+        assert torch.equal(out, cur[:, T:])
 
 
 def test_evaluation_answers_questions_about_each_modality(task):

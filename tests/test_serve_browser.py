@@ -76,6 +76,41 @@ def test_page_uploads_an_image_and_streams_an_answer(browser, tmp_path):
         assert answer.get_attribute("textContent") == expected
 
 
+def test_page_sends_a_video_and_a_sound_to_a_llava_that_reads_them(browser, tmp_path):
+    import base64
+
+    import httpx
+    import numpy as np
+    from selenium.webdriver.common.by import By
+
+    from mmlm.data.media import write_audio, write_video
+
+    frames = np.full((6, 32, 32, 3), 20, np.uint8)
+    for t in range(6):
+        frames[t, 10:20, 3 * t:3 * t + 10] = (230, 60, 30)
+    clip, sound = write_video(tmp_path / "clip.mp4", frames), tmp_path / "tone.wav"
+    write_audio(sound, (0.4 * np.sin(2 * np.pi * 440 * np.arange(8000) / 16000)).astype(np.float32))
+    with running(create_app(tiny_llava(tmp_path / "tiny-llava", media=True))) as url:
+        browser.get(url + "/")
+        wait(browser, "#chat:not(.hidden)")
+        assert "video/*" in browser.find_element(By.ID, "file").get_attribute("accept")
+        browser.find_element(By.ID, "file").send_keys(str(clip))
+        wait(browser, "#video-preview[src^='data:video/mp4;base64,']")
+        browser.find_element(By.ID, "file").send_keys(str(sound))
+        wait(browser, "#audio-preview[src^='data:audio/']")
+        browser.find_element(By.ID, "prompt").send_keys("what moves?")
+        browser.find_element(By.ID, "send").click()
+        answer = wait(browser, ".assistant[data-done='1']")
+        expected = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+            "max_tokens": 128, "temperature": 0, "messages": [{"role": "user", "content": [
+                {"type": "video_url", "video_url": {"url": data_uri(clip.read_bytes(), "video/mp4")}},
+                {"type": "input_audio", "input_audio": {"data": base64.b64encode(sound.read_bytes()).decode(),
+                                                        "format": "wav"}},
+                {"type": "text", "text": "what moves?"}]}]}).json()["choices"][0]["message"]["content"]
+        assert "error" not in answer.get_attribute("class"), answer.get_attribute("textContent")
+        assert answer.get_attribute("textContent") == expected
+
+
 def test_page_draws_a_zero_shot_chart(browser, tmp_path):
     import httpx
     from selenium.webdriver.common.by import By

@@ -27,7 +27,7 @@ class TextStream:
 
 
 def prompt_ids(model, tokenizer, messages: list[dict[str, str]], template: str = "chat",
-               n_images: int | None = None) -> list[int]:
+               n_images: int | None = None, n_media: dict[str, int] | None = None) -> list[int]:
     """The ids generation continues from: a LLaVA's messages in its conversation `template` (images expanded to
     image tokens, exactly as in training), an LM's through the tokenizer's chat template."""
     if hasattr(model.config, "image_token_id"):
@@ -35,7 +35,7 @@ def prompt_ids(model, tokenizer, messages: list[dict[str, str]], template: str =
 
         mc = model.config
         return encode_prompt(messages, tokenizer, template, mc.image_token_id, mc.image_tokens, n_images=n_images,
-                             name="messages")
+                             name="messages", media=mc.placeholders(), n_media=n_media)
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("this model's tokenizer has no chat template, so it cannot chat")
     return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
@@ -50,10 +50,12 @@ def end_token_ids(model, tokenizer) -> list[int]:
 
 def reply(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int = 256, temperature: float = 0.0,
           top_p: float = 1.0, seed: int | None = None, out: TextIO | None = None,
-          pixel_values: torch.Tensor | None = None, template: str = "chat", compile: bool = False) -> str:
+          pixel_values: torch.Tensor | None = None, template: str = "chat", compile: bool = False,
+          videos: torch.Tensor | None = None, audios: torch.Tensor | None = None) -> str:
     """The assistant's answer to `messages` (rendered with the tokenizer's chat template); streamed to `out`.
 
-    A LLaVA model takes `pixel_values` (one image per `<image>` in the messages) and encodes the messages
+    A LLaVA model takes `pixel_values` (one image per `<image>` in the messages; `videos` and `audios` likewise
+    per `<video>` and `<audio>`, for a model that reads them) and encodes the messages
     with its conversation `template` ("plain", "vicuna_v1" or "chat"), exactly as it was trained. `compile` runs
     the decoding step torch.compile'd (`generation.generate`).
     """
@@ -66,7 +68,7 @@ def reply(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int 
     stream = TextStream(tokenizer, out) if out is not None else None
     new = generate(model, ids, max_new_tokens=max_new, temperature=temperature, top_p=top_p, seed=seed,
                    eos_token_id=end_token_ids(model, tokenizer), stream=stream, pixel_values=pixel_values,
-                   compile=compile)
+                   compile=compile, videos=videos, audios=audios)
     return tokenizer.decode(new[0].tolist(), skip_special_tokens=True).strip()
 
 
@@ -74,11 +76,13 @@ def chat(model_path: str | Path, prompt: str | None = None, system: str | None =
          temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, out: TextIO | None = None,
          read: Callable[[str], str] = input, image: str | Path | None = None,
          template: str | None = None, weights: str | None = "auto", dtype: str | torch.dtype | None = None,
-         device: str | torch.device | None = None, compile: bool = False) -> list[dict[str, str]]:
+         device: str | torch.device | None = None, compile: bool = False, video: str | Path | None = None,
+         audio: str | Path | None = None) -> list[dict[str, str]]:
     """Answer `prompt` and return, or (prompt None) loop reading user turns until EOF / "exit".
 
     The model and its tokenizer come from the same path: a .gguf file, or a directory with tokenizer.json.
-    With a LLaVA model, `image` is placed before the first user turn and `template` (default "vicuna_v1")
+    With a LLaVA model, `image` (and `video`, `audio` files, for a model that reads them) is placed before the
+    first user turn and `template` (default "vicuna_v1")
     is the conversation template it was trained with. `weights` "int8" / "int4" quantizes the LM for faster
     decoding (mmlm.quantize); "auto" (the default) runs a 4-bit or 8-bit GGUF at its own precision on the CPU
     (`formats.stored_weights`) and everything else as loaded; None or "none" keeps the loaded weights. `dtype` ("bf16", torch.float16, ...; default float32) and `device` ("cuda", "auto";
@@ -90,16 +94,25 @@ def chat(model_path: str | Path, prompt: str | None = None, system: str | None =
 
     model, tokenizer = load_for_generation(model_path, weights, dtype, device), load_tokenizer(model_path)
     llava = hasattr(model.config, "image_token_id")
-    pixel_values = None
-    if image is not None:
+    media: dict[str, torch.Tensor] = {}
+    head = ""  # the placeholders the first user turn starts with, as in LLaVA's training conversations
+    if image is not None or video is not None or audio is not None:
         if not llava:
-            raise ValueError(f"{model_path}: a {type(model).__name__} takes no images; chat about an image with a LLaVA model")
-        from .data.transforms import ImageProcessor, PreprocessConfig
+            raise ValueError(f"{model_path}: a {type(model).__name__} takes no images, videos or sounds; chat about "
+                             "them with a LLaVA model")
+        from .data.media import MediaProcessor, read_audio, read_video
+        from .data.transforms import PreprocessConfig
 
-        preprocess = load_preprocess(model_path) or PreprocessConfig(image_size=model.config.vision.image_size,
-                                                                     mode="pad_square")
-        processor = ImageProcessor(preprocess)
-        pixel_values = processor([processor.load(image)])
+        mc = model.config
+        preprocess = load_preprocess(model_path) or PreprocessConfig(image_size=mc.vision.image_size, mode="pad_square")
+        processor = MediaProcessor.for_model(mc, preprocess)
+        for path, kind, tower in ((video, "video", mc.video), (audio, "audio", mc.audio)):
+            if path is not None and tower is None:
+                raise ValueError(f"{model_path}: this LLaVA reads no {kind} (it has no {kind} tower)")
+        media = processor(images=[processor.images.load(image)] if image is not None else [],
+                          videos=[read_video(video, frames=mc.video_frames)] if video is not None else [],
+                          audios=[read_audio(audio, processor.features.sampling_rate)] if audio is not None else [])
+        head = "".join(p + "\n" for p, f in (("<image>", image), ("<video>", video), ("<audio>", audio)) if f is not None)
     template = template or (getattr(model.config, "template", "vicuna_v1") if llava else "chat")
     if template == "chat" and not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"{model_path}: the tokenizer has no chat template, so it cannot chat")
@@ -120,10 +133,10 @@ def chat(model_path: str | Path, prompt: str | None = None, system: str | None =
                 return messages
             if not text.strip():
                 continue
-        if pixel_values is not None and not any(m["role"] == "user" for m in messages):
-            text = "<image>\n" + text  # the image comes first, as in LLaVA's training conversations
+        if head and not any(m["role"] == "user" for m in messages):
+            text = head + text  # the media come first, as in LLaVA's training conversations
         messages.append({"role": "user", "content": text})
-        answer = reply(model, tokenizer, messages, max_new_tokens, temperature, top_p, seed, out,
-                       pixel_values=pixel_values, template=template, compile=compile)
+        answer = reply(model, tokenizer, messages, max_new_tokens, temperature, top_p, seed, out, template=template,
+                       compile=compile, **media)
         out.write("\n")
         messages.append({"role": "assistant", "content": answer})

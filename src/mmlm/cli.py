@@ -95,7 +95,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     chat(args.model, prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
          temperature=args.temperature, top_p=args.top_p, seed=args.seed, image=args.image, template=args.template,
-         weights=args.weights, dtype=args.dtype, device=args.device, compile=args.compile)
+         weights=args.weights, dtype=args.dtype, device=args.device, compile=args.compile,
+         video=args.video, audio=args.audio)
     return 0
 
 
@@ -291,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zeroshot: 'shapes', 'shapes-novel', 'fashion_mnist' or a CSV with image (video, audio),label "
                         "columns; retrieval: 'shapes' or a CSV/TSV with image (a video / audio CLIP: video / audio),"
                         "caption columns (a file may repeat); "
-                        "vqa: shapes | shapes-novel | a LLaVA conversation JSON with reference answers")
+                        "vqa: shapes | shapes-novel | media-shapes | media-shapes-novel | a LLaVA conversation JSON with "
+                        "reference answers")
     v.add_argument("--classes", default=None, help="zeroshot on a CSV: JSON/text file of class names (default: labels seen)")
     v.add_argument("--templates", default=None, help="zeroshot: text file, one prompt template with {} per line")
     v.add_argument("--limit", type=int, default=0,
@@ -322,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--top-p", type=float, default=1.0)
     h.add_argument("--seed", type=int, default=None)
     h.add_argument("--image", type=Path, default=None, help="LLaVA: the image to talk about")
+    h.add_argument("--video", type=Path, default=None, help="LLaVA that reads video: the clip to talk about")
+    h.add_argument("--audio", type=Path, default=None, help="LLaVA that reads sound: the sound (wav, mp3, ...)")
     h.add_argument("--weights", default="auto", choices=["auto", "none", "int8", "int4"],
                    help="quantize the LM's weights for faster decoding on a CPU; auto (default): a Q4/Q8 GGUF runs at "
                         "its own precision (int4/int8), anything else as loaded; none: as loaded (float32)")

@@ -338,6 +338,23 @@ PROJECTORS = ("linear", "mlp2x_gelu")
 
 
 @dataclass
+class FlamingoConnectorConfig:
+    media_dim: int  # width of the tower's features (Dv)
+    latents: int = 16  # L: latents per media item
+    resampler_depth: int = 2
+    resampler_heads: int = 4
+    resampler_head_dim: int = 32
+    interval: int = 1  # a gated cross-attention block before every `interval`-th LM block
+    cross_heads: int | None = None  # default: the LM's heads
+    only_last_media: bool = True  # a token sees the most recent media before it (False: every earlier one)
+
+    def __post_init__(self) -> None:
+        for name in ("media_dim", "latents", "resampler_depth", "resampler_heads", "resampler_head_dim", "interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"flamingo.{name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass
 class LlavaConfig:
     """LLaVA: a CLIP image tower's tokens, projected into a decoder LM's embedding space.
 
@@ -370,9 +387,9 @@ class LlavaConfig:
     # evaluation prompt it the same way. Not architecture: transformers' config has no such field.
     template: str = "vicuna_v1"
     # Video and sound (mmlm only; None: the model reads images alone). A video is `video_frames` frames, each
-    # read by the `video` ViT (a video CLIP's frame tower) with its patch grid average-pooled to video_grid x
-    # video_grid tokens, plus a learned frame-time embedding; `<video>` expands to video_frames * video_grid**2
-    # tokens. A sound is read by the `audio` AST (an audio CLIP's tower), its (frequency, time) patch grid
+    # read by the `video` ViT (a video CLIP's frame tower): its class token and its patch grid average-pooled to
+    # video_grid x video_grid tokens, plus a learned frame-time embedding; `<video>` expands to
+    # video_frames * (1 + video_grid**2) tokens. A sound is read by the `audio` AST (an audio CLIP's tower), its (frequency, time) patch grid
     # average-pooled to `audio_grid` cells; `<audio>` expands to their product. Each has its own projector.
     video: Optional[ViTConfig] = None
     video_frames: int = 8
@@ -381,6 +398,12 @@ class LlavaConfig:
     audio: Optional[ASTConfig] = None
     audio_grid: list = field(default_factory=lambda: [1, 8])
     audio_token_id: int = -1
+    # How media reach the LM. "llava": each item's projected tokens take its placeholder's positions in the LM's
+    # input. "flamingo": each item keeps one token in the text, a perceiver resampler turns its projected tokens
+    # into `flamingo.latents` latents, and the LM, frozen, reads them through gated cross-attention blocks
+    # (models/flamingo.py; `flamingo.media_dim` is the projectors' output width, default the LM's).
+    connector: str = "llava"
+    flamingo: Optional[FlamingoConnectorConfig] = None
 
     def __post_init__(self) -> None:
         _check(self.kind == "llava", f"LlavaConfig.kind must be 'llava', got {self.kind!r}")
@@ -406,6 +429,11 @@ class LlavaConfig:
         _check(self.lora_rank >= 0, f"llava.lora_rank must be >= 0, got {self.lora_rank}")
         if isinstance(self.vision_layer, tuple):
             self.vision_layer = list(self.vision_layer)
+        _check(self.connector in ("llava", "flamingo"), f"llava.connector must be llava or flamingo, got {self.connector!r}")
+        if isinstance(self.flamingo, dict):
+            self.flamingo = from_dict(FlamingoConnectorConfig, {"media_dim": self.lm.width, **self.flamingo}, ".flamingo")
+        if self.connector == "flamingo" and self.flamingo is None:
+            self.flamingo = FlamingoConnectorConfig(media_dim=self.lm.width)
         if isinstance(self.video, dict):
             self.video = from_dict(ViTConfig, self.video, ".video")
         _check(self.video is None or isinstance(self.video, ViTConfig), "llava.video must be a ViT (kind 'vit') or null")
@@ -430,14 +458,24 @@ class LlavaConfig:
         return list(self.vision_layer) if isinstance(self.vision_layer, (list, tuple)) else [self.vision_layer]
 
     @property
+    def video_cells(self) -> int:
+        """Media tokens one video gives: every frame's class token and pooled cells."""
+        return self.video_frames * (1 + self.video_grid**2)
+
+    @property
+    def audio_cells(self) -> int:
+        """Media tokens one sound gives: the pooled (frequency, time) cells."""
+        return self.audio_grid[0] * self.audio_grid[1]
+
+    @property
     def video_tokens(self) -> int:
-        """LM positions one `<video>` fills: every frame's pooled cells."""
-        return self.video_frames * self.video_grid**2 if self.video is not None else 0
+        """LM positions one `<video>` fills: its cells (llava), or its one token (flamingo)."""
+        return 0 if self.video is None else 1 if self.connector == "flamingo" else self.video_cells
 
     @property
     def audio_tokens(self) -> int:
-        """LM positions one `<audio>` fills: the pooled (frequency, time) cells."""
-        return self.audio_grid[0] * self.audio_grid[1] if self.audio is not None else 0
+        """LM positions one `<audio>` fills: its cells (llava), or its one token (flamingo)."""
+        return 0 if self.audio is None else 1 if self.connector == "flamingo" else self.audio_cells
 
     def placeholders(self) -> dict[str, tuple[int, int]]:
         """The placeholders this model reads -> (token id, LM positions each expands to)."""
@@ -450,7 +488,12 @@ class LlavaConfig:
 
     @property
     def image_tokens(self) -> int:
-        """Positions one image occupies in the LM's sequence."""
+        """Positions one image occupies in the LM's sequence: its tower's tokens, or one (flamingo)."""
+        return 1 if self.connector == "flamingo" else self.image_cells
+
+    @property
+    def image_cells(self) -> int:
+        """Media tokens one image gives: the tower's tokens."""
         if isinstance(self.vision, ModifiedResNetConfig):  # one per cell of the feature map; no class token
             return self.vision.stage_grid(self.vision_layers[0]) ** 2
         return self.vision.num_patches + (0 if self.drop_cls else 1)

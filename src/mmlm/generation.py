@@ -212,6 +212,17 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
 
 # ----------------------------------------------------------------------------- continuous batching
 
+def concat_media(rows: Sequence[Any]) -> dict[str, torch.Tensor]:
+    """The media of several prompts (objects with pixel_values / videos / audios, None where absent), in order,
+    as one forward's keyword arguments: a LLaVA splices the k-th item of a kind at that kind's k-th tokens."""
+    out = {}
+    for key in ("pixel_values", "videos", "audios"):
+        parts = [getattr(r, key) for r in rows if getattr(r, key, None) is not None]
+        if parts:
+            out[key] = torch.cat(parts)
+    return out
+
+
 @dataclass(eq=False)
 class DecodeRow:
     """One sequence of a `DecodeBatch`: its prompt, limits and sampling settings, and the tokens chosen so far.
@@ -228,6 +239,8 @@ class DecodeRow:
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    videos: torch.Tensor | None = None  # (N_videos, frames, C, H, W) and
+    audios: torch.Tensor | None = None  # (N_sounds, T, F): a LLaVA's other media for this prompt
     tokens: list[int] = field(default_factory=list)
     finish: str | None = None
     start: int = 0
@@ -259,6 +272,9 @@ class DecodeBatch:
 
     def __init__(self, model: nn.Module, max_rows: int = 8, eos_token_id: int | Sequence[int] | None = None,
                  max_len: int | None = None):
+        if getattr(model, "flamingo", None) is not None:
+            raise ValueError("continuous batching keeps no Flamingo media latents per row: generate() or static "
+                             "batching serves a model with a Flamingo connector")
         if eos_token_id is None:
             eos_token_id = getattr(model.config, "eos_token_id", None)
         self.model, self.max_rows = model, max_rows
@@ -326,8 +342,7 @@ class DecodeBatch:
             ids[j, T - len(r.input_ids):] = torch.tensor(r.input_ids)
             mask[j, T - len(r.input_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        images = [r.pixel_values for r in newcomers if r.pixel_values is not None]
-        extra = {"pixel_values": torch.cat(images).to(self.device)} if images else {}
+        extra = {k: v.to(self.device) for k, v in concat_media(newcomers).items()}
         # the prefill writes straight into the newcomers' pool rows, columns col - T .. col - 1
         block = type(self.cache)([t[n:n + k, :, col - T:col] for t in self.cache.k],
                                  [t[n:n + k, :, col - T:col] for t in self.cache.v])

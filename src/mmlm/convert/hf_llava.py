@@ -85,6 +85,9 @@ def config_to_hf(cfg: LlavaConfig) -> dict[str, Any]:
     if cfg.projector != "mlp2x_gelu":
         raise ValueError(f"transformers' LLaVA projector is the 2-layer GELU MLP; projector {cfg.projector!r} "
                          "cannot export (keep the model in mmlm format)")
+    if cfg.connector != "llava" or cfg.video is not None or cfg.audio is not None:
+        raise ValueError("transformers' LLaVA reads images through a projector only; a model with a Flamingo "
+                         "connector or a video / audio tower cannot export (keep the model in mmlm format)")
     if cfg.image_pos_embed:
         raise ValueError("transformers' LLaVA has no image position embedding; a model with image_pos_embed "
                          "cannot export (keep the model in mmlm format)")

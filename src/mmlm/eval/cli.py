@@ -223,7 +223,9 @@ def eval_vqa(model_dir: str | Path, data: str, template: str | None = None, limi
              device: Any = None) -> dict[str, Any]:
     """Exact-match VQA of a LLaVA model (greedy decoding) on a LLaVA-JSON file with reference answers, or on the
     built-in shapes questions: "shapes" (val, seen colour-shape pairs) or "shapes-novel" (held-out pairs), one
-    question per image, `limit` images (default 500). `weights` "int8"/"int4" answers with the LM quantized.
+    question per image, `limit` images (default 500); "media-shapes" adds as many clips, sounds and clips with their
+    sound (a model that reads them; "media-shapes-novel": images and clips of held-out pairs).
+    `weights` "int8"/"int4" answers with the LM quantized.
     `answers`: a JSON-lines file to write every question's answer to (id, type, question, answer, reference,
     correct), for reading the mistakes. `dtype` / `device`: where the weights load (default float32, CPU)."""
     from ..data.llava_json import LlavaJson
@@ -240,6 +242,16 @@ def eval_vqa(model_dir: str | Path, data: str, template: str | None = None, limi
 
         ds = ShapesConversations("val" if data == "shapes" else "novel", limit if limit > 0 else 500, 0,
                                  model.config.vision.image_size, 1)
+    elif data in ("media-shapes", "media-shapes-novel"):  # images, clips, sounds and clips with sound, `limit` each
+        from ..data.media_sets import media_conversation
+        from ..data.sources import ShapesConversations
+
+        split, n = ("val" if data == "media-shapes" else "novel"), limit if limit > 0 else 500
+        kinds = [k for k in ("video", "audio", "video+audio") if split == "val" or k == "video"]
+        images = ShapesConversations(split, n, 0, model.config.vision.image_size, 1)
+        ds = [{**images[i], "modality": "image"} for i in range(n)]
+        ds += [media_conversation(split, i, kind, n_questions=1) for kind in kinds for i in range(n)]
+        limit = 0
     else:
         ds = LlavaJson(data)
     items = [ds[i] for i in range(len(ds) if limit <= 0 else min(limit, len(ds)))]

@@ -15,32 +15,16 @@ the LM itself tuned. The layout and names follow IDEFICS, the open Flamingo repr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
+from ..config import FlamingoConnectorConfig, LMConfig
 from .attention import CrossAttention
 from .blocks import RMSNorm, SwiGLU
 from .kernels import attention
 from .lm import LM, LMOutput
-
-
-@dataclass
-class FlamingoConnectorConfig:
-    media_dim: int  # width of the tower's features (Dv)
-    latents: int = 16  # L: latents per media item
-    resampler_depth: int = 2
-    resampler_heads: int = 4
-    resampler_head_dim: int = 32
-    interval: int = 1  # a gated cross-attention block before every `interval`-th LM block
-    cross_heads: int | None = None  # default: the LM's heads
-    only_last_media: bool = True  # a token sees the most recent media before it (False: every earlier one)
-
-    def __post_init__(self) -> None:
-        for name in ("media_dim", "latents", "resampler_depth", "resampler_heads", "resampler_head_dim", "interval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"FlamingoConnectorConfig.{name} must be at least 1, got {getattr(self, name)}")
 
 
 class PerceiverAttention(nn.Module):
@@ -111,21 +95,24 @@ class GatedCrossAttentionBlock(nn.Module):
         self.alpha_cross_attn = nn.Parameter(torch.zeros(1))
         self.alpha_dense = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, media: torch.Tensor, media_mask: torch.Tensor) -> torch.Tensor:
-        """x (B, T, C); media (B, S, Dv) latents; media_mask (B, T, S) bool, True where token t may see latent s."""
+    def forward(self, x: torch.Tensor, media: torch.Tensor | None, media_mask: torch.Tensor,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x (B, T, C); media (B, S, Dv) latents (or `kv`, their keys and values, computed once for decoding);
+        media_mask (B, T, S) bool, True where token t may see latent s."""
         sees = media_mask.any(dim=-1, keepdim=True)  # (B, T, 1): tokens that see some media
         mask = (media_mask | ~sees)[:, None]  # (B, 1, T, S); a token that sees nothing attends anywhere, then is zeroed
-        y = self.cross_attn(self.input_layernorm(x), media, attn_mask=mask) * sees
+        y = self.cross_attn(self.input_layernorm(x), media, attn_mask=mask, kv=kv) * sees
         x = x + torch.tanh(self.alpha_cross_attn) * y
         return x + torch.tanh(self.alpha_dense) * self.mlp(self.post_attention_layernorm(x))
 
 
-def media_attention_mask(input_ids: torch.Tensor, media_token_id: int, n_media: int,
+def media_attention_mask(input_ids: torch.Tensor, media_token_id: int | Sequence[int], n_media: int,
                          only_last: bool = True, eos_token_id: int | None = None) -> torch.Tensor:
-    """(B, T) ids with a `media_token_id` where each media item sits -> (B, T, n_media) bool: token t may see the
-    row's m-th media item when that item's token is at or before t (only_last: the most recent one alone).
-    After an `eos_token_id` a token sees nothing until the next media token (IDEFICS's packed documents)."""
-    is_media = input_ids == media_token_id  # (B, T)
+    """(B, T) ids with a `media_token_id` (one of several: an image, a video, a sound token) where each media item
+    sits -> (B, T, n_media) bool: token t may see the row's m-th media item when that item's token is at or before
+    t (only_last: the most recent one alone). After an `eos_token_id` a token sees nothing until the next media
+    token (IDEFICS's packed documents)."""
+    is_media = _is_media(input_ids, media_token_id)  # (B, T)
     count = is_media.long().cumsum(dim=1)  # (B, T): media items at or before t
     index = torch.arange(n_media, device=input_ids.device)  # (M,)
     if only_last:
@@ -142,35 +129,73 @@ def media_attention_mask(input_ids: torch.Tensor, media_token_id: int, n_media: 
     return mask
 
 
-class FlamingoLM(nn.Module):
+def _is_media(input_ids: torch.Tensor, media_token_id: int | Sequence[int]) -> torch.Tensor:
+    ids = [media_token_id] if isinstance(media_token_id, int) else list(media_token_id)
+    return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
+
+
+class FlamingoConnector(nn.Module):
+    """The new layers a frozen LM reads media through: the resampler and one gated cross-attention block before
+    every `interval`-th LM block (see the module docstring). `before_block` hands them to `LM.forward`."""
+
+    def __init__(self, cfg: FlamingoConnectorConfig, lm: LMConfig):
+        super().__init__()
+        self.config = cfg
+        self.resampler = PerceiverResampler(cfg.media_dim, cfg.resampler_depth, cfg.resampler_heads,
+                                            cfg.resampler_head_dim, cfg.latents)
+        n_cross = (lm.layers + cfg.interval - 1) // cfg.interval
+        self.cross = nn.ModuleList(GatedCrossAttentionBlock(lm.width, cfg.media_dim, cfg.cross_heads or lm.heads,
+                                                            lm.mlp_dim, lm.norm_eps) for _ in range(n_cross))
+
+    def context(self, input_ids: torch.Tensor, latents: torch.Tensor, media_token_id: int | Sequence[int]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids (B, T); latents (N, L, Dv), the resampled media items of every row in the order of their tokens
+        (row 0's first) -> every row's latents (B, M L, Dv) and their mask (B, T, M L), M the most items any row
+        holds (rows with fewer padded, never seen)."""
+        per_row = _is_media(input_ids, media_token_id).sum(dim=1)  # (B,)
+        if int(per_row.sum()) != len(latents):
+            raise ValueError(f"input_ids hold {int(per_row.sum())} media tokens (id {media_token_id}) "
+                             f"but {len(latents)} media items were given")
+        B, M, L = len(input_ids), max(int(per_row.max()), 1), latents.shape[1]
+        slots = torch.arange(M, device=latents.device)[None] < per_row[:, None]  # (B, M): which slots hold an item
+        context = latents.new_zeros(B, M, L, latents.shape[-1])
+        context[slots] = latents  # row-major: each row's items in order
+        mask = media_attention_mask(input_ids, media_token_id, M, self.config.only_last_media)  # (B, T, M)
+        mask = mask.repeat_interleave(L, dim=-1)  # (B, T, M L): an item's latents share its visibility
+        return context.flatten(1, 2), mask
+
+    def keys_values(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each cross-attention block's keys and values of the media latents (B, M L, Dv): fixed for a whole
+        conversation, so a decoding step reads them instead of projecting the latents again."""
+        return [block.cross_attn.keys_values(context) for block in self.cross]
+
+    def before_block(self, kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor
+                     ) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """`LM.forward`'s hook: the gated cross-attention block (if any) before LM block i, reading `kv`."""
+        interval = self.config.interval
+
+        def before_block(i: int, x: torch.Tensor) -> torch.Tensor:
+            if i % interval:
+                return x
+            j = i // interval
+            k, v = kv[j]
+            return self.cross[j](x, None, mask, kv=(k.to(x.dtype), v.to(x.dtype)))
+
+        return before_block
+
+
+class FlamingoLM(FlamingoConnector):
     """A frozen `LM` with a perceiver resampler and gated cross-attention blocks (see the module docstring)."""
 
     def __init__(self, lm: LM, cfg: FlamingoConnectorConfig, media_token_id: int):
-        super().__init__()
-        self.lm, self.config, self.media_token_id = lm, cfg, media_token_id
-        lc = lm.config
-        self.resampler = PerceiverResampler(cfg.media_dim, cfg.resampler_depth, cfg.resampler_heads,
-                                            cfg.resampler_head_dim, cfg.latents)
-        n_cross = (lc.layers + cfg.interval - 1) // cfg.interval
-        self.cross = nn.ModuleList(GatedCrossAttentionBlock(lc.width, cfg.media_dim, cfg.cross_heads or lc.heads,
-                                                            lc.mlp_dim, lc.norm_eps) for _ in range(n_cross))
+        super().__init__(cfg, lm.config)
+        self.lm, self.media_token_id = lm, media_token_id
         self.lm.requires_grad_(False)
 
     def media_context(self, input_ids: torch.Tensor, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids (B, T); media (N, P, Dv), the media items of every row in order (row 0's first) ->
         latents (B, M L, Dv) and their mask (B, T, M L), M the most items any row holds (rows with fewer padded)."""
-        per_row = (input_ids == self.media_token_id).sum(dim=1)  # (B,)
-        if int(per_row.sum()) != len(media):
-            raise ValueError(f"input_ids hold {int(per_row.sum())} media tokens (id {self.media_token_id}) "
-                             f"but {len(media)} media items were given")
-        B, M, L = len(input_ids), max(int(per_row.max()), 1), self.config.latents
-        latents = self.resampler(media)  # (N, L, Dv)
-        slots = torch.arange(M, device=media.device)[None] < per_row[:, None]  # (B, M): which slots hold an item
-        context = latents.new_zeros(B, M, L, latents.shape[-1])
-        context[slots] = latents  # row-major: each row's items in order
-        mask = media_attention_mask(input_ids, self.media_token_id, M, self.config.only_last_media)  # (B, T, M)
-        mask = mask.repeat_interleave(L, dim=-1)  # (B, T, M L): an item's latents share its visibility
-        return context.flatten(1, 2), mask
+        return self.context(input_ids, self.resampler(media), self.media_token_id)
 
     def forward(self, input_ids: torch.Tensor, media: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, **lm_kwargs) -> LMOutput:
@@ -179,14 +204,5 @@ class FlamingoLM(nn.Module):
         if media is None or len(media) == 0:
             return self.lm(input_ids, attention_mask=attention_mask, **lm_kwargs)
         context, mask = self.media_context(input_ids, media)
-        interval = self.config.interval
-        cast: dict[torch.dtype, torch.Tensor] = {}  # the latents in the states' dtype, converted once per forward
-
-        def before_block(i: int, x: torch.Tensor) -> torch.Tensor:
-            if i % interval:
-                return x
-            if x.dtype not in cast:
-                cast[x.dtype] = context.to(x.dtype)
-            return self.cross[i // interval](x, cast[x.dtype], mask)
-
-        return self.lm(input_ids, attention_mask=attention_mask, before_block=before_block, **lm_kwargs)
+        hook = self.before_block(self.keys_values(context), mask)
+        return self.lm(input_ids, attention_mask=attention_mask, before_block=hook, **lm_kwargs)

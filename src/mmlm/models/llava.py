@@ -24,6 +24,7 @@ from torch import nn
 
 from ..config import LlavaConfig, ModifiedResNetConfig
 from .audio import AudioSpectrogramTransformer
+from .flamingo import FlamingoConnector
 from .positions import KVCache
 from .lm import LM, LMOutput
 from .lora import add_lora, merge_lora
@@ -38,43 +39,46 @@ def _frozen(module: nn.Module):
 
 
 class VideoTokens(nn.Module):
-    """Videos (N, T, C, H, W) -> (N, T g^2, D): every frame read by a ViT, its patch tokens average-pooled to a
-    g x g grid and projected, plus a learned embedding of the cell (where in the frame) and of the frame's time
-    (which frame): the LM reads a clip as T small images in order and sees motion as change between them."""
+    """Videos (N, T, C, H, W) -> (N, T (1 + g^2), D): every frame read by a ViT; its class token (the summary the
+    video CLIP trained) and its patch tokens average-pooled to a g x g grid, projected, plus a learned embedding of
+    the token's place in the frame and of the frame's time (which frame): the LM reads a clip as T small images in
+    order and sees motion as change between them."""
 
-    def __init__(self, cfg: LlavaConfig):
+    def __init__(self, cfg: LlavaConfig, out_dim: int):
         super().__init__()
         self.frames, self.grid = cfg.video_frames, cfg.video_grid
         self.tower = VisionTransformer(cfg.video, embed_dim=None)
         self.tower.init_weights()
-        self.projector = Projector(cfg.projector, cfg.video.width, cfg.lm.width, bias=cfg.projector_bias,
-                                   tokens=cfg.video_grid**2)  # the cell embedding
-        self.frame_time = nn.Parameter(torch.randn(cfg.video_frames, cfg.lm.width))  # unit scale: see projector.py
+        self.projector = Projector(cfg.projector, cfg.video.width, out_dim, bias=cfg.projector_bias,
+                                   tokens=1 + cfg.video_grid**2)  # the place-in-frame embedding
+        self.frame_time = nn.Parameter(torch.randn(cfg.video_frames, out_dim))  # unit scale: see projector.py
 
     def forward(self, videos: torch.Tensor) -> torch.Tensor:
         if videos.dim() != 5 or videos.shape[1] != self.frames:
             raise ValueError(f"videos must be (N_videos, {self.frames} frames, C, H, W), got shape {tuple(videos.shape)}")
         N, T = videos.shape[:2]
         with _frozen(self.tower):
-            x = self.tower.forward_tokens(videos.flatten(0, 1))[:, 1:]  # (N T, P, Dv): patch tokens, no class token
-        side = round(x.shape[1] ** 0.5)
-        x = x.transpose(1, 2).unflatten(2, (side, side))  # (N T, Dv, side, side): the patch grid
-        x = F.adaptive_avg_pool2d(x, self.grid).flatten(2).transpose(1, 2)  # (N T, g^2, Dv)
-        x = self.projector(x.to(self.projector.fc1.weight.dtype))  # (N T, g^2, D), + cell embedding
-        x = x.unflatten(0, (N, T)) + self.frame_time[:, None].to(x.dtype)  # (N, T, g^2, D), + frame time
-        return x.flatten(1, 2)  # (N, T g^2, D): frame by frame
+            x = self.tower.forward_tokens(videos.flatten(0, 1))  # (N T, 1 + P, Dv): class token, then patches
+        cls, patches = x[:, :1], x[:, 1:]
+        side = round(patches.shape[1] ** 0.5)
+        grid = patches.transpose(1, 2).unflatten(2, (side, side))  # (N T, Dv, side, side): the patch grid
+        grid = F.adaptive_avg_pool2d(grid, self.grid).flatten(2).transpose(1, 2)  # (N T, g^2, Dv)
+        x = torch.cat([cls, grid], dim=1)  # (N T, 1 + g^2, Dv)
+        x = self.projector(x.to(self.projector.fc1.weight.dtype))  # (N T, 1 + g^2, D), + place in frame
+        x = x.unflatten(0, (N, T)) + self.frame_time[:, None].to(x.dtype)  # (N, T, 1 + g^2, D), + frame time
+        return x.flatten(1, 2)  # (N, T (1 + g^2), D): frame by frame
 
 
 class AudioTokens(nn.Module):
     """Sounds (N, T, F) log-mel features -> (N, f t, D): an AST's patch tokens, their (frequency, time) grid
     average-pooled to f x t cells and projected, plus a learned embedding per cell."""
 
-    def __init__(self, cfg: LlavaConfig):
+    def __init__(self, cfg: LlavaConfig, out_dim: int):
         super().__init__()
         self.grid = tuple(cfg.audio_grid)
         self.tower = AudioSpectrogramTransformer(cfg.audio)
-        self.projector = Projector(cfg.projector, cfg.audio.width, cfg.lm.width, bias=cfg.projector_bias,
-                                   tokens=cfg.audio_tokens)
+        self.projector = Projector(cfg.projector, cfg.audio.width, out_dim, bias=cfg.projector_bias,
+                                   tokens=cfg.audio_cells)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         cfg = self.tower.config
@@ -92,12 +96,15 @@ class Llava(nn.Module):
         # The tower's tokens only: no CLIP projection (nor a ResNet's attention pool).
         resnet = isinstance(cfg.vision, ModifiedResNetConfig)
         self.vision = ModifiedResNet(cfg.vision, embed_dim=None) if resnet else VisionTransformer(cfg.vision, embed_dim=None)
-        self.projector = Projector(cfg.projector, cfg.vision_feature_dim, cfg.lm.width, bias=cfg.projector_bias,
-                                   tokens=cfg.image_tokens if cfg.image_pos_embed else 0)
+        # the projectors give the LM's width (llava: they become its input) or the resampler's (flamingo)
+        out = cfg.flamingo.media_dim if cfg.connector == "flamingo" else cfg.lm.width
+        self.projector = Projector(cfg.projector, cfg.vision_feature_dim, out, bias=cfg.projector_bias,
+                                   tokens=cfg.image_cells if cfg.image_pos_embed else 0)
         self.lm = LM(cfg.lm)
         self.vision.init_weights()
-        self.video = VideoTokens(cfg) if cfg.video is not None else None
-        self.audio = AudioTokens(cfg) if cfg.audio is not None else None
+        self.video = VideoTokens(cfg, out) if cfg.video is not None else None
+        self.audio = AudioTokens(cfg, out) if cfg.audio is not None else None
+        self.flamingo = FlamingoConnector(cfg.flamingo, cfg.lm) if cfg.connector == "flamingo" else None
         if cfg.lora_rank:
             add_lora(self.lm.blocks, cfg.lora_rank, cfg.lora_alpha)
 
@@ -153,28 +160,13 @@ class Llava(nn.Module):
         """
         if decoding and pixel_values is None and videos is None and audios is None:
             return self.lm.embed(input_ids)
-        cfg = self.config
-        media = [("image", cfg.image_token_id, pixel_values, self.encode_images, "pixel_values"),
-                 ("video", cfg.video_token_id, videos, self.video, "videos"),
-                 ("audio", cfg.audio_token_id, audios, self.audio, "audios")]
-        masks = [input_ids == token_id for _, token_id, _, encoder, _ in media if encoder is not None]  # (B, T) each
+        media = self._media(input_ids, pixel_values, videos, audios)
+        masks = [input_ids == token_id for _, token_id, _ in self._kinds()]  # (B, T) each
         # a media token id may lie outside the vocabulary (LLaVA's -200): those slots are overwritten anyway
         x = self.lm.embed(input_ids.masked_fill(torch.stack(masks).any(0), 0))  # (B, T, D)
-        for (kind, token_id, inputs, encoder, arg) in media:
-            if encoder is None:
-                if inputs is not None:
-                    raise ValueError(f"{arg} given, but this model has no {kind} tower (llava.{kind} is null)")
-                continue
+        for kind, token_id, feats in media:
             mask = input_ids == token_id  # (B, T)
-            n_tokens = int(mask.sum())
-            if inputs is None:
-                if n_tokens:
-                    raise ValueError(f"input_ids hold {n_tokens} {kind} tokens (id {token_id}) but no {arg} were given")
-                continue
-            if kind == "image" and inputs.dim() != 4:
-                raise ValueError(f"pixel_values must be (N_images, C, H, W), got shape {tuple(inputs.shape)}")
-            feats = encoder(inputs)  # (N, L, D)
-            n_items, per_item = feats.shape[:2]
+            n_tokens, (n_items, per_item) = int(mask.sum()), feats.shape[:2]
             if n_tokens != n_items * per_item:
                 raise ValueError(f"input_ids hold {n_tokens} {kind} tokens (id {token_id}) but the {n_items} {kind}(s) "
                                  f"give {n_items * per_item} features ({per_item} per {kind}): each <{kind}> must "
@@ -182,10 +174,67 @@ class Llava(nn.Module):
             x = x.masked_scatter(mask[..., None], feats.to(x.dtype))
         return x
 
+    def _kinds(self) -> list[tuple[str, int, nn.Module | None]]:
+        """(kind, token id, encoder) of every medium this model reads."""
+        cfg = self.config
+        kinds = [("image", cfg.image_token_id, self.encode_images), ("video", cfg.video_token_id, self.video),
+                 ("audio", cfg.audio_token_id, self.audio)]
+        return [k for k in kinds if k[2] is not None]
+
+    def _media(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, videos: torch.Tensor | None,
+               audios: torch.Tensor | None) -> list[tuple[str, int, torch.Tensor]]:
+        """(kind, token id, projected features (N, P, D)) of each medium given, checked against input_ids' tokens."""
+        out = []
+        readers = {kind: (token_id, encoder) for kind, token_id, encoder in self._kinds()}
+        for kind, arg, inputs in (("image", "pixel_values", pixel_values), ("video", "videos", videos),
+                                  ("audio", "audios", audios)):
+            if kind not in readers:
+                if inputs is not None:
+                    raise ValueError(f"{arg} given, but this model has no {kind} tower (llava.{kind} is null)")
+                continue
+            token_id, encoder = readers[kind]
+            if inputs is None:
+                n_tokens = int((input_ids == token_id).sum())
+                if n_tokens:
+                    raise ValueError(f"input_ids hold {n_tokens} {kind} tokens (id {token_id}) but no {arg} were given")
+                continue
+            if kind == "image" and inputs.dim() != 4:
+                raise ValueError(f"pixel_values must be (N_images, C, H, W), got shape {tuple(inputs.shape)}")
+            out.append((kind, token_id, encoder(inputs)))
+        return out
+
+    def media_latents(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                      videos: torch.Tensor | None = None, audios: torch.Tensor | None = None
+                      ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor] | None:
+        """Flamingo: every media item resampled to its latents, in the order of its token in input_ids (row-major)
+        -> each cross-attention block's keys and values of them and the (B, T, M L) mask of which latents each
+        token sees; None when the batch holds no media."""
+        media = self._media(input_ids, pixel_values, videos, audios)
+        if not media:
+            return None
+        ids = [token_id for _, token_id, _ in media]
+        order = input_ids[torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))]  # (N,) kinds, row-major
+        latents = None
+        for kind, token_id, feats in media:
+            at = (order == token_id).nonzero().squeeze(1)  # where this kind's items go among all items
+            if len(at) != len(feats):
+                raise ValueError(f"input_ids hold {len(at)} {kind} tokens (id {token_id}) but {len(feats)} {kind}(s) "
+                                 f"were given: each <{kind}> is one token")
+            lat = self.flamingo.resampler(feats)  # (N_kind, L, Dm): a fixed number of latents, whatever P was
+            if latents is None:
+                latents = lat.new_zeros(len(order), *lat.shape[1:])
+            latents = latents.index_copy(0, at, lat)
+        context, mask = self.flamingo.context(input_ids, latents, ids)
+        return self.flamingo.keys_values(context), mask
+
     def decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor,
                     cache: KVCache, slot: int | torch.Tensor) -> torch.Tensor:
-        """The LM's generation step (LM.decode_step): a generated token is an ordinary token."""
-        return self.lm.decode_step(input_ids, position_ids, key_mask, cache, slot)
+        """The LM's generation step (LM.decode_step): a generated token is an ordinary token. Flamingo: it reads
+        the media through the keys and values the prefill left in the cache, as the last prompt token saw them."""
+        hook = None
+        if self.flamingo is not None and cache.media_kv is not None:
+            hook = self.flamingo.before_block(cache.media_kv, cache.media_mask)
+        return self.lm.decode_step(input_ids, position_ids, key_mask, cache, slot, before_block=hook)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
@@ -198,6 +247,9 @@ class Llava(nn.Module):
 
         Everything else is the LM's forward (padding on either side, cache, only_last, logits_at, targets).
         """
+        if self.flamingo is not None:
+            return self._flamingo_forward(input_ids, attention_mask, pixel_values, videos, audios, position_ids, cache,
+                                          only_last, logits_at, targets)
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids or inputs_embeds")
@@ -208,3 +260,22 @@ class Llava(nn.Module):
                              "not with inputs_embeds")
         return self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                        cache=cache, only_last=only_last, logits_at=logits_at, targets=targets)
+
+    def _flamingo_forward(self, input_ids, attention_mask, pixel_values, videos, audios, position_ids, cache,
+                          only_last, logits_at, targets) -> LMOutput:
+        """The text through the LM, each media token an ordinary token, the media read through the gated
+        cross-attention blocks. A prefill leaves the media's keys and values in the cache for `decode_step`."""
+        if input_ids is None:
+            raise ValueError("a Flamingo connector needs input_ids (its media tokens say where each item is)")
+        hook = None
+        if cache is not None and cache.pos > 0 and cache.media_kv is not None:  # more tokens after a prefill
+            hook = self.flamingo.before_block(cache.media_kv, cache.media_mask.expand(-1, input_ids.shape[1], -1))
+        else:
+            found = self.media_latents(input_ids, pixel_values, videos, audios)
+            if found is not None:
+                kv, mask = found
+                hook = self.flamingo.before_block(kv, mask)
+                if cache is not None:  # every generated token sees what the prompt's last token saw
+                    cache.media_kv, cache.media_mask = kv, mask[:, -1:]
+        return self.lm(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                       only_last=only_last, logits_at=logits_at, targets=targets, before_block=hook)

@@ -86,14 +86,15 @@ class LM(nn.Module):
         return KVCache.empty(cfg.layers, batch, cfg.kv_heads, max_len, cfg.head_dim, w.dtype, w.device)
 
     def decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor,
-                    cache: KVCache, slot: int | torch.Tensor) -> torch.Tensor:
+                    cache: KVCache, slot: int | torch.Tensor,
+                    before_block: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """One generation step: the same computation as `forward` for one new token per row, without its checks.
 
         input_ids, position_ids (B, 1); key_mask (B, S) bool over every cache slot, True for the real tokens
         (this one included); slot: where this token's keys/values go. Returns logits (B, V); `cache.pos` is
         left to the caller. With slot an int, attention reads the filled slots only (fastest eagerly); with
         slot a (1,) LongTensor it reads the whole preallocated cache with the empty slots masked, so no shape
-        changes between steps and `torch.compile` traces the step once.
+        changes between steps and `torch.compile` traces the step once. `before_block` as in `forward`.
         """
         x = self.embed(input_ids)  # (B, 1, C)
         rope = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
@@ -101,6 +102,8 @@ class LM(nn.Module):
             key_mask = key_mask[:, : slot + 1]
         mask = key_mask[:, None, None, :]  # (B, 1, 1, S)
         for i, block in enumerate(self.blocks):
+            if before_block is not None:
+                x = before_block(i, x)
             x = block(x, attn_mask=mask, rope=rope, cache=(cache.k[i], cache.v[i], slot))
         return self.lm_head(self.norm(x))[:, -1]
 

@@ -62,6 +62,10 @@ class KVCache:
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     pos: int = 0
+    # A Flamingo connector's media, fixed for the conversation: each cross-attention block's keys and values of the
+    # latents, and which latents the generated tokens see (B, 1, M L), both set by the prefill (models/llava.py).
+    media_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    media_mask: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
@@ -77,6 +81,9 @@ class KVCache:
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only batch rows `rows` (finished sequences stop costing attention work)."""
         self.k, self.v = [t[rows] for t in self.k], [t[rows] for t in self.v]
+        if self.media_kv is not None:
+            self.media_kv = [(k[rows], v[rows]) for k, v in self.media_kv]
+            self.media_mask = self.media_mask[rows]
 
 
 def write_cache(cache: tuple[torch.Tensor, torch.Tensor, int | torch.Tensor], k: torch.Tensor,

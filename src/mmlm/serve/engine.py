@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..chat import end_token_ids
-from ..generation import DecodeBatch, DecodeRow, generate
+from ..generation import DecodeBatch, DecodeRow, concat_media, generate
 
 log = logging.getLogger("mmlm.serve")
 
@@ -167,9 +167,11 @@ _unique = itertools.count()
 
 class GenerationJob(Job):
     def __init__(self, ids: list[int], pixel_values: torch.Tensor | None, max_tokens: int, temperature: float,
-                 top_p: float, seed: int | None, stop: Sequence[str], context: int):
+                 top_p: float, seed: int | None, stop: Sequence[str], context: int, videos: torch.Tensor | None = None,
+                 audios: torch.Tensor | None = None):
         super().__init__()
         self.ids, self.pixel_values, self.max_tokens, self.context = ids, pixel_values, max_tokens, context
+        self.videos, self.audios = videos, audios  # a LLaVA's clips and sounds, as pixel_values its images
         self.temperature, self.top_p, self.seed, self.stop = temperature, top_p, seed, tuple(stop)
 
     def batch_key(self) -> Any:
@@ -248,8 +250,6 @@ def run_generation(model: Any, tokenizer: Any, jobs: list[GenerationJob]) -> Non
     for r, j in enumerate(jobs):
         ids[r, T - len(j.ids):] = torch.tensor(j.ids)
         mask[r, T - len(j.ids):] = 1
-    images = [j.pixel_values for j in jobs if j.pixel_values is not None]
-    pixel_values = torch.cat(images) if images else None
     rows = [_Row(j, tokenizer, set(eos)) for j in jobs]
 
     def stream(row: int, token: int) -> None:
@@ -260,7 +260,7 @@ def run_generation(model: Any, tokenizer: Any, jobs: list[GenerationJob]) -> Non
     first = jobs[0]
     max_new = min(max(j.max_tokens for j in jobs), model.max_seq_len - T)
     try:
-        generate(model, ids, mask, pixel_values=pixel_values, max_new_tokens=max_new, temperature=first.temperature,
+        generate(model, ids, mask, **concat_media(jobs), max_new_tokens=max_new, temperature=first.temperature,
                  top_p=first.top_p, seed=first.seed, eos_token_id=eos, stop=list(first.stop) or None,
                  tokenizer=tokenizer if first.stop else None, stream=stream)
     except _AllRowsDone:
@@ -333,7 +333,7 @@ class ContinuousWorker(Worker):
                     self._jobs.popleft().leave_queue()
                     continue
                 row = DecodeRow(job.ids, job.max_tokens, job.pixel_values, job.temperature, top_p=job.top_p,
-                                seed=job.seed)
+                                seed=job.seed, videos=job.videos, audios=job.audios)
                 prefill = max(len(r.input_ids) for r in [*rows, row]) * (len(rows) + 1)
                 if (rows and prefill > self.prefill_tokens) or not self.batch.can_join([*rows, row]):
                     break  # first come, first served: a job that does not fit yet is not overtaken

@@ -35,7 +35,31 @@ class ImagePart(_Body):
     image_url: Union[ImageURL, str]
 
 
-ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+class VideoURL(_Body):
+    url: str = Field(max_length=64 * 1024 * 1024,
+                     description="a data:video/...;base64 URI, or a file path / URL if allowed")
+
+
+class VideoPart(_Body):
+    """vLLM's video part."""
+
+    type: Literal["video_url"]
+    video_url: Union[VideoURL, str]
+
+
+class InputAudio(_Body):
+    data: str = Field(max_length=64 * 1024 * 1024, description="the audio file, base64")
+    format: str = Field(description="wav, flac, ogg or mp3")
+
+
+class AudioPart(_Body):
+    """OpenAI's audio part (chat completions' `input_audio`)."""
+
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart, AudioPart], Field(discriminator="type")]
 
 
 class Message(_Body):
@@ -107,28 +131,7 @@ class EmbeddingImage(_Body):
     image_url: Union[ImageURL, str]
 
 
-class VideoURL(_Body):
-    url: str = Field(max_length=64 * 1024 * 1024,
-                     description="a data:video/...;base64 URI, or a file path / URL if allowed")
-
-
-class EmbeddingVideo(_Body):
-    """vLLM's video part."""
-
-    type: Literal["video_url"]
-    video_url: Union[VideoURL, str]
-
-
-class InputAudio(_Body):
-    data: str = Field(max_length=64 * 1024 * 1024, description="the audio file, base64")
-    format: str = Field(description="wav, flac, ogg or mp3")
-
-
-class EmbeddingAudio(_Body):
-    """OpenAI's audio part (chat completions' `input_audio`)."""
-
-    type: Literal["input_audio"]
-    input_audio: InputAudio
+EmbeddingVideo, EmbeddingAudio = VideoPart, AudioPart  # the same parts in an embeddings input
 
 
 class EmbeddingText(_Body):

@@ -205,19 +205,27 @@ class Service:
         self.images = ImageLoader(cfg.max_image_bytes, cfg.max_image_pixels, cfg.local_dir, cfg.allow_remote)
         self.processor = None
         # what the model reads besides text (a video CLIP reads images too: a video of one frame)
-        self.media = tuple(m for m in MEDIA if hasattr(self.model, f"encode_{m}")) if self.kind == "clip" else ()
-        if self.kind == "llava" or "image" in self.media:
-            default = PreprocessConfig(image_size=self.model.config.vision.image_size,
+        mc = self.model.config
+        if self.kind == "clip":
+            self.media = tuple(m for m in MEDIA if hasattr(self.model, f"encode_{m}"))
+        elif self.kind == "llava":  # images always; video and sound where the model has their towers
+            self.media = ("image", *(m for m in ("video", "audio") if getattr(mc, m, None) is not None))
+        else:
+            self.media = ()
+        if "image" in self.media:
+            default = PreprocessConfig(image_size=mc.vision.image_size,
                                        mode="pad_square" if self.kind == "llava" else "resize_crop")
             found = load_preprocess(model_path) if Path(model_path).is_dir() else None
             self.processor = ImageProcessor(found or default, max_pixels=cfg.max_image_pixels)
-        if "video" in self.media:  # the frames `mmlm eval zeroshot` reads: temporal.frames spread over the clip
+        if "video" in self.media:  # the frames the model was trained on: that many spread over the clip
             limits = VideoLimits(cfg.max_video_frames, cfg.max_video_pixels, cfg.max_video_seconds)
-            self.videos = VideoReader(self.images, self.processor, self.model.config.temporal.frames,
-                                      cfg.max_video_bytes, limits)
+            # a LLaVA's frames go to its video tower, sized as the video CLIP it came from saw them
+            self.frames = (self.processor if self.kind == "clip" else
+                           ImageProcessor(PreprocessConfig(image_size=mc.video.image_size), max_pixels=cfg.max_image_pixels))
+            frames = mc.temporal.frames if self.kind == "clip" else mc.video_frames
+            self.videos = VideoReader(self.images, self.frames, frames, cfg.max_video_bytes, limits)
         if "audio" in self.media:  # the features the model was trained and evaluated on
-            self.audio = AudioReader(FbankConfig.for_tower(self.model.config.audio), cfg.max_audio_bytes,
-                                     cfg.max_audio_seconds)
+            self.audio = AudioReader(FbankConfig.for_tower(mc.audio), cfg.max_audio_bytes, cfg.max_audio_seconds)
         # a LLaVA is prompted with the template it was tuned with (saved in its config)
         self.template = cfg.template or (getattr(self.model.config, "template", "vicuna_v1")
                                          if self.kind == "llava" else "chat")
@@ -237,9 +245,11 @@ class Service:
         elif self.kind == "clip":
             self.worker = Worker(lambda jobs: run_embeddings(self.model, self.tokenizer, jobs), cfg.max_queue,
                                  cfg.max_embed_batch)
-        elif cfg.batching == "continuous":  # a short request never waits for a long one: a larger batch costs it little
+        elif cfg.batching == "continuous" and getattr(self.model, "flamingo", None) is None:
+            # a short request never waits for a long one: a larger batch costs it little. (A Flamingo connector's
+            # media latents live beside its cache, per batch: it is served with static batching.)
             self.worker = ContinuousWorker(self.model, self.tokenizer, cfg.max_queue, cfg.max_batch or 32)
-        elif cfg.batching == "static":  # a batch lasts as long as its longest answer
+        elif cfg.batching in ("static", "continuous"):  # a batch lasts as long as its longest answer
             self.worker = Worker(lambda jobs: run_generation(self.model, self.tokenizer, jobs), cfg.max_queue,
                                  cfg.max_batch or 8)
         else:
@@ -282,9 +292,9 @@ class Service:
         if isinstance(req, ChatCompletionRequest):
             if self.kind != "llava":
                 return []
-            found = [("image", f"messages.{i}.content.{j}.image_url", _url(part.image_url))
+            found = [(PART_MEDIA[part.type], f"messages.{i}.content.{j}.{part.type}", _url(getattr(part, part.type)))
                      for i, m in enumerate(req.messages) if isinstance(m.content, list)
-                     for j, part in enumerate(m.content) if part.type == "image_url"]
+                     for j, part in enumerate(m.content) if part.type in ("image_url", "video_url")]
         elif isinstance(req, EmbeddingRequest):
             items = [] if isinstance(req.input, str) else req.input  # a string is a text, or a data: URI
             found = [(medium, self.media_param(i, item), _source(item, medium))
@@ -296,7 +306,7 @@ class Service:
                 "video": (self.config.max_videos, self.config.max_video_bytes)}
         wanted = []
         for medium in ("image", "video"):
-            if medium in self.media or self.kind == "llava":
+            if medium in self.media:
                 count, max_bytes = most[medium]
                 wanted += [(param, url, max_bytes) for m, param, url in found if m == medium][:count]
         return [(param, url, max_bytes) for param, url, max_bytes in wanted if ImageLoader.is_remote(url)]
@@ -324,7 +334,8 @@ class Service:
     # --- chat -----------------------------------------------------------------------------------
 
     def chat_job(self, req: ChatCompletionRequest, fetched: Mapping[str, bytes] | None = None) -> GenerationJob:
-        """Messages -> prompt ids (+ images) with every limit checked; raises APIError naming the field."""
+        """Messages -> prompt ids (+ images, videos, sounds) with every limit checked; raises APIError naming the
+        field."""
         self.check_model(req.model)
         self.require("llava", "lm", endpoint="/v1/chat/completions")
         parts = sum(len(m.content) for m in req.messages if isinstance(m.content, list))
@@ -335,7 +346,8 @@ class Service:
         if len(stop) > 4 or any(not s or len(s) > 256 for s in stop):
             raise APIError(400, "stop: at most 4 non-empty strings of at most 256 characters", "invalid_value",
                            "stop")
-        messages, sources = [], []
+        messages = []
+        sources: dict[str, list[tuple[Any, str]]] = {"image": [], "video": [], "audio": []}
         for i, m in enumerate(req.messages):
             role = "system" if m.role == "developer" else m.role
             if m.content is None or isinstance(m.content, str):
@@ -346,35 +358,41 @@ class Service:
                 if part.type == "text":
                     pieces.append(part.text)
                     continue
-                param = f"messages.{i}.content.{j}.image_url"
+                medium, param = PART_MEDIA[part.type], f"messages.{i}.content.{j}.{part.type}"
+                plural = {"image": "images", "video": "videos", "audio": "audio clips"}[medium]
                 if self.kind != "llava":
-                    raise APIError(400, f"{param}: this model takes no images (serve a LLaVA model to chat about "
-                                        "images)", "images_not_supported", param)
+                    raise APIError(400, f"{param}: this model takes no {plural} (serve a LLaVA model to chat about "
+                                        f"{plural})", f"{plural.split()[0]}_not_supported", param)
+                if medium != "image":
+                    self.check_medium(medium, param, len(sources[medium]))  # a LLaVA without that tower, or too many
                 if role != "user":
-                    raise APIError(400, f"{param}: images go in user messages", "invalid_value", param)
-                if len(sources) >= self.config.max_images:
+                    raise APIError(400, f"{param}: {plural} go in user messages", "invalid_value", param)
+                if medium == "image" and len(sources["image"]) >= self.config.max_images:
                     raise APIError(400, f"{param}: more than {self.config.max_images} images in one request",
                                    "too_many_images", param)
-                sources.append((_url(part.image_url), param))
-                pieces.append(IMAGE)
+                sources[medium].append((part.input_audio if medium == "audio" else _url(getattr(part, part.type)), param))
+                pieces.append(f"<{medium}>")
             messages.append({"role": role, "content": "\n".join(pieces)})
         self.check_chars(sum(len(m["content"]) for m in messages), "messages")
-        images = [self.images.load(url, param, fetched) for url, param in sources]
-        ids = self._prompt_ids(messages, len(images))
+        images = [self.images.load(url, param, fetched) for url, param in sources["image"]]
+        ids = self._prompt_ids(messages, len(images), {f"<{k}>": len(v) for k, v in sources.items() if k != "image"})
         pixel_values = self.processor(images) if images else None
+        videos, audios = (self.media_values(k, sources[k], fetched) if sources[k] else None for k in ("video", "audio"))
         max_tokens = self._max_tokens(len(ids), req.max_completion_tokens or req.max_tokens)
         temperature = 1.0 if req.temperature is None else req.temperature
         if temperature < MIN_TEMPERATURE:
             temperature = 0.0
         top_p = 1.0 if req.top_p is None else req.top_p
-        return GenerationJob(ids, pixel_values, max_tokens, temperature, top_p, req.seed, stop, self.model.max_seq_len)
+        return GenerationJob(ids, pixel_values, max_tokens, temperature, top_p, req.seed, stop, self.model.max_seq_len,
+                             videos, audios)
 
-    def _prompt_ids(self, messages: list[dict[str, str]], n_images: int) -> list[int]:
+    def _prompt_ids(self, messages: list[dict[str, str]], n_images: int, n_media: dict[str, int] | None = None
+                    ) -> list[int]:
         if self.kind != "llava" and not self.tokenizer.chat_template:
             raise APIError(400, "this model's tokenizer has no chat template, so it cannot chat", "no_chat_template")
         try:
             return prompt_ids(self.model, self.tokenizer, messages, self.template,
-                              n_images=n_images if self.kind == "llava" else None)
+                              n_images=n_images if self.kind == "llava" else None, n_media=n_media)
         except ConversationError as e:
             raise APIError(400, str(e), "invalid_messages", "messages") from None
         except APIError:
@@ -443,7 +461,8 @@ class Service:
         if medium not in self.media:
             reads = ", ".join(["texts", *(plurals[m] for m in self.media)])
             article = "a" if medium == "video" else "an"
-            raise APIError(400, f"{param}: this model reads {reads}, not {plural} ({article} {medium} CLIP does)",
+            which = f"a LLaVA with {article} {medium} tower" if self.kind == "llava" else f"{article} {medium} CLIP"
+            raise APIError(400, f"{param}: this model reads {reads}, not {plural} ({which} does)",
                            f"{plural.split()[0]}_not_supported", param)
         most = {"image": self.config.max_images, "video": self.config.max_videos,
                 "audio": self.config.max_audio_clips}[medium]
@@ -459,7 +478,7 @@ class Service:
             return self.processor([self.images.load(url, param, fetched) for url, param in sources])
         if medium == "video":
             frames = [self.videos.load(url, param, fetched) for url, param in sources]  # each uint8 (T, S, S, 3)
-            return normalize_videos(torch.from_numpy(np.stack(frames)), self.processor)
+            return normalize_videos(torch.from_numpy(np.stack(frames)), self.frames)
         clips = [self.audio.load(a.data, a.format, param) for a, param in sources]  # each (T, F)
         return torch.from_numpy(np.stack(clips))
 

@@ -28,13 +28,23 @@ def word_corpus() -> list[str]:
     return [" ".join(WORDS[i] for i in torch.randint(len(WORDS), (12,), generator=g).tolist()) for _ in range(400)]
 
 
-def tiny_llava(directory: str | Path, max_seq_len: int = 512) -> Path:
-    """A LLaVA (ViT 32 px, patch 8 -> 16 image tokens; a 2-layer LM) with a byte-level tokenizer."""
-    tok = Tokenizer.train_byte_level(word_corpus(), vocab_size=320, special_tokens=["<s>", "</s>", "<image>"])
+def tiny_llava(directory: str | Path, max_seq_len: int = 512, media: bool = False, connector: str = "llava") -> Path:
+    """A LLaVA (ViT 32 px, patch 8 -> 16 image tokens; a 2-layer LM) with a byte-level tokenizer. `media`: it reads
+    video (tiny_video_clip's frame tower, 4 frames of a class token and 2x2 cells) and sound (tiny_audio_clip's AST, 2x3 cells) too.
+    `connector` "flamingo": 4 latents per item through gated cross-attention (gates open: the media matter)."""
+    specials = ["<s>", "</s>", "<image>"] + (["<video>", "<audio>"] if media else [])
+    tok = Tokenizer.train_byte_level(word_corpus(), vocab_size=320, special_tokens=specials)
+    extra = {}
+    if media:
+        extra = dict(video=ViTConfig(image_size=32, patch_size=8, width=64, layers=2, heads=4), video_frames=4,
+                     video_grid=2, video_token_id=tok.tokenizer.token_to_id("<video>"), audio=_tiny_ast(),
+                     audio_grid=[2, 3], audio_token_id=tok.tokenizer.token_to_id("<audio>"))
     cfg = LlavaConfig(vision=ViTConfig(image_size=32, patch_size=8, width=32, layers=2, heads=4),
                       lm=LMConfig(vocab_size=tok.vocab_size, width=48, layers=2, heads=4, kv_heads=2, mlp_dim=96,
                                   max_seq_len=max_seq_len, eos_token_id=tok.eot_id),
-                      image_token_id=tok.tokenizer.token_to_id("<image>"))
+                      image_token_id=tok.tokenizer.token_to_id("<image>"), connector=connector,
+                      flamingo={"latents": 4, "resampler_depth": 1, "resampler_heads": 2, "resampler_head_dim": 8,
+                                "only_last_media": False} if connector == "flamingo" else None, **extra)
     from ..models.llava import Llava
 
     torch.manual_seed(0)
@@ -43,6 +53,9 @@ def tiny_llava(directory: str | Path, max_seq_len: int = 512) -> Path:
         for p in model.parameters():
             if p.dim() == 2:
                 p.mul_(10.0)
+        for block in model.flamingo.cross if model.flamingo is not None else []:
+            block.alpha_cross_attn.fill_(1.0)
+            block.alpha_dense.fill_(1.0)
     return save(model, directory, tokenizer=tok, preprocess=PreprocessConfig(image_size=32, mode="pad_square"))
 
 
@@ -71,11 +84,15 @@ def tiny_video_clip(directory: str | Path, frames: int = 4) -> Path:
     return save(VideoCLIP(cfg), directory, tokenizer=tok, preprocess=PreprocessConfig(image_size=32))
 
 
+def _tiny_ast() -> ASTConfig:
+    return ASTConfig(num_mel_bins=32, max_length=50, patch_size=8, frequency_stride=8, time_stride=8, width=32,
+                     layers=1, heads=4)
+
+
 def tiny_audio_clip(directory: str | Path) -> Path:
     """An audio CLIP (a 1-layer AST over 0.5 s of 32-bin log-mel features at 16 kHz, a 2-layer text tower)."""
     tok = Tokenizer.train_bpe(word_corpus(), vocab_size=600, context_length=16)
-    cfg = AudioCLIPConfig(embed_dim=32, audio=ASTConfig(num_mel_bins=32, max_length=50, patch_size=8,
-                                                        frequency_stride=8, time_stride=8, width=32, layers=1, heads=4),
+    cfg = AudioCLIPConfig(embed_dim=32, audio=_tiny_ast(),
                           text=TextConfig(vocab_size=tok.vocab_size, eot_token_id=tok.eot_id, context_length=16,
                                           width=64, layers=2, heads=4))
     from ..models.audio import AudioCLIP

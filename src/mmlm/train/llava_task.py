@@ -81,15 +81,19 @@ class LlavaRunConfig:
 
 def set_trainable(model: nn.Module, stage: int, stage1_trains_lm: bool = False) -> None:
     """Vision frozen always; the projector always learns; in stage 2 the LM learns too: all of it, or only its
-    LoRA updates when the model has them. A from-scratch LM (`stage1_trains_lm`) learns in stage 1 as well."""
+    LoRA updates when the model has them. A from-scratch LM (`stage1_trains_lm`) learns in stage 1 as well.
+    With a Flamingo connector the resampler and cross-attention always learn and the LM only in such a stage 1."""
     model.vision.requires_grad_(False)
     model.projector.requires_grad_(True)
     for media in (model.video, model.audio):  # the video / sound towers frozen, their projections learn
         if media is not None:
             media.requires_grad_(True)
             media.tower.requires_grad_(False)
+    flamingo = model.flamingo is not None
+    if flamingo:  # the resampler and the gated cross-attention learn; the LM stays as it is (Flamingo's way)
+        model.flamingo.requires_grad_(True)
     lora = bool(model.config.lora_rank)
-    train_lm = stage == 2 or stage1_trains_lm
+    train_lm = (stage == 2 and not flamingo) or stage1_trains_lm
     for name, p in model.lm.named_parameters():
         p.requires_grad_(train_lm and (not lora or name.endswith((".lora_a", ".lora_b"))))
 
