@@ -198,3 +198,39 @@ def test_media_mask_matches_idefics_processing(with_eos):
     if not with_eos:  # the processor always resets at its tokenizer's eos: keep ids free of it
         assert not (ids == EOS).any()
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("interval", [1, 2])
+def test_idefics_directory_loads_with_parity_and_exports_back(tmp_path, interval):
+    """A tiny random IdeficsForVisionText2Text (decoupled vocabulary, resampler, gates away from 0) -> mmlm.load ->
+    the same logits; mmlm's export -> transformers loads it -> the same logits again."""
+    from transformers import IdeficsForVisionText2Text
+
+    import mmlm
+    from mmlm.convert.hf import export_hf
+
+    cfg = _idefics_config(additional_vocab_size=2, use_resampler=True, cross_layer_interval=interval)
+    cfg.num_hidden_layers = 4
+    torch.manual_seed(0)
+    ref = IdeficsForVisionText2Text(cfg).eval()
+    _perturb(ref, 3)  # the gates too: the media change the answer
+    ref.save_pretrained(tmp_path / "idefics")
+    ours = mmlm.load(tmp_path / "idefics").eval()
+    assert ours.config.connector == "flamingo" and ours.config.lm.vocab_size == 66 and ours.config.image_token_id == 65
+    img = 65
+    ids = torch.tensor([[5, img, 6, 7, img, 8, 9, 10], [5, 6, 7, img, 8, 9, 64, 11], [5, 6, 7, 8, 9, 10, 11, 12]])
+    images = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(4))  # row 0: two, row 1: one
+    per_row = torch.zeros(3, 2, 3, 16, 16)  # IDEFICS's (B, images, C, H, W), unused slots zero
+    per_row[0, :2], per_row[1, 0] = images[:2], images[2]
+    seen = media_attention_mask(ids, img, 2, only_last=True).long()  # (B, T, 2): as IDEFICS's processor makes it
+    with torch.no_grad():
+        want = ref(input_ids=ids, pixel_values=per_row, image_attention_mask=seen).logits
+        got = ours(ids, pixel_values=images).logits
+        assert (want[0] - ref(input_ids=ids, pixel_values=torch.randn(per_row.shape), image_attention_mask=seen)
+                .logits[0]).abs().max() > 1e-3  # the images matter
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    export_hf(ours, tmp_path / "out")
+    back = IdeficsForVisionText2Text.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        again = back(input_ids=ids, pixel_values=per_row, image_attention_mask=seen).logits
+    torch.testing.assert_close(again, want, atol=1e-4, rtol=0)

@@ -334,7 +334,7 @@ class LMConfig:
         return from_dict(cls, d)
 
 
-PROJECTORS = ("linear", "mlp2x_gelu")
+PROJECTORS = ("linear", "mlp2x_gelu", "identity")
 
 
 @dataclass

@@ -10,7 +10,7 @@ from torch import nn
 from ..checkpoint import build_on_meta, read_json, read_state_dict, save_tensors, write_json
 from ..config import ASTConfig, LlavaConfig, LMConfig
 from ..weights import INDEX_NAME, close_all, load_into, open_weights
-from . import hf_ast, hf_clip, hf_llama, hf_llava
+from . import hf_ast, hf_clip, hf_idefics, hf_llama, hf_llava
 
 
 def read_hf_weights(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -30,7 +30,7 @@ def read_hf_weights(directory: str | Path) -> dict[str, torch.Tensor]:
 
 
 # transformers `model_type` -> the module that converts its config and tensor names (same functions in each).
-CONVERTERS = {"clip": hf_clip, "llama": hf_llama, "qwen2": hf_llama, "llava": hf_llava,
+CONVERTERS = {"clip": hf_clip, "llama": hf_llama, "qwen2": hf_llama, "llava": hf_llava, "idefics": hf_idefics,
               hf_ast.MODEL_TYPE: hf_ast}
 
 
@@ -46,8 +46,8 @@ def lazy_hf_weights(directory: str | Path) -> tuple[dict, list]:
 
 
 def load_hf(directory: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> nn.Module:
-    """A transformers CLIPModel / LlamaForCausalLM / Qwen2ForCausalLM / LlavaForConditionalGeneration / ASTModel /
-    ASTForAudioClassification dir -> mmlm,
+    """A transformers CLIPModel / LlamaForCausalLM / Qwen2ForCausalLM / LlavaForConditionalGeneration /
+    IdeficsForVisionText2Text / ASTModel / ASTForAudioClassification dir -> mmlm,
     built on the meta device, each tensor read straight into `dtype` on `device` (fused ones in place)."""
     d = Path(directory)
     hf_cfg = read_json(d / "config.json")
@@ -66,11 +66,12 @@ def load_hf(directory: str | Path, dtype: torch.dtype = torch.float32, device: t
 
 def export_hf(model: nn.Module, out: str | Path, tokenizer=None, preprocess=None) -> Path:
     """Write `model` as a directory that transformers' `from_pretrained` loads (CLIPModel, LlamaForCausalLM,
-    Qwen2ForCausalLM or LlavaForConditionalGeneration)."""
+    Qwen2ForCausalLM, LlavaForConditionalGeneration or, for a Flamingo connector, IdeficsForVisionText2Text)."""
     out = Path(out)
-    if isinstance(model.config, LlavaConfig):
-        hf_cfg = hf_llava.config_to_hf(model.config)
-        tensors = hf_llava.state_dict_to_hf(model.merged_state_dict(), model.config)  # LoRA merged
+    if isinstance(model.config, LlavaConfig):  # a Flamingo connector: IDEFICS; else transformers' LLaVA
+        conv = hf_idefics if model.config.connector == "flamingo" else hf_llava
+        hf_cfg = conv.config_to_hf(model.config)
+        tensors = conv.state_dict_to_hf(model.merged_state_dict(), model.config)  # LoRA merged
     elif isinstance(model.config, ASTConfig):
         hf_cfg = hf_ast.config_to_hf(model.config)
         tensors = hf_ast.state_dict_to_hf(model.state_dict(), model.config)

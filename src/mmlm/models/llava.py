@@ -64,7 +64,7 @@ class VideoTokens(nn.Module):
         grid = patches.transpose(1, 2).unflatten(2, (side, side))  # (N T, Dv, side, side): the patch grid
         grid = F.adaptive_avg_pool2d(grid, self.grid).flatten(2).transpose(1, 2)  # (N T, g^2, Dv)
         x = torch.cat([cls, grid], dim=1)  # (N T, 1 + g^2, Dv)
-        x = self.projector(x.to(self.projector.fc1.weight.dtype))  # (N T, 1 + g^2, D), + place in frame
+        x = self.projector(x.to(self.projector.dtype or x.dtype))  # (N T, 1 + g^2, D), + place in frame
         x = x.unflatten(0, (N, T)) + self.frame_time[:, None].to(x.dtype)  # (N, T, 1 + g^2, D), + frame time
         return x.flatten(1, 2)  # (N, T (1 + g^2), D): frame by frame
 
@@ -86,7 +86,7 @@ class AudioTokens(nn.Module):
             x = self.tower(features).last_hidden_state[:, 2:]  # (N, Fp Tp, Da): patches, frequency-major
         x = x.transpose(1, 2).unflatten(2, (cfg.frequency_patches, cfg.time_patches))  # (N, Da, Fp, Tp)
         x = F.adaptive_avg_pool2d(x, self.grid).flatten(2).transpose(1, 2)  # (N, f t, Da)
-        return self.projector(x.to(self.projector.fc1.weight.dtype))  # (N, f t, D)
+        return self.projector(x.to(self.projector.dtype or x.dtype))  # (N, f t, D)
 
 
 class Llava(nn.Module):
@@ -147,7 +147,7 @@ class Llava(nn.Module):
                 feats = torch.cat([hidden[i] for i in layers], dim=-1)  # (N, 1 + P, Dv * n_layers)
                 if cfg.drop_cls:
                     feats = feats[:, 1:]
-        return self.projector(feats.to(self.projector.fc1.weight.dtype))
+        return self.projector(feats.to(self.projector.dtype or feats.dtype))
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, decoding: bool = False,
               videos: torch.Tensor | None = None, audios: torch.Tensor | None = None) -> torch.Tensor:
@@ -220,7 +220,7 @@ class Llava(nn.Module):
             if len(at) != len(feats):
                 raise ValueError(f"input_ids hold {len(at)} {kind} tokens (id {token_id}) but {len(feats)} {kind}(s) "
                                  f"were given: each <{kind}> is one token")
-            lat = self.flamingo.resampler(feats)  # (N_kind, L, Dm): a fixed number of latents, whatever P was
+            lat = self.flamingo.resampler(feats.to(self.flamingo.resampler.latents.dtype))  # (N_kind, L, Dm): L, whatever P was
             if latents is None:
                 latents = lat.new_zeros(len(order), *lat.shape[1:])
             latents = latents.index_copy(0, at, lat)
