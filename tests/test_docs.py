@@ -23,7 +23,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 PAGES = ["README.md", "01-data-shapes.md", "02-clip.md", "03-resnet-or-vit.md", "04-llava.md", "05-generation.md",
-         "06-time.md", "results.md", "performance.md", "serving.md", "scaling.md", "gpus.md", "proven.md"]
+         "06-time.md", "07-one-model.md", "results.md", "performance.md", "serving.md", "scaling.md", "gpus.md", "proven.md"]
 FENCE = re.compile(r"((?:<!--\s*test:.*?-->\s*\n)*)```(\w*)\n(.*?)```", re.S)
 DIRECTIVE = re.compile(r"<!--\s*test:\s*(.*?)\s*-->", re.S)
 

@@ -25,10 +25,13 @@ def _schema(app):
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
-@pytest.fixture(scope="module")
-def llava_api(tmp_path_factory):
+@pytest.fixture(scope="module", params=["images", "media", "flamingo"])
+def llava_api(request, tmp_path_factory):
+    """A LLaVA that reads images; one that reads video and sound too (their parts then reach the decoders); the
+    same with the Flamingo connector."""
     config = ServeConfig(default_max_tokens=16, allowed_hosts=HOST)
-    app = create_app(tiny_llava(tmp_path_factory.mktemp("fuzz") / "tiny-llava"), config)
+    kw = {"images": {}, "media": {"media": True}, "flamingo": {"media": True, "connector": "flamingo"}}[request.param]
+    app = create_app(tiny_llava(tmp_path_factory.mktemp("fuzz") / "tiny-llava", **kw), config)
     yield _schema(app)
     app.state.service.close()
 
