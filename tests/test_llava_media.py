@@ -196,3 +196,21 @@ def test_questions_have_exact_answers():
     for r in novel:  # the held-out split asks only about held-out (shape, action) pairs
         answers = dict(zip(r["question_types"], [t["value"] for t in r["conversations"][1::2]]))
         assert (answers["video_shape"], answers["video_action"]) in HELD_OUT_ACTIONS
+
+
+def test_llava_json_records_carry_videos_and_sounds(tmp_path):
+    import json
+
+    from mmlm.data.llava_json import LlavaJson
+    from mmlm.data.media import write_audio, write_video
+
+    item = media_conversation("val", 0, "video+audio", frames=6)
+    write_video(tmp_path / "clip.mp4", item["videos"][0])
+    write_audio(tmp_path / "sound.wav", item["audios"][0])
+    records = [{"id": "both", "video": "clip.mp4", "audio": ["sound.wav"], "conversations": item["conversations"]},
+               {"id": "gone", "video": "missing.mp4", "conversations": item["conversations"]}]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    ds = LlavaJson(tmp_path / "data.json", frames=4)
+    x = ds[0]
+    assert x["images"] == [] and x["videos"][0].shape == (4, 64, 64, 3) and x["audios"][0].shape == (16_000,)
+    assert "gone" in ds[1]["bad"][0]  # a file that cannot be read is a bad sample, named

@@ -239,7 +239,7 @@ def _shapes_vqa(d: LlavaDataConfig, size: int) -> dict[str, list[dict[str, Any]]
 def _json_vqa(d: LlavaDataConfig, size: int) -> dict[str, list[dict[str, Any]]]:
     if not d.eval_path:
         return {}
-    ds = LlavaJson(d.eval_path, d.image_root)
+    ds = LlavaJson(d.eval_path, d.image_root, frames=d.frames)
     items = [ds[i] for i in range(min(len(ds), d.eval_size))]
     return {"vqa_eval": [x for x in items if "bad" not in x]}
 
@@ -251,6 +251,7 @@ CONVERSATIONS: dict[str, ConversationSource] = {
     "media_shapes": ConversationSource(
         lambda d, size: MediaShapesConversations("train", d.train_size, d.seed, size, d.n_questions, d.mix, d.frames),
         lambda data, n: [data[i] for i in range(n)], _media_vqa),
-    "json": ConversationSource(lambda d, size: LlavaJson(d.path, d.image_root), lambda data, n: data.records[:n],
+    "json": ConversationSource(lambda d, size: LlavaJson(d.path, d.image_root, frames=d.frames),
+                               lambda data, n: data.records[:n],
                                _json_vqa, needs_path=True),
 }

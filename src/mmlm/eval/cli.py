@@ -253,7 +253,7 @@ def eval_vqa(model_dir: str | Path, data: str, template: str | None = None, limi
         ds += [media_conversation(split, i, kind, n_questions=1) for kind in kinds for i in range(n)]
         limit = 0
     else:
-        ds = LlavaJson(data)
+        ds = LlavaJson(data, frames=getattr(model.config, "video_frames", 8))
     items = [ds[i] for i in range(len(ds) if limit <= 0 else min(limit, len(ds)))]
     bad = [x["bad"] for x in items if "bad" in x]
     result = evaluate_vqa(model, tok, processor, [x for x in items if "bad" not in x], template,
