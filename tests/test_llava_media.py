@@ -214,3 +214,26 @@ def test_llava_json_records_carry_videos_and_sounds(tmp_path):
     x = ds[0]
     assert x["images"] == [] and x["videos"][0].shape == (4, 64, 64, 3) and x["audios"][0].shape == (16_000,)
     assert "gone" in ds[1]["bad"][0]  # a file that cannot be read is a bad sample, named
+
+
+def test_an_image_clip_resnet_can_read_the_frames():
+    """video_from may be an image CLIP: its ResNet reads each frame (the mean of its stage-3 map as the summary
+    token, the map pooled to a grid), and the clip still lands at its video tokens."""
+    from mmlm.config import LlavaConfig, ModifiedResNetConfig
+    from mmlm.models.llava import Llava
+
+    cfg = LlavaConfig(vision=ViTConfig(image_size=32, patch_size=8, width=32, layers=1, heads=4),
+                      lm=LMConfig(vocab_size=50, width=48, layers=1, heads=4, kv_heads=2, mlp_dim=96, max_seq_len=128),
+                      image_token_id=40, video=ModifiedResNetConfig(image_size=64, layers=(1, 1, 1, 1), width=8),
+                      video_frames=3, video_grid=2, video_token_id=41)
+    model = Llava(cfg).eval()
+    assert model.video.projector.fc1.in_features == 8 * 4 * 4  # stage 3's channels
+    videos = torch.randn(2, 3, 3, 64, 64)
+    with torch.no_grad():
+        tokens = model.video(videos)
+        assert tokens.shape == (2, 3 * 5, 48)
+        ids = torch.tensor([[1] + [41] * 15 + [2], [3] + [41] * 15 + [4]])
+        x = model.embed(ids, None, videos=videos)
+    assert torch.equal(x[ids == 41], tokens.flatten(0, 1))
+    with pytest.raises(ValueError, match="video_grid must be between 1 and the frame's 4"):
+        LlavaConfig(vision=cfg.vision, lm=cfg.lm, video=cfg.video, video_grid=5)

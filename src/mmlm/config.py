@@ -387,11 +387,11 @@ class LlavaConfig:
     # evaluation prompt it the same way. Not architecture: transformers' config has no such field.
     template: str = "vicuna_v1"
     # Video and sound (mmlm only; None: the model reads images alone). A video is `video_frames` frames, each
-    # read by the `video` ViT (a video CLIP's frame tower): its class token and its patch grid average-pooled to
-    # video_grid x video_grid tokens, plus a learned frame-time embedding; `<video>` expands to
-    # video_frames * (1 + video_grid**2) tokens. A sound is read by the `audio` AST (an audio CLIP's tower), its (frequency, time) patch grid
+    # read by the `video` tower (a video CLIP's frame ViT, or an image CLIP's tower): a summary token and its
+    # feature grid average-pooled to video_grid x video_grid tokens, plus a learned frame-time embedding; `<video>`
+    # expands to video_frames * (1 + video_grid**2) tokens. A sound is read by the `audio` AST (an audio CLIP's tower), its (frequency, time) patch grid
     # average-pooled to `audio_grid` cells; `<audio>` expands to their product. Each has its own projector.
-    video: Optional[ViTConfig] = None
+    video: Optional[Union[ViTConfig, ModifiedResNetConfig]] = None
     video_frames: int = 8
     video_grid: int = 2
     video_token_id: int = -1
@@ -435,10 +435,12 @@ class LlavaConfig:
         if self.connector == "flamingo" and self.flamingo is None:
             self.flamingo = FlamingoConnectorConfig(media_dim=self.lm.width)
         if isinstance(self.video, dict):
-            self.video = from_dict(ViTConfig, self.video, ".video")
-        _check(self.video is None or isinstance(self.video, ViTConfig), "llava.video must be a ViT (kind 'vit') or null")
+            self.video = vision_config_from_dict(self.video)
+        _check(self.video is None or isinstance(self.video, (ViTConfig, ModifiedResNetConfig)),
+               "llava.video must be a ViT (kind 'vit'), a ModifiedResNet (kind 'modified_resnet') or null")
         if self.video is not None:
-            cells = self.video.image_size // self.video.patch_size
+            cells = (self.video.stage_grid(3) if isinstance(self.video, ModifiedResNetConfig)
+                     else self.video.image_size // self.video.patch_size)
             _check(self.video_frames >= 1, f"llava.video_frames must be at least 1, got {self.video_frames}")
             _check(1 <= self.video_grid <= cells,
                    f"llava.video_grid must be between 1 and the frame's {cells} patches a side, got {self.video_grid}")

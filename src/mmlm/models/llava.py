@@ -39,17 +39,23 @@ def _frozen(module: nn.Module):
 
 
 class VideoTokens(nn.Module):
-    """Videos (N, T, C, H, W) -> (N, T (1 + g^2), D): every frame read by a ViT; its class token (the summary the
-    video CLIP trained) and its patch tokens average-pooled to a g x g grid, projected, plus a learned embedding of
-    the token's place in the frame and of the frame's time (which frame): the LM reads a clip as T small images in
-    order and sees motion as change between them."""
+    """Videos (N, T, C, H, W) -> (N, T (1 + g^2), D): every frame read by an image tower, as a summary token and its
+    feature grid average-pooled to g x g cells, projected, plus a learned embedding of the token's place in the frame
+    and of the frame's time (which frame): the LM reads a clip as T small images in order and sees motion as change
+    between them. The tower is a ViT (a video CLIP's frame tower: its class token and patch grid) or a ResNet (an
+    image CLIP's: the mean of its stage-3 map, LLaVA's layer -2, and that map)."""
+
+    STAGE = 3  # a ResNet tower's feature map: stage 3 (stride 16), as LLaVA's -2 reads it
 
     def __init__(self, cfg: LlavaConfig, out_dim: int):
         super().__init__()
         self.frames, self.grid = cfg.video_frames, cfg.video_grid
-        self.tower = VisionTransformer(cfg.video, embed_dim=None)
+        self.resnet = isinstance(cfg.video, ModifiedResNetConfig)
+        self.tower = (ModifiedResNet(cfg.video, embed_dim=None) if self.resnet
+                      else VisionTransformer(cfg.video, embed_dim=None))
         self.tower.init_weights()
-        self.projector = Projector(cfg.projector, cfg.video.width, out_dim, bias=cfg.projector_bias,
+        width = cfg.video.stage_channels(self.STAGE) if self.resnet else cfg.video.width
+        self.projector = Projector(cfg.projector, width, out_dim, bias=cfg.projector_bias,
                                    tokens=1 + cfg.video_grid**2)  # the place-in-frame embedding
         self.frame_time = nn.Parameter(torch.randn(cfg.video_frames, out_dim))  # unit scale: see projector.py
 
@@ -58,12 +64,15 @@ class VideoTokens(nn.Module):
             raise ValueError(f"videos must be (N_videos, {self.frames} frames, C, H, W), got shape {tuple(videos.shape)}")
         N, T = videos.shape[:2]
         with _frozen(self.tower):
-            x = self.tower.forward_tokens(videos.flatten(0, 1))  # (N T, 1 + P, Dv): class token, then patches
-        cls, patches = x[:, :1], x[:, 1:]
-        side = round(patches.shape[1] ** 0.5)
-        grid = patches.transpose(1, 2).unflatten(2, (side, side))  # (N T, Dv, side, side): the patch grid
+            if self.resnet:
+                grid = self.tower.forward_stages(videos.flatten(0, 1), upto=self.STAGE)[self.STAGE]  # (N T, Dv, s, s)
+                summary = grid.mean(dim=(2, 3))[:, None]  # (N T, 1, Dv): the whole frame
+            else:
+                x = self.tower.forward_tokens(videos.flatten(0, 1))  # (N T, 1 + P, Dv): class token, then patches
+                side = round((x.shape[1] - 1) ** 0.5)
+                summary, grid = x[:, :1], x[:, 1:].transpose(1, 2).unflatten(2, (side, side))  # grid (N T, Dv, s, s)
         grid = F.adaptive_avg_pool2d(grid, self.grid).flatten(2).transpose(1, 2)  # (N T, g^2, Dv)
-        x = torch.cat([cls, grid], dim=1)  # (N T, 1 + g^2, Dv)
+        x = torch.cat([summary, grid], dim=1)  # (N T, 1 + g^2, Dv)
         x = self.projector(x.to(self.projector.dtype or x.dtype))  # (N T, 1 + g^2, D), + place in frame
         x = x.unflatten(0, (N, T)) + self.frame_time[:, None].to(x.dtype)  # (N, T, 1 + g^2, D), + frame time
         return x.flatten(1, 2)  # (N, T (1 + g^2), D): frame by frame

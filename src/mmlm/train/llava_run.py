@@ -117,7 +117,8 @@ def build_model(cfg: LlavaRunConfig, tok) -> Llava:
         mc.vision, towers["vision"] = copy_tower(cfg.vision_from, (ViTConfig, ModifiedResNetConfig), "vision",
                                                  "visual", "vision")
     if cfg.video_from:
-        mc.video, towers["video"] = copy_tower(cfg.video_from, (ViTConfig,), "vision", "visual", "video")
+        mc.video, towers["video"] = copy_tower(cfg.video_from, (ViTConfig, ModifiedResNetConfig), "vision", "visual",
+                                               "video")
     if cfg.audio_from:
         mc.audio, towers["audio"] = copy_tower(cfg.audio_from, (ASTConfig,), "audio", "audio", "audio")
     mc.__post_init__()  # vision_layer and the media grids checked against the towers

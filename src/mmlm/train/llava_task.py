@@ -49,7 +49,7 @@ class LlavaRunConfig:
     lora_rank: int = 0  # stage 2: > 0 trains LoRA updates of this rank instead of the whole LM
     lora_alpha: float = 16.0
     vision_from: str = ""  # a CLIP checkpoint with a ViT whose vision tower is copied in (stage 1)
-    video_from: str = ""  # a video CLIP whose frame tower becomes the video tower (`model.video` follows it)
+    video_from: str = ""  # a video CLIP (its frame ViT) or an image CLIP whose tower reads the frames (`model.video`)
     audio_from: str = ""  # an audio CLIP whose AST becomes the audio tower (`model.audio` follows it)
     # A pretrained LM (a .gguf file, a transformers Llama/Qwen2 dir, an mmlm LM dir, or an asset name such as
     # "smollm2"): its weights, tokenizer and chat template; `<image>` joins its vocabulary (stage 1).
