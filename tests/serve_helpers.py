@@ -10,6 +10,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
+import numpy as np
 from PIL import Image
 
 
@@ -48,3 +49,17 @@ def png_bytes(size=(40, 30), color=(200, 30, 30), mode="RGB") -> bytes:
 
 def data_uri(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def moving_square(T: int = 10, size: int = 40) -> np.ndarray:
+    """uint8 (T, size, size, 3): a coloured square moving right on a dark background."""
+    frames = np.full((T, size, size, 3), 20, np.uint8)
+    for t in range(T):
+        frames[t, 12:26, 2 * t:2 * t + 12] = (230, 60, 30)
+    return frames
+
+
+def tone(seconds: float = 0.6, rate: int = 22_050, hz: float = 440.0) -> np.ndarray:
+    """float32 (S,): a sine at `hz`, `seconds` long at `rate` Hz."""
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.4 * np.sin(2 * np.pi * hz * t)).astype(np.float32)

@@ -16,7 +16,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("av")
 pytest.importorskip("soundfile")
 
-from serve_helpers import data_uri, png_bytes, running  # noqa: E402
+from serve_helpers import data_uri, moving_square, png_bytes, running, tone  # noqa: E402
 
 import mmlm  # noqa: E402
 from mmlm.chat import chat  # noqa: E402
@@ -27,24 +27,12 @@ from mmlm.serve.tiny import tiny_llava  # noqa: E402
 CHAT = "/v1/chat/completions"
 
 
-def moving_square(T: int = 10, size: int = 40) -> np.ndarray:
-    frames = np.full((T, size, size, 3), 20, np.uint8)
-    for t in range(T):
-        frames[t, 12:26, 2 * t:2 * t + 12] = (230, 60, 30)
-    return frames
-
-
-def tone(seconds: float = 0.5, rate: int = 16_000, hz: float = 440.0) -> np.ndarray:
-    t = np.arange(int(seconds * rate)) / rate
-    return (0.4 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("media")
     write_video(d / "clip.mp4", moving_square(), fps=8)
     write_video(d / "long.mp4", moving_square(40), fps=8)
-    write_audio(d / "tone.wav", tone(), 16_000)
+    write_audio(d / "tone.wav", tone(0.5, 16_000), 16_000)
     write_audio(d / "long.wav", tone(seconds=3.0, rate=8_000), 8_000)
     return d
 

@@ -16,7 +16,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("av")
 pytest.importorskip("soundfile")
 
-from serve_helpers import data_uri, png_bytes, running  # noqa: E402
+from serve_helpers import data_uri, moving_square, png_bytes, running, tone  # noqa: E402
 
 import mmlm  # noqa: E402
 from mmlm.data.fbank import FbankConfig  # noqa: E402
@@ -27,19 +27,6 @@ from mmlm.serve import ServeConfig, create_app  # noqa: E402
 from mmlm.serve.tiny import tiny_audio_clip, tiny_clip, tiny_video_clip  # noqa: E402
 
 EMBED, CLASSIFY = "/v1/embeddings", "/v1/classify"
-
-
-def moving_square(T: int = 10, size: int = 40) -> np.ndarray:
-    """uint8 (T, size, size, 3): a coloured square moving right on a dark background."""
-    frames = np.full((T, size, size, 3), 20, np.uint8)
-    for t in range(T):
-        frames[t, 12:26, 2 * t:2 * t + 12] = (230, 60, 30)
-    return frames
-
-
-def tone(seconds: float = 0.6, rate: int = 22_050, hz: float = 440.0) -> np.ndarray:
-    t = np.arange(int(seconds * rate)) / rate
-    return (0.4 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")

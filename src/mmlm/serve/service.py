@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..chat import prompt_ids
-from ..data.conversation import IMAGE, ConversationError
+from ..data.conversation import ConversationError
 from ..data.fbank import FbankConfig
 from ..data.media import VideoLimits, normalize_videos
 from ..data.transforms import ImageProcessor, PreprocessConfig
