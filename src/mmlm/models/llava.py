@@ -12,6 +12,11 @@ batch may mix text-only samples, one-image samples and several-image samples wit
 Video and sound join the same way (mmlm only): a `<video>` or `<audio>` placeholder expands to its own token id,
 each modality has its own tower and projector (`VideoTokens`, `AudioTokens`), and each splice is one more
 `masked_scatter`, so one batch may mix images, videos, sounds and text-only samples.
+
+With `connector: flamingo` the same towers and projectors feed Flamingo's connector instead (models/flamingo.py):
+each item keeps one token in the text, its projected tokens are resampled to a few latents, and the LM, frozen
+in stage 2, reads them through gated cross-attention (`media_latents`, `_flamingo_forward`). IDEFICS
+checkpoints load into this form (convert/hf_idefics.py).
 """
 
 from __future__ import annotations
