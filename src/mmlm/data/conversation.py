@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 IMAGE = "<image>"
 MEDIA_KINDS = {"<image>": "image", "<video>": "video", "<audio>": "audio"}  # placeholder -> what it stands for
+MEDIA_FIELDS = {"<image>": "images", "<video>": "videos", "<audio>": "audios"}  # placeholder -> a sample's list
 IGNORE = -100  # label of a token that is not learned (PyTorch cross_entropy's ignore_index)
 TEMPLATES = ("plain", "vicuna_v1", "chat")
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.conversation import ROLES, encode_prompt
+from ..data.conversation import MEDIA_FIELDS, ROLES, encode_prompt
 from ..distributed import map_shards
 
 
@@ -63,7 +63,7 @@ def evaluate_vqa(model: Any, tokenizer: Any, processor: Any, records: Sequence[d
         lists: dict[str, list] = {"images": [], "videos": [], "audios": []}
         for r, turns, _, _ in chunk:
             text = "".join(t.get("value", t.get("content", "")) for t in turns)
-            for placeholder, key in (("<image>", "images"), ("<video>", "videos"), ("<audio>", "audios")):
+            for placeholder, key in MEDIA_FIELDS.items():
                 lists[key] += [_pil(m) if key == "images" else m for m in (r.get(key) or [])[: text.count(placeholder)]]
         out = generate(model, ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eot_id,
                        **processor(**lists))

@@ -49,6 +49,7 @@ SERVED_BY = {"/v1/chat/completions": ("llava", "lm"), "/v1/embeddings": ("clip",
              "/v1/images/generations": ("text-to-image",)}
 MEDIA = ("image", "video", "audio")  # what a CLIP-style model may read besides text: encode_image, _video, _audio
 PART_MEDIA = {"image_url": "image", "video_url": "video", "input_audio": "audio"}  # content part type -> medium
+PLURALS = {"image": "images", "video": "videos", "audio": "audio clips"}  # as error messages and codes name them
 CLASSIFY_TEMPLATES = {"image": "a photo of a {}.", "video": "a video of {}.", "audio": "the sound of {}."}
 
 
@@ -359,7 +360,7 @@ class Service:
                     pieces.append(part.text)
                     continue
                 medium, param = PART_MEDIA[part.type], f"messages.{i}.content.{j}.{part.type}"
-                plural = {"image": "images", "video": "videos", "audio": "audio clips"}[medium]
+                plural = PLURALS[medium]
                 if self.kind != "llava":
                     raise APIError(400, f"{param}: this model takes no {plural} (serve a LLaVA model to chat about "
                                         f"{plural})", f"{plural.split()[0]}_not_supported", param)
@@ -456,10 +457,9 @@ class Service:
 
     def check_medium(self, medium: str, param: str, already: int) -> None:
         """400 naming `param` when the model cannot read `medium`, or the request holds too many of it already."""
-        plurals = {"image": "images", "video": "videos", "audio": "audio clips"}
-        plural = plurals[medium]
+        plural = PLURALS[medium]
         if medium not in self.media:
-            reads = ", ".join(["texts", *(plurals[m] for m in self.media)])
+            reads = ", ".join(["texts", *(PLURALS[m] for m in self.media)])
             article = "a" if medium == "video" else "an"
             which = f"a LLaVA with {article} {medium} tower" if self.kind == "llava" else f"{article} {medium} CLIP"
             raise APIError(400, f"{param}: this model reads {reads}, not {plural} ({which} does)",

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from ..checkpoint import save
 from ..config import LlavaConfig, LMConfig, ViTConfig
-from ..data.conversation import IGNORE, TEMPLATES, encode_conversation
+from ..data.conversation import IGNORE, MEDIA_FIELDS, TEMPLATES, encode_conversation
 from ..data.sources import LlavaDataConfig
 from ..data.media import MediaProcessor
 from ..data.transforms import PreprocessConfig
@@ -104,8 +104,7 @@ def _pil(image: Any) -> Image.Image:
 
 def sample_turns(sample: dict[str, Any], template: str) -> list[dict[str, str]]:
     if template == "plain":  # stage 1: the media (an image, a clip, a sound), then its caption
-        media = "".join(p * len(sample.get(k) or []) for p, k in (("<image>", "images"), ("<video>", "videos"),
-                                                                  ("<audio>", "audios")))
+        media = "".join(p * len(sample.get(k) or []) for p, k in MEDIA_FIELDS.items())
         return [{"from": "human", "value": media}, {"from": "gpt", "value": sample["caption"]}]
     return sample["conversations"]
 
