@@ -32,8 +32,8 @@ def _lm(seed: int = 0) -> LM:
 
 def _alone(model, row: DecodeRow, eos: set[int]) -> list[int]:
     """`generate` for one row, cut after its first EOS id (a `DecodeRow` keeps the EOS that ended it)."""
-    out = generate(model, torch.tensor([row.input_ids]), pixel_values=row.pixel_values,
-                   max_new_tokens=row.max_new_tokens, temperature=row.temperature, top_p=row.top_p, seed=row.seed,
+    out = generate(model, torch.tensor([row.input_ids]), pixel_values=row.pixel_values, videos=row.videos,
+                   audios=row.audios, max_new_tokens=row.max_new_tokens, temperature=row.temperature, top_p=row.top_p, seed=row.seed,
                    eos_token_id=sorted(eos))[0].tolist()
     ends = [i for i, t in enumerate(out) if t in eos]
     return out[: ends[0] + 1] if ends else out
@@ -94,6 +94,43 @@ def test_llava_rows_with_images_and_seeded_sampling_answer_as_generate_alone(lla
     _run(DecodeBatch(model, max_rows=6), rows, per_step=3)
     assert [r.tokens for r in rows] == expected
     assert len({len(t) for t in expected}) > 3  # answers of many lengths: rows left at different steps
+
+
+def test_flamingo_rows_keep_their_own_media_and_answer_as_generate_alone(tmp_path):
+    """A Flamingo connector's rows (no media, an image, a clip and its sound, two images) join a running batch in
+    groups and leave at different steps: each row reads its own media's keys and values, padded to the batch's
+    most latents and restacked as rows come and go, and answers exactly as `generate` alone."""
+    model = mmlm.load(tiny_llava(tmp_path / "flamingo", media=True, connector="flamingo"))
+    mc, eos = model.config, set(model.config.eos_token_id)
+    g = torch.Generator().manual_seed(0)
+    rng, rows = random.Random(1), []
+    for i in range(10):
+        text = [rng.randrange(3, 300) for _ in range(rng.randrange(1, 10))]
+        kind = i % 4
+        ids, media = [1], {}
+        if kind in (1, 3):
+            n = 1 if kind == 1 else 2
+            ids += [mc.image_token_id] * n
+            media["pixel_values"] = torch.randn(n, 3, 32, 32, generator=g)
+        if kind == 2:
+            ids += [mc.video_token_id, mc.audio_token_id]
+            media["videos"] = torch.randn(1, mc.video_frames, 3, 32, 32, generator=g)
+            media["audios"] = torch.randn(1, mc.audio.max_length, mc.audio.num_mel_bins, generator=g)
+        rows.append(DecodeRow(ids + text, rng.randrange(2, 30), **media))
+    expected = [_alone(model, r, eos) for r in rows]
+    batch = DecodeBatch(model, max_rows=4)
+    _run(batch, rows, per_step=2)
+    assert [r.tokens for r in rows] == expected
+    assert len({len(t) for t in expected}) > 3
+    # a row without media sees none of its batchmates' (its mask is all False, or it never had media beside it)
+    assert all(r.media_mask is None or not r.media_mask.any() for r in rows[0::4])
+    assert all(r.media_mask.any() for r in rows[1::4])
+    # the media matter: the same prompts without them answer otherwise
+    has = [r.pixel_values is not None or r.videos is not None for r in rows]
+    media_ids = {mc.image_token_id, mc.video_token_id, mc.audio_token_id}
+    bare = [_alone(model, DecodeRow([t for t in r.input_ids if t not in media_ids], r.max_new_tokens), eos)
+            for r, h in zip(rows, has) if h]
+    assert bare != [t for t, h in zip(expected, has) if h]
 
 
 def test_a_row_joins_only_when_it_fits_and_leaving_frees_its_place():

@@ -229,7 +229,9 @@ class DecodeRow:
 
     `tokens` ends with the EOS id when the row stopped at one (as `generate`'s rows do); `finish` is "stop" (EOS)
     or "length" (`max_new_tokens`) once the batch ended the row, None while it runs or when the caller made it
-    leave. `start` (the first cache column of its block) and `position` (of its next token) belong to the batch.
+    leave. `start` (the first cache column of its block) and `position` (of its next token) belong to the batch,
+    and so do a Flamingo connector's `media_kv` / `media_mask`: the row's media keys and values for each
+    cross-attention block (1, H, S, hd) and which of them its generated tokens see (1, 1, S), left by its prefill.
     """
 
     input_ids: list[int]
@@ -246,6 +248,8 @@ class DecodeRow:
     start: int = 0
     position: int = 0
     generator: torch.Generator | None = None
+    media_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    media_mask: torch.Tensor | None = None
 
 
 class DecodeBatch:
@@ -268,13 +272,14 @@ class DecodeBatch:
     window, one row's whole context behind `col` and another's ahead). Greedy rows choose exactly what
     `generate` chooses for them alone (tests/test_continuous_batching.py); a seeded row samples from its own
     generator, as `generate(seed=)` alone does. Not compiled: shapes change at every step.
+
+    A Flamingo connector's media stay beside the pool, per row: each row keeps the keys and values its prefill
+    computed, and a step reads the running rows' media stacked (padded to the most latents any row has, the
+    padding never seen), restacked only when rows join or leave.
     """
 
     def __init__(self, model: nn.Module, max_rows: int = 8, eos_token_id: int | Sequence[int] | None = None,
                  max_len: int | None = None):
-        if getattr(model, "flamingo", None) is not None:
-            raise ValueError("continuous batching keeps no Flamingo media latents per row: generate() or static "
-                             "batching serves a model with a Flamingo connector")
         if eos_token_id is None:
             eos_token_id = getattr(model.config, "eos_token_id", None)
         self.model, self.max_rows = model, max_rows
@@ -286,6 +291,8 @@ class DecodeBatch:
         self.cache = model.new_cache(max_rows, 0)  # the pool, grown on demand
         self.key_mask = torch.zeros(max_rows, 0, dtype=torch.bool, device=self.device)
         self.step_fn = decode_step_fn(model)
+        self.flamingo = getattr(model, "flamingo", None) is not None
+        self._media: tuple[list | None, torch.Tensor | None] | None = None  # the running rows' stacked media
 
     def _plan(self, newcomers: Sequence[DecodeRow]) -> tuple[int, int] | None:
         """(col, pool length) that lets `newcomers` join now, or None when they cannot (rows or columns)."""
@@ -350,10 +357,14 @@ class DecodeBatch:
                             only_last=True, **extra).logits[:, -1]  # (k, V)
         self.key_mask[n:n + k] = False
         self.key_mask[n:n + k, col - T:col] = mask.bool()
-        for r in newcomers:
+        for j, r in enumerate(newcomers):
             r.start, r.position, r.tokens, r.finish = col - T, len(r.input_ids), [], None
+            if block.media_kv is not None:  # Flamingo: the row's own media keys/values, (1, H, S, hd) per block
+                r.media_kv = [(kb[j:j + 1], vb[j:j + 1]) for kb, vb in block.media_kv]
+                r.media_mask = block.media_mask[j:j + 1]  # (1, 1, S)
             r.generator = torch.Generator(self.device).manual_seed(r.seed) if r.seed is not None else None
         self.rows += newcomers
+        self._media = None
         self._choose(logits, newcomers)
         return newcomers
 
@@ -368,12 +379,40 @@ class DecodeBatch:
         position = torch.tensor([[r.position] for r in rows], device=self.device)  # (n, 1)
         self.key_mask[:n, self.col] = True
         window = type(self.cache)([t[:n, :, lo:] for t in self.cache.k], [t[:n, :, lo:] for t in self.cache.v])
+        if self.flamingo:
+            window.media_kv, window.media_mask = self._stacked_media(rows)
         logits = self.step_fn(self.model, token, position, self.key_mask[:n, lo:], window, self.col - lo)  # (n, V)
         self.col += 1
         for r in rows:
             r.position += 1
         self._choose(logits, rows)
         return rows
+
+    def _stacked_media(self, rows: list[DecodeRow]) -> tuple[list | None, torch.Tensor | None]:
+        """Flamingo: the running rows' media keys/values per cross-attention block (n, H, S, hd) and their mask
+        (n, 1, S), S the most any row has (the rest zeros, masked); (None, None) when no row has media."""
+        if self._media is None:  # rows joined or left since the last step
+            with_media = [r for r in rows if r.media_kv is not None]
+            if not with_media:
+                self._media = (None, None)
+            else:
+                S = max(r.media_mask.shape[-1] for r in with_media)
+                blocks = []
+                for b in range(len(with_media[0].media_kv)):
+                    k0 = with_media[0].media_kv[b][0]
+                    k = k0.new_zeros(len(rows), k0.shape[1], S, k0.shape[3])
+                    v = torch.zeros_like(k)
+                    for i, r in enumerate(rows):
+                        if r.media_kv is not None:
+                            s = r.media_mask.shape[-1]
+                            k[i, :, :s], v[i, :, :s] = r.media_kv[b][0][0], r.media_kv[b][1][0]
+                    blocks.append((k, v))
+                mask = torch.zeros(len(rows), 1, S, dtype=torch.bool, device=self.device)
+                for i, r in enumerate(rows):
+                    if r.media_mask is not None:
+                        mask[i, :, :r.media_mask.shape[-1]] = r.media_mask[0]
+                self._media = (blocks, mask)
+        return self._media
 
     def _choose(self, logits: torch.Tensor, rows: list[DecodeRow]) -> None:
         """Each row's next token from its logits (greedy rows in one go, sampled rows each with its settings);
@@ -403,6 +442,7 @@ class DecodeBatch:
         """Rows leave the batch now (the caller's reasons: a stop string, a cancelled request); each freed pool row
         is refilled by the last running row."""
         gone = {id(r) for r in rows}
+        self._media = None
         for i in sorted((i for i, r in enumerate(self.rows) if id(r) in gone), reverse=True):
             last = len(self.rows) - 1
             if i != last:

@@ -7,7 +7,8 @@
         x = x + tanh(alpha_dense) * mlp(norm(x))
     the alphas start at 0, so training starts from the unchanged LM; a token sees only the media placed before it
     (`media_attention_mask`: by default the most recent one, as Flamingo and IDEFICS do), and a token that
-    sees none gets nothing from the cross-attention.
+    sees none gets nothing from the cross-attention. The dense half runs for every token, media or none (as in
+    IDEFICS), so a prompt's answer is the same alone or batched beside prompts with media.
 
 LLaVA (models/llava.py) joins the same towers the other way: projected media tokens spliced into the LM's input,
 the LM itself tuned. The layout and names follow IDEFICS, the open Flamingo reproduction in transformers.
@@ -95,14 +96,15 @@ class GatedCrossAttentionBlock(nn.Module):
         self.alpha_cross_attn = nn.Parameter(torch.zeros(1))
         self.alpha_dense = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, media: torch.Tensor | None, media_mask: torch.Tensor,
+    def forward(self, x: torch.Tensor, media: torch.Tensor | None, media_mask: torch.Tensor | None,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x (B, T, C); media (B, S, Dv) latents (or `kv`, their keys and values, computed once for decoding);
-        media_mask (B, T, S) bool, True where token t may see latent s."""
-        sees = media_mask.any(dim=-1, keepdim=True)  # (B, T, 1): tokens that see some media
-        mask = (media_mask | ~sees)[:, None]  # (B, 1, T, S); a token that sees nothing attends anywhere, then is zeroed
-        y = self.cross_attn(self.input_layernorm(x), media, attn_mask=mask, kv=kv) * sees
-        x = x + torch.tanh(self.alpha_cross_attn) * y
+        media_mask (B, T, S) bool, True where token t may see latent s; None: no media at all (the dense half only)."""
+        if media_mask is not None:
+            sees = media_mask.any(dim=-1, keepdim=True)  # (B, T, 1): tokens that see some media
+            mask = (media_mask | ~sees)[:, None]  # (B, 1, T, S); a token that sees nothing attends anywhere, then is zeroed
+            y = self.cross_attn(self.input_layernorm(x), media, attn_mask=mask, kv=kv) * sees
+            x = x + torch.tanh(self.alpha_cross_attn) * y
         return x + torch.tanh(self.alpha_dense) * self.mlp(self.post_attention_layernorm(x))
 
 
@@ -169,15 +171,18 @@ class FlamingoConnector(nn.Module):
         conversation, so a decoding step reads them instead of projecting the latents again."""
         return [block.cross_attn.keys_values(context) for block in self.cross]
 
-    def before_block(self, kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor
+    def before_block(self, kv: list[tuple[torch.Tensor, torch.Tensor]] | None, mask: torch.Tensor | None
                      ) -> Callable[[int, torch.Tensor], torch.Tensor]:
-        """`LM.forward`'s hook: the gated cross-attention block (if any) before LM block i, reading `kv`."""
+        """`LM.forward`'s hook: the gated cross-attention block (if any) before LM block i, reading `kv` (None, with
+        mask None: no media in the batch)."""
         interval = self.config.interval
 
         def before_block(i: int, x: torch.Tensor) -> torch.Tensor:
             if i % interval:
                 return x
             j = i // interval
+            if kv is None:
+                return self.cross[j](x, None, None)
             k, v = kv[j]
             return self.cross[j](x, None, mask, kv=(k.to(x.dtype), v.to(x.dtype)))
 
@@ -201,8 +206,9 @@ class FlamingoLM(FlamingoConnector):
                 attention_mask: torch.Tensor | None = None, **lm_kwargs) -> LMOutput:
         """input_ids (B, T) with a media token per item, media (N, P, Dv) -> the LM's output (logits, or the
         token loss with `logits_at` and `targets`, as `LM.forward`)."""
-        if media is None or len(media) == 0:
-            return self.lm(input_ids, attention_mask=attention_mask, **lm_kwargs)
-        context, mask = self.media_context(input_ids, media)
-        hook = self.before_block(self.keys_values(context), mask)
+        if media is None or len(media) == 0:  # no media: only the blocks' dense halves
+            hook = self.before_block(None, None)
+        else:
+            context, mask = self.media_context(input_ids, media)
+            hook = self.before_block(self.keys_values(context), mask)
         return self.lm(input_ids, attention_mask=attention_mask, before_block=hook, **lm_kwargs)

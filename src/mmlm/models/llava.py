@@ -246,7 +246,7 @@ class Llava(nn.Module):
         """The LM's generation step (LM.decode_step): a generated token is an ordinary token. Flamingo: it reads
         the media through the keys and values the prefill left in the cache, as the last prompt token saw them."""
         hook = None
-        if self.flamingo is not None and cache.media_kv is not None:
+        if self.flamingo is not None:
             hook = self.flamingo.before_block(cache.media_kv, cache.media_mask)
         return self.lm.decode_step(input_ids, position_ids, key_mask, cache, slot, before_block=hook)
 
@@ -281,15 +281,13 @@ class Llava(nn.Module):
         cross-attention blocks. A prefill leaves the media's keys and values in the cache for `decode_step`."""
         if input_ids is None:
             raise ValueError("a Flamingo connector needs input_ids (its media tokens say where each item is)")
-        hook = None
-        if cache is not None and cache.pos > 0 and cache.media_kv is not None:  # more tokens after a prefill
-            hook = self.flamingo.before_block(cache.media_kv, cache.media_mask.expand(-1, input_ids.shape[1], -1))
+        if cache is not None and cache.pos > 0:  # more tokens after a prefill: the media it read (or none)
+            mask = cache.media_mask
+            hook = self.flamingo.before_block(cache.media_kv, None if mask is None else mask.expand(-1, input_ids.shape[1], -1))
         else:
-            found = self.media_latents(input_ids, pixel_values, videos, audios)
-            if found is not None:
-                kv, mask = found
-                hook = self.flamingo.before_block(kv, mask)
-                if cache is not None:  # every generated token sees what the prompt's last token saw
-                    cache.media_kv, cache.media_mask = kv, mask[:, -1:]
+            kv, mask = self.media_latents(input_ids, pixel_values, videos, audios) or (None, None)
+            hook = self.flamingo.before_block(kv, mask)  # no media: the blocks' dense halves still run
+            if cache is not None:  # every generated token sees what the prompt's last token saw
+                cache.media_kv, cache.media_mask = kv, None if mask is None else mask[:, -1:]
         return self.lm(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                        only_last=only_last, logits_at=logits_at, targets=targets, before_block=hook)

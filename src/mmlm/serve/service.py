@@ -246,9 +246,7 @@ class Service:
         elif self.kind == "clip":
             self.worker = Worker(lambda jobs: run_embeddings(self.model, self.tokenizer, jobs), cfg.max_queue,
                                  cfg.max_embed_batch)
-        elif cfg.batching == "continuous" and getattr(self.model, "flamingo", None) is None:
-            # a short request never waits for a long one: a larger batch costs it little. (A Flamingo connector's
-            # media latents live beside its cache, per batch: it is served with static batching.)
+        elif cfg.batching == "continuous":  # a short request never waits for a long one: a larger batch costs it little
             self.worker = ContinuousWorker(self.model, self.tokenizer, cfg.max_queue, cfg.max_batch or 32)
         elif cfg.batching in ("static", "continuous"):  # a batch lasts as long as its longest answer
             self.worker = Worker(lambda jobs: run_generation(self.model, self.tokenizer, jobs), cfg.max_queue,
