@@ -6,21 +6,24 @@ from __future__ import annotations
 import pytest
 import torch
 
+import mmlm
 from mmlm.config import LMConfig
 from mmlm.models.flamingo import (FlamingoConnectorConfig, FlamingoLM, GatedCrossAttentionBlock, PerceiverResampler,
                                   media_attention_mask)
+from mmlm.convert.hf import export_hf
 from mmlm.models.lm import LM
 
 MEDIA = 60  # the media token's id
 EOS = 1
 
 
-def _model(interval: int = 1, only_last: bool = True, gates: float = 0.0) -> FlamingoLM:
+def _model(interval: int = 1, only_last: bool = True, gates: float = 0.0, offset: int = 0) -> FlamingoLM:
     torch.manual_seed(0)
     lm = LM(LMConfig(vocab_size=64, width=32, layers=4, heads=4, kv_heads=2, mlp_dim=48, max_seq_len=64,
                      eos_token_id=EOS)).eval()
     cfg = FlamingoConnectorConfig(media_dim=24, latents=3, resampler_depth=2, resampler_heads=2,
-                                  resampler_head_dim=8, interval=interval, only_last_media=only_last)
+                                  resampler_head_dim=8, interval=interval, only_last_media=only_last,
+                                  offset=offset)
     model = FlamingoLM(lm, cfg, MEDIA).eval()
     with torch.no_grad():
         for block in model.cross:
@@ -45,6 +48,45 @@ def test_gates_at_zero_give_the_bare_lm_exactly():
         bare = model.lm(ids).logits
     assert torch.equal(got, bare)
     assert all(not p.requires_grad for p in model.lm.parameters())
+
+
+@pytest.mark.parametrize("interval, offset, order", [
+    (1, 0, ["x0", "b0", "x1", "b1", "x2", "b2", "x3", "b3"]),
+    (2, 0, ["x0", "b0", "b1", "x1", "b2", "b3"]),  # IDEFICS: before blocks 0, 2
+    (2, 1, ["b0", "x0", "b1", "b2", "x1", "b3"]),  # OpenFlamingo: before blocks 1, 3
+    (3, 2, ["b0", "b1", "x0", "b2", "b3"]),
+])
+def test_cross_attention_blocks_sit_before_every_interval_th_lm_block_from_offset(interval, offset, order):
+    """The gated blocks run before LM blocks offset, offset + interval, ...; with the first one after block 0 no
+    gradient is asked of block 0 (its input never depended on a trainable weight)."""
+    model = _model(interval=interval, offset=offset, gates=0.5)
+    seen = []
+    for i, block in enumerate(model.lm.blocks):
+        block.register_forward_hook(lambda *_, i=i: seen.append(f"b{i}"))
+    for j, block in enumerate(model.cross):
+        block.register_forward_hook(lambda *_, j=j: seen.append(f"x{j}"))
+    ids, media = _batch()
+    model(ids, media)
+    assert seen == order
+    if offset:
+        outputs = []
+        model.lm.blocks[0].register_forward_hook(lambda _m, _i, out: outputs.append(out))
+        model.train()
+        model(ids, media).logits.sum().backward()
+        assert not outputs[0].requires_grad and all(p.grad is not None for p in model.cross.parameters())
+
+
+def test_an_offset_model_does_not_export_to_idefics(tmp_path):
+    from mmlm.models.llava import Llava
+    from mmlm.serve.tiny import tiny_llava
+
+    model = mmlm.load(tiny_llava(tmp_path / "m", connector="flamingo"))
+    cfg = model.config
+    cfg.flamingo.interval, cfg.flamingo.offset = 2, 1
+    with pytest.raises(ValueError, match="offset 1 cannot export"):
+        export_hf(Llava(cfg), tmp_path / "out")
+    with pytest.raises(ValueError, match="offset must be in 0..interval - 1 = 1, got 2"):
+        FlamingoConnectorConfig(media_dim=8, interval=2, offset=2)
 
 
 @pytest.mark.parametrize("only_last", [True, False])

@@ -241,6 +241,35 @@ def test_patch_embedding_is_the_strided_convolution():
         torch.testing.assert_close(kernels.patch_embed(pixels, w, 8), conv)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_conv_bn_folds_an_eval_batchnorm_into_the_convolution(autocast, bias):
+    """conv_bn: an eval-mode BatchNorm (random running statistics and affine) folded into the convolution gives
+    bn(conv(x)), values and gradients (input, conv and BN weights), float32 and under bf16 autocast, channels-last
+    too; in training mode it is bn(conv(x)) itself, running statistics updated the same."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=bias)
+    bn = torch.nn.BatchNorm2d(8, eps=1e-5)
+    with torch.no_grad():
+        bn.running_mean.normal_(0, 0.5), bn.running_var.uniform_(0.5, 2), bn.weight.normal_(1, 0.3), bn.bias.normal_()
+    bn.eval()
+    x = torch.randn(3, 6, 10, 10, requires_grad=True)
+    params = [x, conv.weight, bn.weight, bn.bias] + ([conv.bias] if bias else [])
+    tol = dict(atol=5e-2, rtol=5e-2) if autocast else dict(atol=1e-5, rtol=1e-5)
+    for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+        def fn(inp=inp):
+            with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                return kernels.conv_bn(inp, conv, bn)
+        _assert_agree(_run(fn, params), grad_scale=True, **tol)
+    with mmlm.reference_mode():
+        torch.testing.assert_close(kernels.conv_bn(x, conv, bn), bn(conv(x)))
+    bn.train()
+    twin = torch.nn.BatchNorm2d(8, eps=1e-5)
+    twin.load_state_dict(bn.state_dict())
+    assert torch.equal(kernels.conv_bn(x, conv, bn), twin(conv(x)))
+    assert torch.equal(bn.running_mean, twin.running_mean) and torch.equal(bn.running_var, twin.running_var)
+
+
 def test_channels_last_convolutions_give_the_nchw_results_and_leave_the_model_as_it_was():
     """conv_layout / conv_weights_layout: a text-to-image UNet with a VAE sampled (and trained) on channels-last
     activations and weights gives the reference's NCHW results; the weights are contiguous again afterwards."""

@@ -344,7 +344,8 @@ class FlamingoConnectorConfig:
     resampler_depth: int = 2
     resampler_heads: int = 4
     resampler_head_dim: int = 32
-    interval: int = 1  # a gated cross-attention block before every `interval`-th LM block
+    interval: int = 1  # a gated cross-attention block before every `interval`-th LM block:
+    offset: int = 0  # before LM block i where i % interval == offset (IDEFICS 0; OpenFlamingo interval - 1)
     cross_heads: int | None = None  # default: the LM's heads
     only_last_media: bool = True  # a token sees the most recent media before it (False: every earlier one)
 
@@ -352,6 +353,8 @@ class FlamingoConnectorConfig:
         for name in ("media_dim", "latents", "resampler_depth", "resampler_heads", "resampler_head_dim", "interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"flamingo.{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.offset < self.interval:
+            raise ValueError(f"flamingo.offset must be in 0..interval - 1 = {self.interval - 1}, got {self.offset}")
 
 
 @dataclass

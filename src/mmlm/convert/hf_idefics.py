@@ -106,6 +106,9 @@ def config_from_hf(hf: dict[str, Any]) -> LlavaConfig:
 
 
 def config_to_hf(cfg: LlavaConfig) -> dict[str, Any]:
+    if cfg.flamingo is not None and cfg.flamingo.offset:
+        raise ValueError(f"transformers' IDEFICS puts its cross-attention before LM blocks 0, interval, ...: "
+                         f"flamingo.offset {cfg.flamingo.offset} cannot export (keep the model in mmlm format)")
     if cfg.connector != "flamingo" or cfg.projector != "identity" or cfg.vision.kind != "vit" \
             or cfg.vision_layers != [-1] and cfg.vision_layers != [cfg.vision.layers] or cfg.drop_cls:
         raise ValueError("transformers' IDEFICS reads a ViT's last hidden states (class token kept) through its "

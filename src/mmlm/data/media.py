@@ -293,6 +293,9 @@ def write_audio(path: str | Path, wave: np.ndarray | torch.Tensor, sample_rate: 
 
 def video_pixels(frames: np.ndarray, processor: ImageProcessor) -> np.ndarray:
     """Decoded frames uint8 (T, H, W, 3) -> uint8 (T, S, S, 3): each frame resized and cropped as an image is."""
+    s = processor.config.image_size
+    if frames.shape[1:] == (s, s, 3) and processor.config.mode != "resize_crop":  # already square at S: resizing
+        return np.ascontiguousarray(frames, dtype=np.uint8)  # to S x S changes nothing (PIL copies an equal size)
     return np.stack([processor.pixels(Image.fromarray(f)) for f in frames])
 
 

@@ -145,7 +145,7 @@ class FlamingoConnector(nn.Module):
         self.config = cfg
         self.resampler = PerceiverResampler(cfg.media_dim, cfg.resampler_depth, cfg.resampler_heads,
                                             cfg.resampler_head_dim, cfg.latents)
-        n_cross = (lm.layers + cfg.interval - 1) // cfg.interval
+        n_cross = len(range(cfg.offset, lm.layers, cfg.interval))  # before LM blocks offset, offset + interval, ...
         self.cross = nn.ModuleList(GatedCrossAttentionBlock(lm.width, cfg.media_dim, cfg.cross_heads or lm.heads,
                                                             lm.mlp_dim, lm.norm_eps) for _ in range(n_cross))
 
@@ -175,10 +175,10 @@ class FlamingoConnector(nn.Module):
                      ) -> Callable[[int, torch.Tensor], torch.Tensor]:
         """`LM.forward`'s hook: the gated cross-attention block (if any) before LM block i, reading `kv` (None, with
         mask None: no media in the batch)."""
-        interval = self.config.interval
+        interval, offset = self.config.interval, self.config.offset
 
         def before_block(i: int, x: torch.Tensor) -> torch.Tensor:
-            if i % interval:
+            if i % interval != offset:
                 return x
             j = i // interval
             if kv is None:

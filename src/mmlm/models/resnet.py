@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import ModifiedResNetConfig
 from .attention import Attention
-from .kernels import conv_layout
+from .kernels import conv_bn, conv_layout
 
 
 class Downsample(nn.Module):
@@ -26,7 +26,7 @@ class Downsample(nn.Module):
         self.bn = nn.BatchNorm2d(outplanes, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.conv(self.pool(x)))
+        return conv_bn(self.pool(x), self.conv, self.bn)  # bn(conv(pool(x)))
 
 
 class Bottleneck(nn.Module):
@@ -46,9 +46,9 @@ class Bottleneck(nn.Module):
         self.downsample = Downsample(inplanes, planes * self.expansion, stride, eps) if needs_shortcut else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(self.pool(out)))
+        out = self.relu(conv_bn(x, self.conv1, self.bn1))  # conv_bn(x, conv, bn) = bn(conv(x))
+        out = self.relu(conv_bn(out, self.conv2, self.bn2))
+        out = conv_bn(self.pool(out), self.conv3, self.bn3)
         identity = x if self.downsample is None else self.downsample(x)
         return self.relu(out + identity)
 
@@ -111,9 +111,9 @@ class ModifiedResNet(nn.Module):
     def forward_stages(self, pixel_values: torch.Tensor, upto: int = 4) -> list[torch.Tensor]:
         """The stem's feature map (stride 4), then stages 1..`upto`'s (strides 4, 8, 16, 32): (B, C_i, H_i, W_i)."""
         x = conv_layout(pixel_values.to(self.conv1.weight.dtype))  # (B, 3, H, W)
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.relu(self.bn2(self.conv2(x)))
-        x = self.relu(self.bn3(self.conv3(x)))
+        x = self.relu(conv_bn(x, self.conv1, self.bn1))  # relu(bn1(conv1(x)))
+        x = self.relu(conv_bn(x, self.conv2, self.bn2))
+        x = self.relu(conv_bn(x, self.conv3, self.bn3))
         hidden = [self.pool(x)]
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4)[:upto]:
             hidden.append(stage(hidden[-1]))

@@ -15,12 +15,13 @@ path otherwise, and tests/test_kernels.py asserts the two agree, values and grad
 | next_token_loss, head_logits | cross_entropy(lm_head(norm(x))) | projection + loss in one function; rounded row counts |
 | patch_embed | stride-p convolution | one matmul over the flattened patches |
 | conv_layout, conv_weights_layout | NCHW | channels-last activations; weights too around a sampling loop |
+| conv_bn | bn(conv(x)) | an eval-mode BatchNorm folded into the convolution's weights and bias |
 | pooled | run every token, read one per row | last block on the pooled tokens only; text packed (`Packing`) |
 """
 
 from .attention import attention, attention_reference
 from .casts import matmul_dtype, weight_in
-from .images import conv_layout, conv_weights_layout, patch_embed, patch_embed_reference
+from .images import conv_bn, conv_bn_reference, conv_layout, conv_weights_layout, patch_embed, patch_embed_reference
 from .lora import lora_linear, lora_linear_reference
 from .loss import head_logits, next_token_loss, next_token_loss_reference
 from .mlp import mlp, quick_gelu, quick_gelu_reference, swiglu, swiglu_reference
@@ -31,7 +32,8 @@ from .rope import apply_rope, apply_rope_reference
 from .switch import reference, reference_mode
 
 __all__ = [
-    "attention", "attention_reference", "matmul_dtype", "weight_in", "conv_layout", "conv_weights_layout", "patch_embed",
+    "attention", "attention_reference", "matmul_dtype", "weight_in", "conv_bn", "conv_bn_reference", "conv_layout",
+    "conv_weights_layout", "patch_embed",
     "patch_embed_reference", "lora_linear", "lora_linear_reference", "head_logits", "next_token_loss",
     "next_token_loss_reference", "mlp", "quick_gelu", "quick_gelu_reference", "swiglu", "swiglu_reference",
     "rms_norm", "rms_norm_reference", "ROW_MULTIPLE", "Packing", "round_rows", "pooled", "pooled_reference",
