@@ -281,7 +281,8 @@ class Llava(nn.Module):
         cross-attention blocks. A prefill leaves the media's keys and values in the cache for `decode_step`."""
         if input_ids is None:
             raise ValueError("a Flamingo connector needs input_ids (its media tokens say where each item is)")
-        if cache is not None and cache.pos > 0:  # more tokens after a prefill: the media it read (or none)
+        more = all(m is None for m in (pixel_values, videos, audios))
+        if cache is not None and cache.pos > 0 and more:  # more tokens after a prefill: the media it read (or none)
             mask = cache.media_mask
             hook = self.flamingo.before_block(cache.media_kv, None if mask is None else mask.expand(-1, input_ids.shape[1], -1))
         else:
