@@ -178,6 +178,36 @@ def test_lora_function(autocast, bias, frozen):
         torch.testing.assert_close(a / scale, b / scale, atol=2e-2 if autocast else 1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_swiglu_with_a_frozen_lora_down_projection(autocast, bias):
+    """A LoRA SwiGLU (frozen weights): the gate and down projection as one function that keeps only z give
+    exactly the gate and LoRA functions' values and gradients taken apart, and the formula's within rounding."""
+    torch.manual_seed(0)
+    mlp = SwiGLU(16, 24, bias=bias)
+    add_lora(mlp, rank=4, alpha=8.0)
+    for lin in (mlp.fc1, mlp.fc2):
+        torch.nn.init.normal_(lin.lora_b)
+        lin.weight.requires_grad_(False)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    params = [x, mlp.fc1.lora_a, mlp.fc1.lora_b, mlp.fc2.lora_a, mlp.fc2.lora_b] + \
+        ([mlp.fc1.bias, mlp.fc2.bias] if bias else [])
+    w = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        fused = mlp(x)
+        apart = mlp.fc2(kernels.swiglu(mlp.fc1(x), 24, F.silu))
+    assert fused.dtype == apart.dtype and torch.equal(fused, apart)
+    for a, b in zip(torch.autograd.grad((fused.float() * w).sum(), params),
+                    torch.autograd.grad((apart.float() * w).sum(), params)):
+        assert torch.equal(a, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        (fast, fast_grads), (ref, ref_grads) = _run(lambda: mlp(x), params, w)
+    tol = 2e-2 if autocast else 1e-6  # relative to each tensor's largest magnitude (bf16 rounds in another order)
+    for a, b in zip([fast, *fast_grads], [ref, *ref_grads]):
+        scale = b.abs().max()
+        torch.testing.assert_close(a / scale, b / scale, atol=tol, rtol=0)
+
+
 def test_frozen_weight_cast_is_reused_until_the_weight_changes():
     """Under autocast a frozen weight is cast once and reused (not at every call), and an in-place change of
     the weight (an optimizer step, load_state_dict) makes the next call cast it again."""

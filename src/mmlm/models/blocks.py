@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention
-from .kernels import mlp, quick_gelu, rms_norm, swiglu
+from .kernels import mlp, quick_gelu, rms_norm, swiglu_down
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -53,7 +53,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.fc1(x)  # (..., 2 hidden) = [gate, up]
-        return self.fc2(swiglu(z, self.hidden, self.act))  # fc2(act(gate) * up)
+        return swiglu_down(z, self.hidden, self.act, self.fc2)  # fc2(act(gate) * up)
 
 
 class RMSNorm(nn.Module):

@@ -11,6 +11,7 @@ path otherwise, and tests/test_kernels.py asserts the two agree, values and grad
 | rms_norm | w x / rms(x) in float32 | PyTorch's fused op; one autograd function while training |
 | quick_gelu, mlp | x sigmoid(1.702 x); fc2(act(fc1 x)) | silu(1.702 x) / 1.702; the scalings inside the matmuls |
 | swiglu | silu(gate) * up | one autograd function writing one gradient buffer |
+| swiglu_down | fc2(silu(gate) * up) | with a frozen LoRA fc2: one function keeping z only (the product recomputed) |
 | lora_linear | x W^T + b + s (x A^T) B^T | one autograd function; the frozen W cast once (weight_in) |
 | next_token_loss, head_logits | cross_entropy(lm_head(norm(x))) | projection + loss in one function; rounded row counts |
 | patch_embed | stride-p convolution | one matmul over the flattened patches |
@@ -24,7 +25,7 @@ from .casts import matmul_dtype, weight_in
 from .images import conv_bn, conv_bn_reference, conv_layout, conv_weights_layout, patch_embed, patch_embed_reference
 from .lora import lora_linear, lora_linear_reference
 from .loss import head_logits, next_token_loss, next_token_loss_reference
-from .mlp import mlp, quick_gelu, quick_gelu_reference, swiglu, swiglu_reference
+from .mlp import mlp, quick_gelu, quick_gelu_reference, swiglu, swiglu_down, swiglu_reference
 from .norms import rms_norm, rms_norm_reference
 from .packing import ROW_MULTIPLE, Packing, round_rows
 from .pooling import pooled, pooled_reference
@@ -35,7 +36,7 @@ __all__ = [
     "attention", "attention_reference", "matmul_dtype", "weight_in", "conv_bn", "conv_bn_reference", "conv_layout",
     "conv_weights_layout", "patch_embed",
     "patch_embed_reference", "lora_linear", "lora_linear_reference", "head_logits", "next_token_loss",
-    "next_token_loss_reference", "mlp", "quick_gelu", "quick_gelu_reference", "swiglu", "swiglu_reference",
+    "next_token_loss_reference", "mlp", "quick_gelu", "quick_gelu_reference", "swiglu", "swiglu_down", "swiglu_reference",
     "rms_norm", "rms_norm_reference", "ROW_MULTIPLE", "Packing", "round_rows", "pooled", "pooled_reference",
     "apply_rope", "apply_rope_reference", "reference", "reference_mode",
 ]

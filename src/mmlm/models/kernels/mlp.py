@@ -1,4 +1,4 @@
-"""The MLPs' activations: quick_gelu, CLIP's two-layer MLP with it, and SwiGLU's gate."""
+"""The MLPs' activations: quick_gelu, CLIP's two-layer MLP with it, SwiGLU's gate and its down projection."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .casts import matmul_dtype, weight_in
 from .switch import reference
 
 
@@ -58,22 +59,77 @@ def swiglu(z: torch.Tensor, hidden: int, act) -> torch.Tensor:
 class _SiluGate(torch.autograd.Function):
     """silu(gate) * up of z = [gate, up], whose backward writes d gate and d up straight into one (..., 2 hidden)
     gradient: through `split`, autograd makes the two halves and then concatenates them (a copy of the MLP's
-    widest activation per layer)."""
+    widest activation per layer). Only z is kept for the backward, which computes silu(gate) again (one pass
+    over half of z, where keeping it held another (..., hidden) tensor per layer until the backward)."""
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, hidden: int) -> torch.Tensor:
         gate, up = z.split(hidden, dim=-1)
-        act = F.silu(gate)
-        ctx.save_for_backward(z, act)
+        ctx.save_for_backward(z)
         ctx.hidden = hidden
-        return act * up
+        return F.silu(gate).mul_(up)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        z, act = ctx.saved_tensors
+        (z,) = ctx.saved_tensors
         gate, up = z.split(ctx.hidden, dim=-1)
+        act = F.silu(gate)
         dz = torch.empty_like(z)
         d_gate, d_up = dz.split(ctx.hidden, dim=-1)
         torch.mul(dy, act, out=d_up)
         torch.ops.aten.silu_backward.grad_input(dy * up, gate, grad_input=d_gate)
         return dz, None
+
+
+def swiglu_down(z: torch.Tensor, hidden: int, act, fc2: nn.Module) -> torch.Tensor:
+    """fc2(swiglu(z)): SwiGLU's gate and its down projection. Training with silu and a LoRA down projection whose
+    weight is frozen (LoRA fine-tuning): one autograd function (`_SiluGateLoRADown`) that keeps only z and
+    computes silu(gate) * up again in the backward. Apart, the LoRA layer keeps its input (the gate's output,
+    the MLP's (..., hidden) activation) from forward to backward for its A gradient: one such tensor per layer."""
+    if (reference() or act is not F.silu or not (torch.is_grad_enabled() and z.requires_grad)
+            or not hasattr(fc2, "lora_a") or fc2.weight.requires_grad):
+        return fc2(swiglu(z, hidden, act))
+    w = weight_in(fc2, fc2.weight, matmul_dtype(z, z.dtype))
+    return _SiluGateLoRADown.apply(z, hidden, w, fc2.bias, fc2.lora_a, fc2.lora_b, fc2.scale)
+
+
+class _SiluGateLoRADown(torch.autograd.Function):
+    """y = h W^T + b + (h A^T)(s B)^T with h = silu(gate) * up of z = [gate, up], W frozen; saves z (not h) and
+    the (N, r) product h A^T. The same operations as `_SiluGate` then `kernels.lora._LoRAFn`, so the same values
+    and gradients, bit for bit."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, hidden: int, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                b: torch.Tensor, scale: float) -> torch.Tensor:
+        dtype = weight.dtype
+        gate, up = z.split(hidden, dim=-1)
+        h = F.silu(gate).mul_(up).reshape(-1, hidden).to(dtype)  # (N, hidden)
+        a_t, sb_t = a.to(dtype), (b * scale).to(dtype)
+        xa = h @ a_t.t()  # (N, r)
+        y = h @ weight.t() if bias is None else torch.addmm(bias.to(dtype), h, weight.t())
+        y.addmm_(xa, sb_t.t())
+        ctx.save_for_backward(z, xa, weight, a_t, sb_t)
+        ctx.hidden, ctx.scale = hidden, scale
+        ctx.dtypes = (None if bias is None else bias.dtype, a.dtype, b.dtype)
+        return y.view(*z.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        z, xa, weight, a_t, sb_t = ctx.saved_tensors
+        bias_dtype, a_dtype, b_dtype = ctx.dtypes
+        gate, up = z.split(ctx.hidden, dim=-1)
+        act = F.silu(gate)
+        h = (act * up).reshape(-1, ctx.hidden).to(weight.dtype)  # the forward's h, again
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(weight.dtype)
+        dxa = dy2 @ sb_t  # (N, r)
+        dh = dy2 @ weight
+        dh.addmm_(dxa, a_t)
+        da = (dxa.t() @ h).to(a_dtype)
+        db = (dy2.t() @ xa).to(b_dtype).mul_(ctx.scale)
+        dbias = dy2.sum(0, dtype=bias_dtype) if ctx.needs_input_grad[3] else None
+        dh = dh.view(*z.shape[:-1], ctx.hidden).to(z.dtype)
+        dz = torch.empty_like(z)
+        d_gate, d_up = dz.split(ctx.hidden, dim=-1)
+        torch.mul(dh, act, out=d_up)
+        torch.ops.aten.silu_backward.grad_input(dh * up, gate, grad_input=d_gate)
+        return dz, None, None, dbias, da, db, None
