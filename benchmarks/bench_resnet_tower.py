@@ -16,11 +16,11 @@ import argparse
 import contextlib
 import json
 import statistics
-import time
 
 import torch
 
 import mmlm
+from mmlm.bench_common import time_ab
 from mmlm.models.clip import CLIP
 from mmlm.train.recipes import load_recipe
 
@@ -42,16 +42,14 @@ def main() -> None:
     x = torch.randn(args.batch, 3, size, size, generator=torch.Generator().manual_seed(0))
     for precision in ("fp32", "bf16"):
         amp = torch.autocast("cpu", torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-        times: dict[str, list[float]] = {"fast": [], "reference": []}
         outs = {}
+
+        def run(name: str) -> None:
+            with mmlm.reference_mode(name == "reference"):
+                outs[name] = tower.forward_stages(x, upto=3)[-1]
+
         with torch.no_grad(), amp:
-            for r in range(args.repeats + 1):  # round 0 warms up
-                for name in (("fast", "reference") if r % 2 else ("reference", "fast")):
-                    with mmlm.reference_mode(name == "reference"):
-                        t = time.perf_counter()
-                        outs[name] = tower.forward_stages(x, upto=3)[-1]
-                        if r:
-                            times[name].append(time.perf_counter() - t)
+            times = time_ab({name: lambda name=name: run(name) for name in ("fast", "reference")}, args.repeats)
         med = {k: statistics.median(v) for k, v in times.items()}
         spread = {k: (max(v) - min(v)) / statistics.median(v) for k, v in times.items()}
         scale = outs["reference"].float().abs().max().item()

@@ -392,25 +392,20 @@ class DecodeBatch:
         """Flamingo: the running rows' media keys/values per cross-attention block (n, H, S, hd) and their mask
         (n, 1, S), S the most any row has (the rest zeros, masked); (None, None) when no row has media."""
         if self._media is None:  # rows joined or left since the last step
-            with_media = [r for r in rows if r.media_kv is not None]
+            with_media = [(i, r) for i, r in enumerate(rows) if r.media_kv is not None]
             if not with_media:
                 self._media = (None, None)
             else:
-                S = max(r.media_mask.shape[-1] for r in with_media)
-                blocks = []
-                for b in range(len(with_media[0].media_kv)):
-                    k0 = with_media[0].media_kv[b][0]
-                    k = k0.new_zeros(len(rows), k0.shape[1], S, k0.shape[3])
-                    v = torch.zeros_like(k)
-                    for i, r in enumerate(rows):
-                        if r.media_kv is not None:
-                            s = r.media_mask.shape[-1]
-                            k[i, :, :s], v[i, :, :s] = r.media_kv[b][0][0], r.media_kv[b][1][0]
-                    blocks.append((k, v))
+                S = max(r.media_mask.shape[-1] for _, r in with_media)
+                _, H, _, hd = with_media[0][1].media_kv[0][0].shape
+                blocks = [(kv[0].new_zeros(len(rows), H, S, hd), kv[1].new_zeros(len(rows), H, S, hd))
+                          for kv in with_media[0][1].media_kv]
                 mask = torch.zeros(len(rows), 1, S, dtype=torch.bool, device=self.device)
-                for i, r in enumerate(rows):
-                    if r.media_mask is not None:
-                        mask[i, :, :r.media_mask.shape[-1]] = r.media_mask[0]
+                for i, r in with_media:
+                    s = r.media_mask.shape[-1]
+                    mask[i, :, :s] = r.media_mask[0]
+                    for (k, v), (rk, rv) in zip(blocks, r.media_kv):
+                        k[i, :, :s], v[i, :, :s] = rk[0], rv[0]
                 self._media = (blocks, mask)
         return self._media
 

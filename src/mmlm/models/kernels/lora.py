@@ -35,12 +35,8 @@ class _LoRAFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                 b: torch.Tensor, scale: float) -> torch.Tensor:
-        dtype = weight.dtype
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        a_t, sb_t = a.to(dtype), (b * scale).to(dtype)
-        xa = x2 @ a_t.t()  # (N, r)
-        y = x2 @ weight.t() if bias is None else torch.addmm(bias.to(dtype), x2, weight.t())
-        y.addmm_(xa, sb_t.t())
+        x2 = x.reshape(-1, x.shape[-1]).to(weight.dtype)
+        y, xa, a_t, sb_t = lora_forward(x2, weight, bias, a, b, scale)
         ctx.save_for_backward(x2, xa, weight, a_t, sb_t)
         ctx.scale, ctx.dtypes = scale, (x.dtype, None if bias is None else bias.dtype, a.dtype, b.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -49,12 +45,34 @@ class _LoRAFn(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x2, xa, weight, a_t, sb_t = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1]).to(weight.dtype)
-        dxa = dy2 @ sb_t  # (N, r)
-        dx = dy2 @ weight
-        dx.addmm_(dxa, a_t)
         x_dtype, bias_dtype, a_dtype, b_dtype = ctx.dtypes
-        da = (dxa.t() @ x2).to(a_dtype)
-        db = (dy2.t() @ xa).to(b_dtype).mul_(ctx.scale)
+        dx, da, db, dbias = lora_backward(dy2, x2, xa, weight, a_t, sb_t, ctx.scale, (bias_dtype, a_dtype, b_dtype),
+                                          ctx.needs_input_grad[2])
         dw = dy2.t() @ x2 if ctx.needs_input_grad[1] else None
-        dbias = dy2.sum(0, dtype=bias_dtype) if ctx.needs_input_grad[2] else None
         return dx.view(*dy.shape[:-1], dx.shape[-1]).to(x_dtype), dw, dbias, da, db, None
+
+
+def lora_forward(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+                 scale: float) -> tuple[torch.Tensor, ...]:
+    """x2 (N, in) in W's dtype -> y = x2 W^T + b + (x2 A^T)(s B)^T (N, out) in one buffer, and what the backward
+    needs besides x2: x2 A^T (N, r), A and s B in W's dtype."""
+    dtype = weight.dtype
+    a_t, sb_t = a.to(dtype), (b * scale).to(dtype)
+    xa = x2 @ a_t.t()  # (N, r)
+    y = x2 @ weight.t() if bias is None else torch.addmm(bias.to(dtype), x2, weight.t())
+    y.addmm_(xa, sb_t.t())
+    return y, xa, a_t, sb_t
+
+
+def lora_backward(dy2: torch.Tensor, x2: torch.Tensor, xa: torch.Tensor, weight: torch.Tensor, a_t: torch.Tensor,
+                  sb_t: torch.Tensor, scale: float, dtypes: tuple, bias_grad: bool) -> tuple[torch.Tensor | None, ...]:
+    """dy2 (N, out) -> dx2 = dy W + (dy s B) A (in place), dA, dB and (when `bias_grad`) d bias, in `dtypes`
+    (bias, A, B); W's own gradient is the caller's."""
+    bias_dtype, a_dtype, b_dtype = dtypes
+    dxa = dy2 @ sb_t  # (N, r)
+    dx = dy2 @ weight
+    dx.addmm_(dxa, a_t)
+    da = (dxa.t() @ x2).to(a_dtype)
+    db = (dy2.t() @ xa).to(b_dtype).mul_(scale)
+    dbias = dy2.sum(0, dtype=bias_dtype) if bias_grad else None
+    return dx, da, db, dbias

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .casts import matmul_dtype, weight_in
+from .lora import lora_backward, lora_forward
 from .switch import reference
 
 
@@ -73,12 +74,17 @@ class _SiluGate(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         (z,) = ctx.saved_tensors
         gate, up = z.split(ctx.hidden, dim=-1)
-        act = F.silu(gate)
-        dz = torch.empty_like(z)
-        d_gate, d_up = dz.split(ctx.hidden, dim=-1)
-        torch.mul(dy, act, out=d_up)
-        torch.ops.aten.silu_backward.grad_input(dy * up, gate, grad_input=d_gate)
-        return dz, None
+        return _silu_gate_backward(dy, z, F.silu(gate), ctx.hidden), None
+
+
+def _silu_gate_backward(dy: torch.Tensor, z: torch.Tensor, act: torch.Tensor, hidden: int) -> torch.Tensor:
+    """d z of silu(gate) * up for z = [gate, up] (act = silu(gate)), both halves written into one buffer."""
+    gate, up = z.split(hidden, dim=-1)
+    dz = torch.empty_like(z)
+    d_gate, d_up = dz.split(hidden, dim=-1)
+    torch.mul(dy, act, out=d_up)
+    torch.ops.aten.silu_backward.grad_input(dy * up, gate, grad_input=d_gate)
+    return dz
 
 
 def swiglu_down(z: torch.Tensor, hidden: int, act, fc2: nn.Module) -> torch.Tensor:
@@ -95,19 +101,15 @@ def swiglu_down(z: torch.Tensor, hidden: int, act, fc2: nn.Module) -> torch.Tens
 
 class _SiluGateLoRADown(torch.autograd.Function):
     """y = h W^T + b + (h A^T)(s B)^T with h = silu(gate) * up of z = [gate, up], W frozen; saves z (not h) and
-    the (N, r) product h A^T. The same operations as `_SiluGate` then `kernels.lora._LoRAFn`, so the same values
-    and gradients, bit for bit."""
+    the (N, r) product h A^T. The same operations as `_SiluGate` then `kernels.lora._LoRAFn` (their shared
+    `_silu_gate_backward`, `lora_forward`, `lora_backward`), so the same values and gradients, bit for bit."""
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, hidden: int, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                 b: torch.Tensor, scale: float) -> torch.Tensor:
-        dtype = weight.dtype
         gate, up = z.split(hidden, dim=-1)
-        h = F.silu(gate).mul_(up).reshape(-1, hidden).to(dtype)  # (N, hidden)
-        a_t, sb_t = a.to(dtype), (b * scale).to(dtype)
-        xa = h @ a_t.t()  # (N, r)
-        y = h @ weight.t() if bias is None else torch.addmm(bias.to(dtype), h, weight.t())
-        y.addmm_(xa, sb_t.t())
+        h = F.silu(gate).mul_(up).reshape(-1, hidden).to(weight.dtype)  # (N, hidden)
+        y, xa, a_t, sb_t = lora_forward(h, weight, bias, a, b, scale)
         ctx.save_for_backward(z, xa, weight, a_t, sb_t)
         ctx.hidden, ctx.scale = hidden, scale
         ctx.dtypes = (None if bias is None else bias.dtype, a.dtype, b.dtype)
@@ -116,20 +118,10 @@ class _SiluGateLoRADown(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         z, xa, weight, a_t, sb_t = ctx.saved_tensors
-        bias_dtype, a_dtype, b_dtype = ctx.dtypes
         gate, up = z.split(ctx.hidden, dim=-1)
         act = F.silu(gate)
         h = (act * up).reshape(-1, ctx.hidden).to(weight.dtype)  # the forward's h, again
         dy2 = dy.reshape(-1, dy.shape[-1]).to(weight.dtype)
-        dxa = dy2 @ sb_t  # (N, r)
-        dh = dy2 @ weight
-        dh.addmm_(dxa, a_t)
-        da = (dxa.t() @ h).to(a_dtype)
-        db = (dy2.t() @ xa).to(b_dtype).mul_(ctx.scale)
-        dbias = dy2.sum(0, dtype=bias_dtype) if ctx.needs_input_grad[3] else None
+        dh, da, db, dbias = lora_backward(dy2, h, xa, weight, a_t, sb_t, ctx.scale, ctx.dtypes, ctx.needs_input_grad[3])
         dh = dh.view(*z.shape[:-1], ctx.hidden).to(z.dtype)
-        dz = torch.empty_like(z)
-        d_gate, d_up = dz.split(ctx.hidden, dim=-1)
-        torch.mul(dh, act, out=d_up)
-        torch.ops.aten.silu_backward.grad_input(dh * up, gate, grad_input=d_gate)
-        return dz, None, None, dbias, da, db, None
+        return _silu_gate_backward(dh, z, act, ctx.hidden), None, None, dbias, da, db, None
