@@ -1,0 +1,131 @@
+"""mmlm's one compiled piece: the weight-only matmuls of `csrc/weight_only.c`, built on first use.
+
+Decoding reads every weight once per token, so it runs at the speed the weights stream in; PyTorch's CPU int4
+kernel reads them at a fifth of the machine's bandwidth (benchmarks/bench_int4_linears.py). The C file's loops
+read llama.cpp's Q4_1 blocks and int8 rows at memory speed. It is compiled with the machine's C compiler
+(`cc -O3 -march=native -fopenmp`, about a second) into a cache folder keyed by the source, the flags and the
+compiler, so a process loads it in milliseconds after the first build; `kernels()` returns None when no compiler
+is found, the build fails or MMLM_NATIVE=0, and mmlm then uses PyTorch's own kernels (`quant.py`).
+
+OpenMP: the library is linked against libgomp by soname, so in a process that imported torch it shares PyTorch's
+already-loaded runtime and threads rather than starting its own.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "weight_only.c"
+# tried in order; the first that builds is kept (a compiler without OpenMP or -march=native still builds)
+FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_error: str | None = None
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: $MMLM_CACHE, else $XDG_CACHE_HOME/mmlm, else ~/.cache/mmlm."""
+    if os.environ.get("MMLM_CACHE"):
+        return Path(os.environ["MMLM_CACHE"]) / "native"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mmlm" / "native"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _build(cc: str) -> Path:
+    """The library's path, building it if the cache lacks it; raises RuntimeError when no flag set builds."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    source = SOURCE.read_bytes()
+    errors = []
+    for flags in FLAG_SETS:
+        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(), cc.encode(),
+                                         sys.platform.encode()])).hexdigest()[:16]
+        target = cache_dir() / f"weight_only-{key}.so"
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then renamed: concurrent
+            out = Path(tmp) / target.name                             # processes never load half a file
+            done = subprocess.run([cc, *flags, "-shared", "-fPIC", "-std=c11", str(SOURCE), "-o", str(out), "-lm"],
+                                  capture_output=True, text=True, timeout=300)
+            if done.returncode == 0:
+                os.replace(out, target)
+                return target
+            errors.append(f"{' '.join(flags)}: {done.stderr.strip()[-400:]}")
+    raise RuntimeError("; ".join(errors))
+
+
+def kernels() -> ctypes.CDLL | None:
+    """The compiled library (built and loaded once per process), or None where it cannot be had (`error()`)."""
+    global _lib, _tried, _error
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        try:
+            if os.environ.get("MMLM_NATIVE", "").strip().lower() in ("0", "false", "no", "off"):
+                raise RuntimeError("turned off by MMLM_NATIVE")
+            cc = _compiler()
+            if cc is None:
+                raise RuntimeError("no C compiler found (cc, gcc, clang or $CC)")
+            lib = ctypes.CDLL(str(_build(cc)))
+            p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+            lib.mmlm_q4_1_matmul.argtypes = [p, i64, i64, p, i64, p, i32]
+            lib.mmlm_q4_1_matmul.restype = ctypes.c_int
+            lib.mmlm_q4_1_dequantize.argtypes = [p, i64, i64, p, i32, i32]
+            lib.mmlm_int8_matmul.argtypes = [p, i64, i64, p, p, i64, p, i32]
+            for fn in (lib.mmlm_q4_1_dequantize, lib.mmlm_int8_matmul):
+                fn.restype = None
+            lib.mmlm_simd.restype = ctypes.c_int
+            _lib = lib
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            _error = str(e)
+        _tried = True
+        return _lib
+
+
+def error() -> str | None:
+    """Why `kernels()` is None (None when it is not, or was not asked yet)."""
+    return _error
+
+
+def q4_1_matmul(x: torch.Tensor, blocks: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x (M, K) float32 contiguous, blocks (N, K / 32 * 20) uint8, Q4_1 in groups of four -> (M, N) float32."""
+    y = torch.empty(x.shape[0], out_features)
+    if not _lib.mmlm_q4_1_matmul(x.data_ptr(), x.shape[0], x.shape[1], blocks.data_ptr(), out_features,
+                                 y.data_ptr(), torch.get_num_threads()):
+        raise MemoryError(f"no memory to round a ({x.shape[0]}, {x.shape[1]}) input to int8")
+    return y
+
+
+def q4_1_dequantize(blocks: torch.Tensor, out_features: int, in_features: int,
+                    dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The (N, K) matrix the blocks store, in bfloat16 or float32."""
+    w = torch.empty(out_features, in_features, dtype=dtype)
+    _lib.mmlm_q4_1_dequantize(blocks.data_ptr(), out_features, in_features, w.data_ptr(),
+                              int(dtype == torch.bfloat16), torch.get_num_threads())
+    return w
+
+
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) float32 contiguous, weight (N, K) int8, scales (N,) bfloat16 -> (M, N) float32."""
+    y = torch.empty(x.shape[0], weight.shape[0])
+    _lib.mmlm_int8_matmul(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), scales.data_ptr(),
+                          weight.shape[0], y.data_ptr(), torch.get_num_threads())
+    return y
