@@ -150,22 +150,19 @@ def test_int4_runs_the_q4_1_blocks_at_their_own_precision(ours, ours_int4):
     assert (eff - w).abs().mean() / w.abs().mean() < 0.006
 
 
-def test_int4_keeps_float32_choices_and_answers(ours, ours_int4, tok):
-    """int4 rounds each layer's input to int8 per block of 32, as llama.cpp does: its logits stay within a few per
-    cent of float32's, the greedy choices along float32's answers agree at >= 90% of positions and the answers say
-    the same things (a wording can part where two tokens are close, as llama.cpp's answers part from float's)."""
-    answers = {"Name three primary colors.": ["red", "blue", "yellow"], "What is the capital of France?": ["paris"]}
-    for question, words in answers.items():
+def test_int4_greedy_answers_equal_float32(ours, ours_int4, tok):
+    """int4 runs the file's Q4_1 weights with each layer's input written as two int8 digits per block: its logits
+    stay within a few per cent of float32's and the greedy answers are float32's, token for token."""
+    for question in ["Name three primary colors.", "What is the capital of France?"]:
         ids = _chat_ids(tok, question)
         a = mmlm.generate(ours, ids, max_new_tokens=24, eos_token_id=[])
         b = mmlm.generate(ours_int4, ids, max_new_tokens=24, eos_token_id=[])
+        assert a.tolist() == b.tolist(), (tok.decode(a[0].tolist()), tok.decode(b[0].tolist()))
         with torch.no_grad():
             full = torch.cat([ids, a], 1)
             la, lb = (m(full).logits[0, ids.shape[1] - 1 : -1] for m in (ours, ours_int4))
-        assert (la.argmax(-1) == lb.argmax(-1)).float().mean() >= 0.9
-        assert (la - lb).abs().max() / la.abs().max() < 0.08
-        answer = tok.decode(b[0].tolist(), skip_special_tokens=True).lower()
-        assert all(word in answer for word in words), answer
+        assert (la - lb).abs().max() / la.abs().max() < 0.04
+    assert "Paris" in tok.decode(b[0].tolist(), skip_special_tokens=True)
 
 
 def test_chat_cli_int4(capsys):

@@ -29,6 +29,14 @@ SOURCE = Path(__file__).parent / "csrc" / "weight_only.c"
 # tried in order; the first that builds is kept (a compiler without OpenMP or -march=native still builds)
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
 
+
+
+class Linear(ctypes.Structure):
+    """A QuantLinear as `csrc/weight_only.c` reads it (its `Linear`)."""
+    _fields_ = [("bits", ctypes.c_int64), ("out_features", ctypes.c_int64), ("in_features", ctypes.c_int64),
+                ("w", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+
+
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -47,12 +55,13 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
-def _build(cc: str) -> Path:
-    """The library's path, building it if the cache lacks it; raises RuntimeError when no flag set builds."""
+def build(cc: str, flag_sets=FLAG_SETS) -> Path:
+    """The library's path, building it if the cache lacks it, with the first of `flag_sets` that compiles;
+    RuntimeError with each compiler's complaint when none does."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     source = SOURCE.read_bytes()
     errors = []
-    for flags in FLAG_SETS:
+    for flags in flag_sets:
         key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(), cc.encode(),
                                          sys.platform.encode()])).hexdigest()[:16]
         target = cache_dir() / f"weight_only-{key}.so"
@@ -70,6 +79,27 @@ def _build(cc: str) -> Path:
     raise RuntimeError("; ".join(errors))
 
 
+def load(path: Path) -> ctypes.CDLL:
+    """A built library with its functions' argument types declared."""
+    lib = ctypes.CDLL(str(path))
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.mmlm_q4_1_matmul.argtypes = [p, i64, i64, p, i64, p, i32]
+    lib.mmlm_q4_1_matmul.restype = ctypes.c_int
+    lib.mmlm_q4_1_dequantize.argtypes = [p, i64, i64, p, i32, i32]
+    lib.mmlm_int8_matmul.argtypes = [p, i64, i64, p, p, i64, p, i32]
+    lib.mmlm_rms_norm.argtypes = [p, i64, i64, p, ctypes.c_float, p]
+    lib.mmlm_decode_attention.argtypes = [p, i64, i64, p, i64, i64, p, i64, i64, p, i64, i64, i64, i64, i64, i64, p,
+                                          p, i32]
+    lp = ctypes.POINTER(Linear)
+    lib.mmlm_decoder_layer.argtypes = [p, i64, i64, p, p, ctypes.c_float, lp, lp, lp, lp, p, p, p, p, i64, i64, p,
+                                       i64, i64, i64, i64, i64, i32]
+    lib.mmlm_decoder_layer.restype = ctypes.c_int
+    for fn in (lib.mmlm_q4_1_dequantize, lib.mmlm_int8_matmul, lib.mmlm_rms_norm, lib.mmlm_decode_attention):
+        fn.restype = None
+    lib.mmlm_simd.restype = ctypes.c_int
+    return lib
+
+
 def kernels() -> ctypes.CDLL | None:
     """The compiled library (built and loaded once per process), or None where it cannot be had (`error()`)."""
     global _lib, _tried, _error
@@ -84,15 +114,7 @@ def kernels() -> ctypes.CDLL | None:
             cc = _compiler()
             if cc is None:
                 raise RuntimeError("no C compiler found (cc, gcc, clang or $CC)")
-            lib = ctypes.CDLL(str(_build(cc)))
-            p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-            lib.mmlm_q4_1_matmul.argtypes = [p, i64, i64, p, i64, p, i32]
-            lib.mmlm_q4_1_matmul.restype = ctypes.c_int
-            lib.mmlm_q4_1_dequantize.argtypes = [p, i64, i64, p, i32, i32]
-            lib.mmlm_int8_matmul.argtypes = [p, i64, i64, p, p, i64, p, i32]
-            for fn in (lib.mmlm_q4_1_dequantize, lib.mmlm_int8_matmul):
-                fn.restype = None
-            lib.mmlm_simd.restype = ctypes.c_int
+            lib = load(build(cc))
             _lib = lib
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             _error = str(e)
@@ -105,10 +127,11 @@ def error() -> str | None:
     return _error
 
 
-def q4_1_matmul(x: torch.Tensor, blocks: torch.Tensor, out_features: int) -> torch.Tensor:
+def q4_1_matmul(x: torch.Tensor, blocks: torch.Tensor, out_features: int, lib: ctypes.CDLL | None = None
+                ) -> torch.Tensor:
     """x (M, K) float32 contiguous, blocks (N, K / 32 * 20) uint8, Q4_1 in groups of four -> (M, N) float32."""
     y = torch.empty(x.shape[0], out_features)
-    if not _lib.mmlm_q4_1_matmul(x.data_ptr(), x.shape[0], x.shape[1], blocks.data_ptr(), out_features,
+    if not (lib or _lib).mmlm_q4_1_matmul(x.data_ptr(), x.shape[0], x.shape[1], blocks.data_ptr(), out_features,
                                  y.data_ptr(), torch.get_num_threads()):
         raise MemoryError(f"no memory to round a ({x.shape[0]}, {x.shape[1]}) input to int8")
     return y
@@ -123,9 +146,56 @@ def q4_1_dequantize(blocks: torch.Tensor, out_features: int, in_features: int,
     return w
 
 
-def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, lib: ctypes.CDLL | None = None
+                ) -> torch.Tensor:
     """x (M, K) float32 contiguous, weight (N, K) int8, scales (N,) bfloat16 -> (M, N) float32."""
     y = torch.empty(x.shape[0], weight.shape[0])
-    _lib.mmlm_int8_matmul(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), scales.data_ptr(),
+    (lib or _lib).mmlm_int8_matmul(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), scales.data_ptr(),
                           weight.shape[0], y.data_ptr(), torch.get_num_threads())
     return y
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """weight x / sqrt(mean(x^2) + eps) over the last dim; x float32 contiguous, weight (n,) float32 contiguous."""
+    y = torch.empty_like(x)
+    n = x.shape[-1]
+    (lib or _lib).mmlm_rms_norm(x.data_ptr(), x.numel() // n, n, weight.data_ptr(), eps, y.data_ptr())
+    return y
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v for one query per row and head: q (B, H, 1, d), k, v (B, Hkv, S, d) float32
+    with unit stride along d (k, v contiguous along S too), mask None or (B or 1, S) bool. -> (B, H, 1, d)."""
+    B, H, _, d = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    out = torch.empty(B, 1, H, d)  # (B, H, d) memory: the caller's transpose + reshape to (B, 1, H d) is a view
+    scores = torch.empty(B * H * S)
+    mp, mb = (0, 0) if mask is None else (mask.data_ptr(), mask.stride(0) if mask.shape[0] > 1 else 0)
+    (lib or _lib).mmlm_decode_attention(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1),
+                               v.data_ptr(), v.stride(0), v.stride(1), mp, mb, B, H, Hkv, S, d, out.data_ptr(),
+                               scores.data_ptr(), torch.get_num_threads())
+    return out.transpose(1, 2)
+
+
+def linear_struct(layer) -> Linear:
+    """A native QuantLinear's buffers as a `Linear` (pointers: valid while the layer's buffers live)."""
+    w = layer.blocks if layer.bits == 4 else layer.qweight
+    return Linear(layer.bits, layer.out_features, layer.in_features, w.data_ptr(),
+                  layer.scales.data_ptr() if layer.bits == 8 else None,
+                  None if layer.bias is None else layer.bias.data_ptr())
+
+
+def decoder_layer(x: torch.Tensor, norm1: torch.Tensor, norm2: torch.Tensor, eps: float, linears, cos: torch.Tensor,
+                  sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot: int, mask: torch.Tensor,
+                  heads: int, hidden: int) -> None:
+    """One decoding step of a Llama block, x (B, C) float32 updated in place (`mmlm_decoder_layer`): linears the
+    (qkv, proj, fc1, fc2) `Linear`s, cos/sin (B, d), the layer's cache (B, Hkv, Smax, d), mask (B, >= slot + 1)
+    bool with unit stride along the keys."""
+    B, C = x.shape
+    _, kv_heads, smax, d = k_cache.shape
+    if not _lib.mmlm_decoder_layer(x.data_ptr(), B, C, norm1.data_ptr(), norm2.data_ptr(), eps, *linears,
+                                   cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), smax, slot,
+                                   mask.data_ptr(), mask.stride(0), heads, kv_heads, d, hidden,
+                                   torch.get_num_threads()):
+        raise MemoryError("no memory for a decoding step's intermediates")

@@ -8,7 +8,7 @@ minimum m, 4-bit codes q; w = d q + m), so a Q4_1 GGUF runs at its own precision
 as int8. Everything between the layers (norms, attention, residuals, the cache) stays as it was.
 
 The matmuls, for a few rows (decoding), are mmlm's compiled loops (`native.py`, `csrc/weight_only.c`), which
-read the weights at memory speed; as llama.cpp does, the int4 one rounds its input to int8 per block of 32
+read the weights at memory speed; the int4 one writes its input as two int8 digits per block of 32
 (`q4_1_reference` is that formula in plain PyTorch, and what `mmlm.reference_mode()` runs). For many rows (a
 prompt's prefill) the weights are dequantized to bfloat16 for one dense GEMM. Where no C compiler is found,
 PyTorch's own weight-only kernels run instead (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, bfloat16
@@ -241,13 +241,17 @@ def unpack_q4_1(blocks: torch.Tensor, out_features: int, in_features: int
 
 
 def round_to_int8_blocks(x: torch.Tensor) -> torch.Tensor:
-    """x (rows, in) float32 rounded as the int4 loop reads it: per block of 32, dx = max|x| / 127 and
-    x_j -> dx round(x_j / dx) (llama.cpp's Q8 rounding of the activations for its Q4_1 dot products)."""
+    """x (rows, in) float32 as the int4 loop reads it: two int8 digits per block of 32. With dx = max|x| / 127,
+    a = x / dx: xq = round(a), xr = round(254 (a - xq)) and x -> (dx / 254) (254 xq + xr), 15 bits a block
+    (llama.cpp keeps only xq for its Q4_1 dot products; bfloat16 keeps 8 bits a value)."""
     rows, k = x.shape
     xb = x.reshape(rows, k // GROUP, GROUP)
     dx = xb.abs().amax(dim=-1, keepdim=True) / 127
     inv = torch.where(dx > 0, 1 / dx, torch.zeros_like(dx))
-    return (torch.round(xb * inv) * dx).reshape(rows, k)
+    a = xb * inv
+    first = torch.round(a)
+    second = torch.round((a - first) * 254)
+    return ((254 * first.double() + second.double()) * (dx.double() / 254)).float().reshape(rows, k)
 
 
 def q4_1_reference(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

@@ -74,20 +74,23 @@ static inline uint16_t float_to_bf16(float f) {  /* round to nearest even, as Py
  *   the last K / 32 % 4 blocks: each d, m, codes[16]          20 bytes, as in a GGUF file
  * (mmlm/quant.py packs and unpacks this layout; it holds a GGUF's Q4_1 bytes, reordered.)
  *
- * x is rounded to int8 per block of 32, as llama.cpp does for its dot products: x_j ~ dx xq_j, dx = max|x| / 127.
- * Then  sum_j w_j x_j ~ d dx (sum_j q_j xq_j) + m dx (sum_j xq_j),  the integer sums four bytes at a time
- * (AVX-512 VNNI's vpdpbusd: unsigned codes times signed xq): exactly the rounded x times W, in float32. */
+ * x is written as two int8 digits per block of 32 (llama.cpp rounds it to the first only): with dx = max|x| / 127,
+ * a = x / dx, xq = round(a), xr = round(254 (a - xq)), so x_j ~ dr (254 xq_j + xr_j), dr = dx / 254: 15 bits where
+ * bfloat16 keeps 8. Then  sum_j w_j x_j ~ d dr (254 sum_j q_j xq_j + sum_j q_j xr_j) + m sum_j x^_j,  the integer
+ * sums four bytes at a time (AVX-512 VNNI's vpdpbusd: unsigned codes times signed digits): exactly the rounded x
+ * times W, in float32. */
 
 typedef struct {
-    int8_t *xq;   /* (M, K) in the weights' order: per group, the blocks' first halves, then their second ones */
-    float *dx;    /* (M, nb) */
-    float *dxv;   /* (M, groups, 16): a group's four dx, each repeated for its four lanes of the integer sums */
-    float *xs;    /* (M, nb) sums of the rounded x per block: dx sum_j xq_j */
+    int8_t *xq;   /* (M, 2, K): per row xq then xr, in the weights' order: per group, the blocks' first halves,
+                     then their second ones */
+    float *dx;    /* (M, nb): dr */
+    float *dxv;   /* (M, groups, 16): a group's four dr, each repeated for its four lanes of the integer sums */
+    float *xs;    /* (M, nb) sums of the rounded x per block */
 } QuantX;
 
 static int quantize_x(const float *x, int64_t M, int64_t K, QuantX *q) {
     const int64_t nb = K / QK, groups = nb / 4;
-    q->xq = malloc((size_t)(M * K) + 64);
+    q->xq = malloc((size_t)(2 * M * K) + 64);
     q->dx = malloc(sizeof(float) * (size_t)(M * nb + 1));
     q->dxv = malloc(sizeof(float) * (size_t)(M * groups * 16 + 1));
     q->xs = malloc(sizeof(float) * (size_t)(M * nb + 1));
@@ -98,37 +101,48 @@ static int quantize_x(const float *x, int64_t M, int64_t K, QuantX *q) {
             /* where this block's halves go: in a group, after the earlier blocks' halves */
             int8_t *lo, *hi;
             if (b < 4 * groups) {
-                lo = q->xq + r * K + (b / 4) * 128 + (b % 4) * 16;
+                lo = q->xq + 2 * r * K + (b / 4) * 128 + (b % 4) * 16;
                 hi = lo + 64;
             } else {
-                lo = q->xq + r * K + b * QK;
+                lo = q->xq + 2 * r * K + b * QK;
                 hi = lo + 16;
             }
 #ifdef MMLM_AVX512
             const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
             const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
             const float dx = amax / 127.0f, inv = dx > 0.0f ? 1.0f / dx : 0.0f;
-            const __m512 vinv = _mm512_set1_ps(inv);  /* rounded to nearest, ties to even */
-            const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, vinv));
-            const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, vinv));
+            const __m512 vinv = _mm512_set1_ps(inv), v254 = _mm512_set1_ps(254.0f);
+            const __m512 a0 = _mm512_mul_ps(x0, vinv), a1 = _mm512_mul_ps(x1, vinv);
+            /* rounded to nearest, ties to even (the default rounding mode) */
+            const __m512 r0 = _mm512_roundscale_ps(a0, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            const __m512 r1 = _mm512_roundscale_ps(a1, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            const __m512i q0 = _mm512_cvtps_epi32(r0), q1 = _mm512_cvtps_epi32(r1);
+            const __m512i e0 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(a0, r0), v254));
+            const __m512i e1 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(a1, r1), v254));
             _mm_storeu_si128((__m128i *)lo, _mm512_cvtepi32_epi8(q0));
             _mm_storeu_si128((__m128i *)hi, _mm512_cvtepi32_epi8(q1));
-            const int32_t isum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+            _mm_storeu_si128((__m128i *)(lo + K), _mm512_cvtepi32_epi8(e0));
+            _mm_storeu_si128((__m128i *)(hi + K), _mm512_cvtepi32_epi8(e1));
+            const int32_t isum = 254 * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)) +
+                                 _mm512_reduce_add_epi32(_mm512_add_epi32(e0, e1));
 #else
             float amax = 0.0f;
             for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
             const float dx = amax / 127.0f, inv = dx > 0.0f ? 1.0f / dx : 0.0f;
             int32_t isum = 0;
-            for (int j = 0; j < 16; j++) {
-                lo[j] = (int8_t)nearbyintf(xb[j] * inv);
-                hi[j] = (int8_t)nearbyintf(xb[j + 16] * inv);
-                isum += lo[j] + hi[j];
+            for (int j = 0; j < QK; j++) {
+                const float a = xb[j] * inv, first = nearbyintf(a);
+                const int8_t second = (int8_t)nearbyintf((a - first) * 254.0f);
+                int8_t *digit = j < 16 ? lo + j : hi + j - 16;
+                digit[0] = (int8_t)first;
+                digit[K] = second;
+                isum += 254 * (int32_t)first + second;
             }
 #endif
-            const float sum = dx * (float)isum;
+            const float dr = dx / 254.0f, sum = dr * (float)isum;
             if (b < 4 * groups)
-                for (int i = 0; i < 4; i++) q->dxv[(r * groups + b / 4) * 16 + (b % 4) * 4 + i] = dx;
-            q->dx[r * nb + b] = dx;
+                for (int i = 0; i < 4; i++) q->dxv[(r * groups + b / 4) * 16 + (b % 4) * 4 + i] = dr;
+            q->dx[r * nb + b] = dr;
             q->xs[r * nb + b] = sum;
         }
     }
@@ -157,6 +171,7 @@ static inline __attribute__((always_inline)) void q4_1_row(const uint8_t *w, int
     }
     const __m512i low4 = _mm512_set1_epi8(0x0F);
     const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m512 v254 = _mm512_set1_ps(254.0f);
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *p = w + g * 80;
         _mm_prefetch((const char *)(p + PREFETCH), _MM_HINT_T0);
@@ -167,10 +182,13 @@ static inline __attribute__((always_inline)) void q4_1_row(const uint8_t *w, int
         __m512i lo = _mm512_and_si512(codes, low4);                            /* the blocks' first halves */
         __m512i hi = _mm512_and_si512(_mm512_srli_epi16(codes, 4), low4);      /* their second halves */
         for (int r = 0; r < R; r++) {
-            const int8_t *xr = q->xq + (r0 + r) * K + g * 128;
+            const int8_t *xr = q->xq + 2 * (r0 + r) * K + g * 128;
             __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr));
             s = _mm512_dpbusd_epi32(s, hi, _mm512_loadu_si512(xr + 64));
-            __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_loadu_ps(q->dxv + ((r0 + r) * groups + g) * 16));
+            __m512i e = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr + K));
+            e = _mm512_dpbusd_epi32(e, hi, _mm512_loadu_si512(xr + K + 64));
+            __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), v254, _mm512_cvtepi32_ps(e));  /* exact: < 2^24 */
+            f = _mm512_mul_ps(f, _mm512_loadu_ps(q->dxv + ((r0 + r) * groups + g) * 16));
             acc[r] = _mm512_fmadd_ps(f, d, acc[r]);
             macc[r] = _mm_fmadd_ps(m, _mm_loadu_ps(q->xs + (r0 + r) * nb + g * 4), macc[r]);
         }
@@ -185,9 +203,10 @@ static inline __attribute__((always_inline)) void q4_1_row(const uint8_t *w, int
             const float d = fp16_to_float(dh), m = fp16_to_float(mh);
             const uint8_t *codes = p + 16 + 16 * i;
             for (int r = 0; r < R; r++) {
-                const int8_t *lo = q->xq + (r0 + r) * K + g * 128 + 16 * i, *hi = lo + 64;
+                const int8_t *lo = q->xq + 2 * (r0 + r) * K + g * 128 + 16 * i, *hi = lo + 64;
                 int32_t s = 0;
-                for (int j = 0; j < 16; j++) s += (codes[j] & 0xF) * lo[j] + (codes[j] >> 4) * hi[j];
+                for (int j = 0; j < 16; j++)
+                    s += (codes[j] & 0xF) * (254 * lo[j] + lo[j + K]) + (codes[j] >> 4) * (254 * hi[j] + hi[j + K]);
                 const int64_t b = 4 * g + i;
                 tail[r] += d * q->dx[(r0 + r) * nb + b] * (float)s + m * q->xs[(r0 + r) * nb + b];
             }
@@ -205,15 +224,19 @@ static inline __attribute__((always_inline)) void q4_1_row(const uint8_t *w, int
         const __m128i lo = _mm_and_si128(codes, low4), hi = _mm_and_si128(_mm_srli_epi16(codes, 4), low4);
 #endif
         for (int r = 0; r < R; r++) {
-            const int8_t *xlo = q->xq + (r0 + r) * K + b * QK, *xhi = xlo + 16;
+            const int8_t *xlo = q->xq + 2 * (r0 + r) * K + b * QK, *xhi = xlo + 16;
             int32_t s = 0;
 #ifdef MMLM_AVX512
             __m128i v = _mm_dpbusd_epi32(_mm_setzero_si128(), lo, _mm_loadu_si128((const __m128i *)xlo));
             v = _mm_dpbusd_epi32(v, hi, _mm_loadu_si128((const __m128i *)xhi));
+            __m128i e = _mm_dpbusd_epi32(_mm_setzero_si128(), lo, _mm_loadu_si128((const __m128i *)(xlo + K)));
+            e = _mm_dpbusd_epi32(e, hi, _mm_loadu_si128((const __m128i *)(xhi + K)));
+            v = _mm_add_epi32(_mm_mullo_epi32(v, _mm_set1_epi32(254)), e);
             v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0x4E));
             s = _mm_cvtsi128_si32(_mm_add_epi32(v, _mm_shuffle_epi32(v, 0xB1)));
 #else
-            for (int j = 0; j < 16; j++) s += (p[4 + j] & 0xF) * xlo[j] + (p[4 + j] >> 4) * xhi[j];
+            for (int j = 0; j < 16; j++)
+                s += (p[4 + j] & 0xF) * (254 * xlo[j] + xlo[j + K]) + (p[4 + j] >> 4) * (254 * xhi[j] + xhi[j + K]);
 #endif
             tail[r] += d * q->dx[(r0 + r) * nb + b] * (float)s + m * q->xs[(r0 + r) * nb + b];
         }
@@ -350,6 +373,155 @@ void mmlm_int8_matmul(const float *x, int64_t M, int64_t K, const int8_t *w, con
             }
         }
     }
+}
+
+/* ------------------------------------------------------------------------------------------------ decoding */
+/* Two small steps of a decoding step, whose PyTorch ops cost more in dispatch than in arithmetic at one token. */
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    int64_t i = 0;
+    float s = 0.0f;
+#ifdef __AVX512F__
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    s = _mm512_reduce_add_ps(acc);
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* y = w x / sqrt(mean(x^2) + eps) per row of n; x, y (rows, n), w (n). */
+void mmlm_rms_norm(const float *x, int64_t rows, int64_t n, const float *w, float eps, float *y) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * n;
+        const float scale = 1.0f / sqrtf(dot(xr, xr, n) / (float)n + eps);
+        for (int64_t i = 0; i < n; i++) y[r * n + i] = w[i] * (xr[i] * scale);
+    }
+}
+
+/* One query per row and head: out[b][h] = softmax(q k^T / sqrt(d) over the keys the mask keeps) v.
+ * q (B, H, d) at strides (qb, qh); k, v (B, Hkv, S, d) at strides (kb, kh, d) and (vb, vh, d); mask (B, S) bytes
+ * at stride mb (1 = may attend; NULL: every key), mb = 0 for one row shared by all; out (B, H, d) contiguous.
+ * Head h reads key/value head h / (H / Hkv) (grouped-query attention). scores: B * H * S floats of room. */
+void mmlm_decode_attention(const float *q, int64_t qb, int64_t qh, const float *k, int64_t kb, int64_t kh,
+                           const float *v, int64_t vb, int64_t vh, const uint8_t *mask, int64_t mb, int64_t B,
+                           int64_t H, int64_t Hkv, int64_t S, int64_t d, float *out, float *scores, int threads) {
+    const float scale = 1.0f / sqrtf((float)d);
+    const int64_t rep = H / Hkv;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && B * H * S * d >= 262144)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+        const int64_t b = bh / H, h = bh % H, g = h / rep;
+        const float *qr = q + b * qb + h * qh, *kr = k + b * kb + g * kh, *vr = v + b * vb + g * vh;
+        const uint8_t *mr = mask ? mask + b * mb : NULL;
+        float *p = scores + bh * S, *o = out + bh * d, top = -INFINITY;
+        for (int64_t s = 0; s < S; s++) {
+            p[s] = (mr && !mr[s]) ? -INFINITY : dot(qr, kr + s * d, d) * scale;
+            top = p[s] > top ? p[s] : top;
+        }
+        for (int64_t i = 0; i < d; i++) o[i] = 0.0f;
+        if (top == -INFINITY) {  /* no key to attend to: NaN, as softmax over nothing gives */
+            for (int64_t i = 0; i < d; i++) o[i] = NAN;
+            continue;
+        }
+        float total = 0.0f;
+        for (int64_t s = 0; s < S; s++) {
+            const float e = p[s] == -INFINITY ? 0.0f : expf(p[s] - top);
+            total += e;
+            if (e != 0.0f)
+                for (int64_t i = 0; i < d; i++) o[i] += e * vr[s * d + i];
+        }
+        for (int64_t i = 0; i < d; i++) o[i] /= total;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------ a whole layer */
+
+/* A weight-only linear layer as QuantLinear stores it: bits 4 (Q4_1 groups, `w`) or 8 (int8 rows `w`, bfloat16
+ * `scales`); bias NULL or (out) float32. */
+typedef struct {
+    int64_t bits, out_features, in_features;
+    const void *w;
+    const uint16_t *scales;
+    const float *bias;
+} Linear;
+
+static int linear(const Linear *l, const float *x, int64_t M, float *y, int threads) {
+    if (l->bits == 4) {
+        if (!mmlm_q4_1_matmul(x, M, l->in_features, (const uint8_t *)l->w, l->out_features, y, threads)) return 0;
+    } else {
+        mmlm_int8_matmul(x, M, l->in_features, (const int8_t *)l->w, l->scales, l->out_features, y, threads);
+    }
+    if (l->bias)
+        for (int64_t r = 0; r < M; r++)
+            for (int64_t n = 0; n < l->out_features; n++) y[r * l->out_features + n] += l->bias[n];
+    return 1;
+}
+
+/* x[:h] cos[:h] - x[h:] sin[:h], x[h:] cos[h:] + x[:h] sin[h:] (h = d / 2): Llama's rotary embedding, in place. */
+static void rope(float *x, const float *cos, const float *sin, int64_t d) {
+    const int64_t h = d / 2;
+    for (int64_t i = 0; i < h; i++) {
+        const float a = x[i], b = x[i + h];
+        x[i] = a * cos[i] - b * sin[i];
+        x[i + h] = b * cos[i + h] + a * sin[i + h];
+    }
+}
+
+/* One decoding step of a Llama block (models/blocks.py Block with Attention, RMSNorm, SwiGLU) for B rows of one
+ * token each, x (B, C) updated in place:
+ *   h = rms_norm(x, norm1); q, k, v = qkv(h), q and k rotated (cos, sin (B, d)); k, v written to the cache at
+ *   `slot`; x += proj(attention(q, cached k, v; mask)); h = rms_norm(x, norm2); x += fc2(silu(gate) * up),
+ *   [gate, up] = fc1(h).
+ * Cache k, v (B, Hkv, Smax, d) contiguous; mask (B, slot + 1) bytes at stride mb (1 = a real token). Returns 0 when
+ * memory for the intermediates could not be had. */
+int mmlm_decoder_layer(float *x, int64_t B, int64_t C, const float *norm1, const float *norm2, float eps,
+                       const Linear *qkv, const Linear *proj, const Linear *fc1, const Linear *fc2,
+                       const float *cos, const float *sin, float *kc, float *vc, int64_t Smax, int64_t slot,
+                       const uint8_t *mask, int64_t mb, int64_t H, int64_t Hkv, int64_t d, int64_t hidden,
+                       int threads) {
+    const int64_t S = slot + 1, width = (H + 2 * Hkv) * d;
+    float *h = malloc(sizeof(float) * (size_t)(B * C)), *t = malloc(sizeof(float) * (size_t)(B * width));
+    float *a = malloc(sizeof(float) * (size_t)(B * (H * d > hidden ? H * d : hidden)));
+    float *z = malloc(sizeof(float) * (size_t)(B * 2 * hidden)), *scores = malloc(sizeof(float) * (size_t)(B * H * S));
+    int ok = h && t && a && z && scores;
+    if (ok) {
+        mmlm_rms_norm(x, B, C, norm1, eps, h);
+        ok = linear(qkv, h, B, t, threads);  /* (B, [q heads, k heads, v heads] x d) */
+    }
+    if (ok) {
+        for (int64_t b = 0; b < B; b++) {
+            float *row = t + b * width;
+            for (int64_t j = 0; j < H + Hkv; j++) rope(row + j * d, cos + b * d, sin + b * d, d);
+            for (int64_t g = 0; g < Hkv; g++) {
+                memcpy(kc + ((b * Hkv + g) * Smax + slot) * d, row + (H + g) * d, sizeof(float) * (size_t)d);
+                memcpy(vc + ((b * Hkv + g) * Smax + slot) * d, row + (H + Hkv + g) * d, sizeof(float) * (size_t)d);
+            }
+        }
+        mmlm_decode_attention(t, width, d, kc, Hkv * Smax * d, Smax * d, vc, Hkv * Smax * d, Smax * d, mask, mb, B,
+                              H, Hkv, S, d, a, scores, threads);
+        ok = linear(proj, a, B, h, threads);
+    }
+    if (ok) {
+        for (int64_t i = 0; i < B * C; i++) x[i] += h[i];
+        mmlm_rms_norm(x, B, C, norm2, eps, h);
+        ok = linear(fc1, h, B, z, threads);
+    }
+    if (ok) {
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t i = 0; i < hidden; i++) {
+                const float gate = z[b * 2 * hidden + i], up = z[b * 2 * hidden + hidden + i];
+                a[b * hidden + i] = gate / (1.0f + expf(-gate)) * up;  /* silu(gate) * up */
+            }
+        ok = linear(fc2, a, B, h, threads);
+    }
+    if (ok)
+        for (int64_t i = 0; i < B * C; i++) x[i] += h[i];
+    free(h);
+    free(t);
+    free(a);
+    free(z);
+    free(scores);
+    return ok;
 }
 
 /* Whether this build has the AVX-512 loops (else the plain C ones). */

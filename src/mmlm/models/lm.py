@@ -18,6 +18,7 @@ from ..config import LMConfig
 from .attention import Attention
 from .blocks import Block, RMSNorm, SwiGLU
 from .kernels import head_logits, next_token_loss
+from .kernels.decode import decode_step as fused_decode_step
 from .positions import KVCache, rope_cos_sin, rope_inv_freq
 
 
@@ -96,6 +97,10 @@ class LM(nn.Module):
         slot a (1,) LongTensor it reads the whole preallocated cache with the empty slots masked, so no shape
         changes between steps and `torch.compile` traces the step once. `before_block` as in `forward`.
         """
+        if before_block is None and not torch.compiler.is_compiling():  # a quantized LM: each block one compiled call
+            logits = fused_decode_step(self, input_ids, position_ids, key_mask, cache, slot)
+            if logits is not None:
+                return logits
         x = self.embed(input_ids)  # (B, 1, C)
         rope = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
         if not isinstance(slot, torch.Tensor):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ... import native
 from .switch import cpu_path, reference
 
 
@@ -34,6 +35,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     """
     if reference():
         return attention_reference(q, k, v, attn_mask, is_causal)
+    if _one_query(q, k, v, attn_mask):  # a decoding step: a loop over the keys, no dispatch between ops
+        return native.decode_attention(q, k, v, None if attn_mask is None else attn_mask[:, 0, 0, :])
     gqa = k.shape[1] != q.shape[1]
     if not (cpu_path(q) and torch.is_grad_enabled() and q.requires_grad):  # SDPA: flash / efficient on CUDA
         if gqa:
@@ -53,3 +56,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     if attn_mask is not None:  # in place: neither product's backward needs the scores
         scores = scores.masked_fill_(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores.add_(attn_mask)
     return scores.softmax(dim=-1).to(v.dtype) @ v
+
+
+def _one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> bool:
+    """Whether `native.decode_attention` takes this call: one query per row (a decoding step, where is_causal adds
+    nothing), float32 on a CPU, no gradient, a bool mask (B or 1, 1, 1, S) or none, rows of keys contiguous."""
+    return (q.shape[2] == 1 and cpu_path(q) and q.dtype == k.dtype == v.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            and q.stride(-1) == 1 and k.stride(-1) == v.stride(-1) == 1
+            and k.stride(2) == v.stride(2) == k.shape[-1]
+            and (attn_mask is None or (attn_mask.dtype == torch.bool and attn_mask.dim() == 4
+                                       and attn_mask.shape[1:3] == (1, 1) and attn_mask.shape[-1] == k.shape[2]
+                                       and attn_mask.shape[0] in (1, q.shape[0]) and attn_mask.stride(-1) == 1))
+            and native.kernels() is not None)

@@ -1,0 +1,75 @@
+"""A decoding step of a quantized Llama LM, each block one call into compiled loops: the fast path of
+`LM.decode_step` (models/lm.py), whose plain formula is that method's own loop over the blocks.
+
+At one token per row a block's arithmetic is small (SmolLM2-135M: 3.5M weights, read once) and PyTorch's per-op
+dispatch and the Python between the ops cost as much as the weight reads: measured on a 2-core Xeon, 1 thread,
+~10 ms of a ~23 ms step. `csrc/weight_only.c`'s `mmlm_decoder_layer` runs the block's norms, int4/int8 matmuls
+(the same loops as `QuantLinear`), rotary positions, cache write, attention and SwiGLU in one call. It takes the
+steps `LM.decode_step` takes eagerly on a model `mmlm.quantize` made (or a GGUF loaded at 4/8 bits) with mmlm's
+loops: float32, an int slot, no Flamingo hook, no gradient; any other step runs the blocks as written.
+tests/test_decode_fast.py asserts the two give the same logits and the same cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ... import native
+from .switch import reference
+
+
+def decode_step(model, input_ids: torch.Tensor, position_ids: torch.Tensor, key_mask: torch.Tensor, cache,
+                slot) -> torch.Tensor | None:
+    """`model.decode_step`'s logits (B, V) through the compiled block, or None where it does not apply."""
+    if reference() or not isinstance(slot, int) or input_ids.shape[1] != 1:
+        return None
+    if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
+        return None  # the loops have no backward
+    layers = _layers(model)
+    if layers is None or cache.k[0].dtype != torch.float32 or not all(t.is_contiguous() for t in cache.k + cache.v):
+        return None
+    x = model.embed(input_ids)[:, 0].contiguous()  # (B, C) float32, updated in place block by block
+    cos, sin = (t[:, 0, 0].contiguous() for t in _rope(model, position_ids))  # (B, hd)
+    mask = key_mask[:, : slot + 1]
+    if mask.dtype != torch.bool or mask.stride(-1) != 1:
+        mask = mask.bool().contiguous()
+    mask = mask.view(torch.uint8)
+    eps = model.blocks[0].norm1.eps
+    for (norm1, norm2, linears, heads, hidden), k, v in zip(layers, cache.k, cache.v):
+        native.decoder_layer(x, norm1, norm2, eps, linears, cos, sin, k, v, slot, mask, heads, hidden)
+    return model.lm_head(model.norm(x))  # (B, V)
+
+
+def _rope(model, position_ids: torch.Tensor):
+    from ..positions import rope_cos_sin  # here, not at import: positions imports nothing from kernels, kept so
+
+    return rope_cos_sin(model.inv_freq, position_ids, torch.float32)
+
+
+def _layers(model) -> list | None:
+    """Per block: its two norm weights, its four linears as `native.Linear`s, heads and SwiGLU width; None when the
+    model is not one the loop takes. Kept on the model while the layers' buffers are the same tensors."""
+    from ...quant import QuantLinear
+
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or native.kernels() is None:
+        return None
+    tensors = [m for b in blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2)]
+    # what the pointers point into: the same objects (kept alive by the cache below) or a rebuild
+    key = [getattr(m, "blocks", None) if getattr(m, "bits", 0) == 4 else getattr(m, "qweight", None) for m in tensors]
+    key += [getattr(m, name, None) for m in tensors for name in ("scales", "bias")]
+    key += [w for b in blocks for w in (b.norm1.weight, b.norm2.weight)]
+    cached = model.__dict__.get("_fused_decode")
+    if cached is not None and len(cached[0]) == len(key) and all(a is b for a, b in zip(cached[0], key)):
+        return cached[1]
+    layers = None
+    if (all(isinstance(m, QuantLinear) and m.native for m in tensors)
+            and all(b.mlp.act is F.silu and b.norm1.eps == blocks[0].norm1.eps == b.norm2.eps for b in blocks)
+            and all(b.norm1.weight.dtype == b.norm2.weight.dtype == torch.float32 for b in blocks)
+            and model.embed.weight.dtype == torch.float32 and blocks[0].attn.head_dim % 2 == 0):
+        layers = [(b.norm1.weight.detach().contiguous(), b.norm2.weight.detach().contiguous(),
+                   [native.linear_struct(m) for m in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2)],
+                   b.attn.n_heads, b.mlp.hidden) for b in blocks]
+    model.__dict__["_fused_decode"] = (key, layers)  # a plain attribute (not saved); keeps the tensors alive
+    return layers

@@ -1,0 +1,149 @@
+"""mmlm's compiled loops (`csrc/weight_only.c` through `mmlm.native`) against their plain formulas: the int4 and int8
+matmuls, RMSNorm, one-query attention, and a whole quantized decoding step against `LM.decode_step`'s own loop.
+Each check runs on the library as built for this machine (AVX-512 VNNI here) and on a plain-C build of the same
+file (what a CPU without those instructions runs)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import mmlm
+from mmlm import native
+from mmlm.config import LMConfig
+from mmlm.models.kernels.attention import attention_reference
+from mmlm.models.kernels.norms import rms_norm_reference
+from mmlm.models.lm import LM
+from mmlm.quant import (QuantLinear, pack_q4_1, q4_1_reference, quantize_q4_1, round_to_int8_blocks,
+                        unpack_q4_1)
+
+pytestmark = pytest.mark.skipif(native.kernels() is None, reason=f"no compiled loops: {native.error()}")
+
+
+@pytest.fixture(scope="module", params=["native", "plain-c"])
+def lib(request):
+    if request.param == "native":
+        return native.kernels()
+    return native.load(native.build(native._compiler(), [["-O2"]]))  # no -march: no SIMD path
+
+
+@pytest.mark.parametrize("out_f,in_f", [(48, 64), (16, 96), (32, 160), (64, 576)])  # 2, 3, 5, 18 blocks per row
+@pytest.mark.parametrize("rows", [1, 3, 8, 11])
+def test_q4_1_matmul_is_its_formula(lib, out_f, in_f, rows):
+    """Blocks in groups of four and the 1-3 after them, 1 to 11 rows (8 share one pass over the weights, then 3):
+    y = round_to_int8_blocks(x) W^T to float32 rounding; packing is lossless."""
+    torch.manual_seed(rows)
+    w = torch.randn(out_f, in_f) * 0.05
+    codes, d, m = quantize_q4_1(w)
+    blocks = pack_q4_1(codes, d, m)
+    assert blocks.shape == (out_f, in_f // 32 * 20)
+    for a, b in zip(unpack_q4_1(blocks, out_f, in_f), (codes, d, m)):
+        assert torch.equal(a, b)
+    x = torch.randn(rows, in_f)
+    x[0, :32] = 0  # an all-zero block: dx = 0
+    got = native.q4_1_matmul(x, blocks, out_f, lib=lib)
+    torch.testing.assert_close(got, q4_1_reference(x, codes, d, m), atol=2e-5, rtol=1e-5)
+    # the weights are the Q4_1 grid (within a step of w); the input within half a step of its second digit
+    assert ((codes.float() * d.float()[..., None] + m.float()[..., None]).view(out_f, in_f) - w).abs().max() \
+        <= d.float().max() * 0.51 + 1e-3
+    step = x.view(rows, -1, 32).abs().amax(-1, keepdim=True) / 127
+    assert ((round_to_int8_blocks(x) - x).view(rows, -1, 32).abs() <= step / 254 / 2 + 1e-7).all()  # 2 digits
+
+
+def test_int8_matmul_and_dequantize_are_their_formulas(lib):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(100, 40, bias=False)
+    q8 = QuantLinear(lin, 8)
+    for rows in (1, 5, 9):
+        x = torch.randn(rows, 100)  # 100: six 16-wide steps and a tail of 4
+        want = x.double() @ (q8.qweight.double() * q8.scales.double()[:, None]).T
+        torch.testing.assert_close(native.int8_matmul(x, q8.qweight, q8.scales, lib=lib).double(), want,
+                                   atol=1e-5, rtol=1e-5)
+    q4 = QuantLinear(torch.nn.Linear(160, 32), 4)
+    codes, d, m = unpack_q4_1(q4.blocks, 32, 160)
+    dense = (codes.float() * d.float()[..., None] + m.float()[..., None]).view(32, 160)
+    assert torch.equal(native.q4_1_dequantize(q4.blocks, 32, 160, torch.float32), dense)
+    assert torch.equal(native.q4_1_dequantize(q4.blocks, 32, 160), dense.to(torch.bfloat16))
+
+
+def test_rms_norm_is_its_formula(lib):
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 5, 72), torch.randn(72)
+    torch.testing.assert_close(native.rms_norm(x, w, 1e-5, lib=lib), rms_norm_reference(x, w, 1e-5))
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
+def test_one_query_attention_is_its_formula(lib, heads, kv_heads):
+    """One query per row over a cache's filled slots (strided views), grouped-query heads, a per-row key mask
+    (left padding) or a shared one or none."""
+    torch.manual_seed(heads)
+    B, S, d = 3, 7, 16
+    q = torch.randn(B, 1, heads + 2 * kv_heads, d).transpose(1, 2)[:, :heads]  # the projection's view
+    cache_k, cache_v = torch.randn(B, kv_heads, 12, d), torch.randn(B, kv_heads, 12, d)
+    k, v = cache_k[:, :, :S], cache_v[:, :, :S]
+    keys = torch.ones(B, 12, dtype=torch.bool)
+    keys[1, :3] = keys[2, :5] = False
+    for mask in (keys[:, None, None, :S], keys[:1, None, None, :S], None):
+        want = attention_reference(q, k, v, mask, False)
+        got = native.decode_attention(q, k, v, None if mask is None else mask[:, 0, 0], lib=lib)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _lm(**kw) -> LM:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=128, width=64, layers=2, heads=4, kv_heads=2, head_dim=16, mlp_dim=96, max_seq_len=64)
+    model = LM(LMConfig(**{**cfg, **kw})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)  # norms and biases away from their init
+    return model
+
+
+@pytest.mark.parametrize("mode,kw", [("int4", {}), ("int4", {"qkv_bias": True, "kv_heads": 4}),
+                                     ("int8", {"tie_embeddings": True})])
+def test_fused_decoding_step_equals_the_blocks_loop(mode, kw):
+    """`LM.decode_step` on a quantized model (each block one compiled call) against the same step through the
+    blocks' plain formulas: logits and every cache slot written agree, over left-padded rows and 4 steps."""
+    model = mmlm.quantize(_lm(**kw), mode)
+    ids = torch.randint(3, 128, (3, 6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = mask[2, :4] = 0
+    fused, plain = model.new_cache(3, 12), model.new_cache(3, 12)
+    with torch.no_grad():
+        for cache in (fused, plain):
+            model(ids, attention_mask=mask, cache=cache)
+        key_mask = torch.zeros(3, 12, dtype=torch.bool)
+        key_mask[:, :6] = mask.bool()
+        pos = mask.sum(1, keepdim=True) - 1
+        token = torch.randint(3, 128, (3, 1))
+        for slot in range(6, 10):
+            key_mask[:, slot] = True
+            pos = pos + 1
+            got = model.decode_step(token, pos, key_mask, fused, slot)
+            assert model.__dict__["_fused_decode"][1] is not None  # the compiled step ran
+            with mmlm.reference_mode():
+                want = model.decode_step(token, pos, key_mask, plain, slot)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            for a, b in zip(fused.k + fused.v, plain.k + plain.v):
+                torch.testing.assert_close(a[:, :, : slot + 1], b[:, :, : slot + 1], atol=1e-5, rtol=1e-5)
+            token = got.argmax(-1, keepdim=True)
+
+
+def test_fused_decoding_steps_aside_where_it_does_not_apply():
+    """A float model, a model with a trainable parameter, and a tensor slot run the blocks as written."""
+    from mmlm.models.kernels.decode import decode_step
+
+    float_model = _lm()
+    cache = float_model.new_cache(1, 4)
+    args = (torch.tensor([[5]]), torch.tensor([[0]]), torch.ones(1, 4, dtype=torch.bool), cache)
+    assert decode_step(float_model, *args, 0) is None
+    q = mmlm.quantize(copy.deepcopy(float_model), "int4")
+    assert decode_step(q, *args, torch.tensor([0])) is None
+    assert decode_step(q, *args, 0) is not None
+    q.norm.weight.requires_grad_(True)
+    assert decode_step(q, *args, 0) is None
+    with torch.no_grad():
+        assert decode_step(q, *args, 0) is not None
