@@ -49,18 +49,22 @@ def test_q4_1_matmul_is_its_formula(lib, out_f, in_f, rows):
     assert ((codes.float() * d.float()[..., None] + m.float()[..., None]).view(out_f, in_f) - w).abs().max() \
         <= d.float().max() * 0.51 + 1e-3
     step = x.view(rows, -1, 32).abs().amax(-1, keepdim=True) / 127
-    assert ((round_to_int8_blocks(x) - x).view(rows, -1, 32).abs() <= step / 254 / 2 + 1e-7).all()  # 2 digits
+    assert ((round_to_int8_blocks(x) - x).view(rows, -1, 32).abs() <= step / 254 * 0.51 + 1e-6).all()  # 2 digits
 
 
 def test_int8_matmul_and_dequantize_are_their_formulas(lib):
+    """int8 rows: x as two int8 digits per block where in_features % 32 == 0 (the VNNI loop: 64 bytes at a time,
+    then a lone block), float32 x otherwise (six 16-wide steps and a tail of 4)."""
     torch.manual_seed(0)
-    lin = torch.nn.Linear(100, 40, bias=False)
-    q8 = QuantLinear(lin, 8)
-    for rows in (1, 5, 9):
-        x = torch.randn(rows, 100)  # 100: six 16-wide steps and a tail of 4
-        want = x.double() @ (q8.qweight.double() * q8.scales.double()[:, None]).T
-        torch.testing.assert_close(native.int8_matmul(x, q8.qweight, q8.scales, lib=lib).double(), want,
-                                   atol=1e-5, rtol=1e-5)
+    for in_f, rounded in ((100, False), (96, True), (128, True)):
+        q8 = QuantLinear(torch.nn.Linear(in_f, 40, bias=False), 8)
+        for rows in (1, 5, 9):
+            x = torch.randn(rows, in_f)
+            xr = round_to_int8_blocks(x) if rounded else x
+            want = xr.double() @ (q8.qweight.double() * q8.scales.double()[:, None]).T
+            torch.testing.assert_close(native.int8_matmul(x, q8.qweight, q8.scales, lib=lib).double(), want,
+                                       atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(q8.reference_forward(x).double(), want, atol=2e-5, rtol=1e-5)
     q4 = QuantLinear(torch.nn.Linear(160, 32), 4)
     codes, d, m = unpack_q4_1(q4.blocks, 32, 160)
     dense = (codes.float() * d.float()[..., None] + m.float()[..., None]).view(32, 160)
@@ -128,7 +132,7 @@ def test_fused_decoding_step_equals_the_blocks_loop(mode, kw):
                 want = model.decode_step(token, pos, key_mask, plain, slot)
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
             for a, b in zip(fused.k + fused.v, plain.k + plain.v):
-                torch.testing.assert_close(a[:, :, : slot + 1], b[:, :, : slot + 1], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(a[:, :, : slot + 1], b[:, :, : slot + 1], atol=1e-4, rtol=1e-4)
             token = got.argmax(-1, keepdim=True)
 
 

@@ -87,6 +87,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib.mmlm_q4_1_matmul.restype = ctypes.c_int
     lib.mmlm_q4_1_dequantize.argtypes = [p, i64, i64, p, i32, i32]
     lib.mmlm_int8_matmul.argtypes = [p, i64, i64, p, p, i64, p, i32]
+    lib.mmlm_int8_matmul.restype = ctypes.c_int
     lib.mmlm_rms_norm.argtypes = [p, i64, i64, p, ctypes.c_float, p]
     lib.mmlm_decode_attention.argtypes = [p, i64, i64, p, i64, i64, p, i64, i64, p, i64, i64, i64, i64, i64, i64, p,
                                           p, i32]
@@ -94,7 +95,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib.mmlm_decoder_layer.argtypes = [p, i64, i64, p, p, ctypes.c_float, lp, lp, lp, lp, p, p, p, p, i64, i64, p,
                                        i64, i64, i64, i64, i64, i32]
     lib.mmlm_decoder_layer.restype = ctypes.c_int
-    for fn in (lib.mmlm_q4_1_dequantize, lib.mmlm_int8_matmul, lib.mmlm_rms_norm, lib.mmlm_decode_attention):
+    for fn in (lib.mmlm_q4_1_dequantize, lib.mmlm_rms_norm, lib.mmlm_decode_attention):
         fn.restype = None
     lib.mmlm_simd.restype = ctypes.c_int
     return lib
@@ -148,7 +149,8 @@ def q4_1_dequantize(blocks: torch.Tensor, out_features: int, in_features: int,
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, lib: ctypes.CDLL | None = None
                 ) -> torch.Tensor:
-    """x (M, K) float32 contiguous, weight (N, K) int8, scales (N,) bfloat16 -> (M, N) float32."""
+    """x (M, K) float32 contiguous, weight (N, K) int8, scales (N,) bfloat16 -> (M, N) float32; x read as two int8
+    digits per block of 32 where K % 32 == 0 (`quant.round_to_int8_blocks`)."""
     y = torch.empty(x.shape[0], weight.shape[0])
     (lib or _lib).mmlm_int8_matmul(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), scales.data_ptr(),
                           weight.shape[0], y.data_ptr(), torch.get_num_threads())

@@ -118,15 +118,16 @@ class QuantLinear(nn.Module):
         return self._torch_kernels(torch.eye(self.in_features, dtype=torch.bfloat16)).T.to(dtype).contiguous()
 
     def _rounded(self, x2: torch.Tensor) -> torch.Tensor:
-        """The input as the layer's loop reads it: int4 rounds it to int8 per block of 32, int8 keeps float32."""
+        """The input as the layer's loop reads it: two int8 digits per block of 32 (an int8 layer whose in_features
+        are not a multiple of 32: float32)."""
         x2 = x2.to(torch.float32)
-        return round_to_int8_blocks(x2) if self.bits == 4 else x2
+        return round_to_int8_blocks(x2) if self.in_features % GROUP == 0 else x2
 
     def reference_forward(self, x2: torch.Tensor) -> torch.Tensor:
         """The plain formula of what `forward` computes for (rows, in) inputs, in float32: with mmlm's loops,
-        int4 is x rounded to int8 per block of 32 times W, int8 is x W (at any number of rows)."""
+        x written as two int8 digits per block of 32 times W (at any number of rows)."""
         if self.native and self.bits == 8:
-            return x2.float() @ self.dense_weight(torch.float32).T
+            return (self._rounded(x2).double() @ self.dense_weight(torch.float64).T).float()
         if self.bits == 4 and self.native:
             return q4_1_reference(x2.float(), *unpack_q4_1(self.blocks, self.out_features, self.in_features))
         return x2.float() @ self.dense_weight().float().T
@@ -241,7 +242,7 @@ def unpack_q4_1(blocks: torch.Tensor, out_features: int, in_features: int
 
 
 def round_to_int8_blocks(x: torch.Tensor) -> torch.Tensor:
-    """x (rows, in) float32 as the int4 loop reads it: two int8 digits per block of 32. With dx = max|x| / 127,
+    """x (rows, in) float32 as mmlm's loops read it: two int8 digits per block of 32. With dx = max|x| / 127,
     a = x / dx: xq = round(a), xr = round(254 (a - xq)) and x -> (dx / 254) (254 xq + xr), 15 bits a block
     (llama.cpp keeps only xq for its Q4_1 dot products; bfloat16 keeps 8 bits a value)."""
     rows, k = x.shape
@@ -251,7 +252,7 @@ def round_to_int8_blocks(x: torch.Tensor) -> torch.Tensor:
     a = xb * inv
     first = torch.round(a)
     second = torch.round((a - first) * 254)
-    return ((254 * first.double() + second.double()) * (dx.double() / 254)).float().reshape(rows, k)
+    return ((254 * first + second) * (dx / 254)).reshape(rows, k)  # 254 xq + xr: an integer, exact in float32
 
 
 def q4_1_reference(x: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:

@@ -86,16 +86,21 @@ typedef struct {
     float *dx;    /* (M, nb): dr */
     float *dxv;   /* (M, groups, 16): a group's four dr, each repeated for its four lanes of the integer sums */
     float *xs;    /* (M, nb) sums of the rounded x per block */
+    float *total; /* (M) sums of the rounded x over the blocks that come in pairs */
 } QuantX;
 
-static int quantize_x(const float *x, int64_t M, int64_t K, QuantX *q) {
-    const int64_t nb = K / QK, groups = nb / 4;
+/* grouped = 1: the digits in the Q4_1 groups' order, dxv per group (d0 x4, d1 x4, d2 x4, d3 x4);
+ * grouped = 0: in x's own order, dxv per pair of blocks (d0 x8, d1 x8), for int8 rows. */
+static int quantize_x(const float *x, int64_t M, int64_t K, QuantX *q, int grouped) {
+    const int64_t nb = K / QK, groups = grouped ? nb / 4 : 0, pairs = nb / 2;
     q->xq = malloc((size_t)(2 * M * K) + 64);
     q->dx = malloc(sizeof(float) * (size_t)(M * nb + 1));
-    q->dxv = malloc(sizeof(float) * (size_t)(M * groups * 16 + 1));
+    q->dxv = malloc(sizeof(float) * (size_t)(M * nb * 8 + 1));
     q->xs = malloc(sizeof(float) * (size_t)(M * nb + 1));
-    if (!q->xq || !q->dx || !q->dxv || !q->xs) return 0;
+    q->total = malloc(sizeof(float) * (size_t)(M + 1));
+    if (!q->xq || !q->dx || !q->dxv || !q->xs || !q->total) return 0;
     for (int64_t r = 0; r < M; r++) {
+        q->total[r] = 0.0f;
         for (int64_t b = 0; b < nb; b++) {
             const float *xb = x + r * K + b * QK;
             /* where this block's halves go: in a group, after the earlier blocks' halves */
@@ -142,6 +147,10 @@ static int quantize_x(const float *x, int64_t M, int64_t K, QuantX *q) {
             const float dr = dx / 254.0f, sum = dr * (float)isum;
             if (b < 4 * groups)
                 for (int i = 0; i < 4; i++) q->dxv[(r * groups + b / 4) * 16 + (b % 4) * 4 + i] = dr;
+            if (!grouped && b < 2 * pairs) {
+                for (int i = 0; i < 8; i++) q->dxv[(r * pairs + b / 2) * 16 + (b % 2) * 8 + i] = dr;
+                q->total[r] += sum;
+            }
             q->dx[r * nb + b] = dr;
             q->xs[r * nb + b] = sum;
         }
@@ -154,6 +163,7 @@ static void free_x(QuantX *q) {
     free(q->dx);
     free(q->dxv);
     free(q->xs);
+    free(q->total);
 }
 
 /* out[r] = sum_k x[r][k] w[k] for one output row's groups and blocks `w`, R rows of x. */
@@ -257,7 +267,7 @@ static inline __attribute__((always_inline)) void q4_1_row(const uint8_t *w, int
 int mmlm_q4_1_matmul(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, float *y, int threads) {
     const int64_t row_bytes = K / QK * BLOCK_BYTES;
     QuantX q;
-    if (!quantize_x(x, M, K, &q)) {
+    if (!quantize_x(x, M, K, &q, 1)) {
         free_x(&q);
         return 0;
     }
@@ -328,7 +338,8 @@ void mmlm_q4_1_dequantize(const uint8_t *w, int64_t N, int64_t K, void *out, int
 
 /* ------------------------------------------------------------------------------------------------ int8 rows */
 
-static inline __attribute__((always_inline)) void int8_row(
+/* y (M, N) = x (M, K) (s[:, None] W)^T, W (N, K) int8, s (N) bfloat16, x in float32 (K % 32 != 0). */
+static inline __attribute__((always_inline)) void int8_row_float(
         const int8_t *w, int64_t K, const float *x, int64_t ldx, int R, float *out) {
     int64_t k = 0;
     float acc[MAX_ROWS];
@@ -347,9 +358,54 @@ static inline __attribute__((always_inline)) void int8_row(
     for (int r = 0; r < R; r++) out[r] = acc[r];
 }
 
-/* y (M, N) = x (M, K) (s[:, None] W)^T, W (N, K) int8, s (N) bfloat16. */
-void mmlm_int8_matmul(const float *x, int64_t M, int64_t K, const int8_t *w, const uint16_t *scales, int64_t N,
-                      float *y, int threads) {
+/* The same with x as two int8 digits per block (K % 32 == 0; `quantize_x` in x's order): sum_k q_k x^_k =
+ * sum_blocks dr (254 sum q xq + sum q xr). AVX-512 VNNI multiplies unsigned bytes by signed ones, so the weights go
+ * in as q + 128 (q xor 0x80) and 128 sum x^ comes off at the end. */
+static inline __attribute__((always_inline)) void int8_row_digits(
+        const int8_t *w, int64_t K, const QuantX *q, int64_t r0, int R, float *out) {
+    const int64_t nb = K / QK, pairs = nb / 2;
+    float tail[MAX_ROWS];
+    for (int r = 0; r < R; r++) tail[r] = 0.0f;
+    int64_t b0 = 0;
+#ifdef MMLM_AVX512
+    __m512 acc[MAX_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    const __m512 v254 = _mm512_set1_ps(254.0f);
+    for (int64_t c = 0; c < pairs; c++) {
+        const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w + 64 * c), flip);  /* q + 128, unsigned */
+        for (int r = 0; r < R; r++) {
+            const int8_t *xr = q->xq + 2 * (r0 + r) * K + 64 * c;
+            __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, _mm512_loadu_si512(xr));
+            __m512i e = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, _mm512_loadu_si512(xr + K));
+            __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), v254, _mm512_cvtepi32_ps(e));
+            acc[r] = _mm512_fmadd_ps(f, _mm512_loadu_ps(q->dxv + ((r0 + r) * pairs + c) * 16), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) tail[r] = _mm512_reduce_add_ps(acc[r]) - 128.0f * q->total[r0 + r];
+    b0 = 2 * pairs;
+#endif
+    for (int64_t b = b0; b < nb; b++)
+        for (int r = 0; r < R; r++) {
+            const int8_t *xr = q->xq + 2 * (r0 + r) * K + b * QK;
+            int32_t s = 0;
+            for (int j = 0; j < QK; j++) s += w[b * QK + j] * (254 * xr[j] + xr[j + K]);
+            tail[r] += q->dx[(r0 + r) * nb + b] * (float)s;
+        }
+    for (int r = 0; r < R; r++) out[r] = tail[r];
+}
+
+/* y (M, N) = x (M, K) (s[:, None] W)^T, W (N, K) int8, s (N) bfloat16: x read as two int8 digits per block of 32
+ * where K % 32 == 0, as float32 otherwise. Returns 0 when memory for x's digits could not be had. */
+int mmlm_int8_matmul(const float *x, int64_t M, int64_t K, const int8_t *w, const uint16_t *scales, int64_t N,
+                     float *y, int threads) {
+    const int digits = K % QK == 0;
+    QuantX q;
+    memset(&q, 0, sizeof q);
+    if (digits && !quantize_x(x, M, K, &q, 0)) {
+        free_x(&q);
+        return 0;
+    }
     const int64_t tiles = (N + TILE - 1) / TILE;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && N * K >= 65536)
     for (int64_t t = 0; t < tiles; t++) {
@@ -359,20 +415,24 @@ void mmlm_int8_matmul(const float *x, int64_t M, int64_t K, const int8_t *w, con
             const float s = bf16_to_float(scales[n]);
             for (int64_t r0 = 0; r0 < M; r0 += MAX_ROWS) {
                 int R = (int)(M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS);
+#define ROWS_CASE(n_rows)                                                                   \
+    case n_rows:                                                                            \
+        if (digits) int8_row_digits(w + n * K, K, &q, r0, n_rows, out);                     \
+        else int8_row_float(w + n * K, K, x + r0 * K, K, n_rows, out);                      \
+        break;
                 switch (R) {
-                    case 1: int8_row(w + n * K, K, x + r0 * K, K, 1, out); break;
-                    case 2: int8_row(w + n * K, K, x + r0 * K, K, 2, out); break;
-                    case 3: int8_row(w + n * K, K, x + r0 * K, K, 3, out); break;
-                    case 4: int8_row(w + n * K, K, x + r0 * K, K, 4, out); break;
-                    case 5: int8_row(w + n * K, K, x + r0 * K, K, 5, out); break;
-                    case 6: int8_row(w + n * K, K, x + r0 * K, K, 6, out); break;
-                    case 7: int8_row(w + n * K, K, x + r0 * K, K, 7, out); break;
-                    default: int8_row(w + n * K, K, x + r0 * K, K, 8, out); break;
+                    ROWS_CASE(1) ROWS_CASE(2) ROWS_CASE(3) ROWS_CASE(4) ROWS_CASE(5) ROWS_CASE(6) ROWS_CASE(7)
+                    default:
+                        if (digits) int8_row_digits(w + n * K, K, &q, r0, 8, out);
+                        else int8_row_float(w + n * K, K, x + r0 * K, K, 8, out);
                 }
+#undef ROWS_CASE
                 for (int r = 0; r < R; r++) y[(r0 + r) * N + n] = s * out[r];
             }
         }
     }
+    free_x(&q);
+    return 1;
 }
 
 /* ------------------------------------------------------------------------------------------------ decoding */
@@ -448,8 +508,9 @@ typedef struct {
 static int linear(const Linear *l, const float *x, int64_t M, float *y, int threads) {
     if (l->bits == 4) {
         if (!mmlm_q4_1_matmul(x, M, l->in_features, (const uint8_t *)l->w, l->out_features, y, threads)) return 0;
-    } else {
-        mmlm_int8_matmul(x, M, l->in_features, (const int8_t *)l->w, l->scales, l->out_features, y, threads);
+    } else if (!mmlm_int8_matmul(x, M, l->in_features, (const int8_t *)l->w, l->scales, l->out_features, y,
+                                 threads)) {
+        return 0;
     }
     if (l->bias)
         for (int64_t r = 0; r < M; r++)
