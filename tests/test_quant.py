@@ -21,6 +21,19 @@ pytestmark = pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm
                                 reason="this torch lacks the CPU weight-only kernels")
 
 
+@pytest.fixture(autouse=True, params=["native", "torch-kernels"])
+def kernels(request, monkeypatch):
+    """Every test twice: with mmlm's compiled loops (mmlm/native.py) and with PyTorch's kernels, what a machine
+    without a C compiler runs."""
+    from mmlm import native
+
+    if request.param == "torch-kernels":
+        monkeypatch.setattr(native, "kernels", lambda: None)
+    elif native.kernels() is None:
+        pytest.skip(f"no compiled loops: {native.error()}")
+    return request.param
+
+
 def _effective_weight(layer: nn.Module, in_features: int) -> torch.Tensor:
     """The (out, in) matrix a layer applies, read back through the identity (exact in bfloat16)."""
     with torch.no_grad():
