@@ -1,5 +1,6 @@
 """Where a decoding step's weight reads go: SmolLM2-135M's linear layers (30 blocks x qkv, output, gate-up, down,
-and the vocabulary projection) timed alone, as `mmlm.quantize` stores them (int4 blocks in groups of 32, int8 head)
+and the vocabulary projection) timed alone, as `mmlm.quantize` stores them (int4 Q4_1 blocks, int8 head) through
+mmlm's compiled loops (`mmlm/native.py`) and through PyTorch's weight-only kernels (what runs without a C compiler),
 and as dense bf16 / fp32, at 1 and 8 rows; beside the machine's memory read bandwidth. Each layer's weights are
 read once per call, as decoding reads them; `--cold` first streams 256 MB through the cache, as a whole decoding
 step does between two reads of the same layer.
@@ -19,6 +20,7 @@ import time
 
 import torch
 
+from mmlm import native
 from mmlm.quant import QuantLinear
 
 HIDDEN, INTERMEDIATE, LAYERS, VOCAB = 576, 1536, 30, 49152
@@ -38,6 +40,15 @@ def _median_ms(fn, repeats: int, before=None) -> float:
     return 1e3 * statistics.median(times)
 
 
+def _torch_kernels(build):
+    """`build()` with mmlm's compiled loops out of sight: QuantLinears in PyTorch's own layouts and kernels."""
+    kernels, native.kernels = native.kernels, lambda: None
+    try:
+        return build()
+    finally:
+        native.kernels = kernels
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -49,13 +60,13 @@ def main() -> None:
     head = torch.nn.Linear(HIDDEN, VOCAB, bias=False)
     stores = {
         "int4 blocks + int8 head": ([QuantLinear(m, 4) for m in linears], QuantLinear(head, 8)),
+        "same, PyTorch's kernels": _torch_kernels(lambda: ([QuantLinear(m, 4) for m in linears], QuantLinear(head, 8))),
         "bf16": ([torch.nn.Linear(m.in_features, m.out_features, bias=False, dtype=torch.bfloat16) for m in linears],
                  torch.nn.Linear(HIDDEN, VOCAB, bias=False, dtype=torch.bfloat16)),
         "fp32": (linears, head),
     }
-    weight_bytes = {"int4 blocks + int8 head": sum(m.qweight.numel() * m.qweight.element_size() + m.scales.numel() * 2
-                                                   for m in stores["int4 blocks + int8 head"][0])
-                    + VOCAB * HIDDEN + VOCAB * 2,
+    stored = sum(b.nbytes for m in stores["int4 blocks + int8 head"][0] for b in m.buffers()) + VOCAB * HIDDEN + VOCAB * 2
+    weight_bytes = {"int4 blocks + int8 head": stored, "same, PyTorch's kernels": stored,
                     "bf16": 2 * (sum(m.weight.numel() for m in linears) + VOCAB * HIDDEN),
                     "fp32": 4 * (sum(m.weight.numel() for m in linears) + VOCAB * HIDDEN)}
     flush = torch.ones(64 * 1024 * 1024, dtype=torch.float32)  # 256 MB

@@ -32,6 +32,7 @@
 #define MAX_ROWS 8      /* x rows sharing one pass over the weights */
 #define TILE 16         /* output rows per unit of thread work */
 #define PREFETCH 2560    /* bytes ahead of the weights being read */
+#define STREAMS 4        /* a thread reads its output rows from this many places at once (more prefetch streams) */
 
 static inline float fp16_to_float(uint16_t h) {
 #if defined(__F16C__)
@@ -276,7 +277,8 @@ int mmlm_q4_1_matmul(const float *x, int64_t M, int64_t K, const uint8_t *w, int
     for (int64_t t = 0; t < tiles; t++) {
         float out[MAX_ROWS];
         const int64_t n_end = (t + 1) * TILE < N ? (t + 1) * TILE : N;
-        for (int64_t n = t * TILE; n < n_end; n++) {
+        for (int64_t i = t * TILE; i < n_end; i++) {
+            const int64_t n = N % STREAMS ? i : (i % STREAMS) * (N / STREAMS) + i / STREAMS;
             for (int64_t r0 = 0; r0 < M; r0 += MAX_ROWS) {
                 int R = (int)(M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS);
                 switch (R) {  /* a constant R per call: the row loop unrolls */
@@ -373,6 +375,7 @@ static inline __attribute__((always_inline)) void int8_row_digits(
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     const __m512 v254 = _mm512_set1_ps(254.0f);
     for (int64_t c = 0; c < pairs; c++) {
+        _mm_prefetch((const char *)(w + 64 * c + PREFETCH), _MM_HINT_T0);
         const __m512i wv = _mm512_xor_si512(_mm512_loadu_si512(w + 64 * c), flip);  /* q + 128, unsigned */
         for (int r = 0; r < R; r++) {
             const int8_t *xr = q->xq + 2 * (r0 + r) * K + 64 * c;
@@ -411,7 +414,8 @@ int mmlm_int8_matmul(const float *x, int64_t M, int64_t K, const int8_t *w, cons
     for (int64_t t = 0; t < tiles; t++) {
         float out[MAX_ROWS];
         const int64_t n_end = (t + 1) * TILE < N ? (t + 1) * TILE : N;
-        for (int64_t n = t * TILE; n < n_end; n++) {
+        for (int64_t i = t * TILE; i < n_end; i++) {
+            const int64_t n = N % STREAMS ? i : (i % STREAMS) * (N / STREAMS) + i / STREAMS;
             const float s = bf16_to_float(scales[n]);
             for (int64_t r0 = 0; r0 < M; r0 += MAX_ROWS) {
                 int R = (int)(M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS);
