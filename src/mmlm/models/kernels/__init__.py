@@ -18,6 +18,10 @@ path otherwise, and tests/test_kernels.py asserts the two agree, values and grad
 | conv_layout, conv_weights_layout | NCHW | channels-last activations; weights too around a sampling loop |
 | conv_bn | bn(conv(x)) | an eval-mode BatchNorm folded into the convolution's weights and bias |
 | pooled | run every token, read one per row | last block on the pooled tokens only; text packed (`Packing`) |
+| decode.decode_step | LM.decode_step's loop over its blocks | a quantized LM's block as one call into compiled loops |
+
+Compiled loops (`mmlm/native.py`, `csrc/weight_only.c`, built on first use) serve `rms_norm` and one-query
+`attention` at inference, the decoding step above and `quant.QuantLinear`'s int4/int8 matmuls.
 """
 
 from .attention import attention, attention_reference
