@@ -92,8 +92,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.mmlm_decode_attention.argtypes = [p, i64, i64, p, i64, i64, p, i64, i64, p, i64, i64, i64, i64, i64, i64, p,
                                           p, i32]
     lp = ctypes.POINTER(Linear)
-    lib.mmlm_decoder_layer.argtypes = [p, i64, i64, p, p, ctypes.c_float, lp, lp, lp, lp, p, p, p, p, i64, i64, p,
-                                       i64, i64, i64, i64, i64, i32]
+    lib.mmlm_decoder_layer.argtypes = [p, i64, i64, p, p, ctypes.c_float, lp, lp, lp, lp, p, p, p, p, i64, i64, i64,
+                                       p, i64, i64, i64, i64, i64, i32]
     lib.mmlm_decoder_layer.restype = ctypes.c_int
     for fn in (lib.mmlm_q4_1_dequantize, lib.mmlm_rms_norm, lib.mmlm_decode_attention):
         fn.restype = None
@@ -192,12 +192,13 @@ def decoder_layer(x: torch.Tensor, norm1: torch.Tensor, norm2: torch.Tensor, eps
                   sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot: int, mask: torch.Tensor,
                   heads: int, hidden: int) -> None:
     """One decoding step of a Llama block, x (B, C) float32 updated in place (`mmlm_decoder_layer`): linears the
-    (qkv, proj, fc1, fc2) `Linear`s, cos/sin (B, d), the layer's cache (B, Hkv, Smax, d), mask (B, >= slot + 1)
-    bool with unit stride along the keys."""
+    (qkv, proj, fc1, fc2) `Linear`s, cos/sin (B, d), the layer's cache (B, Hkv, S, d) with unit strides along its
+    last two dims (k and v at the same strides: a window of the pool is fine), mask (B, >= slot + 1) uint8 with
+    unit stride along the keys."""
     B, C = x.shape
-    _, kv_heads, smax, d = k_cache.shape
+    kv_heads, d = k_cache.shape[1], k_cache.shape[3]
     if not _lib.mmlm_decoder_layer(x.data_ptr(), B, C, norm1.data_ptr(), norm2.data_ptr(), eps, *linears,
-                                   cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), smax, slot,
-                                   mask.data_ptr(), mask.stride(0), heads, kv_heads, d, hidden,
-                                   torch.get_num_threads()):
+                                   cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                                   k_cache.stride(0), k_cache.stride(1), slot, mask.data_ptr(), mask.stride(0), heads,
+                                   kv_heads, d, hidden, torch.get_num_threads()):
         raise MemoryError("no memory for a decoding step's intermediates")

@@ -537,11 +537,12 @@ static void rope(float *x, const float *cos, const float *sin, int64_t d) {
  *   h = rms_norm(x, norm1); q, k, v = qkv(h), q and k rotated (cos, sin (B, d)); k, v written to the cache at
  *   `slot`; x += proj(attention(q, cached k, v; mask)); h = rms_norm(x, norm2); x += fc2(silu(gate) * up),
  *   [gate, up] = fc1(h).
- * Cache k, v (B, Hkv, Smax, d) contiguous; mask (B, slot + 1) bytes at stride mb (1 = a real token). Returns 0 when
- * memory for the intermediates could not be had. */
+ * Cache k, v (B, Hkv, >= slot + 1, d) at strides (cb, ch, d, 1) (a window of a larger pool, as continuous batching
+ * reads it); mask (B, slot + 1) bytes at stride mb (1 = a real token). Returns 0 when memory for the
+ * intermediates could not be had. */
 int mmlm_decoder_layer(float *x, int64_t B, int64_t C, const float *norm1, const float *norm2, float eps,
                        const Linear *qkv, const Linear *proj, const Linear *fc1, const Linear *fc2,
-                       const float *cos, const float *sin, float *kc, float *vc, int64_t Smax, int64_t slot,
+                       const float *cos, const float *sin, float *kc, float *vc, int64_t cb, int64_t ch, int64_t slot,
                        const uint8_t *mask, int64_t mb, int64_t H, int64_t Hkv, int64_t d, int64_t hidden,
                        int threads) {
     const int64_t S = slot + 1, width = (H + 2 * Hkv) * d;
@@ -558,12 +559,11 @@ int mmlm_decoder_layer(float *x, int64_t B, int64_t C, const float *norm1, const
             float *row = t + b * width;
             for (int64_t j = 0; j < H + Hkv; j++) rope(row + j * d, cos + b * d, sin + b * d, d);
             for (int64_t g = 0; g < Hkv; g++) {
-                memcpy(kc + ((b * Hkv + g) * Smax + slot) * d, row + (H + g) * d, sizeof(float) * (size_t)d);
-                memcpy(vc + ((b * Hkv + g) * Smax + slot) * d, row + (H + Hkv + g) * d, sizeof(float) * (size_t)d);
+                memcpy(kc + b * cb + g * ch + slot * d, row + (H + g) * d, sizeof(float) * (size_t)d);
+                memcpy(vc + b * cb + g * ch + slot * d, row + (H + Hkv + g) * d, sizeof(float) * (size_t)d);
             }
         }
-        mmlm_decode_attention(t, width, d, kc, Hkv * Smax * d, Smax * d, vc, Hkv * Smax * d, Smax * d, mask, mb, B,
-                              H, Hkv, S, d, a, scores, threads);
+        mmlm_decode_attention(t, width, d, kc, cb, ch, vc, cb, ch, mask, mb, B, H, Hkv, S, d, a, scores, threads);
         ok = linear(proj, a, B, h, threads);
     }
     if (ok) {

@@ -27,7 +27,7 @@ def decode_step(model, input_ids: torch.Tensor, position_ids: torch.Tensor, key_
     if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
         return None  # the loops have no backward
     layers = _layers(model)
-    if layers is None or cache.k[0].dtype != torch.float32 or not all(t.is_contiguous() for t in cache.k + cache.v):
+    if layers is None or not all(_cache_ok(k, v, slot) for k, v in zip(cache.k, cache.v)):
         return None
     x = model.embed(input_ids)[:, 0].contiguous()  # (B, C) float32, updated in place block by block
     cos, sin = (t[:, 0, 0].contiguous() for t in _rope(model, position_ids))  # (B, hd)
@@ -39,6 +39,13 @@ def decode_step(model, input_ids: torch.Tensor, position_ids: torch.Tensor, key_
     for (norm1, norm2, linears, heads, hidden), k, v in zip(layers, cache.k, cache.v):
         native.decoder_layer(x, norm1, norm2, eps, linears, cos, sin, k, v, slot, mask, heads, hidden)
     return model.lm_head(model.norm(x))  # (B, V)
+
+
+def _cache_ok(k: torch.Tensor, v: torch.Tensor, slot: int) -> bool:
+    """float32 (B, Hkv, S, hd) with unit strides along hd and S (a window of continuous batching's pool is fine),
+    k and v at the same strides, room for `slot`."""
+    return (k.dtype == v.dtype == torch.float32 and k.stride() == v.stride() and k.stride(3) == 1
+            and k.stride(2) == k.shape[3] and k.shape[2] > slot)
 
 
 def _rope(model, position_ids: torch.Tensor):
