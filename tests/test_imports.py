@@ -23,7 +23,7 @@ ROOT = Path(mmlm.__file__).resolve().parent
 # Bottom to top: a module may import from its own layer (without a cycle) or from a layer below, never above.
 # A new top-level module or package goes in the lowest layer its imports allow.
 LAYERS = [
-    ["config", "diffusion_config", "assets", "report"],  # plain Python: configs, file lookup, figures
+    ["config", "diffusion_config", "assets", "report", "native"],  # configs, file lookup, figures, the C loops
     ["models", "tokenizer", "data", "quant", "weights", "schedulers", "devices"],  # the model code, inputs, weights on disk, device choice
     ["checkpoint", "generation", "image_generation"],  # mmlm's own checkpoint format; decoding
     ["distributed", "convert"],  # process groups (train/ and eval/ both use them); other formats <-> mmlm

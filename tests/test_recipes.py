@@ -19,7 +19,7 @@ def test_recipes_live_in_the_package_and_configs_is_a_link_to_them():
     names = {"clip-shapes", "clip-shapes-vit", "clip-fashion-mnist", "llava-shapes", "llava-smollm2"}
     assert names <= set(list_recipes())
     # package data: the wheel carries the recipes (tests/test_wheel.py installs one and checks)
-    assert '"mmlm" = ["recipes/*.yaml"]' in (REPO / "pyproject.toml").read_text()
+    assert '"mmlm" = ["recipes/*.yaml", "csrc/*.c"]' in (REPO / "pyproject.toml").read_text()
 
 
 def test_recipe_path_by_name():

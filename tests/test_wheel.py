@@ -1,6 +1,7 @@
 """The package as a user gets it: `python -m build` makes an sdist and a wheel (the wheel built from the sdist, so the
 sdist carries what the wheel needs), the wheel installs into a fresh venv (not editable), and from another
-directory `mmlm --help`, `mmlm recipes`, a tiny `mmlm quickstart --no-llava` and every public name and module work.
+directory `mmlm --help`, `mmlm recipes`, a tiny `mmlm quickstart --no-llava`, the compiled loops' first build and every
+public name and module work.
 
 Slow (about a minute and a half on 2 cores, most of it pip installing torch and the dependencies into the new
 venv); `make test` runs it, `make test-fast` does not. The venv gets the torch the Makefile installs (`TORCH`, a
@@ -92,6 +93,14 @@ def test_the_wheel_installs_into_a_fresh_venv_and_runs(tmp_path):
     _run([str(mmlm), "quickstart", "--no-llava", "--out", "qs", "--steps", "4", "--eval-size", "16",
           "data.eval_size=16", "train.batch_size=16", "train.num_workers=0", "train.progress=false"], work, env, 600)
     assert (work / "qs" / "run" / "report.md").is_file() and (work / "qs" / "eval.json").is_file()
+
+    # The C loops travel as source and build on first use, here into a cache of the test's own.
+    with zipfile.ZipFile(wheels[0]) as whl:
+        assert "mmlm/csrc/weight_only.c" in whl.namelist()
+    built = _run([str(py), "-c", "from mmlm import native; lib = native.kernels(); "
+                  "print('built' if lib is not None else native.error())"], work,
+                 {**env, "MMLM_CACHE": str(tmp_path / "cache")}, 300)
+    assert built.strip() == "built" and list((tmp_path / "cache" / "native").glob("*.so")), built
 
     out = _run([str(py), "-c", CHECK, site, ",".join(sorted(EXTRAS))], work, env, 300)
     print(out)

@@ -68,6 +68,39 @@ static inline uint16_t float_to_bf16(float f) {  /* round to nearest even, as Py
     return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
+/* The loop both matmuls share: every output row n (threads split the rows in tiles; a tile's rows come from
+ * STREAMS places of W at once) for every chunk of up to MAX_ROWS rows of x starting at r0 (R of them), BODY
+ * computing out[0..R) for them. ROWS(R, ROW) calls ROW(r) with r a constant, so each loop over x's rows unrolls. */
+static inline int64_t stream_row(int64_t i, int64_t N) {
+    return N % STREAMS ? i : (i % STREAMS) * (N / STREAMS) + i / STREAMS;
+}
+
+#define EACH_OUTPUT_ROW(BODY)                                                                                       \
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if (threads > 1 && N * K >= 65536)")          \
+    for (int64_t t = 0; t < (N + TILE - 1) / TILE; t++) {                                                          \
+        float out[MAX_ROWS];                                                                                       \
+        const int64_t n_end = (t + 1) * TILE < N ? (t + 1) * TILE : N;                                             \
+        for (int64_t i = t * TILE; i < n_end; i++) {                                                               \
+            const int64_t n = stream_row(i, N);                                                                    \
+            for (int64_t r0 = 0; r0 < M; r0 += MAX_ROWS) {                                                         \
+                const int R = (int)(M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS);                                        \
+                BODY                                                                                               \
+            }                                                                                                      \
+        }                                                                                                          \
+    }
+
+#define ROWS(R, ROW)                                                                                               \
+    switch (R) {                                                                                                   \
+        case 1: ROW(1); break;                                                                                     \
+        case 2: ROW(2); break;                                                                                     \
+        case 3: ROW(3); break;                                                                                     \
+        case 4: ROW(4); break;                                                                                     \
+        case 5: ROW(5); break;                                                                                     \
+        case 6: ROW(6); break;                                                                                     \
+        case 7: ROW(7); break;                                                                                     \
+        default: ROW(8); break;                                                                                    \
+    }
+
 /* ------------------------------------------------------------------------------------------------ Q4_1 */
 
 /* Rows of blocks are stored in groups of four, so that one 64-byte load holds four blocks' codes:
@@ -272,29 +305,12 @@ int mmlm_q4_1_matmul(const float *x, int64_t M, int64_t K, const uint8_t *w, int
         free_x(&q);
         return 0;
     }
-    const int64_t tiles = (N + TILE - 1) / TILE;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && N * K >= 65536)
-    for (int64_t t = 0; t < tiles; t++) {
-        float out[MAX_ROWS];
-        const int64_t n_end = (t + 1) * TILE < N ? (t + 1) * TILE : N;
-        for (int64_t i = t * TILE; i < n_end; i++) {
-            const int64_t n = N % STREAMS ? i : (i % STREAMS) * (N / STREAMS) + i / STREAMS;
-            for (int64_t r0 = 0; r0 < M; r0 += MAX_ROWS) {
-                int R = (int)(M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS);
-                switch (R) {  /* a constant R per call: the row loop unrolls */
-                    case 1: q4_1_row(w + n * row_bytes, K, &q, r0, 1, out); break;
-                    case 2: q4_1_row(w + n * row_bytes, K, &q, r0, 2, out); break;
-                    case 3: q4_1_row(w + n * row_bytes, K, &q, r0, 3, out); break;
-                    case 4: q4_1_row(w + n * row_bytes, K, &q, r0, 4, out); break;
-                    case 5: q4_1_row(w + n * row_bytes, K, &q, r0, 5, out); break;
-                    case 6: q4_1_row(w + n * row_bytes, K, &q, r0, 6, out); break;
-                    case 7: q4_1_row(w + n * row_bytes, K, &q, r0, 7, out); break;
-                    default: q4_1_row(w + n * row_bytes, K, &q, r0, 8, out); break;
-                }
-                for (int r = 0; r < R; r++) y[(r0 + r) * N + n] = out[r];
-            }
-        }
-    }
+#define Q4_ROW(rows) q4_1_row(w + n * row_bytes, K, &q, r0, rows, out)
+    EACH_OUTPUT_ROW({
+        ROWS(R, Q4_ROW)
+        for (int r = 0; r < R; r++) y[(r0 + r) * N + n] = out[r];
+    })
+#undef Q4_ROW
     free_x(&q);
     return 1;
 }
@@ -365,11 +381,12 @@ static inline __attribute__((always_inline)) void int8_row_float(
  * in as q + 128 (q xor 0x80) and 128 sum x^ comes off at the end. */
 static inline __attribute__((always_inline)) void int8_row_digits(
         const int8_t *w, int64_t K, const QuantX *q, int64_t r0, int R, float *out) {
-    const int64_t nb = K / QK, pairs = nb / 2;
+    const int64_t nb = K / QK;
     float tail[MAX_ROWS];
     for (int r = 0; r < R; r++) tail[r] = 0.0f;
     int64_t b0 = 0;
 #ifdef MMLM_AVX512
+    const int64_t pairs = nb / 2;
     __m512 acc[MAX_ROWS];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     const __m512i flip = _mm512_set1_epi8((char)0x80);
@@ -409,32 +426,17 @@ int mmlm_int8_matmul(const float *x, int64_t M, int64_t K, const int8_t *w, cons
         free_x(&q);
         return 0;
     }
-    const int64_t tiles = (N + TILE - 1) / TILE;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && N * K >= 65536)
-    for (int64_t t = 0; t < tiles; t++) {
-        float out[MAX_ROWS];
-        const int64_t n_end = (t + 1) * TILE < N ? (t + 1) * TILE : N;
-        for (int64_t i = t * TILE; i < n_end; i++) {
-            const int64_t n = N % STREAMS ? i : (i % STREAMS) * (N / STREAMS) + i / STREAMS;
-            const float s = bf16_to_float(scales[n]);
-            for (int64_t r0 = 0; r0 < M; r0 += MAX_ROWS) {
-                int R = (int)(M - r0 < MAX_ROWS ? M - r0 : MAX_ROWS);
-#define ROWS_CASE(n_rows)                                                                   \
-    case n_rows:                                                                            \
-        if (digits) int8_row_digits(w + n * K, K, &q, r0, n_rows, out);                     \
-        else int8_row_float(w + n * K, K, x + r0 * K, K, n_rows, out);                      \
-        break;
-                switch (R) {
-                    ROWS_CASE(1) ROWS_CASE(2) ROWS_CASE(3) ROWS_CASE(4) ROWS_CASE(5) ROWS_CASE(6) ROWS_CASE(7)
-                    default:
-                        if (digits) int8_row_digits(w + n * K, K, &q, r0, 8, out);
-                        else int8_row_float(w + n * K, K, x + r0 * K, K, 8, out);
-                }
-#undef ROWS_CASE
-                for (int r = 0; r < R; r++) y[(r0 + r) * N + n] = s * out[r];
-            }
-        }
-    }
+#define INT8_ROW(rows)                                                                                             \
+    do {                                                                                                           \
+        if (digits) int8_row_digits(w + n * K, K, &q, r0, rows, out);                                              \
+        else int8_row_float(w + n * K, K, x + r0 * K, K, rows, out);                                               \
+    } while (0)
+    EACH_OUTPUT_ROW({
+        ROWS(R, INT8_ROW)
+        const float s = bf16_to_float(scales[n]);
+        for (int r = 0; r < R; r++) y[(r0 + r) * N + n] = s * out[r];
+    })
+#undef INT8_ROW
     free_x(&q);
     return 1;
 }
