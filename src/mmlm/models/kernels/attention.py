@@ -62,6 +62,7 @@ def _one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: tor
     """Whether `native.decode_attention` takes this call: one query per row (a decoding step, where is_causal adds
     nothing), float32 on a CPU, no gradient, a bool mask (B or 1, 1, 1, S) or none, rows of keys contiguous."""
     return (q.shape[2] == 1 and cpu_path(q) and q.dtype == k.dtype == v.dtype == torch.float32
+            and not torch.compiler.is_compiling()  # a ctypes call: torch.compile keeps its own ops
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
             and q.stride(-1) == 1 and k.stride(-1) == v.stride(-1) == 1
             and k.stride(2) == v.stride(2) == k.shape[-1]

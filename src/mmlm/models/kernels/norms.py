@@ -26,7 +26,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if cpu_path(x) and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _RMSNormFn.apply(x, weight, eps, matmul_dtype(x, x.dtype))
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        if cpu_path(x) and x.is_contiguous() and weight.is_contiguous() and native.kernels() is not None:
+        if (cpu_path(x) and x.is_contiguous() and weight.is_contiguous() and not torch.compiler.is_compiling()
+                and native.kernels() is not None):
             return native.rms_norm(x, weight, eps)  # one loop: PyTorch's CPU rms_norm is ~10 ops (~35 us a row)
         return F.rms_norm(x, (x.shape[-1],), weight, eps=eps)  # the same product, one op fewer
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
