@@ -474,7 +474,7 @@ void mmlm_decode_attention(const float *q, int64_t qb, int64_t qh, const float *
                            int64_t H, int64_t Hkv, int64_t S, int64_t d, float *out, float *scores, int threads) {
     const float scale = 1.0f / sqrtf((float)d);
     const int64_t rep = H / Hkv;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && B * H * S * d >= 262144)
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && B * H * S * d >= 16384)
     for (int64_t bh = 0; bh < B * H; bh++) {
         const int64_t b = bh / H, h = bh % H, g = h / rep;
         const float *qr = q + b * qb + h * qh, *kr = k + b * kb + g * kh, *vr = v + b * vb + g * vh;
@@ -491,10 +491,27 @@ void mmlm_decode_attention(const float *q, int64_t qb, int64_t qh, const float *
         }
         float total = 0.0f;
         for (int64_t s = 0; s < S; s++) {
-            const float e = p[s] == -INFINITY ? 0.0f : expf(p[s] - top);
-            total += e;
-            if (e != 0.0f)
-                for (int64_t i = 0; i < d; i++) o[i] += e * vr[s * d + i];
+            p[s] = p[s] == -INFINITY ? 0.0f : expf(p[s] - top);
+            total += p[s];
+        }
+#ifdef __AVX512F__
+        if (d % 16 == 0 && d <= 128) {  /* the output row in registers while the values stream past */
+            __m512 acc[8];
+            const int64_t parts = d / 16;
+            for (int64_t j = 0; j < parts; j++) acc[j] = _mm512_setzero_ps();
+            for (int64_t s = 0; s < S; s++) {
+                if (p[s] == 0.0f) continue;
+                const __m512 e = _mm512_set1_ps(p[s]);
+                for (int64_t j = 0; j < parts; j++)
+                    acc[j] = _mm512_fmadd_ps(e, _mm512_loadu_ps(vr + s * d + 16 * j), acc[j]);
+            }
+            for (int64_t j = 0; j < parts; j++) _mm512_storeu_ps(o + 16 * j, acc[j]);
+        } else
+#endif
+        {
+            for (int64_t s = 0; s < S; s++)
+                if (p[s] != 0.0f)
+                    for (int64_t i = 0; i < d; i++) o[i] += p[s] * vr[s * d + i];
         }
         for (int64_t i = 0; i < d; i++) o[i] /= total;
     }
