@@ -177,7 +177,7 @@ def quantize(model: nn.Module, mode: str) -> nn.Module:
     if is_quantized(lm):
         raise ValueError("this model is already quantized: load it again first")
     if any(p.device.type != "cpu" for p in lm.parameters()):
-        raise ValueError("quantize uses PyTorch's CPU weight-only kernels: move the model to the CPU first")
+        raise ValueError("quantized layers run on the CPU (mmlm's compiled loops or PyTorch's CPU kernels): move the model to the CPU first")
     for block in lm.blocks:
         targets = [(parent, attr, child) for parent in block.modules()
                    for attr, child in parent.named_children() if isinstance(child, nn.Linear)]

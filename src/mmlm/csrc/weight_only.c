@@ -1,19 +1,22 @@
-/* Weight-only matmuls for decoding on a CPU: y = x W^T, W read as stored.
+/* mmlm's compiled loops for decoding on a CPU: weight-only matmuls y = x W^T with W read as stored, and a whole
+ * Llama block's decoding step in one call.
  *
- * Decoding a token reads every weight once, so its speed is the speed at which the weights stream in. These
- * loops read two storages at memory speed (PyTorch's own int4 kernel reads at a fifth of it on a 2-core Xeon):
+ * Decoding a token reads every weight once. At one token per row PyTorch's per-op dispatch and the Python between
+ * the ops cost as much as those reads, and its int4 kernel reads at a fifth of a 2-core Xeon's bandwidth. Two
+ * storages, as mmlm/quant.py packs them:
  *
- *   Q4_1 blocks (llama.cpp's layout, as a GGUF file stores them): 32 weights in 20 bytes, an fp16 scale d, an
- *   fp16 minimum m and 16 bytes of 4-bit codes q (byte j: weight j in its low nibble, weight j + 16 in its high
- *   one); w = d q + m. So  sum_k w_k x_k = sum_blocks d (sum_j q_j x_j) + m (sum_j x_j),  and sum_j x_j is the
- *   same for every output row: computed once per call.
+ *   Q4_1 blocks (llama.cpp's: 32 weights in 20 bytes, an fp16 scale d, an fp16 minimum m and 16 bytes of 4-bit
+ *   codes q, byte j holding weight j in its low nibble and weight j + 16 in its high one; w = d q + m), a row's
+ *   blocks in groups of four so that one 64-byte load holds four blocks' codes.
  *
  *   int8 rows: w = s_n q, one bfloat16 scale s_n per output row n.
  *
- * x and y are float32, row-major, M rows; the M rows share each block as it is read (batched decoding). The
- * output rows are split between threads (OpenMP, the runtime PyTorch itself loaded). mmlm/native.py compiles
- * this file with the machine's C compiler (-O3 -march=native) the first time it is needed; the plain C loops
- * are the reference the AVX-512 ones are tested against (tests/test_quant.py).
+ * x and y are float32, row-major, M rows; up to 8 rows share each block as it is read (batched decoding). x is
+ * written as two int8 digits per block of 32 and multiplied with AVX-512 VNNI's byte dot products (below). The
+ * output rows are split between threads (OpenMP: the runtime PyTorch itself loaded, found by soname).
+ * mmlm/native.py compiles this file with the machine's C compiler (-O3 -march=native) the first time it is
+ * needed. Without AVX-512 VNNI the plain C loops run; tests/test_native.py checks both builds against the
+ * formulas (mmlm/quant.py's q4_1_reference and round_to_int8_blocks).
  */
 #include <math.h>
 #include <stdint.h>
