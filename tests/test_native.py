@@ -153,6 +153,10 @@ def test_fused_decoding_steps_aside_where_it_does_not_apply():
     q = mmlm.quantize(copy.deepcopy(float_model), "int4")
     assert decode_step(q, *args, torch.tensor([0])) is None
     assert decode_step(q, *args, 0) is not None
+    layers = q.__dict__["_fused_decode"][1]
+    assert decode_step(q, *args, 0) is not None and q.__dict__["_fused_decode"][1] is layers  # kept
+    q.blocks[1].attn.qkv.blocks = q.blocks[1].attn.qkv.blocks.clone()  # a buffer replaced: the pointers rebuilt
+    assert decode_step(q, *args, 0) is not None and q.__dict__["_fused_decode"][1] is not layers
     q.norm.weight.requires_grad_(True)
     assert decode_step(q, *args, 0) is None
     with torch.no_grad():

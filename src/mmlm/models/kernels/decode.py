@@ -27,7 +27,7 @@ def decode_step(model, input_ids: torch.Tensor, position_ids: torch.Tensor, key_
     if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
         return None  # the loops have no backward
     layers = _layers(model)
-    if layers is None or not all(_cache_ok(k, v, slot) for k, v in zip(cache.k, cache.v)):
+    if layers is None or not _cache_ok(cache, slot):
         return None
     x = model.embed(input_ids)[:, 0].contiguous()  # (B, C) float32, updated in place block by block
     cos, sin = (t[:, 0, 0].contiguous() for t in _rope(model, position_ids))  # (B, hd)
@@ -41,11 +41,14 @@ def decode_step(model, input_ids: torch.Tensor, position_ids: torch.Tensor, key_
     return model.lm_head(model.norm(x))  # (B, V)
 
 
-def _cache_ok(k: torch.Tensor, v: torch.Tensor, slot: int) -> bool:
-    """float32 (B, Hkv, S, hd) with unit strides along hd and S (a window of continuous batching's pool is fine),
-    k and v at the same strides, room for `slot`."""
-    return (k.dtype == v.dtype == torch.float32 and k.stride() == v.stride() and k.stride(3) == 1
-            and k.stride(2) == k.shape[3] and k.shape[2] > slot)
+def _cache_ok(cache, slot: int) -> bool:
+    """Every layer's k and v float32 (B, Hkv, S, hd) at the same strides, unit along hd and S (a window of continuous
+    batching's pool is fine), with room for `slot`."""
+    k0 = cache.k[0]
+    strides = k0.stride()
+    return (k0.dtype == torch.float32 and strides[3] == 1 and strides[2] == k0.shape[3] and k0.shape[2] > slot
+            and all(t.dtype == torch.float32 and t.stride() == strides and t.shape == k0.shape
+                    for t in cache.k + cache.v))
 
 
 def _rope(model, position_ids: torch.Tensor):
@@ -62,14 +65,16 @@ def _layers(model) -> list | None:
     blocks = getattr(model, "blocks", None)
     if blocks is None or native.kernels() is None:
         return None
-    tensors = [m for b in blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2)]
-    # what the pointers point into: the same objects (kept alive by the cache below) or a rebuild
-    key = [getattr(m, "blocks", None) if getattr(m, "bits", 0) == 4 else getattr(m, "qweight", None) for m in tensors]
-    key += [getattr(m, name, None) for m in tensors for name in ("scales", "bias")]
-    key += [w for b in blocks for w in (b.norm1.weight, b.norm2.weight)]
     cached = model.__dict__.get("_fused_decode")
-    if cached is not None and len(cached[0]) == len(key) and all(a is b for a, b in zip(cached[0], key)):
+    if cached is not None and all(d.get(k) is v for d, k, v in cached[0]):
         return cached[1]
+    # what the pointers point into: every submodule, parameter and buffer of the blocks, checked by identity at each
+    # step (dict lookups, ~40 us for SmolLM2; nn.Module attribute access was ~10x that) and kept alive by the cache
+    structure = [(model._modules, "blocks", blocks)]
+    for module in blocks.modules():
+        for d in (module._modules, module._parameters, module._buffers):
+            structure += [(d, k, v) for k, v in d.items()]
+    tensors = [m for b in blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2)]
     layers = None
     if (all(isinstance(m, QuantLinear) and m.native for m in tensors)
             and all(b.mlp.act is F.silu and b.norm1.eps == blocks[0].norm1.eps == b.norm2.eps for b in blocks)
@@ -78,5 +83,5 @@ def _layers(model) -> list | None:
         layers = [(b.norm1.weight.detach().contiguous(), b.norm2.weight.detach().contiguous(),
                    [native.linear_struct(m) for m in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2)],
                    b.attn.n_heads, b.mlp.hidden) for b in blocks]
-    model.__dict__["_fused_decode"] = (key, layers)  # a plain attribute (not saved); keeps the tensors alive
+    model.__dict__["_fused_decode"] = (structure, layers)  # a plain attribute (not saved)
     return layers
