@@ -7,7 +7,7 @@ dispatch and the Python between the ops cost as much as the weight reads: measur
 (the same loops as `QuantLinear`), rotary positions, cache write, attention and SwiGLU in one call. It takes the
 steps `LM.decode_step` takes eagerly on a model `mmlm.quantize` made (or a GGUF loaded at 4/8 bits) with mmlm's
 loops: float32, an int slot, no Flamingo hook, no gradient; any other step runs the blocks as written.
-tests/test_decode_fast.py asserts the two give the same logits and the same cache.
+tests/test_native.py asserts the two give the same logits and the same cache.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ def _layers(model) -> list | None:
             structure += [(d, k, v) for k, v in d.items()]
     tensors = [m for b in blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2)]
     layers = None
-    if (all(isinstance(m, QuantLinear) and m.native for m in tensors)
+    if (all(isinstance(m, QuantLinear) and m.native and (m.bias is None or m.bias.dtype == torch.float32)
+            for m in tensors)
             and all(b.mlp.act is F.silu and b.norm1.eps == blocks[0].norm1.eps == b.norm2.eps for b in blocks)
             and all(b.norm1.weight.dtype == b.norm2.weight.dtype == torch.float32 for b in blocks)
             and model.embed.weight.dtype == torch.float32 and blocks[0].attn.head_dim % 2 == 0):
