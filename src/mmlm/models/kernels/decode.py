@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import native
+from ..positions import rope_cos_sin
 from .switch import reference
 
 
@@ -30,7 +31,7 @@ def decode_step(model, input_ids: torch.Tensor, position_ids: torch.Tensor, key_
     if layers is None or not _cache_ok(cache, slot):
         return None
     x = model.embed(input_ids)[:, 0].contiguous()  # (B, C) float32, updated in place block by block
-    cos, sin = (t[:, 0, 0].contiguous() for t in _rope(model, position_ids))  # (B, hd)
+    cos, sin = (t[:, 0, 0].contiguous() for t in rope_cos_sin(model.inv_freq, position_ids, torch.float32))  # (B, hd)
     mask = key_mask[:, : slot + 1]
     if mask.dtype != torch.bool or mask.stride(-1) != 1:
         mask = mask.bool().contiguous()
@@ -51,16 +52,10 @@ def _cache_ok(cache, slot: int) -> bool:
                     for t in cache.k + cache.v))
 
 
-def _rope(model, position_ids: torch.Tensor):
-    from ..positions import rope_cos_sin  # here, not at import: positions imports nothing from kernels, kept so
-
-    return rope_cos_sin(model.inv_freq, position_ids, torch.float32)
-
-
 def _layers(model) -> list | None:
     """Per block: its two norm weights, its four linears as `native.Linear`s, heads and SwiGLU width; None when the
     model is not one the loop takes. Kept on the model while the layers' buffers are the same tensors."""
-    from ...quant import QuantLinear
+    from ...quant import QuantLinear  # here: quant imports the kernels' switch, so at import time this would cycle
 
     blocks = getattr(model, "blocks", None)
     if blocks is None or native.kernels() is None:
