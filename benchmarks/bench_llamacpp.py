@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--peer {args.peer} does not exist: run `bash scripts/make_llamacpp_venv.sh` first")
     prompts = build_prompts(gguf, args.lengths)
     print_row({"bench": "llamacpp_setup", "gguf": Path(gguf).name, "chat_prompt_tokens": len(prompts["chat"]),
-               "lengths": args.lengths, "new_tokens": args.new_tokens, "rounds": args.rounds, "cpu": _cpu_name()})
+               "lengths": args.lengths, "new_tokens": args.new_tokens, "rounds": args.rounds, "cpu": _cpu_name(), "mmlm_loops": _loops()})
     engines = list(args.engines)
     with tempfile.TemporaryDirectory() as tmp:
         for threads in args.threads:
@@ -236,6 +236,13 @@ def _report(results: dict[str, list[dict]], threads: int, args, emit) -> None:
         if key in row:
             out[f"batch{args.batch}_total_vs_peer_batch1"] = round(row[key]["median"] / peer["decode_tok_s"]["median"], 2)
         emit(out)
+
+
+def _loops() -> str:
+    """Which of mmlm's compiled loops this machine runs (csrc/weight_only.c's `mmlm_simd`)."""
+    from mmlm import native
+    lib = native.kernels()
+    return f"none ({native.error()})" if lib is None else ("plain C", "AVX2", "AVX-512 VNNI")[lib.mmlm_simd()]
 
 
 def _cpu_name() -> str:

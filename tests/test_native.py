@@ -1,7 +1,8 @@
 """mmlm's compiled loops (`csrc/weight_only.c` through `mmlm.native`) against their plain formulas: the int4 and int8
 matmuls, RMSNorm, one-query attention, and a whole quantized decoding step against `LM.decode_step`'s own loop.
-Each check runs on the library as built for this machine (AVX-512 VNNI here) and on a plain-C build of the same
-file (what a CPU without those instructions runs)."""
+Each check runs on the library as built for this machine (-march=native: AVX-512 VNNI or AVX2 loops), on an AVX2
+build where the CPU has AVX2 and the native build is not already that, and on a plain-C build of the same file
+(what a CPU without those instructions runs)."""
 
 from __future__ import annotations
 
@@ -22,11 +23,34 @@ from mmlm.quant import (QuantLinear, pack_q4_1, q4_1_reference, quantize_q4_1, r
 pytestmark = pytest.mark.skipif(native.kernels() is None, reason=f"no compiled loops: {native.error()}")
 
 
-@pytest.fixture(scope="module", params=["native", "plain-c"])
+def _cpu_has(*flags: str) -> bool:
+    return set(flags) <= set(native._cpu().split())
+
+
+@pytest.fixture(scope="module", params=["native", "avx2", "plain-c"])
 def lib(request):
     if request.param == "native":
         return native.kernels()
+    if request.param == "avx2":
+        if not _cpu_has("avx2", "fma", "f16c"):
+            pytest.skip("this CPU has no AVX2 (with FMA and F16C)")
+        if native.kernels().mmlm_simd() == 1:
+            pytest.skip("the native build is the AVX2 one")
+        built = native.load(native.build(native._compiler(), [["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]]))
+        assert built.mmlm_simd() == 1
+        return built
     return native.load(native.build(native._compiler(), [["-O2"]]))  # no -march: no SIMD path
+
+
+def test_native_build_takes_the_widest_loops_this_cpu_has():
+    """-march=native picks AVX-512 VNNI where the CPU has it, else AVX2 (+FMA, F16C), else the plain C loops."""
+    level = native.kernels().mmlm_simd()
+    if _cpu_has("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c"):
+        assert level == 2
+    elif _cpu_has("avx2", "fma", "f16c"):
+        assert level == 1
+    elif native._cpu().startswith("flags"):  # an x86 CPU with neither
+        assert level == 0
 
 
 @pytest.mark.parametrize("out_f,in_f", [(48, 64), (16, 96), (32, 160), (64, 576)])  # 2, 3, 5, 18 blocks per row

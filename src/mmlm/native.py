@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,20 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
+def _cpu() -> str:
+    """What -march=native compiles for: the CPU's feature flags (Linux), else the platform's names for it. Part of
+    the cache key, so a cache folder shared between machines (a home directory) never hands one CPU's build to
+    another that lacks its instructions."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
 def build(cc: str, flag_sets=FLAG_SETS) -> Path:
     """The library's path, building it if the cache lacks it, with the first of `flag_sets` that compiles;
     RuntimeError with each compiler's complaint when none does."""
@@ -63,7 +78,7 @@ def build(cc: str, flag_sets=FLAG_SETS) -> Path:
     errors = []
     for flags in flag_sets:
         key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(), cc.encode(),
-                                         sys.platform.encode()])).hexdigest()[:16]
+                                         sys.platform.encode(), _cpu().encode()])).hexdigest()[:16]
         target = cache_dir() / f"weight_only-{key}.so"
         if target.exists():
             return target

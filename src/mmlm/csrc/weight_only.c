@@ -25,8 +25,10 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && \
     defined(__F16C__)
 #define MMLM_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define MMLM_AVX2 1  /* no byte dot products: x as one int16 per weight (below) and 16-bit ones (vpmaddwd) */
 #endif
-#if defined(__F16C__) || defined(MMLM_AVX512)
+#if defined(__F16C__) || defined(MMLM_AVX512) || defined(MMLM_AVX2)
 #include <immintrin.h>
 #endif
 
@@ -115,11 +117,17 @@ static inline int64_t stream_row(int64_t i, int64_t N) {
  * a = x / dx, xq = round(a), xr = round(254 (a - xq)), so x_j ~ dr (254 xq_j + xr_j), dr = dx / 254: 15 bits where
  * bfloat16 keeps 8. Then  sum_j w_j x_j ~ d dr (254 sum_j q_j xq_j + sum_j q_j xr_j) + m sum_j x^_j,  the integer
  * sums four bytes at a time (AVX-512 VNNI's vpdpbusd: unsigned codes times signed digits): exactly the rounded x
- * times W, in float32. */
+ * times W, in float32.
+ *
+ * AVX2 has no byte dot product that takes two digits cheaply, so there x is stored as the one int16 they make,
+ * 254 xq + xr (|.| <= 32258), and multiplied 16 bits at a time (vpmaddwd) with the codes widened to int16. Its
+ * order in a group: for blocks (0, 1) then (2, 3), four vectors of 16: weights 0-7 of the first block and of the
+ * second, then 8-15, 16-23, 24-31 (what unpacking 32 bytes of codes into 16-bit lanes gives); one vector's
+ * eight int32 sums are then four of each block. Outside groups (the tail, int8 rows), x's own order. */
 
 typedef struct {
     int8_t *xq;   /* (M, 2, K): per row xq then xr, in the weights' order: per group, the blocks' first halves,
-                     then their second ones */
+                     then their second ones. AVX2: (M, K) int16 254 xq + xr, in the order above */
     float *dx;    /* (M, nb): dr */
     float *dxv;   /* (M, groups, 16): a group's four dr, each repeated for its four lanes of the integer sums */
     float *xs;    /* (M, nb) sums of the rounded x per block */
@@ -128,6 +136,27 @@ typedef struct {
 
 /* grouped = 1: the digits in the Q4_1 groups' order, dxv per group (d0 x4, d1 x4, d2 x4, d3 x4);
  * grouped = 0: in x's own order, dxv per pair of blocks (d0 x8, d1 x8), for int8 rows. */
+#ifdef MMLM_AVX2
+/* Where x's weights j .. j + 7 (j % 8 == 0) of block b go in a row of the int16 x (AVX2's order above). */
+static inline int64_t x16_at(int64_t b, int j, int64_t groups) {
+    if (b >= 4 * groups) return b * QK + j;
+    const int64_t i = b % 4;
+    return (b / 4) * 128 + ((i / 2) * 4 + j / 8) * 16 + (i % 2) * 8;
+}
+
+static inline int32_t hsum8_epi32(__m256i v) {
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1)));
+}
+
+static inline float hsum8_ps(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+#endif
+
 static int quantize_x(const float *x, int64_t M, int64_t K, QuantX *q, int grouped) {
     const int64_t nb = K / QK, groups = grouped ? nb / 4 : 0, pairs = nb / 2;
     q->xq = malloc((size_t)(2 * M * K) + 64);
@@ -167,6 +196,31 @@ static int quantize_x(const float *x, int64_t M, int64_t K, QuantX *q, int group
             _mm_storeu_si128((__m128i *)(hi + K), _mm512_cvtepi32_epi8(e1));
             const int32_t isum = 254 * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)) +
                                  _mm512_reduce_add_epi32(_mm512_add_epi32(e0, e1));
+#elif defined(MMLM_AVX2)
+            (void)lo, (void)hi;
+            int16_t *x16 = (int16_t *)q->xq + r * K;
+            __m256 xv[4], top = _mm256_setzero_ps();
+            for (int i = 0; i < 4; i++) {
+                xv[i] = _mm256_loadu_ps(xb + 8 * i);
+                top = _mm256_max_ps(top, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), xv[i]));
+            }
+            __m128 t4 = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+            t4 = _mm_max_ps(t4, _mm_movehl_ps(t4, t4));
+            const float amax = _mm_cvtss_f32(_mm_max_ss(t4, _mm_movehdup_ps(t4)));
+            const float dx = amax / 127.0f, inv = dx > 0.0f ? 1.0f / dx : 0.0f;
+            const __m256 vinv = _mm256_set1_ps(inv), v254 = _mm256_set1_ps(254.0f);
+            __m256i sums = _mm256_setzero_si256();
+            for (int i = 0; i < 4; i++) {  /* weights 8i .. 8i + 7 */
+                const __m256 a = _mm256_mul_ps(xv[i], vinv);
+                const __m256 r = _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                const __m256 e = _mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(a, r), v254),
+                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                const __m256i v = _mm256_cvtps_epi32(_mm256_fmadd_ps(r, v254, e));  /* 254 xq + xr: exact */
+                sums = _mm256_add_epi32(sums, v);
+                _mm_storeu_si128((__m128i *)(x16 + x16_at(b, 8 * i, groups)),
+                                 _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
+            }
+            const int32_t isum = hsum8_epi32(sums);
 #else
             float amax = 0.0f;
             for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
@@ -240,6 +294,47 @@ static inline __attribute__((always_inline)) void q4_1_row(const uint8_t *w, int
             macc[r] = _mm_fmadd_ps(m, _mm_loadu_ps(q->xs + (r0 + r) * nb + g * 4), macc[r]);
         }
     }
+#elif defined(MMLM_AVX2)
+    __m256 acc[MAX_ROWS];
+    __m128 macc[MAX_ROWS];
+    for (int r = 0; r < R; r++) {
+        acc[r] = _mm256_setzero_ps();
+        macc[r] = _mm_setzero_ps();
+    }
+    const __m256i low4 = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
+    const __m256i spread01 = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0), spread23 = _mm256_set_epi32(3, 3, 3, 3, 2, 2, 2, 2);
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *p = w + g * 80;
+        _mm_prefetch((const char *)(p + PREFETCH), _MM_HINT_T0);
+        const __m256 d4 = _mm256_castps128_ps256(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)p)));
+        const __m256 d01 = _mm256_permutevar8x32_ps(d4, spread01), d23 = _mm256_permutevar8x32_ps(d4, spread23);
+        const __m128 m = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(p + 8)));
+        __m256i wv[8];  /* the four blocks' codes as int16, in x's order */
+        for (int h = 0; h < 2; h++) {
+            const __m256i codes = _mm256_loadu_si256((const __m256i *)(p + 16 + 32 * h));  /* blocks 2h, 2h + 1 */
+            const __m256i lo = _mm256_and_si256(codes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(codes, 4), low4);
+            wv[4 * h] = _mm256_unpacklo_epi8(lo, zero);      /* weights 0-7 of both blocks */
+            wv[4 * h + 1] = _mm256_unpackhi_epi8(lo, zero);  /* 8-15 */
+            wv[4 * h + 2] = _mm256_unpacklo_epi8(hi, zero);  /* 16-23 */
+            wv[4 * h + 3] = _mm256_unpackhi_epi8(hi, zero);  /* 24-31 */
+        }
+        for (int r = 0; r < R; r++) {
+            const int16_t *xr = (const int16_t *)q->xq + (r0 + r) * K + g * 128;
+            __m256i s[2];
+            for (int h = 0; h < 2; h++) {
+                const __m256i *xv = (const __m256i *)(xr + 64 * h);
+                s[h] = _mm256_add_epi32(
+                    _mm256_add_epi32(_mm256_madd_epi16(wv[4 * h], _mm256_loadu_si256(xv)),
+                                     _mm256_madd_epi16(wv[4 * h + 1], _mm256_loadu_si256(xv + 1))),
+                    _mm256_add_epi32(_mm256_madd_epi16(wv[4 * h + 2], _mm256_loadu_si256(xv + 2)),
+                                     _mm256_madd_epi16(wv[4 * h + 3], _mm256_loadu_si256(xv + 3))));
+            }
+            const float *dv = q->dxv + ((r0 + r) * groups + g) * 16;  /* exact: the sums are < 2^24 */
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s[0]), _mm256_loadu_ps(dv)), d01, acc[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s[1]), _mm256_loadu_ps(dv + 8)), d23, acc[r]);
+            macc[r] = _mm_fmadd_ps(m, _mm_loadu_ps(q->xs + (r0 + r) * nb + g * 4), macc[r]);
+        }
+    }
 #else
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *p = w + g * 80;
@@ -266,9 +361,12 @@ static inline __attribute__((always_inline)) void q4_1_row(const uint8_t *w, int
         memcpy(&dh, p, 2);
         memcpy(&mh, p + 2, 2);
         const float d = fp16_to_float(dh), m = fp16_to_float(mh);
-#ifdef MMLM_AVX512
+#if defined(MMLM_AVX512) || defined(MMLM_AVX2)
         const __m128i codes = _mm_loadu_si128((const __m128i *)(p + 4)), low4 = _mm_set1_epi8(0x0F);
         const __m128i lo = _mm_and_si128(codes, low4), hi = _mm_and_si128(_mm_srli_epi16(codes, 4), low4);
+#endif
+#ifdef MMLM_AVX2
+        const __m256i wlo = _mm256_cvtepu8_epi16(lo), whi = _mm256_cvtepu8_epi16(hi);  /* weights 0-15, 16-31 */
 #endif
         for (int r = 0; r < R; r++) {
             const int8_t *xlo = q->xq + 2 * (r0 + r) * K + b * QK, *xhi = xlo + 16;
@@ -281,6 +379,11 @@ static inline __attribute__((always_inline)) void q4_1_row(const uint8_t *w, int
             v = _mm_add_epi32(_mm_mullo_epi32(v, _mm_set1_epi32(254)), e);
             v = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0x4E));
             s = _mm_cvtsi128_si32(_mm_add_epi32(v, _mm_shuffle_epi32(v, 0xB1)));
+#elif defined(MMLM_AVX2)
+            (void)xhi;
+            const int16_t *x16 = (const int16_t *)q->xq + (r0 + r) * K + b * QK;
+            s = hsum8_epi32(_mm256_add_epi32(_mm256_madd_epi16(wlo, _mm256_loadu_si256((const __m256i *)x16)),
+                                             _mm256_madd_epi16(whi, _mm256_loadu_si256((const __m256i *)(x16 + 16)))));
 #else
             for (int j = 0; j < 16; j++)
                 s += (p[4 + j] & 0xF) * (254 * xlo[j] + xlo[j + K]) + (p[4 + j] >> 4) * (254 * xhi[j] + xhi[j + K]);
@@ -293,6 +396,12 @@ static inline __attribute__((always_inline)) void q4_1_row(const uint8_t *w, int
         __m128 h = _mm_add_ps(macc[r], _mm_movehl_ps(macc[r], macc[r]));
         h = _mm_add_ss(h, _mm_movehdup_ps(h));
         out[r] = _mm512_reduce_add_ps(acc[r]) + _mm_cvtss_f32(h) + tail[r];
+    }
+#elif defined(MMLM_AVX2)
+    for (int r = 0; r < R; r++) {
+        __m128 h = _mm_add_ps(macc[r], _mm_movehl_ps(macc[r], macc[r]));
+        h = _mm_add_ss(h, _mm_movehdup_ps(h));
+        out[r] = hsum8_ps(acc[r]) + _mm_cvtss_f32(h) + tail[r];
     }
 #else
     for (int r = 0; r < R; r++) out[r] = tail[r];
@@ -373,6 +482,14 @@ static inline __attribute__((always_inline)) void int8_row_float(
         for (int r = 0; r < R; r++) v[r] = _mm512_fmadd_ps(q, _mm512_loadu_ps(x + r * ldx + k), v[r]);
     }
     for (int r = 0; r < R; r++) acc[r] = _mm512_reduce_add_ps(v[r]);
+#elif defined(MMLM_AVX2)
+    __m256 v[MAX_ROWS];
+    for (int r = 0; r < R; r++) v[r] = _mm256_setzero_ps();
+    for (; k + 8 <= K; k += 8) {
+        __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + k))));
+        for (int r = 0; r < R; r++) v[r] = _mm256_fmadd_ps(q, _mm256_loadu_ps(x + r * ldx + k), v[r]);
+    }
+    for (int r = 0; r < R; r++) acc[r] = hsum8_ps(v[r]);
 #endif
     for (; k < K; k++)
         for (int r = 0; r < R; r++) acc[r] += (float)w[k] * x[r * ldx + k];
@@ -407,6 +524,22 @@ static inline __attribute__((always_inline)) void int8_row_digits(
     }
     for (int r = 0; r < R; r++) tail[r] = _mm512_reduce_add_ps(acc[r]) - 128.0f * q->total[r0 + r];
     b0 = 2 * pairs;
+#elif defined(MMLM_AVX2)
+    __m256 acc[MAX_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        _mm_prefetch((const char *)(w + QK * b + PREFETCH), _MM_HINT_T0);
+        const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + QK * b)));
+        const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + QK * b + 16)));
+        for (int r = 0; r < R; r++) {
+            const int16_t *x16 = (const int16_t *)q->xq + (r0 + r) * K + QK * b;
+            const __m256i s = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)x16)),
+                                               _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(x16 + 16))));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(q->dx[(r0 + r) * nb + b]), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) tail[r] = hsum8_ps(acc[r]);
+    b0 = nb;
 #endif
     for (int64_t b = b0; b < nb; b++)
         for (int r = 0; r < R; r++) {
@@ -454,6 +587,10 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     __m512 acc = _mm512_setzero_ps();
     for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
     s = _mm512_reduce_add_ps(acc);
+#elif defined(MMLM_AVX2)
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    s = hsum8_ps(acc);
 #endif
     for (; i < n; i++) s += a[i] * b[i];
     return s;
@@ -509,6 +646,19 @@ void mmlm_decode_attention(const float *q, int64_t qb, int64_t qh, const float *
                     acc[j] = _mm512_fmadd_ps(e, _mm512_loadu_ps(vr + s * d + 16 * j), acc[j]);
             }
             for (int64_t j = 0; j < parts; j++) _mm512_storeu_ps(o + 16 * j, acc[j]);
+        } else
+#elif defined(MMLM_AVX2)
+        if (d % 8 == 0 && d <= 96) {
+            __m256 acc[12];
+            const int64_t parts = d / 8;
+            for (int64_t j = 0; j < parts; j++) acc[j] = _mm256_setzero_ps();
+            for (int64_t s = 0; s < S; s++) {
+                if (p[s] == 0.0f) continue;
+                const __m256 e = _mm256_set1_ps(p[s]);
+                for (int64_t j = 0; j < parts; j++)
+                    acc[j] = _mm256_fmadd_ps(e, _mm256_loadu_ps(vr + s * d + 8 * j), acc[j]);
+            }
+            for (int64_t j = 0; j < parts; j++) _mm256_storeu_ps(o + 8 * j, acc[j]);
         } else
 #endif
         {
@@ -611,9 +761,11 @@ int mmlm_decoder_layer(float *x, int64_t B, int64_t C, const float *norm1, const
     return ok;
 }
 
-/* Whether this build has the AVX-512 loops (else the plain C ones). */
+/* Which loops this build has: 2 AVX-512 VNNI, 1 AVX2, 0 the plain C ones. */
 int mmlm_simd(void) {
-#ifdef MMLM_AVX512
+#if defined(MMLM_AVX512)
+    return 2;
+#elif defined(MMLM_AVX2)
     return 1;
 #else
     return 0;
