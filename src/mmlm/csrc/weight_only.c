@@ -12,11 +12,12 @@
  *   int8 rows: w = s_n q, one bfloat16 scale s_n per output row n.
  *
  * x and y are float32, row-major, M rows; up to 8 rows share each block as it is read (batched decoding). x is
- * written as two int8 digits per block of 32 and multiplied with AVX-512 VNNI's byte dot products (below). The
- * output rows are split between threads (OpenMP: the runtime PyTorch itself loaded, found by soname).
- * mmlm/native.py compiles this file with the machine's C compiler (-O3 -march=native) the first time it is
- * needed. Without AVX-512 VNNI the plain C loops run; tests/test_native.py checks both builds against the
- * formulas (mmlm/quant.py's q4_1_reference and round_to_int8_blocks).
+ * written as two int8 digits per block of 32 and multiplied with AVX-512 VNNI's byte dot products, or as the one
+ * int16 they make with AVX2's 16-bit ones (below). The output rows are split between threads (OpenMP: the runtime
+ * PyTorch itself loaded, found by soname). mmlm/native.py compiles this file with the machine's C compiler
+ * (-O3 -march=native) the first time it is needed. Without AVX-512 VNNI or AVX2 the plain C loops run;
+ * tests/test_native.py checks all three builds against the formulas (mmlm/quant.py's q4_1_reference and
+ * round_to_int8_blocks).
  */
 #include <math.h>
 #include <stdint.h>
@@ -159,7 +160,7 @@ static inline float hsum8_ps(__m256 v) {
 
 static int quantize_x(const float *x, int64_t M, int64_t K, QuantX *q, int grouped) {
     const int64_t nb = K / QK, groups = grouped ? nb / 4 : 0, pairs = nb / 2;
-    q->xq = malloc((size_t)(2 * M * K) + 64);
+    q->xq = aligned_alloc(64, (size_t)((2 * M * K + 127) / 64 * 64));  /* no vector load splits a cache line */
     q->dx = malloc(sizeof(float) * (size_t)(M * nb + 1));
     q->dxv = malloc(sizeof(float) * (size_t)(M * nb * 8 + 1));
     q->xs = malloc(sizeof(float) * (size_t)(M * nb + 1));
@@ -295,19 +296,20 @@ static inline __attribute__((always_inline)) void q4_1_row(const uint8_t *w, int
         }
     }
 #elif defined(MMLM_AVX2)
-    __m256 acc[MAX_ROWS];
+    __m256 acc[MAX_ROWS], acc2[MAX_ROWS];
     __m128 macc[MAX_ROWS];
     for (int r = 0; r < R; r++) {
         acc[r] = _mm256_setzero_ps();
+        acc2[r] = _mm256_setzero_ps();
         macc[r] = _mm_setzero_ps();
     }
     const __m256i low4 = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
-    const __m256i spread01 = _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0), spread23 = _mm256_set_epi32(3, 3, 3, 3, 2, 2, 2, 2);
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *p = w + g * 80;
         _mm_prefetch((const char *)(p + PREFETCH), _MM_HINT_T0);
-        const __m256 d4 = _mm256_castps128_ps256(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)p)));
-        const __m256 d01 = _mm256_permutevar8x32_ps(d4, spread01), d23 = _mm256_permutevar8x32_ps(d4, spread23);
+        const __m128 d4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)p));
+        const __m256 d01 = _mm256_set_m128(_mm_permute_ps(d4, 0x55), _mm_permute_ps(d4, 0x00));  /* d0 x4, d1 x4 */
+        const __m256 d23 = _mm256_set_m128(_mm_permute_ps(d4, 0xFF), _mm_permute_ps(d4, 0xAA));  /* d2 x4, d3 x4 */
         const __m128 m = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(p + 8)));
         __m256i wv[8];  /* the four blocks' codes as int16, in x's order */
         for (int h = 0; h < 2; h++) {
@@ -330,8 +332,8 @@ static inline __attribute__((always_inline)) void q4_1_row(const uint8_t *w, int
                                      _mm256_madd_epi16(wv[4 * h + 3], _mm256_loadu_si256(xv + 3))));
             }
             const float *dv = q->dxv + ((r0 + r) * groups + g) * 16;  /* exact: the sums are < 2^24 */
-            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s[0]), _mm256_loadu_ps(dv)), d01, acc[r]);
-            acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s[1]), _mm256_loadu_ps(dv + 8)), d23, acc[r]);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[0]), _mm256_mul_ps(_mm256_loadu_ps(dv), d01), acc[r]);
+            acc2[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[1]), _mm256_mul_ps(_mm256_loadu_ps(dv + 8), d23), acc2[r]);
             macc[r] = _mm_fmadd_ps(m, _mm_loadu_ps(q->xs + (r0 + r) * nb + g * 4), macc[r]);
         }
     }
@@ -401,7 +403,7 @@ static inline __attribute__((always_inline)) void q4_1_row(const uint8_t *w, int
     for (int r = 0; r < R; r++) {
         __m128 h = _mm_add_ps(macc[r], _mm_movehl_ps(macc[r], macc[r]));
         h = _mm_add_ss(h, _mm_movehdup_ps(h));
-        out[r] = hsum8_ps(acc[r]) + _mm_cvtss_f32(h) + tail[r];
+        out[r] = hsum8_ps(_mm256_add_ps(acc[r], acc2[r])) + _mm_cvtss_f32(h) + tail[r];
     }
 #else
     for (int r = 0; r < R; r++) out[r] = tail[r];
