@@ -138,11 +138,16 @@ typedef struct {
 /* grouped = 1: the digits in the Q4_1 groups' order, dxv per group (d0 x4, d1 x4, d2 x4, d3 x4);
  * grouped = 0: in x's own order, dxv per pair of blocks (d0 x8, d1 x8), for int8 rows. */
 #ifdef MMLM_AVX2
-/* Where x's weights j .. j + 7 (j % 8 == 0) of block b go in a row of the int16 x (AVX2's order above). */
-static inline int64_t x16_at(int64_t b, int j, int64_t groups) {
-    if (b >= 4 * groups) return b * QK + j;
-    const int64_t i = b % 4;
-    return (b / 4) * 128 + ((i / 2) * 4 + j / 8) * 16 + (i % 2) * 8;
+/* Where x's weights j .. j + 7 (j % 8 == 0) of block b go in a row of the int16 x (AVX2's order above; the blocks
+ * after the last group in pairs the same way, a last odd one in x's order; not grouped: x's order throughout). */
+static inline int64_t x16_at(int64_t b, int j, int grouped, int64_t groups, int64_t nb) {
+    if (b < 4 * groups) {
+        const int64_t i = b % 4;
+        return (b / 4) * 128 + ((i / 2) * 4 + j / 8) * 16 + (i % 2) * 8;
+    }
+    const int64_t t = b - 4 * groups;
+    if (!grouped || t >= (nb - 4 * groups) / 2 * 2) return b * QK + j;
+    return (b - t % 2) * QK + (j / 8) * 16 + (t % 2) * 8;
 }
 
 static inline int32_t hsum8_epi32(__m256i v) {
@@ -218,7 +223,7 @@ static int quantize_x(const float *x, int64_t M, int64_t K, QuantX *q, int group
                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
                 const __m256i v = _mm256_cvtps_epi32(_mm256_fmadd_ps(r, v254, e));  /* 254 xq + xr: exact */
                 sums = _mm256_add_epi32(sums, v);
-                _mm_storeu_si128((__m128i *)(x16 + x16_at(b, 8 * i, groups)),
+                _mm_storeu_si128((__m128i *)(x16 + x16_at(b, 8 * i, grouped, groups, nb)),
                                  _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
             }
             const int32_t isum = hsum8_epi32(sums);
@@ -357,7 +362,36 @@ static inline __attribute__((always_inline)) void q4_1_row(const uint8_t *w, int
         }
     }
 #endif
-    for (int64_t b = 4 * groups; b < nb; b++) {  /* the blocks after the last group */
+    int64_t after = 4 * groups;  /* the blocks after the last group */
+#ifdef MMLM_AVX2
+    for (; after + 2 <= nb; after += 2) {  /* in pairs, as half a group */
+        const uint8_t *p = w + groups * 80 + (after - 4 * groups) * BLOCK_BYTES;
+        uint16_t h[4];
+        memcpy(h, p, 4);
+        memcpy(h + 2, p + BLOCK_BYTES, 4);
+        const __m128 dm = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)h));  /* d0, m0, d1, m1 */
+        const __m256 dd = _mm256_set_m128(_mm_permute_ps(dm, 0xAA), _mm_permute_ps(dm, 0x00));
+        const float m0 = _mm_cvtss_f32(_mm_permute_ps(dm, 0x55)), m1 = _mm_cvtss_f32(_mm_permute_ps(dm, 0xFF));
+        const __m256i codes = _mm256_set_m128i(_mm_loadu_si128((const __m128i *)(p + BLOCK_BYTES + 4)),
+                                               _mm_loadu_si128((const __m128i *)(p + 4)));
+        const __m256i lo = _mm256_and_si256(codes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(codes, 4), low4);
+        const __m256i w0 = _mm256_unpacklo_epi8(lo, zero), w1 = _mm256_unpackhi_epi8(lo, zero);
+        const __m256i w2 = _mm256_unpacklo_epi8(hi, zero), w3 = _mm256_unpackhi_epi8(hi, zero);
+        for (int r = 0; r < R; r++) {
+            const __m256i *xv = (const __m256i *)((const int16_t *)q->xq + (r0 + r) * K + after * QK);
+            const __m256i sum = _mm256_add_epi32(
+                _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(xv)),
+                                 _mm256_madd_epi16(w1, _mm256_loadu_si256(xv + 1))),
+                _mm256_add_epi32(_mm256_madd_epi16(w2, _mm256_loadu_si256(xv + 2)),
+                                 _mm256_madd_epi16(w3, _mm256_loadu_si256(xv + 3))));
+            const float *dx = q->dx + (r0 + r) * nb + after, *xs = q->xs + (r0 + r) * nb + after;
+            const __m256 dv = _mm256_set_m128(_mm_set1_ps(dx[1]), _mm_set1_ps(dx[0]));
+            acc2[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(dv, dd), acc2[r]);
+            tail[r] += m0 * xs[0] + m1 * xs[1];
+        }
+    }
+#endif
+    for (int64_t b = after; b < nb; b++) {
         const uint8_t *p = w + groups * 80 + (b - 4 * groups) * BLOCK_BYTES;
         uint16_t dh, mh;
         memcpy(&dh, p, 2);
