@@ -4,9 +4,10 @@ Decoding reads every weight once per token, so it runs at the speed the weights 
 kernel reads them at a fifth of the machine's bandwidth (benchmarks/bench_int4_linears.py). The C file's loops
 read llama.cpp's Q4_1 blocks and int8 rows at memory speed. It is compiled with the machine's C compiler
 (`cc -O3 -march=native -fopenmp`, 1.6 s on a 2-core Xeon) into a cache folder keyed by the source, the flags, the
-compiler and the CPU's features, so a process loads it in milliseconds after the first build; the build takes
-AVX-512 VNNI loops, AVX2 ones or plain C, whichever the CPU has (`kernels().mmlm_simd()`: 2, 1, 0); `kernels()` returns None when no compiler
-is found, the build fails or MMLM_NATIVE=0, and mmlm then uses PyTorch's own kernels (`quant.py`).
+compiler and the CPU's features, so a process loads it in milliseconds after the first build. The build takes
+AVX-512 VNNI loops, AVX2 ones or plain C, whichever the CPU has (`kernels().mmlm_simd()`: 2, 1, 0). `kernels()`
+returns None when no compiler is found, the build fails or MMLM_NATIVE=0, and mmlm then uses PyTorch's own
+kernels (`quant.py`).
 
 OpenMP: the library is linked against libgomp by soname, so in a process that imported torch it shares PyTorch's
 already-loaded runtime and threads rather than starting its own.
