@@ -163,6 +163,32 @@ static inline float hsum8_ps(__m256 v) {
 }
 #endif
 
+/* float32 vectors of the widest width the build has, for the float loops (int8 rows with K % 32 != 0, attention,
+ * RMSNorm): VF lanes, VF_MAX registers of accumulators at most; vf_int8(p) VF int8 at p as floats. */
+#if defined(__AVX512F__)
+typedef __m512 vf;
+#define VF 16
+#define VF_MAX 8
+#define vf_zero _mm512_setzero_ps
+#define vf_set1 _mm512_set1_ps
+#define vf_load _mm512_loadu_ps
+#define vf_store _mm512_storeu_ps
+#define vf_fmadd _mm512_fmadd_ps
+#define vf_sum _mm512_reduce_add_ps
+#define vf_int8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
+#elif defined(MMLM_AVX2)
+typedef __m256 vf;
+#define VF 8
+#define VF_MAX 12
+#define vf_zero _mm256_setzero_ps
+#define vf_set1 _mm256_set1_ps
+#define vf_load _mm256_loadu_ps
+#define vf_store _mm256_storeu_ps
+#define vf_fmadd _mm256_fmadd_ps
+#define vf_sum hsum8_ps
+#define vf_int8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
+#endif
+
 static int quantize_x(const float *x, int64_t M, int64_t K, QuantX *q, int grouped) {
     const int64_t nb = K / QK, groups = grouped ? nb / 4 : 0, pairs = nb / 2;
     q->xq = aligned_alloc(64, (size_t)((2 * M * K + 127) / 64 * 64));  /* no vector load splits a cache line */
@@ -510,22 +536,14 @@ static inline __attribute__((always_inline)) void int8_row_float(
     int64_t k = 0;
     float acc[MAX_ROWS];
     for (int r = 0; r < R; r++) acc[r] = 0.0f;
-#ifdef MMLM_AVX512
-    __m512 v[MAX_ROWS];
-    for (int r = 0; r < R; r++) v[r] = _mm512_setzero_ps();
-    for (; k + 16 <= K; k += 16) {
-        __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k))));
-        for (int r = 0; r < R; r++) v[r] = _mm512_fmadd_ps(q, _mm512_loadu_ps(x + r * ldx + k), v[r]);
+#ifdef VF
+    vf v[MAX_ROWS];
+    for (int r = 0; r < R; r++) v[r] = vf_zero();
+    for (; k + VF <= K; k += VF) {
+        const vf q = vf_int8(w + k);
+        for (int r = 0; r < R; r++) v[r] = vf_fmadd(q, vf_load(x + r * ldx + k), v[r]);
     }
-    for (int r = 0; r < R; r++) acc[r] = _mm512_reduce_add_ps(v[r]);
-#elif defined(MMLM_AVX2)
-    __m256 v[MAX_ROWS];
-    for (int r = 0; r < R; r++) v[r] = _mm256_setzero_ps();
-    for (; k + 8 <= K; k += 8) {
-        __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + k))));
-        for (int r = 0; r < R; r++) v[r] = _mm256_fmadd_ps(q, _mm256_loadu_ps(x + r * ldx + k), v[r]);
-    }
-    for (int r = 0; r < R; r++) acc[r] = hsum8_ps(v[r]);
+    for (int r = 0; r < R; r++) acc[r] = vf_sum(v[r]);
 #endif
     for (; k < K; k++)
         for (int r = 0; r < R; r++) acc[r] += (float)w[k] * x[r * ldx + k];
@@ -619,14 +637,10 @@ int mmlm_int8_matmul(const float *x, int64_t M, int64_t K, const int8_t *w, cons
 static inline float dot(const float *a, const float *b, int64_t n) {
     int64_t i = 0;
     float s = 0.0f;
-#ifdef __AVX512F__
-    __m512 acc = _mm512_setzero_ps();
-    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-    s = _mm512_reduce_add_ps(acc);
-#elif defined(MMLM_AVX2)
-    __m256 acc = _mm256_setzero_ps();
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    s = hsum8_ps(acc);
+#ifdef VF
+    vf acc = vf_zero();
+    for (; i + VF <= n; i += VF) acc = vf_fmadd(vf_load(a + i), vf_load(b + i), acc);
+    s = vf_sum(acc);
 #endif
     for (; i < n; i++) s += a[i] * b[i];
     return s;
@@ -670,31 +684,17 @@ void mmlm_decode_attention(const float *q, int64_t qb, int64_t qh, const float *
             p[s] = p[s] == -INFINITY ? 0.0f : expf(p[s] - top);
             total += p[s];
         }
-#ifdef __AVX512F__
-        if (d % 16 == 0 && d <= 128) {  /* the output row in registers while the values stream past */
-            __m512 acc[8];
-            const int64_t parts = d / 16;
-            for (int64_t j = 0; j < parts; j++) acc[j] = _mm512_setzero_ps();
+#ifdef VF
+        if (d % VF == 0 && d <= VF * VF_MAX) {  /* the output row in registers while the values stream past */
+            vf acc[VF_MAX];
+            const int64_t parts = d / VF;
+            for (int64_t j = 0; j < parts; j++) acc[j] = vf_zero();
             for (int64_t s = 0; s < S; s++) {
                 if (p[s] == 0.0f) continue;
-                const __m512 e = _mm512_set1_ps(p[s]);
-                for (int64_t j = 0; j < parts; j++)
-                    acc[j] = _mm512_fmadd_ps(e, _mm512_loadu_ps(vr + s * d + 16 * j), acc[j]);
+                const vf e = vf_set1(p[s]);
+                for (int64_t j = 0; j < parts; j++) acc[j] = vf_fmadd(e, vf_load(vr + s * d + VF * j), acc[j]);
             }
-            for (int64_t j = 0; j < parts; j++) _mm512_storeu_ps(o + 16 * j, acc[j]);
-        } else
-#elif defined(MMLM_AVX2)
-        if (d % 8 == 0 && d <= 96) {
-            __m256 acc[12];
-            const int64_t parts = d / 8;
-            for (int64_t j = 0; j < parts; j++) acc[j] = _mm256_setzero_ps();
-            for (int64_t s = 0; s < S; s++) {
-                if (p[s] == 0.0f) continue;
-                const __m256 e = _mm256_set1_ps(p[s]);
-                for (int64_t j = 0; j < parts; j++)
-                    acc[j] = _mm256_fmadd_ps(e, _mm256_loadu_ps(vr + s * d + 8 * j), acc[j]);
-            }
-            for (int64_t j = 0; j < parts; j++) _mm256_storeu_ps(o + 8 * j, acc[j]);
+            for (int64_t j = 0; j < parts; j++) vf_store(o + VF * j, acc[j]);
         } else
 #endif
         {
