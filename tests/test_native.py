@@ -105,18 +105,19 @@ def test_rms_norm_is_its_formula(lib):
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
 def test_one_query_attention_is_its_formula(lib, heads, kv_heads):
     """One query per row over a cache's filled slots (strided views), grouped-query heads, a per-row key mask
-    (left padding) or a shared one or none."""
+    (left padding) or a shared one or none; 7 keys (the softmax's scalar loop) and 19 (eight at a time, then 3)."""
     torch.manual_seed(heads)
-    B, S, d = 3, 7, 16
-    q = torch.randn(B, 1, heads + 2 * kv_heads, d).transpose(1, 2)[:, :heads]  # the projection's view
-    cache_k, cache_v = torch.randn(B, kv_heads, 12, d), torch.randn(B, kv_heads, 12, d)
-    k, v = cache_k[:, :, :S], cache_v[:, :, :S]
-    keys = torch.ones(B, 12, dtype=torch.bool)
-    keys[1, :3] = keys[2, :5] = False
-    for mask in (keys[:, None, None, :S], keys[:1, None, None, :S], None):
-        want = attention_reference(q, k, v, mask, False)
-        got = native.decode_attention(q, k, v, None if mask is None else mask[:, 0, 0], lib=lib)
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    B, d = 3, 16
+    for S in (7, 19):
+        q = torch.randn(B, 1, heads + 2 * kv_heads, d).transpose(1, 2)[:, :heads]  # the projection's view
+        cache_k, cache_v = torch.randn(B, kv_heads, 24, d) * 3, torch.randn(B, kv_heads, 24, d)
+        k, v = cache_k[:, :, :S], cache_v[:, :, :S]
+        keys = torch.ones(B, 24, dtype=torch.bool)
+        keys[1, :3] = keys[2, :5] = False
+        for mask in (keys[:, None, None, :S], keys[:1, None, None, :S], None):
+            want = attention_reference(q, k, v, mask, False)
+            got = native.decode_attention(q, k, v, None if mask is None else mask[:, 0, 0], lib=lib)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def _lm(**kw) -> LM:

@@ -161,6 +161,36 @@ static inline float hsum8_ps(__m256 v) {
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
     return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
+
+/* e^x for eight floats, within 3 ulp of expf where that is a normal float (0 where it is subnormal, inf past the
+ * largest; NaN stays NaN): x = n ln 2 + r, |r| <= ln 2 / 2, e^r by its Taylor polynomial to degree 6 (Horner),
+ * times 2^n put in the exponent bits. */
+static inline __m256 exp8(__m256 x) {
+    /* ln of the least normal float and of the largest */
+    const __m256 lo = _mm256_set1_ps(-87.33654f), hi = _mm256_set1_ps(88.72283f);
+    const __m256 inf = _mm256_set1_ps(INFINITY), under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    const __m256 over = _mm256_cmp_ps(x, hi, _CMP_GT_OQ);
+    const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);  /* ln 2 in two parts: exact n ln2_hi */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    /* 2^n in two factors, so that n = 128 (x near 88.7) stays finite */
+    const __m256i e = _mm256_cvtps_epi32(n), e1 = _mm256_srai_epi32(e, 1);
+    const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e1, _mm256_set1_epi32(127)), 23));
+    const __m256 s2 = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(e, e1), _mm256_set1_epi32(127)), 23));
+    const __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+    const __m256 y2 = _mm256_blendv_ps(_mm256_blendv_ps(y, _mm256_setzero_ps(), under), inf, over);
+    return _mm256_blendv_ps(y2, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));  /* NaN stays NaN */
+}
 #endif
 
 /* float32 vectors of the widest width the build has, for the float loops (int8 rows with K % 32 != 0, attention,
@@ -680,7 +710,17 @@ void mmlm_decode_attention(const float *q, int64_t qb, int64_t qh, const float *
             continue;
         }
         float total = 0.0f;
-        for (int64_t s = 0; s < S; s++) {
+        int64_t s0 = 0;
+#ifdef MMLM_AVX2
+        __m256 sums = _mm256_setzero_ps();
+        for (; s0 + 8 <= S; s0 += 8) {  /* -inf (a masked key) minus top gives exactly 0 */
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + s0), _mm256_set1_ps(top)));
+            _mm256_storeu_ps(p + s0, e);
+            sums = _mm256_add_ps(sums, e);
+        }
+        total = hsum8_ps(sums);
+#endif
+        for (int64_t s = s0; s < S; s++) {
             p[s] = p[s] == -INFINITY ? 0.0f : expf(p[s] - top);
             total += p[s];
         }
@@ -780,11 +820,19 @@ int mmlm_decoder_layer(float *x, int64_t B, int64_t C, const float *norm1, const
         ok = linear(fc1, h, B, z, threads);
     }
     if (ok) {
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t i = 0; i < hidden; i++) {
-                const float gate = z[b * 2 * hidden + i], up = z[b * 2 * hidden + hidden + i];
-                a[b * hidden + i] = gate / (1.0f + expf(-gate)) * up;  /* silu(gate) * up */
+        for (int64_t b = 0; b < B; b++) {  /* silu(gate) * up */
+            int64_t i = 0;
+            const float *gates = z + b * 2 * hidden, *ups = gates + hidden;
+#ifdef MMLM_AVX2
+            for (; i + 8 <= hidden; i += 8) {
+                const __m256 gate = _mm256_loadu_ps(gates + i), one = _mm256_set1_ps(1.0f);
+                const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gate));
+                _mm256_storeu_ps(a + b * hidden + i,
+                                 _mm256_mul_ps(_mm256_div_ps(gate, _mm256_add_ps(one, e)), _mm256_loadu_ps(ups + i)));
             }
+#endif
+            for (; i < hidden; i++) a[b * hidden + i] = gates[i] / (1.0f + expf(-gates[i])) * ups[i];
+        }
         ok = linear(fc2, a, B, h, threads);
     }
     if (ok)
