@@ -37,7 +37,7 @@ def test_resolve_cpu_auto_and_a_clear_error_for_cuda_without_it(monkeypatch):
         devices.resolve("tpu", "--device")
     with pytest.raises(ValueError, match="train.device must be auto, cpu, cuda or cuda:N, got 'gpu'"):
         TrainConfig(device="gpu")
-    with pytest.raises(ValueError, match="train.precision must be one of fp32, bf16, fp16, got 'fp8'"):
+    with pytest.raises(ValueError, match="train.precision must be one of fp32, bf16, fp16 or auto, got 'fp8'"):
         TrainConfig(precision="fp8")
     with pytest.raises(ValueError, match="train.precision=fp16 does not combine with train.fsdp: use bf16"):
         TrainConfig(precision="fp16", fsdp=True)
@@ -55,6 +55,20 @@ def test_cuda_under_torchrun_is_the_local_rank(monkeypatch):
     assert devices.resolve("cuda:0") == torch.device("cuda", 0)
     with pytest.raises(ValueError, match="train.device=cuda:2: torch sees 2 CUDA device"):
         devices.resolve("cuda:2", "train.device")
+
+
+def test_auto_precision_is_bf16_only_where_the_device_has_it(monkeypatch):
+    from mmlm.train.loop import TrainConfig
+
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+        assert devices.fast_bf16("cpu") is native
+        assert devices.resolve_precision("auto", "cpu") == expected
+        assert devices.Precision("auto", "cpu").precision == expected
+        assert TrainConfig(precision="auto", device="cpu").precision == expected  # concrete from the start
+        assert devices.resolve_precision("bf16", "cpu") == "bf16"  # an explicit choice stays
+    with pytest.raises(ValueError, match="--precision must be one of fp32, bf16, fp16 or auto, got 'bf8'"):
+        devices.resolve_precision("bf8", "cpu", "--precision")
 
 
 def test_precision_autocast_and_batches_moved():

@@ -52,7 +52,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     grad_clip: float = 1.0  # max global grad norm (0 = off)
-    precision: str = "fp32"  # "fp32", "bf16" (autocast) or "fp16" (autocast + gradient scaler; for CUDA): devices.py
+    precision: str = "fp32"  # "fp32", "bf16" (autocast), "fp16" (autocast + gradient scaler; for CUDA) or "auto" (bf16
+    # where the device computes it natively, else fp32; made concrete here): devices.py
     device: str = "auto"  # auto (cuda:LOCAL_RANK when CUDA is available, else cpu) | cpu | cuda | cuda:N
     compile: bool = False  # torch.compile each model block (back to eager, with a warning, if compiling fails)
     seed: int = 0
@@ -75,6 +76,9 @@ class TrainConfig:
         devices.check_precision(self.precision)
         if not isinstance(self.device, str) or self.device.split(":")[0].strip().lower() not in devices.DEVICES:
             raise ValueError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        kind = self.device.split(":")[0].strip().lower()
+        cuda = kind == "cuda" or (kind == "auto" and torch.cuda.is_available())
+        self.precision = devices.resolve_precision(self.precision, "cuda" if cuda else "cpu")  # "auto" made concrete
         if self.fsdp and self.precision == "fp16":  # the scaler's unscale over sharded gradients is not wired up
             raise ValueError("train.precision=fp16 does not combine with train.fsdp: use bf16 (no loss scaling needed)")
         if self.checkpoint_format not in ("consolidated", "sharded"):
