@@ -99,9 +99,8 @@ class Precision:
     def __init__(self, precision: str, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
         self.precision = resolve_precision(precision, self.device)
-        precision = self.precision
-        self.dtype = PRECISIONS[precision]
-        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+        self.dtype = PRECISIONS[self.precision]
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
 
     def __call__(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:

@@ -319,7 +319,39 @@ static void free_x(QuantX *q) {
     free(q->total);
 }
 
-/* out[r] = sum_k x[r][k] w[k] for one output row's groups and blocks `w`, R rows of x. */
+#ifdef MMLM_AVX2
+/* A group's weights for the AVX2 loops: its four blocks' codes as int16 in x's order (wv), its scales d0 x4, d1 x4
+ * (d01) and d2 x4, d3 x4 (d23), its minimums m. */
+static inline __attribute__((always_inline)) void group_weights(const uint8_t *p, __m256i wv[8], __m256 *d01,
+                                                                __m256 *d23, __m128 *m) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
+    const __m128 d4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)p));
+    *d01 = _mm256_set_m128(_mm_permute_ps(d4, 0x55), _mm_permute_ps(d4, 0x00));
+    *d23 = _mm256_set_m128(_mm_permute_ps(d4, 0xFF), _mm_permute_ps(d4, 0xAA));
+    *m = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(p + 8)));
+    for (int h = 0; h < 2; h++) {
+        const __m256i codes = _mm256_loadu_si256((const __m256i *)(p + 16 + 32 * h));  /* blocks 2h, 2h + 1 */
+        const __m256i lo = _mm256_and_si256(codes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(codes, 4), low4);
+        wv[4 * h] = _mm256_unpacklo_epi8(lo, zero);      /* weights 0-7 of both blocks */
+        wv[4 * h + 1] = _mm256_unpackhi_epi8(lo, zero);  /* 8-15 */
+        wv[4 * h + 2] = _mm256_unpacklo_epi8(hi, zero);  /* 16-23 */
+        wv[4 * h + 3] = _mm256_unpackhi_epi8(hi, zero);  /* 24-31 */
+    }
+}
+
+/* The integer sums of blocks (0, 1) (s[0]) and (2, 3) (s[1]) of a group, four lanes each, x16 the group's x. */
+static inline __attribute__((always_inline)) void group_sums(const __m256i wv[8], const int16_t *x16, __m256i s[2]) {
+    for (int h = 0; h < 2; h++) {
+        const __m256i *xv = (const __m256i *)(x16 + 64 * h);
+        s[h] = _mm256_add_epi32(
+            _mm256_add_epi32(_mm256_madd_epi16(wv[4 * h], _mm256_loadu_si256(xv)),
+                             _mm256_madd_epi16(wv[4 * h + 1], _mm256_loadu_si256(xv + 1))),
+            _mm256_add_epi32(_mm256_madd_epi16(wv[4 * h + 2], _mm256_loadu_si256(xv + 2)),
+                             _mm256_madd_epi16(wv[4 * h + 3], _mm256_loadu_si256(xv + 3))));
+    }
+}
+#endif
+
 /* out[r] = x row r0 + r . W row w, for R rows of x; the groups from g0 on (0: all; q4_1_two_rows reads the groups
  * itself and passes their count, leaving this the blocks after them). */
 static inline __attribute__((always_inline)) void q4_1_row(const uint8_t *w, int64_t K, const QuantX *q, int64_t r0,
@@ -366,34 +398,17 @@ static inline __attribute__((always_inline)) void q4_1_row(const uint8_t *w, int
         acc2[r] = _mm256_setzero_ps();
         macc[r] = _mm_setzero_ps();
     }
-    const __m256i low4 = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
+    const __m256i low4 = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();  /* the blocks after the groups */
     for (int64_t g = g0; g < groups; g++) {
         const uint8_t *p = w + g * 80;
         _mm_prefetch((const char *)(p + PREFETCH), _MM_HINT_T0);
-        const __m128 d4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)p));
-        const __m256 d01 = _mm256_set_m128(_mm_permute_ps(d4, 0x55), _mm_permute_ps(d4, 0x00));  /* d0 x4, d1 x4 */
-        const __m256 d23 = _mm256_set_m128(_mm_permute_ps(d4, 0xFF), _mm_permute_ps(d4, 0xAA));  /* d2 x4, d3 x4 */
-        const __m128 m = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(p + 8)));
-        __m256i wv[8];  /* the four blocks' codes as int16, in x's order */
-        for (int h = 0; h < 2; h++) {
-            const __m256i codes = _mm256_loadu_si256((const __m256i *)(p + 16 + 32 * h));  /* blocks 2h, 2h + 1 */
-            const __m256i lo = _mm256_and_si256(codes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(codes, 4), low4);
-            wv[4 * h] = _mm256_unpacklo_epi8(lo, zero);      /* weights 0-7 of both blocks */
-            wv[4 * h + 1] = _mm256_unpackhi_epi8(lo, zero);  /* 8-15 */
-            wv[4 * h + 2] = _mm256_unpacklo_epi8(hi, zero);  /* 16-23 */
-            wv[4 * h + 3] = _mm256_unpackhi_epi8(hi, zero);  /* 24-31 */
-        }
+        __m256i wv[8];
+        __m256 d01, d23;
+        __m128 m;
+        group_weights(p, wv, &d01, &d23, &m);
         for (int r = 0; r < R; r++) {
-            const int16_t *xr = (const int16_t *)q->xq + (r0 + r) * K + g * 128;
             __m256i s[2];
-            for (int h = 0; h < 2; h++) {
-                const __m256i *xv = (const __m256i *)(xr + 64 * h);
-                s[h] = _mm256_add_epi32(
-                    _mm256_add_epi32(_mm256_madd_epi16(wv[4 * h], _mm256_loadu_si256(xv)),
-                                     _mm256_madd_epi16(wv[4 * h + 1], _mm256_loadu_si256(xv + 1))),
-                    _mm256_add_epi32(_mm256_madd_epi16(wv[4 * h + 2], _mm256_loadu_si256(xv + 2)),
-                                     _mm256_madd_epi16(wv[4 * h + 3], _mm256_loadu_si256(xv + 3))));
-            }
+            group_sums(wv, (const int16_t *)q->xq + (r0 + r) * K + g * 128, s);
             const float *dv = q->dxv + ((r0 + r) * groups + g) * 16;  /* exact: the sums are < 2^24 */
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[0]), _mm256_mul_ps(_mm256_loadu_ps(dv), d01), acc[r]);
             acc2[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[1]), _mm256_mul_ps(_mm256_loadu_ps(dv + 8), d23), acc2[r]);
@@ -510,28 +525,18 @@ static void q4_1_two_rows(const uint8_t *wa, const uint8_t *wb, int64_t K, const
     const uint8_t *rows[2] = {wa, wb};
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()}, acc2[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     __m128 macc[2] = {_mm_setzero_ps(), _mm_setzero_ps()};
-    const __m256i low4 = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
     for (int64_t g = 0; g < groups; g++) {
-        const __m256i *xv = (const __m256i *)((const int16_t *)q->xq + g * 128);
+        const int16_t *x16 = (const int16_t *)q->xq + g * 128;
         const __m256 dv01 = _mm256_loadu_ps(q->dxv + g * 16), dv23 = _mm256_loadu_ps(q->dxv + g * 16 + 8);
         const __m128 xsum = _mm_loadu_ps(q->xs + g * 4);
         for (int r = 0; r < 2; r++) {  /* as q4_1_row's group loop */
             const uint8_t *p = rows[r] + g * 80;
             _mm_prefetch((const char *)(p + PREFETCH), _MM_HINT_T0);
-            const __m128 d4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)p));
-            const __m256 d01 = _mm256_set_m128(_mm_permute_ps(d4, 0x55), _mm_permute_ps(d4, 0x00));
-            const __m256 d23 = _mm256_set_m128(_mm_permute_ps(d4, 0xFF), _mm_permute_ps(d4, 0xAA));
-            const __m128 m = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(p + 8)));
-            __m256i s[2];
-            for (int h = 0; h < 2; h++) {
-                const __m256i codes = _mm256_loadu_si256((const __m256i *)(p + 16 + 32 * h));
-                const __m256i lo = _mm256_and_si256(codes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(codes, 4), low4);
-                s[h] = _mm256_add_epi32(
-                    _mm256_add_epi32(_mm256_madd_epi16(_mm256_unpacklo_epi8(lo, zero), _mm256_load_si256(xv + 4 * h)),
-                                     _mm256_madd_epi16(_mm256_unpackhi_epi8(lo, zero), _mm256_load_si256(xv + 4 * h + 1))),
-                    _mm256_add_epi32(_mm256_madd_epi16(_mm256_unpacklo_epi8(hi, zero), _mm256_load_si256(xv + 4 * h + 2)),
-                                     _mm256_madd_epi16(_mm256_unpackhi_epi8(hi, zero), _mm256_load_si256(xv + 4 * h + 3))));
-            }
+            __m256i wv[8], s[2];
+            __m256 d01, d23;
+            __m128 m;
+            group_weights(p, wv, &d01, &d23, &m);
+            group_sums(wv, x16, s);
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[0]), _mm256_mul_ps(dv01, d01), acc[r]);
             acc2[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[1]), _mm256_mul_ps(dv23, d23), acc2[r]);
             macc[r] = _mm_fmadd_ps(m, xsum, macc[r]);

@@ -73,10 +73,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
-        devices.check_precision(self.precision)
-        if not isinstance(self.device, str) or self.device.split(":")[0].strip().lower() not in devices.DEVICES:
+        kind = self.device.split(":")[0].strip().lower() if isinstance(self.device, str) else None
+        if kind not in devices.DEVICES:
             raise ValueError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        kind = self.device.split(":")[0].strip().lower()
         cuda = kind == "cuda" or (kind == "auto" and torch.cuda.is_available())
         self.precision = devices.resolve_precision(self.precision, "cuda" if cuda else "cpu")  # "auto" made concrete
         if self.fsdp and self.precision == "fp16":  # the scaler's unscale over sharded gradients is not wired up
