@@ -57,6 +57,22 @@ def test_clip_train_step_learns():
     assert losses[-1] < losses[0]
 
 
+def test_clip_matrix_cells():
+    """Every cell of the settings matrix times mmlm and both transformers attention settings on the same model."""
+    rows = bench_models.bench_clip_matrix(acts=("gelu",), threads=(1,), precisions=("fp32",), optimizers=("foreach",),
+                                          batch=4, repeats=1, hf_config=SMALL_CLIP, emit=lambda r: None)
+    parity = _by(rows, bench="clip_matrix_parity")[0]
+    assert parity["mmlm_act"] == "gelu" and parity["max_abs_diff"] < 1e-4
+    cells = _by(rows, bench="clip_matrix")
+    assert sorted((r["what"], r.get("captions")) for r in cells) == [
+        ("image", None), ("text", "full"), ("text", "ragged"), ("train", "full"), ("train", "ragged")]
+    for r in cells:
+        assert r["mmlm_per_s"] > 0 and r["transformers-sdpa_per_s"] > 0 and r["transformers-eager_per_s"] > 0
+        assert r["ratio"] == pytest.approx(r["mmlm_per_s"] / r[f"{r['peer']}_per_s"], rel=0.02)
+    _, ids = bench_models.clip_batch(4, full=True)
+    assert (ids[:, -1] == 49407).all() and (ids > 0).all()  # full captions: EOT last, no padding
+
+
 @pytest.mark.slow
 def test_llava_bench_same_tokens():
     rows = bench_models.bench_llava(quick=True, batches=(2,), compile=False, emit=lambda r: None,

@@ -80,31 +80,40 @@ def clip_pair(workdir: Path, seed: int = 0, hf_config: dict | None = None, devic
     return mmlm.load(workdir / "bench-vit", device=device), hf.to(device)
 
 
-def clip_batch(batch: int, seed: int = 0, image_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """pixel_values (B, 3, S, S), input_ids (B, 32): random tokens of varied length, EOT (the largest id) last."""
+def clip_batch(batch: int, seed: int = 0, image_size: int = 64, full: bool = False,
+               context: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """pixel_values (B, 3, S, S), input_ids (B, context): random tokens of varied length (captions as they come),
+    or with `full` every row filling the context; EOT (the largest id) last."""
     g = torch.Generator().manual_seed(seed)
     pixels = torch.randn(batch, 3, image_size, image_size, generator=g)
-    ids = torch.zeros(batch, 32, dtype=torch.long)
+    ids = torch.zeros(batch, context, dtype=torch.long)
     for row in range(batch):
-        n = int(torch.randint(4, 31, (1,), generator=g))
+        n = context - 2 if full else int(torch.randint(4, context - 1, (1,), generator=g))
         ids[row, 0] = 49406
         ids[row, 1 : n + 1] = torch.randint(1, 49000, (n,), generator=g)
         ids[row, n + 1] = 49407
     return pixels, ids
 
 
-def train_steps(ours, hf, precision: str, lr: float = 1e-5):
+def train_steps(ours, hf, precision: str, lr: float = 1e-5, optimizer: str = "fused"):
     """(one mmlm training step, one transformers training step): forward, CLIP loss, backward, AdamW. Each
     library's own training optimiser: mmlm's (train/optim.py: fused AdamW on plain CPU parameters) and
-    transformers Trainer's default for torch >= 2.8 ("adamw_torch_fused"): the same kernel."""
+    transformers Trainer's default for torch >= 2.8 ("adamw_torch_fused"): the same kernel. `optimizer`
+    "foreach": both take torch's multi-tensor AdamW instead (what `torch.optim.AdamW` picks by default)."""
     from .train.feature_cache import contrastive_step
     from .train.objectives import contrastive_loss
     from .train.optim import build_optimizer
 
     ours, hf = copy.deepcopy(ours).train(), copy.deepcopy(hf).train()
     device = next(ours.parameters()).device.type
-    opt_ours = build_optimizer(ours, lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
-    opt_hf = torch.optim.AdamW(hf.parameters(), lr=lr, fused=True)
+    if optimizer == "fused":
+        opt_ours = build_optimizer(ours, lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
+        opt_hf = torch.optim.AdamW(hf.parameters(), lr=lr, fused=True)
+    elif optimizer == "foreach":
+        opt_ours = torch.optim.AdamW(ours.parameters(), lr=lr, weight_decay=0.0, foreach=True)
+        opt_hf = torch.optim.AdamW(hf.parameters(), lr=lr, weight_decay=0.0, foreach=True)
+    else:
+        raise ValueError(f"optimizer {optimizer!r}: 'fused' or 'foreach'")
 
     def loss_fn(img, txt):
         return contrastive_loss("clip", img, txt, ours.logit_scale, ours.logit_bias)
@@ -198,6 +207,87 @@ def bench_clip(quick: bool = False, batch: int = 64, precisions: tuple[str, ...]
             ratio = med["mmlm"] / med["transformers"]
             out({"bench": what, "precision": precision, "library": "mmlm/transformers", "ratio": round(ratio, 2),
                  "target": TARGETS[what], "met": ratio >= TARGETS[what]})
+    return rows
+
+
+MATRIX_AXES = {"act": ("quick_gelu", "gelu"), "captions": ("ragged", "full"), "threads": (1, 2),
+               "precision": ("fp32", "bf16"), "optimizer": ("fused", "foreach")}
+PEER_ATTENTION = ("sdpa", "eager")  # transformers' attention settings; each cell is judged against the faster
+
+
+def bench_clip_matrix(acts: tuple[str, ...] = MATRIX_AXES["act"], captions: tuple[str, ...] = MATRIX_AXES["captions"],
+                      threads: tuple[int, ...] = MATRIX_AXES["threads"],
+                      precisions: tuple[str, ...] = MATRIX_AXES["precision"],
+                      optimizers: tuple[str, ...] = MATRIX_AXES["optimizer"],
+                      what: tuple[str, ...] = ("train", "image", "text"), batch: int = 64, repeats: int = 5,
+                      hf_config: dict | None = None, emit: Emit = print_row) -> list[dict]:
+    """bench-vit's CLIP train step and embeddings across the settings a user comparing libraries would try:
+    activation (quick_gelu, OpenAI's; gelu, open_clip's for models it trains) x captions (ragged lengths, or
+    filling the context) x threads x precision x optimizer (train step: fused or foreach AdamW, the same for
+    both), mmlm against transformers with its SDPA and its eager attention, the three A/B/C alternated in one
+    process. One JSON row per cell: each library's median items/s and spread, and `ratio` = mmlm over the
+    faster transformers setting (`peer`). Image embedding has no captions axis, embeddings no optimizer one."""
+    transformers = require_transformers()
+    rows: list[dict] = []
+    base = hf_config or BENCH_VIT_HF
+    before = torch.get_num_threads()
+
+    def cell(kind: str, runs: dict[str, Callable[[], Any]], items: int, **axes) -> None:
+        times = time_ab(runs, repeats)
+        r = {lib: rates(items, secs) for lib, secs in times.items()}
+        peer = max((lib for lib in r if lib != "mmlm"), key=lambda lib: r[lib]["per_s_median"])
+        row = {"bench": "clip_matrix", "what": kind, **axes, "batch": batch, "repeats": repeats,
+               **{f"{lib}_per_s": v["per_s_median"] for lib, v in r.items()},
+               "spread": max(v["spread"] for v in r.values()), "peer": peer,
+               "ratio": round(r["mmlm"]["per_s_median"] / r[peer]["per_s_median"], 2), "target": TARGETS["clip_train"]}
+        rows.append(row)
+        emit(row)
+
+    try:
+        for act in acts:
+            cfg = copy.deepcopy(base)
+            cfg["vision_config"]["hidden_act"] = cfg["text_config"]["hidden_act"] = act
+            with tempfile.TemporaryDirectory() as tmp:
+                ours, _ = clip_pair(Path(tmp), hf_config=cfg)
+                peers = {f"transformers-{a}": transformers.CLIPModel.from_pretrained(
+                    Path(tmp) / "bench-vit", attn_implementation=a).eval() for a in PEER_ATTENTION}
+            size = ours.config.vision.image_size
+            context = cfg["text_config"]["max_position_embeddings"]
+            pixels, ids = clip_batch(batch, image_size=size, full=True, context=context)
+            with torch.inference_mode():  # same weights and activation, same numbers
+                diff = max(max((ours.encode_image(pixels) - _features(hf.get_image_features(pixel_values=pixels))
+                                ).abs().max().item(),
+                               (ours.encode_text(ids) - _features(hf.get_text_features(input_ids=ids))).abs().max().item())
+                           for hf in peers.values())
+            row = {"bench": "clip_matrix_parity", "act": act, "mmlm_act": ours.config.vision.act, "max_abs_diff": diff}
+            rows.append(row)
+            emit(row)
+            for n in threads:
+                torch.set_num_threads(n)
+                for precision in precisions:
+                    axes = {"act": act, "threads": n, "precision": precision}
+                    for cap in captions:
+                        pixels, ids = clip_batch(batch, image_size=size, full=cap == "full", context=context)
+                        for opt in optimizers if "train" in what else ():
+                            runs = {"mmlm": train_steps(ours, next(iter(peers.values())), precision, optimizer=opt)[0]}
+                            for name, hf in peers.items():
+                                runs[name] = train_steps(ours, hf, precision, optimizer=opt)[1]
+                            cell("train", {k: (lambda f=f: f(pixels, ids)) for k, f in runs.items()}, batch,
+                                 **axes, captions=cap, optimizer=opt)
+                        if "text" in what:
+                            with torch.inference_mode():
+                                cell("text", {"mmlm": repeated(lambda: ours.encode_text(ids), precision),
+                                              **{k: repeated(lambda hf=hf: hf.get_text_features(input_ids=ids), precision)
+                                                 for k, hf in peers.items()}}, batch * EMBED_CALLS, **axes, captions=cap)
+                    if "image" in what:
+                        pixels, _ = clip_batch(batch, image_size=size, context=context)
+                        with torch.inference_mode():
+                            cell("image", {"mmlm": repeated(lambda: ours.encode_image(pixels), precision),
+                                           **{k: repeated(lambda hf=hf: hf.get_image_features(pixel_values=pixels),
+                                                          precision) for k, hf in peers.items()}},
+                                 batch * EMBED_CALLS, **axes)
+    finally:
+        torch.set_num_threads(before)
     return rows
 
 
