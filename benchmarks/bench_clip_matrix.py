@@ -10,7 +10,9 @@ only). Each cell times mmlm, transformers with `attn_implementation="sdpa"` and 
 judges mmlm against the faster of the two. bf16 is left out on a CPU without bfloat16 instructions (there both
 libraries' matmuls run emulated, ~100x slower than fp32): `--precisions bf16` forces it.
 
-Prints one JSON line per cell (`bench_models.bench_clip_matrix`), then a markdown table of the ratios.
+Prints one JSON line per cell (`bench_models.bench_clip_matrix`), then a markdown table: the ratios, the FLOPs an
+item costs each library (torch's FlopCounterMode on one call) and the share of this machine's fp32 / bf16
+1024^3 matmul rate (at the cell's threads) each reaches on its own FLOPs (MFU).
 """
 
 from __future__ import annotations
@@ -28,12 +30,16 @@ from mmlm.devices import fast_bf16  # noqa: E402
 
 def table(rows: list[dict]) -> str:
     """One line per cell: the settings, each library's rate, mmlm over the faster transformers setting."""
-    head = "| what | act | captions | threads | precision | optimizer | mmlm /s | sdpa /s | eager /s | ratio (vs) |"
-    lines = [head, "|" + "---|" * 10]
+    head = ("| what | act | captions | threads | precision | optimizer | mmlm /s | sdpa /s | eager /s | ratio (vs) | "
+            "MFLOP an item: mmlm / peer | MFU: mmlm / peer |")
+    lines = [head, "|" + "---|" * 12]
+    rows = [r for r in rows if r["bench"] == "clip_matrix"]
     for r in rows:
+        p = r["peer"]
         lines.append(f"| {r['what']} | {r['act']} | {r.get('captions', '-')} | {r['threads']} | {r['precision']} | "
                      f"{r.get('optimizer', '-')} | {r['mmlm_per_s']:,} | {r['transformers-sdpa_per_s']:,} | "
-                     f"{r['transformers-eager_per_s']:,} | **{r['ratio']:.2f}×** ({r['peer'].split('-')[1]}) |")
+                     f"{r['transformers-eager_per_s']:,} | **{r['ratio']:.2f}×** ({p.split('-')[1]}) | "
+                     f"{r['mmlm_mflop']:,} / {r[p + '_mflop']:,} | {r['mmlm_mfu']:.2f} / {r[p + '_mfu']:.2f} |")
     low = min(rows, key=lambda r: r["ratio"])
     lines.append(f"\n{len(rows)} cells; ratio {low['ratio']:.2f}× (lowest) to {max(r['ratio'] for r in rows):.2f}×; "
                  f"{sum(r['ratio'] >= r['target'] for r in rows)} at or above {low['target']}×.")

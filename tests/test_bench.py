@@ -69,6 +69,7 @@ def test_clip_matrix_cells():
     for r in cells:
         assert r["mmlm_per_s"] > 0 and r["transformers-sdpa_per_s"] > 0 and r["transformers-eager_per_s"] > 0
         assert r["ratio"] == pytest.approx(r["mmlm_per_s"] / r[f"{r['peer']}_per_s"], rel=0.02)
+        assert 0 < r["mmlm_mflop"] <= r["transformers-eager_mflop"] and r["mmlm_mfu"] > 0
     _, ids = bench_models.clip_batch(4, full=True)
     assert (ids[:, -1] == 49407).all() and (ids > 0).all()  # full captions: EOT last, no padding
 

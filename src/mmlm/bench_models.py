@@ -232,14 +232,24 @@ def bench_clip_matrix(acts: tuple[str, ...] = MATRIX_AXES["act"], captions: tupl
     base = hf_config or BENCH_VIT_HF
     before = torch.get_num_threads()
 
+    peaks: dict[tuple[int, str], float] = {}
+
     def cell(kind: str, runs: dict[str, Callable[[], Any]], items: int, **axes) -> None:
+        flops = {lib: count_flops(run) / items for lib, run in runs.items()}  # per item; each run's own FLOPs
         times = time_ab(runs, repeats)
         r = {lib: rates(items, secs) for lib, secs in times.items()}
         peer = max((lib for lib in r if lib != "mmlm"), key=lambda lib: r[lib]["per_s_median"])
+        key = (axes["threads"], axes["precision"])
+        if key not in peaks:
+            peaks[key] = matmul_peak(torch.bfloat16 if axes["precision"] == "bf16" else torch.float32)
         row = {"bench": "clip_matrix", "what": kind, **axes, "batch": batch, "repeats": repeats,
                **{f"{lib}_per_s": v["per_s_median"] for lib, v in r.items()},
                "spread": max(v["spread"] for v in r.values()), "peer": peer,
-               "ratio": round(r["mmlm"]["per_s_median"] / r[peer]["per_s_median"], 2), "target": TARGETS["clip_train"]}
+               "ratio": round(r["mmlm"]["per_s_median"] / r[peer]["per_s_median"], 2), "target": TARGETS["clip_train"],
+               # FLOPs an item costs each library, and the share of the matmul peak each reaches at its own FLOPs
+               **{f"{lib}_mflop": round(flops[lib] / 1e6, 1) for lib in r},
+               **{f"{lib}_mfu": round(flops[lib] * r[lib]["per_s_median"] / peaks[key], 2) for lib in r},
+               "matmul_peak_gflops": round(peaks[key] / 1e9, 1)}
         rows.append(row)
         emit(row)
 
