@@ -1,5 +1,5 @@
 """mmlm's compiled loops (`csrc/weight_only.c` through `mmlm.native`) against their plain formulas: the int4 and int8
-matmuls, RMSNorm, one-query attention, and a whole quantized decoding step against `LM.decode_step`'s own loop.
+matmuls, RMSNorm, one-query and many-query attention, and a whole quantized decoding step against `LM.decode_step`'s own loop.
 Each check runs on the library as built for this machine (-march=native: AVX-512 VNNI or AVX2 loops), on an AVX2
 build where the CPU has AVX2 and the native build is not already that, and on a plain-C build of the same file
 (what a CPU without those instructions runs)."""
@@ -118,6 +118,46 @@ def test_one_query_attention_is_its_formula(lib, heads, kv_heads):
             want = attention_reference(q, k, v, mask, False)
             got = native.decode_attention(q, k, v, None if mask is None else mask[:, 0, 0], lib=lib)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("d", [4, 5, 8, 16, 32])
+def test_many_query_attention_is_its_formula(lib, d):
+    """Unmasked attention over many queries (a UNet's self- and cross-attention): q, k, v as strided views of
+    (B, N, H, d) projections, keys a multiple of 32, of 8 and neither (the padded tail), head dims the AVX2 loop
+    unrolls (4, 8, 16, 32) and one it does not; scores far apart (one key dominating) stay finite."""
+    torch.manual_seed(d)
+    B, H, T = 2, 3, 9
+    for S in (64, 40, 13, 1):
+        q = torch.randn(B, T, H, d).transpose(1, 2)
+        k, v = (torch.randn(B, S, 2 * H, d).transpose(1, 2)[:, ::2] for _ in range(2))
+        for scale in (1.0, 30.0):
+            got = native.attention(q * scale, k, v, lib=lib)
+            want = attention_reference(q * scale, k, v, None, False)
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_attention_takes_the_c_loop_for_small_heads_only_without_gradients(monkeypatch):
+    """`kernels.attention` hands unmasked small-head attention to the C loop (AVX2 builds) and its values equal
+    the formula; with a gradient, a mask or large heads it does not."""
+    import importlib
+
+    fast = importlib.import_module("mmlm.models.kernels.attention")
+    calls = []
+    real = native.attention
+    monkeypatch.setattr(native, "attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = torch.randn(2, 4, 50, 8), torch.randn(2, 4, 20, 8), torch.randn(2, 4, 20, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.attention(q, k, v), attention_reference(q, k, v, None, False),
+                                   atol=2e-5, rtol=1e-5)
+    assert len(calls) == (native.kernels().mmlm_simd() == 1)
+    calls.clear()
+    with torch.no_grad():
+        fast.attention(torch.randn(2, 4, 50, 64), torch.randn(2, 4, 20, 64), torch.randn(2, 4, 20, 64))
+        fast.attention(q, k, v, attn_mask=torch.ones(50, 20, dtype=torch.bool))
+        fast.attention(q, q, q, is_causal=True)
+    fast.attention(q.requires_grad_(), k, v)
+    assert calls == []
 
 
 def _lm(**kw) -> LM:

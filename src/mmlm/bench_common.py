@@ -88,8 +88,9 @@ def rates(items: int, seconds: list[float], unit: str = "per_s") -> dict[str, fl
     """items/s: median, spread (max - min) / median, min, max (keys `{unit}_median`, ...)."""
     r = sorted(items / s for s in seconds)
     med = r[len(r) // 2] if len(r) % 2 else (r[len(r) // 2 - 1] + r[len(r) // 2]) / 2
-    return {f"{unit}_median": round(med, 1), "spread": round((r[-1] - r[0]) / med, 3),
-            f"{unit}_min": round(r[0], 1), f"{unit}_max": round(r[-1], 1)}
+    digits = 1 if r[0] >= 10 else 3  # slow rates (a sampling run's images/s) keep three decimals
+    return {f"{unit}_median": round(med, digits), "spread": round((r[-1] - r[0]) / med, 3),
+            f"{unit}_min": round(r[0], digits), f"{unit}_max": round(r[-1], digits)}
 
 
 # ----------------------------------------------------------------------------- memory

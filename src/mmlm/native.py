@@ -114,6 +114,9 @@ def load(path: Path) -> ctypes.CDLL:
     lib.mmlm_decoder_layer.restype = ctypes.c_int
     for fn in (lib.mmlm_q4_1_dequantize, lib.mmlm_rms_norm, lib.mmlm_decode_attention):
         fn.restype = None
+    lib.mmlm_attention.argtypes = [p, i64, i64, i64, p, i64, i64, i64, p, i64, i64, i64, i64, i64, i64, i64, i64, p,
+                                   i32]
+    lib.mmlm_attention.restype = None
     lib.mmlm_simd.restype = ctypes.c_int
     return lib
 
@@ -194,6 +197,18 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     (lib or _lib).mmlm_decode_attention(q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1),
                                v.data_ptr(), v.stride(0), v.stride(1), mp, mb, B, H, Hkv, S, d, out.data_ptr(),
                                scores.data_ptr(), torch.get_num_threads())
+    return out.transpose(1, 2)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v, no mask: q (B, H, T, d), k, v (B, H, S, d) float32 with unit stride along d
+    -> (B, H, T, d), d <= 64 (`mmlm_attention`: many queries, a small head dim), stored (B, T, H, d) so that
+    the caller's transpose back to (B, T, H d) is a view."""
+    B, H, T, d = q.shape
+    S = k.shape[2]
+    out = torch.empty(B, T, H, d)
+    (lib or _lib).mmlm_attention(q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3], v.data_ptr(),
+                                 *v.stride()[:3], B, H, T, S, d, out.data_ptr(), torch.get_num_threads())
     return out.transpose(1, 2)
 
 

@@ -191,6 +191,27 @@ static inline __m256 exp8(__m256 x) {
     const __m256 y2 = _mm256_blendv_ps(_mm256_blendv_ps(y, _mm256_setzero_ps(), under), inf, over);
     return _mm256_blendv_ps(y2, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));  /* NaN stays NaN */
 }
+
+/* exp8 for x <= 0 (a score minus the largest): nothing overflows, so 2^n is one factor; below ln of the least
+ * normal float (and at -inf) the result is 0. Within 3 ulp of expf, as exp8. */
+static inline __m256 exp8_nonpositive(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.33654f), under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    const __m256 xc = _mm256_max_ps(x, lo);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
+                                                                            _mm256_set1_epi32(127)), 23));
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, s));
+}
 #endif
 
 /* float32 vectors of the widest width the build has, for the float loops (int8 rows with K % 32 != 0, attention,
@@ -809,6 +830,136 @@ void mmlm_decode_attention(const float *q, int64_t qb, int64_t qh, const float *
                     for (int64_t i = 0; i < d; i++) o[i] += p[s] * vr[s * d + i];
         }
         for (int64_t i = 0; i < d; i++) o[i] /= total;
+    }
+}
+
+#ifdef MMLM_AVX2
+/* One query of `mmlm_attention` (below): kT, vT (d, Sp), p (Sp) scratch, o (d) out. */
+static inline __attribute__((always_inline)) void attention_query(const float *qr, const float *kT, const float *vT,
+                                                                 float *p, int64_t S, int64_t Sp, int64_t d,
+                                                                 float scale, float *o) {
+    __m256 qs[64];  /* q / sqrt(d), each broadcast (d <= 64: the caller's contract) */
+    for (int64_t i = 0; i < d; i++) qs[i] = _mm256_set1_ps(qr[i] * scale);
+    __m256 mx = _mm256_set1_ps(-INFINITY);
+    int64_t s = 0;
+    for (; s + 32 <= Sp; s += 32) {  /* four vectors of keys: four independent chains of multiply-adds */
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t i = 0; i < d; i++) {
+            const float *kr = kT + i * Sp + s;
+            a0 = _mm256_fmadd_ps(qs[i], _mm256_loadu_ps(kr), a0);
+            a1 = _mm256_fmadd_ps(qs[i], _mm256_loadu_ps(kr + 8), a1);
+            a2 = _mm256_fmadd_ps(qs[i], _mm256_loadu_ps(kr + 16), a2);
+            a3 = _mm256_fmadd_ps(qs[i], _mm256_loadu_ps(kr + 24), a3);
+        }
+        _mm256_storeu_ps(p + s, a0);
+        _mm256_storeu_ps(p + s + 8, a1);
+        _mm256_storeu_ps(p + s + 16, a2);
+        _mm256_storeu_ps(p + s + 24, a3);
+        mx = _mm256_max_ps(mx, _mm256_max_ps(_mm256_max_ps(a0, a1), _mm256_max_ps(a2, a3)));
+    }
+    for (; s < Sp; s += 8) {
+        __m256 sc = _mm256_setzero_ps();
+        for (int64_t i = 0; i < d; i++) sc = _mm256_fmadd_ps(qs[i], _mm256_loadu_ps(kT + i * Sp + s), sc);
+        _mm256_storeu_ps(p + s, sc);
+    }
+    for (int64_t j = S; j < Sp; j++) p[j] = -INFINITY;  /* the padding */
+    for (s = Sp / 32 * 32; s < Sp; s += 8) mx = _mm256_max_ps(mx, _mm256_loadu_ps(p + s));
+    float m8[8], top = -INFINITY;
+    _mm256_storeu_ps(m8, mx);
+    for (int j = 0; j < 8; j++) top = m8[j] > top ? m8[j] : top;
+    if (S % 32 && Sp >= 32) {  /* a padded score (0 in the four-vector pass) must not be the maximum */
+        top = -INFINITY;
+        for (int64_t j = 0; j < S; j++) top = p[j] > top ? p[j] : top;
+    }
+    __m256 sums = _mm256_setzero_ps();
+    const __m256 topv = _mm256_set1_ps(top);
+    if (d <= 8) {  /* the exponentials and the weighted sum of the values in one pass */
+        __m256 acc[8];
+        for (int64_t j = 0; j < d; j++) acc[j] = _mm256_setzero_ps();
+        for (s = 0; s < Sp; s += 8) {
+            const __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + s), topv));
+            sums = _mm256_add_ps(sums, e);
+            for (int64_t j = 0; j < d; j++) acc[j] = _mm256_fmadd_ps(e, _mm256_loadu_ps(vT + j * Sp + s), acc[j]);
+        }
+        const float total = hsum8_ps(sums);
+        for (int64_t j = 0; j < d; j++) o[j] = hsum8_ps(acc[j]) / total;
+        return;
+    }
+    for (s = 0; s < Sp; s += 8) {
+        const __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + s), topv));
+        _mm256_storeu_ps(p + s, e);
+        sums = _mm256_add_ps(sums, e);
+    }
+    const float total = hsum8_ps(sums);
+    for (int64_t i0 = 0; i0 < d; i0 += 8) {  /* eight output dims at a time, each summed over the keys */
+        const int64_t n = d - i0 < 8 ? d - i0 : 8;
+        __m256 acc[8];
+        for (int64_t j = 0; j < n; j++) acc[j] = _mm256_setzero_ps();
+        for (s = 0; s < Sp; s += 8) {
+            const __m256 e = _mm256_loadu_ps(p + s);
+            for (int64_t j = 0; j < n; j++) acc[j] = _mm256_fmadd_ps(e, _mm256_loadu_ps(vT + (i0 + j) * Sp + s), acc[j]);
+        }
+        for (int64_t j = 0; j < n; j++) o[i0 + j] = hsum8_ps(acc[j]) / total;
+    }
+}
+#endif
+
+/* out (B, T, H, d) = softmax(q k^T / sqrt(d)) v for every query: no mask, many queries, a small head dim (a UNet's
+ * attention over image positions: d 4 to 32, hundreds of keys). There the scores cost more than the products:
+ * S exponentials per query against 2 S d multiply-adds, and PyTorch's kernels spend ~2 ns on each (its exp over
+ * a tensor runs at the same rate). Here the scores of one query stay in L1 and the exponentials are exp8's. Per
+ * (b, h): k and v transposed to (d, S) once, so that eight keys' scores are d multiply-adds of eight lanes; then
+ * per query: the scores and their maximum, p = e^(score - max) and its sum, out_i = sum_s p_s v_si / sum, with
+ * eight keys to a vector throughout. q, k, v: strides for b, h and the position; unit stride along d; d <= 64. */
+void mmlm_attention(const float *q, int64_t qb, int64_t qh, int64_t qt, const float *k, int64_t kb, int64_t kh,
+                    int64_t kt, const float *v, int64_t vb, int64_t vh, int64_t vt, int64_t B, int64_t H, int64_t T,
+                    int64_t S, int64_t d, float *out, int threads) {
+    const float scale = 1.0f / sqrtf((float)d);
+    const int64_t Sp = (S + 7) / 8 * 8;  /* keys padded to whole vectors: padding scores -inf, values 0 */
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && B * H * T * S * d >= 65536)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+        const int64_t b = bh / H, h = bh % H;
+        float *buf = malloc(sizeof(float) * (size_t)(2 * d + 1) * (size_t)Sp);
+        if (!buf) continue;  /* left as it was: the caller checks the returned rows */
+        float *kT = buf, *vT = buf + d * Sp, *p = buf + 2 * d * Sp;  /* (d, Sp), (d, Sp), (Sp) */
+        for (int64_t i = 0; i < d; i++)
+            for (int64_t s = 0; s < Sp; s++) {
+                kT[i * Sp + s] = s < S ? k[b * kb + h * kh + s * kt + i] : 0.0f;
+                vT[i * Sp + s] = s < S ? v[b * vb + h * vh + s * vt + i] : 0.0f;
+            }
+        for (int64_t t = 0; t < T; t++) {
+            const float *qr = q + b * qb + h * qh + t * qt;
+            float *o = out + ((b * T + t) * H + h) * d;  /* (B, T, H, d): heads side by side */
+            float top = -INFINITY, total = 0.0f;
+#ifdef MMLM_AVX2
+            switch (d) {  /* a constant d: loops over it unroll, its sums stay in registers */
+                case 4: attention_query(qr, kT, vT, p, S, Sp, 4, scale, o); break;
+                case 8: attention_query(qr, kT, vT, p, S, Sp, 8, scale, o); break;
+                case 16: attention_query(qr, kT, vT, p, S, Sp, 16, scale, o); break;
+                case 32: attention_query(qr, kT, vT, p, S, Sp, 32, scale, o); break;
+                default: attention_query(qr, kT, vT, p, S, Sp, d, scale, o);
+            }
+            (void)top;
+            (void)total;
+#else
+            for (int64_t s = 0; s < S; s++) {
+                float sc = 0.0f;
+                for (int64_t i = 0; i < d; i++) sc += qr[i] * scale * kT[i * Sp + s];
+                p[s] = sc;
+                top = sc > top ? sc : top;
+            }
+            for (int64_t s = 0; s < S; s++) {
+                p[s] = expf(p[s] - top);
+                total += p[s];
+            }
+            for (int64_t i = 0; i < d; i++) {
+                float acc = 0.0f;
+                for (int64_t s = 0; s < S; s++) acc += p[s] * vT[i * Sp + s];
+                o[i] = acc / total;
+            }
+#endif
+        }
+        free(buf);
     }
 }
 

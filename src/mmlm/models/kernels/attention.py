@@ -31,12 +31,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     PyTorch's fused kernel (`scaled_dot_product_attention`) is fast forward but its CPU backward is slow at
     CLIP-sized sequences (measured: a small CLIP trained ~2x faster with plain matmuls), so while training on a
     CPU the same maths runs as three ops with in-place masking; everywhere else (inference, GPUs) the fused
-    kernel does, sharing each k/v head among its query heads without copying (grouped-query attention).
+    kernel does, sharing each k/v head among its query heads without copying (grouped-query attention). Two
+    shapes run in mmlm's C loops instead (`native.py`): one query per row (a decoding step), and, on an AVX2 CPU
+    without a gradient, unmasked attention with heads of at most 16 dims (a UNet's over image positions: there
+    the exponentials dominate, and the C loop's cost ~0.5x PyTorch's).
     """
     if reference():
         return attention_reference(q, k, v, attn_mask, is_causal)
     if _one_query(q, k, v, attn_mask):  # a decoding step: a loop over the keys, no dispatch between ops
         return native.decode_attention(q, k, v, None if attn_mask is None else attn_mask[:, 0, 0, :])
+    if attn_mask is None and not is_causal and _small_heads(q, k, v):  # a UNet's: exponentials cost the most
+        return native.attention(q, k, v)
     gqa = k.shape[1] != q.shape[1]
     if not (cpu_path(q) and torch.is_grad_enabled() and q.requires_grad):  # SDPA: flash / efficient on CUDA
         if gqa:
@@ -56,6 +61,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     if attn_mask is not None:  # in place: neither product's backward needs the scores
         scores = scores.masked_fill_(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores.add_(attn_mask)
     return scores.softmax(dim=-1).to(v.dtype) @ v
+
+
+SMALL_HEAD_DIM = 16  # up to here the C loop beat PyTorch's fused CPU kernel (AVX2: 1.3x at 16, 2x at 4 and 8)
+
+
+def _small_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether `native.attention` takes this (unmasked, non-causal) call: float32 on a CPU, no gradient, as many
+    k/v heads as query heads, a head dim of at most SMALL_HEAD_DIM, unit stride along it, and the AVX2 build of
+    the C loops (the one it was measured on; elsewhere PyTorch's kernel)."""
+    return (q.shape[-1] <= SMALL_HEAD_DIM and q.shape[1] == k.shape[1] and cpu_path(q)
+            and q.dtype == k.dtype == v.dtype == torch.float32 and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+            and native.kernels() is not None and native.kernels().mmlm_simd() == 1)
 
 
 def _one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> bool:
