@@ -300,6 +300,42 @@ def test_conv_bn_folds_an_eval_batchnorm_into_the_convolution(autocast, bias):
     assert torch.equal(bn.running_mean, twin.running_mean) and torch.equal(bn.running_var, twin.running_var)
 
 
+@pytest.mark.parametrize("cin,cout,size", [(96, 64, 16), (128, 128, 8), (160, 96, (6, 10))])
+def test_conv_add_winograd_equals_the_direct_convolution(cin, cout, size):
+    """conv_add: conv(x) + shift + residual, without a gradient, on feature maps where the Winograd path runs
+    (AVX2 builds; elsewhere the direct form, which this checks too): NCHW and channels-last inputs, with and
+    without shift / skip / bias; the kernels' transform is kept until the weight changes in place; with a
+    gradient, autocast or a 32x32 map the direct form runs (its values equal exactly)."""
+    from mmlm.models.kernels import images
+
+    torch.manual_seed(cin)
+    h, w = (size, size) if isinstance(size, int) else size
+    conv = torch.nn.Conv2d(cin, cout, 3, padding=1)
+    x = torch.randn(3, cin, h, w)
+    shift, skip = torch.randn(3, cout), torch.randn(3, cout, h, w)
+    with torch.no_grad():
+        for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+            for extra in ({}, {"shift": shift}, {"residual": skip}, {"shift": shift, "residual": skip}):
+                want = kernels.conv_add_reference(conv, x, **extra)
+                torch.testing.assert_close(kernels.conv_add(conv, inp, **extra), want, atol=2e-5, rtol=1e-5)
+        conv.bias = None
+        torch.testing.assert_close(kernels.conv_add(conv, x, shift=shift), conv(x) + shift[:, :, None, None],
+                                   atol=2e-5, rtol=1e-5)
+        conv.weight.mul_(2)  # in place: the kept transform must follow
+        torch.testing.assert_close(kernels.conv_add(conv, x), conv(x), atol=4e-5, rtol=1e-5)
+    takes = images._winograd(conv, x.contiguous(memory_format=torch.channels_last), None, None)
+    assert not takes  # a gradient on the weight
+    with torch.no_grad():
+        from mmlm import native
+        assert images._winograd(conv, x, None, None) == (native.kernels() is not None
+                                                          and native.kernels().mmlm_simd() == 1)
+        assert not images._winograd(conv, torch.randn(1, cin, 32, 32), None, None)
+        with torch.autocast("cpu", torch.bfloat16):
+            assert not images._winograd(conv, x, None, None)
+        with mmlm.reference_mode():
+            assert torch.equal(kernels.conv_add(conv, x, residual=skip), skip + conv(x))
+
+
 def test_channels_last_convolutions_give_the_nchw_results_and_leave_the_model_as_it_was():
     """conv_layout / conv_weights_layout: a text-to-image UNet with a VAE sampled (and trained) on channels-last
     activations and weights gives the reference's NCHW results; the weights are contiguous again afterwards."""

@@ -117,6 +117,10 @@ def load(path: Path) -> ctypes.CDLL:
     lib.mmlm_attention.argtypes = [p, i64, i64, i64, p, i64, i64, i64, p, i64, i64, i64, i64, i64, i64, i64, i64, p,
                                    i32]
     lib.mmlm_attention.restype = None
+    lib.mmlm_winograd_input.argtypes = [p, i64, i64, i64, i64, p, i32]
+    lib.mmlm_winograd_output.argtypes = [p, i64, i64, i64, i64, p, p, p, p, i32]
+    for fn in (lib.mmlm_winograd_input, lib.mmlm_winograd_output):
+        fn.restype = None
     lib.mmlm_simd.restype = ctypes.c_int
     return lib
 
@@ -210,6 +214,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lib: ctypes.CDL
     (lib or _lib).mmlm_attention(q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3], v.data_ptr(),
                                  *v.stride()[:3], B, H, T, S, d, out.data_ptr(), torch.get_num_threads())
     return out.transpose(1, 2)
+
+
+def winograd_input(x: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x (N, H, W, C) float32 contiguous, H and W even -> (16, P, C): Winograd F(2x2, 3x3)'s B^T d B of every
+    2x2 tile's 4x4 patch (zero padding 1), P = N H W / 4 tiles."""
+    N, H, W, C = x.shape
+    v = torch.empty(16, N * H * W // 4, C)
+    (lib or _lib).mmlm_winograd_input(x.data_ptr(), N, H, W, C, v.data_ptr(), torch.get_num_threads())
+    return v
+
+
+def winograd_output(m: torch.Tensor, shape: tuple[int, int, int], bias: torch.Tensor | None = None,
+                    shift: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                    lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """m (16, P, O) float32 contiguous, shape (N, H, W) -> (N, H, W, O): A^T m A per tile, + bias (O,) + shift
+    (N, O) + residual (N, H, W, O), all float32 contiguous where given."""
+    N, H, W = shape
+    O = m.shape[2]
+    y = torch.empty(N, H, W, O)
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    (lib or _lib).mmlm_winograd_output(m.data_ptr(), N, H, W, O, ptr(bias), ptr(shift), ptr(residual), y.data_ptr(),
+                                       torch.get_num_threads())
+    return y
 
 
 def linear_struct(layer) -> Linear:

@@ -1062,6 +1062,86 @@ int mmlm_decoder_layer(float *x, int64_t B, int64_t C, const float *norm1, const
     return ok;
 }
 
+/* ------------------------------------------------------------------------------------------------ Winograd */
+/* A 3x3 convolution (stride 1, zero padding 1) as Winograd's F(2x2, 3x3): each 2x2 tile of outputs is
+ *   Y = A^T [ (G g G^T) . (B^T d B) ] A
+ * with d the 4x4 patch of input under the tile, g the 3x3 kernel and . the elementwise product over the 16
+ * positions; summed over input channels, the 16 products are 16 matmuls (P tiles, C) x (C, O) that PyTorch runs
+ * (mmlm/models/kernels/images.py). 16 multiplies per tile and channel pair where the direct form takes 36. These two
+ * loops are the transforms around the matmuls, over channels-last (N, H, W, C) tensors, H and W even:
+ *   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],   A^T = [1 1 1 0; 0 1 -1 -1].
+ * Tile p = (n H/2 + i) W/2 + j covers outputs (2i, 2j) .. (2i + 1, 2j + 1) and inputs 2i - 1 .. 2i + 2 (outside:
+ * the zero padding). */
+
+/* V (16, P, C) = B^T d B for every tile's patch of x (N, H, W, C). */
+void mmlm_winograd_input(const float *x, int64_t N, int64_t H, int64_t W, int64_t C, float *V, int threads) {
+    const int64_t th = H / 2, tw = W / 2, P = N * th * tw;
+    float *zero = calloc((size_t)C, sizeof(float));
+    if (!zero) return;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && P * C >= 16384)
+    for (int64_t p = 0; p < P; p++) {
+        const int64_t n = p / (th * tw), i = p / tw % th, j = p % tw;
+        const float *d[4][4];
+        for (int a = 0; a < 4; a++)
+            for (int b = 0; b < 4; b++) {
+                const int64_t r = 2 * i - 1 + a, c = 2 * j - 1 + b;
+                d[a][b] = (r < 0 || r >= H || c < 0 || c >= W) ? zero : x + ((n * H + r) * W + c) * C;
+            }
+        float *v = V + p * C;
+        const int64_t stride = P * C;  /* from one of the 16 positions to the next */
+#pragma omp simd
+        for (int64_t k = 0; k < C; k++) {
+            float t[4][4];  /* B^T d: its rows */
+            for (int b = 0; b < 4; b++) {
+                t[0][b] = d[0][b][k] - d[2][b][k];
+                t[1][b] = d[1][b][k] + d[2][b][k];
+                t[2][b] = d[2][b][k] - d[1][b][k];
+                t[3][b] = d[1][b][k] - d[3][b][k];
+            }
+            for (int a = 0; a < 4; a++) {  /* (B^T d) B */
+                v[(4 * a + 0) * stride + k] = t[a][0] - t[a][2];
+                v[(4 * a + 1) * stride + k] = t[a][1] + t[a][2];
+                v[(4 * a + 2) * stride + k] = t[a][2] - t[a][1];
+                v[(4 * a + 3) * stride + k] = t[a][1] - t[a][3];
+            }
+        }
+    }
+    free(zero);
+}
+
+/* y (N, H, W, O) = A^T m A for every tile's 16 sums m = M[:, p] (M (16, P, O)), + bias (O) + shift (N, O) +
+ * residual (N, H, W, O), each of the three optional (NULL). */
+void mmlm_winograd_output(const float *M, int64_t N, int64_t H, int64_t W, int64_t O, const float *bias,
+                          const float *shift, const float *residual, float *y, int threads) {
+    const int64_t th = H / 2, tw = W / 2, P = N * th * tw, stride = P * O;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && P * O >= 16384)
+    for (int64_t p = 0; p < P; p++) {
+        const int64_t n = p / (th * tw), i = p / tw % th, j = p % tw;
+        const float *m = M + p * O;
+        int64_t at[2][2];
+        for (int a = 0; a < 2; a++)
+            for (int b = 0; b < 2; b++) at[a][b] = ((n * H + 2 * i + a) * W + 2 * j + b) * O;
+#pragma omp simd
+        for (int64_t k = 0; k < O; k++) {
+            float s[2][4];  /* A^T m: its two rows */
+            for (int b = 0; b < 4; b++) {
+                s[0][b] = m[(0 + b) * stride + k] + m[(4 + b) * stride + k] + m[(8 + b) * stride + k];
+                s[1][b] = m[(4 + b) * stride + k] - m[(8 + b) * stride + k] - m[(12 + b) * stride + k];
+            }
+            const float add = (bias ? bias[k] : 0.0f) + (shift ? shift[n * O + k] : 0.0f);
+            for (int a = 0; a < 2; a++) {
+                float o0 = s[a][0] + s[a][1] + s[a][2] + add, o1 = s[a][1] - s[a][2] - s[a][3] + add;
+                if (residual) {
+                    o0 += residual[at[a][0] + k];
+                    o1 += residual[at[a][1] + k];
+                }
+                y[at[a][0] + k] = o0;
+                y[at[a][1] + k] = o1;
+            }
+        }
+    }
+}
+
 /* Which loops this build has: 2 AVX-512 VNNI, 1 AVX2, 0 the plain C ones. */
 int mmlm_simd(void) {
 #if defined(MMLM_AVX512)

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..diffusion_config import UNetConfig
 from .attention import Attention, CrossAttention
-from .kernels import attention, conv_layout
+from .kernels import attention, conv_add, conv_layout
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0) -> torch.Tensor:
@@ -98,11 +98,10 @@ class ResnetBlock2D(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, in_ch, H, W), temb (B, temb_dim) -> (B, out_ch, H, W)."""
-        h = self.conv1(F.silu(self.norm1(x)))
-        if self.time_emb_proj is not None:
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # one shift per channel
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+        shift = None if self.time_emb_proj is None else self.time_emb_proj(F.silu(temb))  # (B, out_ch)
+        h = conv_add(self.conv1, F.silu(self.norm1(x)), shift=shift)  # conv1(...) + one shift per channel
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return conv_add(self.conv2, F.silu(self.norm2(h)), residual=skip)  # skip + conv2(...)
 
 
 class Downsample2D(nn.Module):
@@ -131,7 +130,7 @@ class Upsample2D(nn.Module):
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         else:
             x = F.interpolate(x, size=size, mode="nearest")
-        return self.conv(x)
+        return conv_add(self.conv, x)
 
 
 class GEGLU(nn.Module):

@@ -26,7 +26,8 @@ Compiled loops (`mmlm/native.py`, `csrc/weight_only.c`, built on first use) serv
 
 from .attention import attention, attention_reference
 from .casts import matmul_dtype, weight_in
-from .images import conv_bn, conv_bn_reference, conv_layout, conv_weights_layout, patch_embed, patch_embed_reference
+from .images import (conv_add, conv_add_reference, conv_bn, conv_bn_reference, conv_layout, conv_weights_layout,
+                     patch_embed, patch_embed_reference)
 from .lora import lora_linear, lora_linear_reference
 from .loss import head_logits, next_token_loss, next_token_loss_reference
 from .mlp import mlp, quick_gelu, quick_gelu_reference, swiglu, swiglu_down, swiglu_reference
@@ -37,7 +38,7 @@ from .rope import apply_rope, apply_rope_reference
 from .switch import reference, reference_mode
 
 __all__ = [
-    "attention", "attention_reference", "matmul_dtype", "weight_in", "conv_bn", "conv_bn_reference", "conv_layout",
+    "attention", "attention_reference", "matmul_dtype", "weight_in", "conv_add", "conv_add_reference", "conv_bn", "conv_bn_reference", "conv_layout",
     "conv_weights_layout", "patch_embed",
     "patch_embed_reference", "lora_linear", "lora_linear_reference", "head_logits", "next_token_loss",
     "next_token_loss_reference", "mlp", "quick_gelu", "quick_gelu_reference", "swiglu", "swiglu_down", "swiglu_reference",
