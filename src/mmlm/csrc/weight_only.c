@@ -162,32 +162,38 @@ static inline float hsum8_ps(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
 
-/* e^x for eight floats, within 3 ulp of expf where that is a normal float (0 where it is subnormal, inf past the
- * largest; NaN stays NaN): x = n ln 2 + r, |r| <= ln 2 / 2, e^r by its Taylor polynomial to degree 6 (Horner),
- * times 2^n put in the exponent bits. */
-static inline __m256 exp8(__m256 x) {
-    /* ln of the least normal float and of the largest */
-    const __m256 lo = _mm256_set1_ps(-87.33654f), hi = _mm256_set1_ps(88.72283f);
-    const __m256 inf = _mm256_set1_ps(INFINITY), under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    const __m256 over = _mm256_cmp_ps(x, hi, _CMP_GT_OQ);
-    const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);  /* ln 2 in two parts: exact n ln2_hi */
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+/* e^xc = e^r 2^n for eight floats xc in range: n = round(xc / ln 2), r = xc - n ln 2 (|r| <= ln 2 / 2, ln 2 in two
+ * parts so that n ln2_hi is exact), e^r by its Taylor polynomial to degree 6 (Horner); returns e^r, n in *n. */
+static inline __m256 exp8_reduced(__m256 xc, __m256 *n) {
+    *n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(*n, _mm256_set1_ps(0.693359375f), xc);
+    r = _mm256_fnmadd_ps(*n, _mm256_set1_ps(-2.12194440e-4f), r);
     __m256 p = _mm256_set1_ps(1.0f / 720.0f);
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    return _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+}
+
+/* 2^e for integer e with -126 <= e <= 127, put in the exponent bits */
+static inline __m256 pow2_8(__m256i e) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23));
+}
+
+/* e^x for eight floats, within 3 ulp of expf where that is a normal float (0 where it is subnormal, inf past the
+ * largest; NaN stays NaN). */
+static inline __m256 exp8(__m256 x) {
+    /* ln of the least normal float and of the largest */
+    const __m256 lo = _mm256_set1_ps(-87.33654f), hi = _mm256_set1_ps(88.72283f);
+    const __m256 inf = _mm256_set1_ps(INFINITY), under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    const __m256 over = _mm256_cmp_ps(x, hi, _CMP_GT_OQ);
+    __m256 n;
+    const __m256 p = exp8_reduced(_mm256_min_ps(_mm256_max_ps(x, lo), hi), &n);
     /* 2^n in two factors, so that n = 128 (x near 88.7) stays finite */
     const __m256i e = _mm256_cvtps_epi32(n), e1 = _mm256_srai_epi32(e, 1);
-    const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e1, _mm256_set1_epi32(127)), 23));
-    const __m256 s2 = _mm256_castsi256_ps(
-        _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(e, e1), _mm256_set1_epi32(127)), 23));
-    const __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+    const __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, pow2_8(e1)), pow2_8(_mm256_sub_epi32(e, e1)));
     const __m256 y2 = _mm256_blendv_ps(_mm256_blendv_ps(y, _mm256_setzero_ps(), under), inf, over);
     return _mm256_blendv_ps(y2, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));  /* NaN stays NaN */
 }
@@ -196,21 +202,9 @@ static inline __m256 exp8(__m256 x) {
  * normal float (and at -inf) the result is 0. Within 3 ulp of expf, as exp8. */
 static inline __m256 exp8_nonpositive(__m256 x) {
     const __m256 lo = _mm256_set1_ps(-87.33654f), under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    const __m256 xc = _mm256_max_ps(x, lo);
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.0f / 720.0f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n),
-                                                                            _mm256_set1_epi32(127)), 23));
-    return _mm256_andnot_ps(under, _mm256_mul_ps(p, s));
+    __m256 n;
+    const __m256 p = exp8_reduced(_mm256_max_ps(x, lo), &n);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(p, pow2_8(_mm256_cvtps_epi32(n))));
 }
 #endif
 
