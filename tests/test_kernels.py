@@ -336,6 +336,27 @@ def test_conv_add_winograd_equals_the_direct_convolution(cin, cout, size):
             assert torch.equal(kernels.conv_add(conv, x, residual=skip), skip + conv(x))
 
 
+@pytest.mark.parametrize("channels,groups,size", [(32, 8, 16), (96, 8, 8), (12, 3, 5), (64, 32, 4)])
+def test_group_norm_silu_is_its_formula(channels, groups, size):
+    """group_norm_silu: silu(GroupNorm(x)) on channels-last maps without a gradient (the C loop on AVX2 builds),
+    values far from zero mean and unit scale, affine or not; NCHW input, a gradient or autocast take the formula
+    itself (equal exactly)."""
+    torch.manual_seed(channels)
+    x = (torch.randn(3, channels, size, size) * 3 + 2).contiguous(memory_format=torch.channels_last)
+    for affine in (True, False):
+        norm = torch.nn.GroupNorm(groups, channels, eps=1e-5, affine=affine)
+        if affine:
+            torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+        with torch.no_grad():
+            want = kernels.group_norm_silu_reference(norm, x)
+            got = kernels.group_norm_silu(norm, x)
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+            assert got.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(kernels.group_norm_silu(norm, x.contiguous()), F.silu(norm(x.contiguous())))
+        if affine:
+            assert torch.equal(kernels.group_norm_silu(norm, x), F.silu(norm(x)))  # a gradient: the formula
+
+
 def test_channels_last_convolutions_give_the_nchw_results_and_leave_the_model_as_it_was():
     """conv_layout / conv_weights_layout: a text-to-image UNet with a VAE sampled (and trained) on channels-last
     activations and weights gives the reference's NCHW results; the weights are contiguous again afterwards."""

@@ -137,6 +137,21 @@ def test_many_query_attention_is_its_formula(lib, d):
             torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("channels,groups", [(32, 8), (12, 3), (20, 5)])
+def test_group_norm_silu_is_its_formula(lib, channels, groups):
+    """silu(GroupNorm(x)) and GroupNorm alone over channels-last maps: channel counts the eight-wide loop covers
+    and ones it leaves a tail of, affine parameters or none."""
+    torch.manual_seed(channels)
+    x = (torch.randn(2, channels, 6, 5) * 3 + 2).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(channels), torch.randn(channels)
+    for weight, bias in ((w, b), (None, None)):
+        norm = torch.nn.functional.group_norm(x, groups, weight, bias, 1e-5)
+        torch.testing.assert_close(native.group_norm_silu(x, groups, weight, bias, 1e-5, lib=lib),
+                                   torch.nn.functional.silu(norm), atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(native.group_norm_silu(x, groups, weight, bias, 1e-5, silu=False, lib=lib), norm,
+                                   atol=2e-5, rtol=1e-5)
+
+
 def test_attention_takes_the_c_loop_for_small_heads_only_without_gradients(monkeypatch):
     """`kernels.attention` hands unmasked small-head attention to the C loop (AVX2 builds) and its values equal
     the formula; with a gradient, a mask or large heads it does not."""

@@ -121,6 +121,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.mmlm_winograd_output.argtypes = [p, i64, i64, i64, i64, p, p, p, p, i32]
     for fn in (lib.mmlm_winograd_input, lib.mmlm_winograd_output):
         fn.restype = None
+    lib.mmlm_group_norm_silu.argtypes = [p, i64, i64, i64, i64, p, p, ctypes.c_float, i32, p, i32]
+    lib.mmlm_group_norm_silu.restype = None
     lib.mmlm_simd.restype = ctypes.c_int
     return lib
 
@@ -214,6 +216,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lib: ctypes.CDL
     (lib or _lib).mmlm_attention(q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3], v.data_ptr(),
                                  *v.stride()[:3], B, H, T, S, d, out.data_ptr(), torch.get_num_threads())
     return out.transpose(1, 2)
+
+
+def group_norm_silu(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                    eps: float, silu: bool = True, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """silu(GroupNorm(x)) (or the norm alone): x (N, C, H, W) float32 stored channels-last, groups <= 256 dividing
+    C, weight / bias (C,) float32 contiguous or None -> (N, C, H, W), channels-last."""
+    N, C, H, W = x.shape
+    y = torch.empty(N, H, W, C)
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    (lib or _lib).mmlm_group_norm_silu(x.data_ptr(), N, H * W, C, groups, ptr(weight), ptr(bias), eps, int(silu),
+                                       y.data_ptr(), torch.get_num_threads())
+    return y.permute(0, 3, 1, 2)
 
 
 def winograd_input(x: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:

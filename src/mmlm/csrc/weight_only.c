@@ -1056,6 +1056,70 @@ int mmlm_decoder_layer(float *x, int64_t B, int64_t C, const float *norm1, const
     return ok;
 }
 
+/* ------------------------------------------------------------------------------------------------ GroupNorm */
+/* y = silu(GroupNorm(x)) over channels-last x (N, P positions, C), G groups of C / G channels: per image and group
+ * the mean and variance over its P C / G values (two passes), then one pass writing
+ * z = (x - mean) / sqrt(var + eps) gamma_c + beta_c and, with `silu`, z / (1 + e^-z). PyTorch runs the norm
+ * and the activation as two passes over the map, and its GroupNorm is ~3x slower on channels-last maps than on
+ * NCHW ones. */
+void mmlm_group_norm_silu(const float *x, int64_t N, int64_t P, int64_t C, int64_t G, const float *gamma,
+                          const float *beta, float eps, int silu, float *y, int threads) {
+    const int64_t cg = C / G;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && N * P * C >= 65536)
+    for (int64_t n = 0; n < N; n++) {
+        const float *xn = x + n * P * C;
+        float *yn = y + n * P * C;
+        /* per channel over the positions (eight channels to a vector), then per group over its channels */
+        float acc[C > 0 ? C : 1], mean_c[C > 0 ? C : 1], scale[C > 0 ? C : 1], shift[C > 0 ? C : 1];
+        double mean[G > 0 ? G : 1], var[G > 0 ? G : 1];
+        for (int64_t c = 0; c < C; c++) acc[c] = 0.0f;
+        for (int64_t p = 0; p < P; p++) {
+            const float *xr = xn + p * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; c++) acc[c] += xr[c];
+        }
+        for (int64_t g = 0; g < G; g++) {
+            double t = 0.0;
+            for (int64_t c = g * cg; c < (g + 1) * cg; c++) t += acc[c];
+            mean[g] = t / (double)(P * cg);
+            for (int64_t c = g * cg; c < (g + 1) * cg; c++) mean_c[c] = (float)mean[g];
+        }
+        for (int64_t c = 0; c < C; c++) acc[c] = 0.0f;
+        for (int64_t p = 0; p < P; p++) {
+            const float *xr = xn + p * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; c++) acc[c] += (xr[c] - mean_c[c]) * (xr[c] - mean_c[c]);
+        }
+        for (int64_t g = 0; g < G; g++) {
+            double t = 0.0;
+            for (int64_t c = g * cg; c < (g + 1) * cg; c++) t += acc[c];
+            var[g] = t / (double)(P * cg);
+            const float r = (float)(1.0 / sqrt(var[g] + (double)eps));
+            for (int64_t c = g * cg; c < (g + 1) * cg; c++) {
+                scale[c] = r * (gamma ? gamma[c] : 1.0f);
+                shift[c] = (beta ? beta[c] : 0.0f) - mean_c[c] * scale[c];
+            }
+        }
+        for (int64_t p = 0; p < P; p++) {
+            const float *xr = xn + p * C;
+            float *yr = yn + p * C;
+            int64_t c = 0;
+#ifdef MMLM_AVX2
+            for (; c + 8 <= C; c += 8) {
+                const __m256 z = _mm256_fmadd_ps(_mm256_loadu_ps(xr + c), _mm256_loadu_ps(scale + c),
+                                                 _mm256_loadu_ps(shift + c));
+                _mm256_storeu_ps(yr + c, silu ? _mm256_div_ps(z, _mm256_add_ps(_mm256_set1_ps(1.0f),
+                                                              exp8(_mm256_sub_ps(_mm256_setzero_ps(), z)))) : z);
+            }
+#endif
+            for (; c < C; c++) {
+                const float z = xr[c] * scale[c] + shift[c];
+                yr[c] = silu ? z / (1.0f + expf(-z)) : z;
+            }
+        }
+    }
+}
+
 /* ------------------------------------------------------------------------------------------------ Winograd */
 /* A 3x3 convolution (stride 1, zero padding 1) as Winograd's F(2x2, 3x3): each 2x2 tile of outputs is
  *   Y = A^T [ (G g G^T) . (B^T d B) ] A

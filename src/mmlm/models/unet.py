@@ -23,7 +23,7 @@ from torch import nn
 
 from ..diffusion_config import UNetConfig
 from .attention import Attention, CrossAttention
-from .kernels import attention, conv_add, conv_layout
+from .kernels import attention, conv_add, conv_layout, group_norm_silu
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0) -> torch.Tensor:
@@ -99,9 +99,9 @@ class ResnetBlock2D(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, in_ch, H, W), temb (B, temb_dim) -> (B, out_ch, H, W)."""
         shift = None if self.time_emb_proj is None else self.time_emb_proj(F.silu(temb))  # (B, out_ch)
-        h = conv_add(self.conv1, F.silu(self.norm1(x)), shift=shift)  # conv1(...) + one shift per channel
+        h = conv_add(self.conv1, group_norm_silu(self.norm1, x), shift=shift)  # conv1(...) + one shift per channel
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return conv_add(self.conv2, F.silu(self.norm2(h)), residual=skip)  # skip + conv2(...)
+        return conv_add(self.conv2, group_norm_silu(self.norm2, h), residual=skip)  # skip + conv2(...)
 
 
 class Downsample2D(nn.Module):
@@ -328,4 +328,4 @@ class UNet2DConditionModel(nn.Module):
             del skips[-len(block.resnets):]
             size = tuple(skips[-1].shape[-2:]) if skips else None  # upsample to the next level's size exactly
             x = block(x, level_skips, temb, encoder_hidden_states, size)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(group_norm_silu(self.conv_norm_out, x))

@@ -8,12 +8,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..diffusion_config import VAEConfig
 from .attention import Attention
-from .kernels import conv_layout
+from .kernels import conv_layout, group_norm_silu
 from .unet import Downsample2D, ResnetBlock2D, Upsample2D
 
 EPS = 1e-6  # the autoencoder's GroupNorm epsilon
@@ -94,7 +93,7 @@ class Encoder(nn.Module):
         x = self.conv_in(x)
         for block in self.down_blocks:
             x = block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(x))))
+        return self.conv_out(group_norm_silu(self.conv_norm_out, self.mid_block(x)))
 
 
 class Decoder(nn.Module):
@@ -114,7 +113,7 @@ class Decoder(nn.Module):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(group_norm_silu(self.conv_norm_out, x))
 
 
 class AutoencoderKL(nn.Module):

@@ -27,7 +27,7 @@ Compiled loops (`mmlm/native.py`, `csrc/weight_only.c`, built on first use) serv
 from .attention import attention, attention_reference
 from .casts import matmul_dtype, weight_in
 from .images import (conv_add, conv_add_reference, conv_bn, conv_bn_reference, conv_layout, conv_weights_layout,
-                     patch_embed, patch_embed_reference)
+                     group_norm_silu, group_norm_silu_reference, patch_embed, patch_embed_reference)
 from .lora import lora_linear, lora_linear_reference
 from .loss import head_logits, next_token_loss, next_token_loss_reference
 from .mlp import mlp, quick_gelu, quick_gelu_reference, swiglu, swiglu_down, swiglu_reference
@@ -39,7 +39,7 @@ from .switch import reference, reference_mode
 
 __all__ = [
     "attention", "attention_reference", "matmul_dtype", "weight_in", "conv_add", "conv_add_reference", "conv_bn", "conv_bn_reference", "conv_layout",
-    "conv_weights_layout", "patch_embed",
+    "conv_weights_layout", "group_norm_silu", "group_norm_silu_reference", "patch_embed",
     "patch_embed_reference", "lora_linear", "lora_linear_reference", "head_logits", "next_token_loss",
     "next_token_loss_reference", "mlp", "quick_gelu", "quick_gelu_reference", "swiglu", "swiglu_down", "swiglu_reference",
     "rms_norm", "rms_norm_reference", "ROW_MULTIPLE", "Packing", "round_rows", "pooled", "pooled_reference",
