@@ -1,4 +1,5 @@
-"""mmlm's one compiled piece: the weight-only matmuls of `csrc/weight_only.c`, built on first use.
+"""mmlm's one compiled piece: the weight-only matmuls of `csrc/weight_only.c` (and its loops for sampling a UNet),
+built on first use.
 
 Decoding reads every weight once per token, so it runs at the speed the weights stream in; PyTorch's CPU int4
 kernel reads them at a fifth of the machine's bandwidth (benchmarks/bench_int4_linears.py). The C file's loops

@@ -1,5 +1,7 @@
 /* mmlm's compiled loops for decoding on a CPU: weight-only matmuls y = x W^T with W read as stored, and a whole
- * Llama block's decoding step in one call.
+ * Llama block's decoding step in one call. Further down, three loops for sampling a UNet (attention with small
+ * heads, GroupNorm + SiLU, Winograd's transforms), each beside the plain formula it replaces in
+ * mmlm/models/kernels.
  *
  * Decoding a token reads every weight once. At one token per row PyTorch's per-op dispatch and the Python between
  * the ops cost as much as those reads, and its int4 kernel reads at a fifth of a 2-core Xeon's bandwidth. Two
