@@ -117,11 +117,11 @@ def load(path: Path) -> ctypes.CDLL:
         fn.restype = None
     lib.mmlm_attention.argtypes = [p, i64, i64, i64, p, i64, i64, i64, p, i64, i64, i64, i64, i64, i64, i64, i64, p,
                                    i32]
-    lib.mmlm_attention.restype = None
+    lib.mmlm_attention.restype = ctypes.c_int
     lib.mmlm_winograd_input.argtypes = [p, i64, i64, i64, i64, p, i32]
     lib.mmlm_winograd_output.argtypes = [p, i64, i64, i64, i64, p, p, p, p, i32]
-    for fn in (lib.mmlm_winograd_input, lib.mmlm_winograd_output):
-        fn.restype = None
+    lib.mmlm_winograd_input.restype = ctypes.c_int
+    lib.mmlm_winograd_output.restype = None
     lib.mmlm_group_norm_silu.argtypes = [p, i64, i64, i64, i64, p, p, ctypes.c_float, i32, p, i32]
     lib.mmlm_group_norm_silu.restype = None
     lib.mmlm_simd.restype = ctypes.c_int
@@ -213,9 +213,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lib: ctypes.CDL
     the caller's transpose back to (B, T, H d) is a view."""
     B, H, T, d = q.shape
     S = k.shape[2]
+    if d > 64:
+        raise ValueError(f"head dim {d}: the many-query attention loop takes at most 64")
     out = torch.empty(B, T, H, d)
-    (lib or _lib).mmlm_attention(q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3], v.data_ptr(),
-                                 *v.stride()[:3], B, H, T, S, d, out.data_ptr(), torch.get_num_threads())
+    if not (lib or _lib).mmlm_attention(q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3], v.data_ptr(),
+                                        *v.stride()[:3], B, H, T, S, d, out.data_ptr(), torch.get_num_threads()):
+        raise MemoryError(f"no memory to transpose {S} keys of {d} dims for attention")
     return out.transpose(1, 2)
 
 
@@ -236,7 +239,8 @@ def winograd_input(x: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Ten
     2x2 tile's 4x4 patch (zero padding 1), P = N H W / 4 tiles."""
     N, H, W, C = x.shape
     v = torch.empty(16, N * H * W // 4, C)
-    (lib or _lib).mmlm_winograd_input(x.data_ptr(), N, H, W, C, v.data_ptr(), torch.get_num_threads())
+    if not (lib or _lib).mmlm_winograd_input(x.data_ptr(), N, H, W, C, v.data_ptr(), torch.get_num_threads()):
+        raise MemoryError(f"no memory for a row of {C} zeros (Winograd's padding)")
     return v
 
 

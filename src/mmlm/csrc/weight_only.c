@@ -906,17 +906,23 @@ static inline __attribute__((always_inline)) void attention_query(const float *q
  * a tensor runs at the same rate). Here the scores of one query stay in L1 and the exponentials are exp8's. Per
  * (b, h): k and v transposed to (d, S) once, so that eight keys' scores are d multiply-adds of eight lanes; then
  * per query: the scores and their maximum, p = e^(score - max) and its sum, out_i = sum_s p_s v_si / sum, with
- * eight keys to a vector throughout. q, k, v: strides for b, h and the position; unit stride along d; d <= 64. */
-void mmlm_attention(const float *q, int64_t qb, int64_t qh, int64_t qt, const float *k, int64_t kb, int64_t kh,
+ * eight keys to a vector throughout. q, k, v: strides for b, h and the position; unit stride along d; d <= 64.
+ * Returns 0 when memory for a head's transposed keys could not be had (out is then incomplete), else 1. */
+int mmlm_attention(const float *q, int64_t qb, int64_t qh, int64_t qt, const float *k, int64_t kb, int64_t kh,
                     int64_t kt, const float *v, int64_t vb, int64_t vh, int64_t vt, int64_t B, int64_t H, int64_t T,
                     int64_t S, int64_t d, float *out, int threads) {
     const float scale = 1.0f / sqrtf((float)d);
     const int64_t Sp = (S + 7) / 8 * 8;  /* keys padded to whole vectors: padding scores -inf, values 0 */
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && B * H * T * S * d >= 65536)
+    int ok = 1;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && B * H * T * S * d >= 65536) \
+    reduction(&& : ok)
     for (int64_t bh = 0; bh < B * H; bh++) {
         const int64_t b = bh / H, h = bh % H;
         float *buf = malloc(sizeof(float) * (size_t)(2 * d + 1) * (size_t)Sp);
-        if (!buf) continue;  /* left as it was: the caller checks the returned rows */
+        if (!buf) {
+            ok = 0;
+            continue;
+        }
         float *kT = buf, *vT = buf + d * Sp, *p = buf + 2 * d * Sp;  /* (d, Sp), (d, Sp), (Sp) */
         for (int64_t i = 0; i < d; i++)
             for (int64_t s = 0; s < Sp; s++) {
@@ -957,6 +963,7 @@ void mmlm_attention(const float *q, int64_t qb, int64_t qh, int64_t qt, const fl
         }
         free(buf);
     }
+    return ok;
 }
 
 /* ------------------------------------------------------------------------------------------------ a whole layer */
@@ -1133,11 +1140,12 @@ void mmlm_group_norm_silu(const float *x, int64_t N, int64_t P, int64_t C, int64
  * Tile p = (n H/2 + i) W/2 + j covers outputs (2i, 2j) .. (2i + 1, 2j + 1) and inputs 2i - 1 .. 2i + 2 (outside:
  * the zero padding). */
 
-/* V (16, P, C) = B^T d B for every tile's patch of x (N, H, W, C). */
-void mmlm_winograd_input(const float *x, int64_t N, int64_t H, int64_t W, int64_t C, float *V, int threads) {
+/* V (16, P, C) = B^T d B for every tile's patch of x (N, H, W, C). Returns 0 (V untouched) when memory for a row
+ * of zeros could not be had, else 1. */
+int mmlm_winograd_input(const float *x, int64_t N, int64_t H, int64_t W, int64_t C, float *V, int threads) {
     const int64_t th = H / 2, tw = W / 2, P = N * th * tw;
     float *zero = calloc((size_t)C, sizeof(float));
-    if (!zero) return;
+    if (!zero) return 0;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && P * C >= 16384)
     for (int64_t p = 0; p < P; p++) {
         const int64_t n = p / (th * tw), i = p / tw % th, j = p % tw;
@@ -1167,6 +1175,7 @@ void mmlm_winograd_input(const float *x, int64_t N, int64_t H, int64_t W, int64_
         }
     }
     free(zero);
+    return 1;
 }
 
 /* y (N, H, W, O) = A^T m A for every tile's 16 sums m = M[:, p] (M (16, P, O)), + bias (O) + shift (N, O) +
