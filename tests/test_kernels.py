@@ -336,6 +336,16 @@ def test_conv_add_winograd_equals_the_direct_convolution(cin, cout, size):
             assert torch.equal(kernels.conv_add(conv, x, residual=skip), skip + conv(x))
 
 
+def test_geglu_is_its_formula():
+    """geglu: h * GELU(gate) of z = [h, gate] without a gradient (the C loop on AVX2 builds), and with one (the
+    formula itself, its gradient autograd's)."""
+    torch.manual_seed(0)
+    z = torch.randn(2, 9, 2 * 24) * 3
+    with torch.no_grad():
+        torch.testing.assert_close(kernels.geglu(z), kernels.geglu_reference(z), atol=2e-5, rtol=1e-5)
+    _assert_agree(_run(lambda: kernels.geglu(z), [z.requires_grad_()]), atol=1e-6)
+
+
 @pytest.mark.parametrize("channels,groups,size", [(32, 8, 16), (96, 8, 8), (12, 3, 5), (64, 32, 4)])
 def test_group_norm_silu_is_its_formula(channels, groups, size):
     """group_norm_silu: silu(GroupNorm(x)) on channels-last maps without a gradient (the C loop on AVX2 builds),

@@ -137,6 +137,16 @@ def test_many_query_attention_is_its_formula(lib, d):
             torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
 
 
+def test_geglu_is_its_formula(lib):
+    """h * GELU(gate) for z = [h, gate]: widths the eight-wide loop covers and ones with a tail, gates far into
+    both tails (where GELU is ~0 and ~the identity)."""
+    torch.manual_seed(0)
+    for n in (64, 13):
+        z = torch.randn(5, 7, 2 * n) * 4
+        h, gate = z.chunk(2, dim=-1)
+        torch.testing.assert_close(native.geglu(z, lib=lib), h * torch.nn.functional.gelu(gate), atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("channels,groups", [(32, 8), (12, 3), (20, 5)])
 def test_group_norm_silu_is_its_formula(lib, channels, groups):
     """silu(GroupNorm(x)) and GroupNorm alone over channels-last maps: channel counts the eight-wide loop covers

@@ -122,6 +122,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.mmlm_winograd_output.argtypes = [p, i64, i64, i64, i64, p, p, p, p, i32]
     lib.mmlm_winograd_input.restype = ctypes.c_int
     lib.mmlm_winograd_output.restype = None
+    lib.mmlm_geglu.argtypes = [p, i64, i64, p, i32]
+    lib.mmlm_geglu.restype = None
     lib.mmlm_group_norm_silu.argtypes = [p, i64, i64, i64, i64, p, p, ctypes.c_float, i32, p, i32]
     lib.mmlm_group_norm_silu.restype = None
     lib.mmlm_simd.restype = ctypes.c_int
@@ -220,6 +222,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lib: ctypes.CDL
                                         *v.stride()[:3], B, H, T, S, d, out.data_ptr(), torch.get_num_threads()):
         raise MemoryError(f"no memory to transpose {S} keys of {d} dims for attention")
     return out.transpose(1, 2)
+
+
+def geglu(z: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """h GELU(g) for z = [h, g] (..., 2 n) float32 contiguous -> (..., n)."""
+    n = z.shape[-1] // 2
+    out = torch.empty(*z.shape[:-1], n)
+    (lib or _lib).mmlm_geglu(z.data_ptr(), z.numel() // (2 * n), n, out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def group_norm_silu(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,

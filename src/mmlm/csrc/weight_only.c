@@ -1065,6 +1065,40 @@ int mmlm_decoder_layer(float *x, int64_t B, int64_t C, const float *norm1, const
     return ok;
 }
 
+/* ------------------------------------------------------------------------------------------------ GEGLU */
+/* out (rows, n) = h GELU(g) for z = [h, g] (rows, 2 n): GELU(g) = g (1 + erf(g / sqrt 2)) / 2, erf by Abramowitz and
+ * Stegun's 7.1.26 (|error| < 1.5e-7): 1 - erf(a) = t (a1 + t (a2 + ... a5)) e^(-a^2), t = 1 / (1 + p a) for a >= 0;
+ * for x < 0, 1 + erf(x) = 1 - erf(|x|) is taken as that product directly, so the tail keeps its relative precision. One pass where PyTorch makes two (GELU, then the product) and allocates between them. */
+void mmlm_geglu(const float *z, int64_t rows, int64_t n, float *out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && rows * n >= 65536)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *h = z + r * 2 * n, *g = h + n;
+        float *o = out + r * n;
+        int64_t i = 0;
+#ifdef MMLM_AVX2
+        const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f);
+        /* blendv picks by the sign bit: x's own */
+        for (; i + 8 <= n; i += 8) {
+            const __m256 x = _mm256_loadu_ps(g + i);
+            const __m256 a = _mm256_andnot_ps(sign, _mm256_mul_ps(x, _mm256_set1_ps(0.70710678f)));  /* |x| / sqrt 2 */
+            const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), a, one));
+            __m256 q = _mm256_set1_ps(1.061405429f);
+            q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(-1.453152027f));
+            q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(1.421413741f));
+            q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(-0.284496736f));
+            q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(0.254829592f));
+            const __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(a, a)));
+            const __m256 c = _mm256_mul_ps(_mm256_mul_ps(q, t), e);  /* 1 - erf(|x| / sqrt 2) */
+            /* 1 + erf(x / sqrt 2): c itself where x < 0 (no cancellation in the tail), else 2 - c */
+            const __m256 onep = _mm256_blendv_ps(_mm256_sub_ps(_mm256_set1_ps(2.0f), c), c, x);
+            const __m256 gelu = _mm256_mul_ps(_mm256_mul_ps(half, x), onep);
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_loadu_ps(h + i), gelu));
+        }
+#endif
+        for (; i < n; i++) o[i] = h[i] * 0.5f * g[i] * (1.0f + erff(g[i] * 0.70710678f));
+    }
+}
+
 /* ------------------------------------------------------------------------------------------------ GroupNorm */
 /* y = silu(GroupNorm(x)) over channels-last x (N, P positions, C), G groups of C / G channels: per image and group
  * the mean and variance over its P C / G values (two passes), then one pass writing
