@@ -45,6 +45,7 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
 _error: str | None = None
+_simd: int | None = None
 
 
 def cache_dir() -> Path:
@@ -150,6 +151,16 @@ def kernels() -> ctypes.CDLL | None:
             _error = str(e)
         _tried = True
         return _lib
+
+
+def simd() -> int:
+    """Which loops the loaded build has (`mmlm_simd`: 2 AVX-512 VNNI, 1 AVX2, 0 plain C), -1 without a build;
+    asked once per process."""
+    global _simd
+    if _simd is None:
+        lib = kernels()
+        _simd = -1 if lib is None else lib.mmlm_simd()
+    return _simd
 
 
 def error() -> str | None:

@@ -932,7 +932,6 @@ int mmlm_attention(const float *q, int64_t qb, int64_t qh, int64_t qt, const flo
         for (int64_t t = 0; t < T; t++) {
             const float *qr = q + b * qb + h * qh + t * qt;
             float *o = out + ((b * T + t) * H + h) * d;  /* (B, T, H, d): heads side by side */
-            float top = -INFINITY, total = 0.0f;
 #ifdef MMLM_AVX2
             switch (d) {  /* a constant d: loops over it unroll, its sums stay in registers */
                 case 4: attention_query(qr, kT, vT, p, S, Sp, 4, scale, o); break;
@@ -941,9 +940,8 @@ int mmlm_attention(const float *q, int64_t qb, int64_t qh, int64_t qt, const flo
                 case 32: attention_query(qr, kT, vT, p, S, Sp, 32, scale, o); break;
                 default: attention_query(qr, kT, vT, p, S, Sp, d, scale, o);
             }
-            (void)top;
-            (void)total;
 #else
+            float top = -INFINITY, total = 0.0f;
             for (int64_t s = 0; s < S; s++) {
                 float sc = 0.0f;
                 for (int64_t i = 0; i < d; i++) sc += qr[i] * scale * kT[i * Sp + s];

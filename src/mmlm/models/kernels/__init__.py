@@ -24,8 +24,8 @@ path otherwise, and tests/test_kernels.py asserts the two agree, values and grad
 | decode.decode_step | LM.decode_step's loop over its blocks | a quantized LM's block as one call into compiled loops |
 
 Compiled loops (`mmlm/native.py`, `csrc/weight_only.c`, built on first use) serve `rms_norm`, one-query and
-small-head `attention`, `conv_add`'s Winograd transforms, `group_norm_silu` and `geglu` at inference, the decoding step
-above and `quant.QuantLinear`'s int4/int8 matmuls.
+small-head `attention`, `conv_add`'s Winograd transforms, `group_norm_silu` and `geglu` at inference, the
+decoding step above and `quant.QuantLinear`'s int4/int8 matmuls.
 """
 
 from .attention import attention, attention_reference
@@ -42,10 +42,10 @@ from .rope import apply_rope, apply_rope_reference
 from .switch import reference, reference_mode
 
 __all__ = [
-    "attention", "attention_reference", "matmul_dtype", "weight_in", "conv_add", "conv_add_reference", "conv_bn", "conv_bn_reference", "conv_layout",
-    "conv_weights_layout", "group_norm_silu", "group_norm_silu_reference", "patch_embed",
-    "patch_embed_reference", "lora_linear", "lora_linear_reference", "head_logits", "next_token_loss",
-    "next_token_loss_reference", "geglu", "geglu_reference", "mlp", "quick_gelu", "quick_gelu_reference", "swiglu", "swiglu_down", "swiglu_reference",
-    "rms_norm", "rms_norm_reference", "ROW_MULTIPLE", "Packing", "round_rows", "pooled", "pooled_reference",
-    "apply_rope", "apply_rope_reference", "reference", "reference_mode",
+    "attention", "attention_reference", "matmul_dtype", "weight_in", "conv_add", "conv_add_reference", "conv_bn",
+    "conv_bn_reference", "conv_layout", "conv_weights_layout", "group_norm_silu", "group_norm_silu_reference",
+    "patch_embed", "patch_embed_reference", "lora_linear", "lora_linear_reference", "head_logits", "next_token_loss",
+    "next_token_loss_reference", "geglu", "geglu_reference", "mlp", "quick_gelu", "quick_gelu_reference", "swiglu",
+    "swiglu_down", "swiglu_reference", "rms_norm", "rms_norm_reference", "ROW_MULTIPLE", "Packing", "round_rows",
+    "pooled", "pooled_reference", "apply_rope", "apply_rope_reference", "reference", "reference_mode",
 ]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ... import native
-from .switch import cpu_path, reference
+from .switch import avx2_inference, cpu_path, reference
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
@@ -70,11 +70,8 @@ def _small_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether `native.attention` takes this (unmasked, non-causal) call: float32 on a CPU, no gradient, as many
     k/v heads as query heads, a head dim of at most SMALL_HEAD_DIM, unit stride along it, and the AVX2 build of
     the C loops (the one it was measured on; elsewhere PyTorch's kernel)."""
-    return (q.shape[-1] <= SMALL_HEAD_DIM and q.shape[1] == k.shape[1] and cpu_path(q)
-            and q.dtype == k.dtype == v.dtype == torch.float32 and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
-            and native.kernels() is not None and native.kernels().mmlm_simd() == 1)
+    return (q.shape[-1] <= SMALL_HEAD_DIM and q.shape[1] == k.shape[1]
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and avx2_inference(q, k, v))
 
 
 def _one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> bool:

@@ -12,7 +12,7 @@ from torch import nn
 
 from ... import native
 from .casts import matmul_dtype
-from .switch import cpu_path, reference
+from .switch import avx2_inference, reference
 
 
 def patch_embed_reference(pixel_values: torch.Tensor, weight: torch.Tensor, patch: int) -> torch.Tensor:
@@ -80,7 +80,7 @@ def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNor
 
 
 def conv_add_reference(conv: nn.Conv2d, x: torch.Tensor, shift: torch.Tensor | None = None,
-                   residual: torch.Tensor | None = None) -> torch.Tensor:
+                       residual: torch.Tensor | None = None) -> torch.Tensor:
     """conv(x) + shift[:, :, None, None] + residual: a convolution, then a shift per image and channel (B, C_out)
     (a UNet's timestep) and a skip connection (B, C_out, H, W), each optional."""
     y = conv(x)
@@ -98,7 +98,7 @@ _G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0
 
 
 def conv_add(conv: nn.Conv2d, x: torch.Tensor, shift: torch.Tensor | None = None,
-         residual: torch.Tensor | None = None) -> torch.Tensor:
+             residual: torch.Tensor | None = None) -> torch.Tensor:
     """`conv_add_reference`'s values. A 3x3 convolution over small, wide feature maps (a UNet's lower levels) runs as
     Winograd's F(2x2, 3x3) on a CPU while sampling: each 2x2 tile of outputs from its 4x4 patch of inputs with 16
     multiplies per channel pair instead of 36. The patches' and kernels' transforms make it 16 matmuls
@@ -125,10 +125,7 @@ def _winograd(conv: nn.Conv2d, x: torch.Tensor, shift: torch.Tensor | None, resi
     return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1) and conv.dilation == (1, 1)
             and conv.groups == 1 and conv.padding_mode == "zeros" and x.dim() == 4
             and conv.in_channels >= WINOGRAD_MIN_CHANNELS and H * W <= WINOGRAD_MAX_PIXELS and H % 2 == 0 and W % 2 == 0
-            and cpu_path(x) and all(t.dtype == torch.float32 for t in [x, conv.weight, *extras])
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in [x, *conv.parameters(), *extras]))
-            and native.kernels() is not None and native.kernels().mmlm_simd() == 1)
+            and not torch.is_autocast_enabled("cpu") and avx2_inference(x, *conv.parameters(), *extras))
 
 
 def _winograd_weight(conv: nn.Conv2d) -> torch.Tensor:
@@ -153,11 +150,8 @@ def group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     (`native.group_norm_silu`) computes each group's statistics eight channels at a time and writes
     silu(z) in one pass, where PyTorch makes two passes with a GroupNorm ~3x slower on channels-last maps than
     on NCHW ones: 1.2-3x per call at a UNet's shapes (AVX2)."""
-    if not (x.dim() == 4 and x.shape[1] == norm.num_channels and cpu_path(x) and x.dtype == torch.float32
-            and x.is_contiguous(memory_format=torch.channels_last) and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in norm.parameters())))
-            and all(p.dtype == torch.float32 and p.is_contiguous() for p in norm.parameters())
-            and native.kernels() is not None and native.kernels().mmlm_simd() == 1):
+    if not (x.dim() == 4 and x.shape[1] == norm.num_channels and x.is_contiguous(memory_format=torch.channels_last)
+            and all(p.is_contiguous() for p in norm.parameters()) and not torch.is_autocast_enabled("cpu")
+            and avx2_inference(x, *norm.parameters())):
         return group_norm_silu_reference(norm, x)
     return native.group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps)

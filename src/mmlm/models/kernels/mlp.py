@@ -9,7 +9,7 @@ from torch import nn
 from ... import native
 from .casts import matmul_dtype, weight_in
 from .lora import lora_backward, lora_forward
-from .switch import cpu_path, reference
+from .switch import avx2_inference, reference
 
 
 def quick_gelu_reference(x: torch.Tensor) -> torch.Tensor:
@@ -55,9 +55,7 @@ def geglu(z: torch.Tensor) -> torch.Tensor:
     """`geglu_reference`'s values. While sampling on an AVX2 CPU, one C pass (`native.geglu`: erf by a rational
     approximation, |error| < 1.5e-7) where PyTorch makes two and allocates between them: ~1.8x at a UNet's
     shapes."""
-    if (cpu_path(z) and z.dtype == torch.float32 and z.is_contiguous() and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and z.requires_grad)
-            and native.kernels() is not None and native.kernels().mmlm_simd() == 1):
+    if z.is_contiguous() and not torch.is_autocast_enabled("cpu") and avx2_inference(z):
         return native.geglu(z)
     return geglu_reference(z)
 

@@ -35,6 +35,18 @@ def cpu_path(x: torch.Tensor) -> bool:
     return not reference() and x.device.type == "cpu"
 
 
+def avx2_inference(*tensors: torch.Tensor) -> bool:
+    """Whether mmlm's AVX2 C loops for inference (a UNet's attention, convolutions and norms) may take a call on
+    `tensors`: the fast paths on, all float32 on a CPU, no gradient wanted from any of them, not being traced by
+    torch.compile (a ctypes call), and this process's build of the loops the AVX2 one (where they were measured;
+    elsewhere PyTorch's kernels run)."""
+    from ... import native  # its first use builds the loops: not at import
+
+    return (not reference() and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+            and not torch.compiler.is_compiling() and native.simd() == 1)
+
+
 @contextmanager
 def reference_mode(enabled: bool = True) -> Iterator[None]:
     """Run every model on the plain reference formulas (`enabled=False` forces the fast paths, whatever
