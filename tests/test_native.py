@@ -124,7 +124,8 @@ def test_one_query_attention_is_its_formula(lib, heads, kv_heads):
 def test_many_query_attention_is_its_formula(lib, d):
     """Unmasked attention over many queries (a UNet's self- and cross-attention): q, k, v as strided views of
     (B, N, H, d) projections, keys a multiple of 32, of 8 and neither (the padded tail), head dims the AVX2 loop
-    unrolls (4, 8, 16, 32) and one it does not; scores far apart (one key dominating) stay finite."""
+    unrolls (4, 8, 16, 32) and one it does not; nine queries (d = 4 takes them in pairs: four and one left over);
+    scores far apart (one key dominating) stay finite."""
     torch.manual_seed(d)
     B, H, T = 2, 3, 9
     for S in (64, 40, 13, 1):

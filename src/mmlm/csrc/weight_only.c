@@ -208,6 +208,22 @@ static inline __m256 exp8_nonpositive(__m256 x) {
     const __m256 p = exp8_reduced(_mm256_max_ps(x, lo), &n);
     return _mm256_andnot_ps(under, _mm256_mul_ps(p, pow2_8(_mm256_cvtps_epi32(n))));
 }
+
+/* 2^x for eight floats x <= 0 (a score minus the largest, in units of log2 e): 2^n 2^r, n = round(x), |r| <= 1/2,
+ * 2^r by a degree-5 polynomial fitted for least relative error (within 2.3e-7, 2 ulp). Below -126, the least
+ * normal float's exponent, x is taken as -126: a weight of 2^-126 beside the largest's 1 instead of 0. Half the
+ * time of exp8_nonpositive on Zen 1 (no ln 2 split, no underflow blend, one degree less). */
+static inline __m256 exp2_8_nonpositive(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-126.0f));
+    const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), r = _mm256_sub_ps(x, n);
+    __m256 p = _mm256_set1_ps(1.3266970636e-3f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(9.6754599363e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.5507425219e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(2.4022121727e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(6.9314694405e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0000001192f));
+    return _mm256_mul_ps(p, pow2_8(_mm256_cvtps_epi32(n)));
+}
 #endif
 
 /* float32 vectors of the widest width the build has, for the float loops (int8 rows with K % 32 != 0, attention,
@@ -834,7 +850,7 @@ void mmlm_decode_attention(const float *q, int64_t qb, int64_t qh, const float *
 static inline __attribute__((always_inline)) void attention_query(const float *qr, const float *kT, const float *vT,
                                                                  float *p, int64_t S, int64_t Sp, int64_t d,
                                                                  float scale, float *o) {
-    __m256 qs[64];  /* q / sqrt(d), each broadcast (d <= 64: the caller's contract) */
+    __m256 qs[64];  /* q log2(e) / sqrt(d) (scale), each broadcast (d <= 64: the caller's contract) */
     for (int64_t i = 0; i < d; i++) qs[i] = _mm256_set1_ps(qr[i] * scale);
     __m256 mx = _mm256_set1_ps(-INFINITY);
     int64_t s = 0;
@@ -873,7 +889,7 @@ static inline __attribute__((always_inline)) void attention_query(const float *q
         __m256 acc[8];
         for (int64_t j = 0; j < d; j++) acc[j] = _mm256_setzero_ps();
         for (s = 0; s < Sp; s += 8) {
-            const __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + s), topv));
+            const __m256 e = exp2_8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + s), topv));
             sums = _mm256_add_ps(sums, e);
             for (int64_t j = 0; j < d; j++) acc[j] = _mm256_fmadd_ps(e, _mm256_loadu_ps(vT + j * Sp + s), acc[j]);
         }
@@ -882,7 +898,7 @@ static inline __attribute__((always_inline)) void attention_query(const float *q
         return;
     }
     for (s = 0; s < Sp; s += 8) {
-        const __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + s), topv));
+        const __m256 e = exp2_8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + s), topv));
         _mm256_storeu_ps(p + s, e);
         sums = _mm256_add_ps(sums, e);
     }
@@ -900,36 +916,113 @@ static inline __attribute__((always_inline)) void attention_query(const float *q
 }
 #endif
 
+#ifdef MMLM_AVX2
+/* Two queries of `mmlm_attention` at once for heads of d <= 4 dims: each key and value vector loaded once for both.
+ * p0, p1 (Sp) scratch, o0, o1 (d) out. */
+static inline __attribute__((always_inline)) void attention_query_pair(const float *q0, const float *q1,
+                                                                      const float *kT, const float *vT, float *p0,
+                                                                      float *p1, int64_t S, int64_t Sp, int64_t d,
+                                                                      float scale, float *o0, float *o1) {
+    __m256 qa[4], qb[4];
+    for (int64_t i = 0; i < d; i++) {
+        qa[i] = _mm256_set1_ps(q0[i] * scale);
+        qb[i] = _mm256_set1_ps(q1[i] * scale);
+    }
+    __m256 ma = _mm256_set1_ps(-INFINITY), mb = ma;
+    int64_t s = 0;
+    for (; s + 8 <= S; s += 8) {
+        __m256 a = _mm256_setzero_ps(), b = a;
+        for (int64_t i = 0; i < d; i++) {
+            const __m256 k = _mm256_loadu_ps(kT + i * Sp + s);
+            a = _mm256_fmadd_ps(qa[i], k, a);
+            b = _mm256_fmadd_ps(qb[i], k, b);
+        }
+        _mm256_storeu_ps(p0 + s, a);
+        _mm256_storeu_ps(p1 + s, b);
+        ma = _mm256_max_ps(ma, a);
+        mb = _mm256_max_ps(mb, b);
+    }
+    if (s < Sp) {  /* the last, padded vector: padding scores -inf */
+        __m256 a = _mm256_setzero_ps(), b = a;
+        for (int64_t i = 0; i < d; i++) {
+            const __m256 k = _mm256_loadu_ps(kT + i * Sp + s);
+            a = _mm256_fmadd_ps(qa[i], k, a);
+            b = _mm256_fmadd_ps(qb[i], k, b);
+        }
+        _mm256_storeu_ps(p0 + s, a);
+        _mm256_storeu_ps(p1 + s, b);
+        for (int64_t j = S; j < Sp; j++) p0[j] = p1[j] = -INFINITY;
+        ma = _mm256_max_ps(ma, _mm256_loadu_ps(p0 + s));
+        mb = _mm256_max_ps(mb, _mm256_loadu_ps(p1 + s));
+    }
+    float m8[8], ta = -INFINITY, tb = -INFINITY;
+    _mm256_storeu_ps(m8, ma);
+    for (int j = 0; j < 8; j++) ta = m8[j] > ta ? m8[j] : ta;
+    _mm256_storeu_ps(m8, mb);
+    for (int j = 0; j < 8; j++) tb = m8[j] > tb ? m8[j] : tb;
+    const __m256 tav = _mm256_set1_ps(ta), tbv = _mm256_set1_ps(tb);
+    __m256 sa = _mm256_setzero_ps(), sb = sa, acca[4], accb[4];
+    for (int64_t j = 0; j < d; j++) acca[j] = accb[j] = _mm256_setzero_ps();
+    for (s = 0; s < Sp; s += 8) {
+        const __m256 ea = exp2_8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p0 + s), tav));
+        const __m256 eb = exp2_8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p1 + s), tbv));
+        sa = _mm256_add_ps(sa, ea);
+        sb = _mm256_add_ps(sb, eb);
+        for (int64_t j = 0; j < d; j++) {
+            const __m256 v = _mm256_loadu_ps(vT + j * Sp + s);
+            acca[j] = _mm256_fmadd_ps(ea, v, acca[j]);
+            accb[j] = _mm256_fmadd_ps(eb, v, accb[j]);
+        }
+    }
+    const float totala = hsum8_ps(sa), totalb = hsum8_ps(sb);
+    for (int64_t j = 0; j < d; j++) {
+        o0[j] = hsum8_ps(acca[j]) / totala;
+        o1[j] = hsum8_ps(accb[j]) / totalb;
+    }
+}
+#endif
+
 /* out (B, T, H, d) = softmax(q k^T / sqrt(d)) v for every query: no mask, many queries, a small head dim (a UNet's
  * attention over image positions: d 4 to 32, hundreds of keys). There the scores cost more than the products:
  * S exponentials per query against 2 S d multiply-adds, and PyTorch's kernels spend ~2 ns on each (its exp over
- * a tensor runs at the same rate). Here the scores of one query stay in L1 and the exponentials are exp8's. Per
- * (b, h): k and v transposed to (d, S) once, so that eight keys' scores are d multiply-adds of eight lanes; then
- * per query: the scores and their maximum, p = e^(score - max) and its sum, out_i = sum_s p_s v_si / sum, with
- * eight keys to a vector throughout. q, k, v: strides for b, h and the position; unit stride along d; d <= 64.
+ * a tensor runs at the same rate). Here the scores of one query stay in L1 and the exponentials are powers of 2
+ * (e^x = 2^(x log2 e), log2 e folded into the query's scale; exp2_8_nonpositive). Per (b, h): k and v transposed
+ * to (d, S) once, so that eight keys' scores are d multiply-adds of eight lanes; then per query (two at a time for
+ * d = 4, sharing each load): the scores and their maximum, p = 2^(score - max) and its sum,
+ * out_i = sum_s p_s v_si / sum, with eight keys to a vector throughout. q, k, v: strides for b, h and the position; unit stride along d; d <= 64.
  * Returns 0 when memory for a head's transposed keys could not be had (out is then incomplete), else 1. */
 int mmlm_attention(const float *q, int64_t qb, int64_t qh, int64_t qt, const float *k, int64_t kb, int64_t kh,
                     int64_t kt, const float *v, int64_t vb, int64_t vh, int64_t vt, int64_t B, int64_t H, int64_t T,
                     int64_t S, int64_t d, float *out, int threads) {
-    const float scale = 1.0f / sqrtf((float)d);
+    const float scale = 1.44269504f / sqrtf((float)d);  /* scores in units of log2 e: 2^score */
     const int64_t Sp = (S + 7) / 8 * 8;  /* keys padded to whole vectors: padding scores -inf, values 0 */
     int ok = 1;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && B * H * T * S * d >= 65536) \
     reduction(&& : ok)
     for (int64_t bh = 0; bh < B * H; bh++) {
         const int64_t b = bh / H, h = bh % H;
-        float *buf = malloc(sizeof(float) * (size_t)(2 * d + 1) * (size_t)Sp);
+        float *buf = malloc(sizeof(float) * (size_t)(2 * d + 2) * (size_t)Sp);
         if (!buf) {
             ok = 0;
             continue;
         }
-        float *kT = buf, *vT = buf + d * Sp, *p = buf + 2 * d * Sp;  /* (d, Sp), (d, Sp), (Sp) */
+        /* (d, Sp), (d, Sp), (Sp), (Sp) */
+        float *kT = buf, *vT = buf + d * Sp, *p = buf + 2 * d * Sp, *p1 = buf + (2 * d + 1) * Sp;
         for (int64_t i = 0; i < d; i++)
             for (int64_t s = 0; s < Sp; s++) {
                 kT[i * Sp + s] = s < S ? k[b * kb + h * kh + s * kt + i] : 0.0f;
                 vT[i * Sp + s] = s < S ? v[b * vb + h * vh + s * vt + i] : 0.0f;
             }
-        for (int64_t t = 0; t < T; t++) {
+        int64_t t = 0;
+#ifdef MMLM_AVX2
+        if (d == 4)
+            for (; t + 2 <= T; t += 2)
+                attention_query_pair(q + b * qb + h * qh + t * qt, q + b * qb + h * qh + (t + 1) * qt, kT, vT, p, p1, S,
+                                     Sp, 4, scale, out + ((b * T + t) * H + h) * d, out + ((b * T + t + 1) * H + h) * d);
+#else
+        (void)p1;
+#endif
+        for (; t < T; t++) {
             const float *qr = q + b * qb + h * qh + t * qt;
             float *o = out + ((b * T + t) * H + h) * d;  /* (B, T, H, d): heads side by side */
 #ifdef MMLM_AVX2
@@ -949,7 +1042,7 @@ int mmlm_attention(const float *q, int64_t qb, int64_t qh, int64_t qt, const flo
                 top = sc > top ? sc : top;
             }
             for (int64_t s = 0; s < S; s++) {
-                p[s] = expf(p[s] - top);
+                p[s] = exp2f(p[s] - top);
                 total += p[s];
             }
             for (int64_t i = 0; i < d; i++) {
