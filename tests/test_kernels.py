@@ -300,12 +300,14 @@ def test_conv_bn_folds_an_eval_batchnorm_into_the_convolution(autocast, bias):
     assert torch.equal(bn.running_mean, twin.running_mean) and torch.equal(bn.running_var, twin.running_var)
 
 
-@pytest.mark.parametrize("cin,cout,size", [(96, 64, 16), (128, 128, 8), (160, 96, (6, 10))])
+@pytest.mark.parametrize("cin,cout,size", [(96, 64, 16), (128, 128, 8), (32, 32, 32), (160, 96, (8, 12)),
+                                            (64, 48, (6, 10))])
 def test_conv_add_winograd_equals_the_direct_convolution(cin, cout, size):
     """conv_add: conv(x) + shift + residual, without a gradient, on feature maps where the Winograd path runs
     (AVX2 builds; elsewhere the direct form, which this checks too): NCHW and channels-last inputs, with and
     without shift / skip / bias; the kernels' transform is kept until the weight changes in place; with a
-    gradient, autocast or a 32x32 map the direct form runs (its values equal exactly)."""
+    gradient, autocast, sides not multiples of 4, fewer than 32 channels in or a 64x64 map the direct form runs
+    (its values equal exactly). F(4x4, 3x3)'s float32 error: ~1e-5 of conv outputs of ~1."""
     from mmlm.models.kernels import images
 
     torch.manual_seed(cin)
@@ -317,19 +319,20 @@ def test_conv_add_winograd_equals_the_direct_convolution(cin, cout, size):
         for inp in (x, x.contiguous(memory_format=torch.channels_last)):
             for extra in ({}, {"shift": shift}, {"residual": skip}, {"shift": shift, "residual": skip}):
                 want = kernels.conv_add_reference(conv, x, **extra)
-                torch.testing.assert_close(kernels.conv_add(conv, inp, **extra), want, atol=2e-5, rtol=1e-5)
+                torch.testing.assert_close(kernels.conv_add(conv, inp, **extra), want, atol=5e-5, rtol=1e-5)
         conv.bias = None
         torch.testing.assert_close(kernels.conv_add(conv, x, shift=shift), conv(x) + shift[:, :, None, None],
-                                   atol=2e-5, rtol=1e-5)
+                                   atol=5e-5, rtol=1e-5)
         conv.weight.mul_(2)  # in place: the kept transform must follow
-        torch.testing.assert_close(kernels.conv_add(conv, x), conv(x), atol=4e-5, rtol=1e-5)
+        torch.testing.assert_close(kernels.conv_add(conv, x), conv(x), atol=1e-4, rtol=1e-5)
     takes = images._winograd(conv, x.contiguous(memory_format=torch.channels_last), None, None)
     assert not takes  # a gradient on the weight
     with torch.no_grad():
         from mmlm import native
-        assert images._winograd(conv, x, None, None) == (native.kernels() is not None
-                                                          and native.kernels().mmlm_simd() == 1)
-        assert not images._winograd(conv, torch.randn(1, cin, 32, 32), None, None)
+        avx2 = native.kernels() is not None and native.kernels().mmlm_simd() == 1
+        assert images._winograd(conv, x, None, None) == (avx2 and h % 4 == 0 and w % 4 == 0)
+        assert not images._winograd(conv, torch.randn(1, cin, 64, 64), None, None)
+        assert not images._winograd(torch.nn.Conv2d(16, cout, 3, padding=1), torch.randn(1, 16, h, w), None, None)
         with torch.autocast("cpu", torch.bfloat16):
             assert not images._winograd(conv, x, None, None)
         with mmlm.reference_mode():

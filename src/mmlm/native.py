@@ -256,10 +256,10 @@ def group_norm_silu(x: torch.Tensor, groups: int, weight: torch.Tensor | None, b
 
 
 def winograd_input(x: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """x (N, H, W, C) float32 contiguous, H and W even -> (16, P, C): Winograd F(2x2, 3x3)'s B^T d B of every
-    2x2 tile's 4x4 patch (zero padding 1), P = N H W / 4 tiles."""
+    """x (N, H, W, C) float32 contiguous, H and W multiples of 4 -> (36, P, C): Winograd F(4x4, 3x3)'s B^T d B of
+    every 4x4 tile's 6x6 patch (zero padding 1), P = N H W / 16 tiles."""
     N, H, W, C = x.shape
-    v = torch.empty(16, N * H * W // 4, C)
+    v = torch.empty(36, N * H * W // 16, C)
     if not (lib or _lib).mmlm_winograd_input(x.data_ptr(), N, H, W, C, v.data_ptr(), torch.get_num_threads()):
         raise MemoryError(f"no memory for a row of {C} zeros (Winograd's padding)")
     return v
@@ -268,7 +268,7 @@ def winograd_input(x: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Ten
 def winograd_output(m: torch.Tensor, shape: tuple[int, int, int], bias: torch.Tensor | None = None,
                     shift: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                     lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """m (16, P, O) float32 contiguous, shape (N, H, W) -> (N, H, W, O): A^T m A per tile, + bias (O,) + shift
+    """m (36, P, O) float32 contiguous, shape (N, H, W) -> (N, H, W, O): A^T m A per tile, + bias (O,) + shift
     (N, O) + residual (N, H, W, O), all float32 contiguous where given."""
     N, H, W = shape
     O = m.shape[2]

@@ -989,7 +989,8 @@ static inline __attribute__((always_inline)) void attention_query_pair(const flo
  * (e^x = 2^(x log2 e), log2 e folded into the query's scale; exp2_8_nonpositive). Per (b, h): k and v transposed
  * to (d, S) once, so that eight keys' scores are d multiply-adds of eight lanes; then per query (two at a time for
  * d = 4, sharing each load): the scores and their maximum, p = 2^(score - max) and its sum,
- * out_i = sum_s p_s v_si / sum, with eight keys to a vector throughout. q, k, v: strides for b, h and the position; unit stride along d; d <= 64.
+ * out_i = sum_s p_s v_si / sum, with eight keys to a vector throughout. q, k, v: strides for b, h and the
+ * position; unit stride along d; d <= 64.
  * Returns 0 when memory for a head's transposed keys could not be had (out is then incomplete), else 1. */
 int mmlm_attention(const float *q, int64_t qb, int64_t qh, int64_t qt, const float *k, int64_t kb, int64_t kh,
                     int64_t kt, const float *v, int64_t vb, int64_t vh, int64_t vt, int64_t B, int64_t H, int64_t T,
@@ -1018,7 +1019,8 @@ int mmlm_attention(const float *q, int64_t qb, int64_t qh, int64_t qt, const flo
         if (d == 4)
             for (; t + 2 <= T; t += 2)
                 attention_query_pair(q + b * qb + h * qh + t * qt, q + b * qb + h * qh + (t + 1) * qt, kT, vT, p, p1, S,
-                                     Sp, 4, scale, out + ((b * T + t) * H + h) * d, out + ((b * T + t + 1) * H + h) * d);
+                                     Sp, 4, scale, out + ((b * T + t) * H + h) * d,
+                                     out + ((b * T + t + 1) * H + h) * d);
 #else
         (void)p1;
 #endif
@@ -1255,82 +1257,168 @@ void mmlm_group_norm_silu(const float *x, int64_t N, int64_t P, int64_t C, int64
 }
 
 /* ------------------------------------------------------------------------------------------------ Winograd */
-/* A 3x3 convolution (stride 1, zero padding 1) as Winograd's F(2x2, 3x3): each 2x2 tile of outputs is
+/* A 3x3 convolution (stride 1, zero padding 1) as Winograd's F(4x4, 3x3): each 4x4 tile of outputs is
  *   Y = A^T [ (G g G^T) . (B^T d B) ] A
- * with d the 4x4 patch of input under the tile, g the 3x3 kernel and . the elementwise product over the 16
- * positions; summed over input channels, the 16 products are 16 matmuls (P tiles, C) x (C, O) that PyTorch runs
- * (mmlm/models/kernels/images.py). 16 multiplies per tile and channel pair where the direct form takes 36. These two
- * loops are the transforms around the matmuls, over channels-last (N, H, W, C) tensors, H and W even:
- *   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],   A^T = [1 1 1 0; 0 1 -1 -1].
- * Tile p = (n H/2 + i) W/2 + j covers outputs (2i, 2j) .. (2i + 1, 2j + 1) and inputs 2i - 1 .. 2i + 2 (outside:
+ * with d the 6x6 patch of input under the tile, g the 3x3 kernel and . the elementwise product over the 36
+ * positions; summed over input channels, the 36 products are 36 matmuls (P tiles, C) x (C, O) that PyTorch runs
+ * (mmlm/models/kernels/images.py, which has G). 36 multiplies per tile and channel pair where the direct form
+ * takes 144. These two loops are the transforms around the matmuls, over channels-last (N, H, W, C) tensors, H and
+ * W multiples of 4 (the interpolation points 0, 1, -1, 2, -2 and infinity):
+ *   B^T = [4  0 -5  0  1  0;      A^T = [1  1  1  1  1  0;
+ *          0 -4 -4  1  1  0;             0  1 -1  2 -2  0;
+ *          0  4 -4 -1  1  0;             0  1  1  4  4  0;
+ *          0 -2 -1  2  1  0;             0  1 -1  8 -8  1].
+ *          0  2 -1 -2  1  0;
+ *          0  4  0 -5  0  1]
+ * Tile p = (n H/4 + i) W/4 + j covers outputs (4i, 4j) .. (4i + 3, 4j + 3) and inputs 4i - 1 .. 4i + 4 (outside:
  * the zero padding). */
 
-/* V (16, P, C) = B^T d B for every tile's patch of x (N, H, W, C). Returns 0 (V untouched) when memory for a row
+/* B^T u for one column u of six (stride su) into t (stride st). */
+#define WINOGRAD_BT(u, su, t, st)                                             \
+    do {                                                                      \
+        const float u0 = (u)[0], u1 = (u)[(su)], u2 = (u)[2 * (su)], u3 = (u)[3 * (su)], u4 = (u)[4 * (su)], \
+                    u5 = (u)[5 * (su)];                                       \
+        (t)[0] = 4.0f * u0 - 5.0f * u2 + u4;                                  \
+        (t)[(st)] = u3 + u4 - 4.0f * (u1 + u2);                               \
+        (t)[2 * (st)] = u4 - u3 + 4.0f * (u1 - u2);                           \
+        (t)[3 * (st)] = u4 - u2 + 2.0f * (u3 - u1);                           \
+        (t)[4 * (st)] = u4 - u2 + 2.0f * (u1 - u3);                           \
+        (t)[5 * (st)] = 4.0f * u1 - 5.0f * u3 + u5;                           \
+    } while (0)
+
+#ifdef MMLM_AVX2
+/* B^T u for six vectors u into t[0], t[st], .., t[5 st] */
+static inline void winograd_bt8(const __m256 *u, __m256 *t, int st) {
+    const __m256 four = _mm256_set1_ps(4.0f), five = _mm256_set1_ps(5.0f), two = _mm256_set1_ps(2.0f);
+    const __m256 u4u2 = _mm256_sub_ps(u[4], u[2]), u4u3 = _mm256_add_ps(u[3], u[4]);
+    t[0] = _mm256_fnmadd_ps(five, u[2], _mm256_fmadd_ps(four, u[0], u[4]));
+    t[st] = _mm256_fnmadd_ps(four, _mm256_add_ps(u[1], u[2]), u4u3);
+    t[2 * st] = _mm256_fmadd_ps(four, _mm256_sub_ps(u[1], u[2]), _mm256_sub_ps(u[4], u[3]));
+    t[3 * st] = _mm256_fmadd_ps(two, _mm256_sub_ps(u[3], u[1]), u4u2);
+    t[4 * st] = _mm256_fmadd_ps(two, _mm256_sub_ps(u[1], u[3]), u4u2);
+    t[5 * st] = _mm256_fnmadd_ps(five, u[3], _mm256_fmadd_ps(four, u[1], u[5]));
+}
+#endif
+
+/* V (36, P, C) = B^T d B for every tile's patch of x (N, H, W, C). Returns 0 (V untouched) when memory for a row
  * of zeros could not be had, else 1. */
 int mmlm_winograd_input(const float *x, int64_t N, int64_t H, int64_t W, int64_t C, float *V, int threads) {
-    const int64_t th = H / 2, tw = W / 2, P = N * th * tw;
+    const int64_t th = H / 4, tw = W / 4, P = N * th * tw;
     float *zero = calloc((size_t)C, sizeof(float));
     if (!zero) return 0;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && P * C >= 16384)
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && P * C >= 4096)
     for (int64_t p = 0; p < P; p++) {
         const int64_t n = p / (th * tw), i = p / tw % th, j = p % tw;
-        const float *d[4][4];
-        for (int a = 0; a < 4; a++)
-            for (int b = 0; b < 4; b++) {
-                const int64_t r = 2 * i - 1 + a, c = 2 * j - 1 + b;
+        const float *d[6][6];
+        for (int a = 0; a < 6; a++)
+            for (int b = 0; b < 6; b++) {
+                const int64_t r = 4 * i - 1 + a, c = 4 * j - 1 + b;
                 d[a][b] = (r < 0 || r >= H || c < 0 || c >= W) ? zero : x + ((n * H + r) * W + c) * C;
             }
         float *v = V + p * C;
-        const int64_t stride = P * C;  /* from one of the 16 positions to the next */
-#pragma omp simd
-        for (int64_t k = 0; k < C; k++) {
-            float t[4][4];  /* B^T d: its rows */
-            for (int b = 0; b < 4; b++) {
-                t[0][b] = d[0][b][k] - d[2][b][k];
-                t[1][b] = d[1][b][k] + d[2][b][k];
-                t[2][b] = d[2][b][k] - d[1][b][k];
-                t[3][b] = d[1][b][k] - d[3][b][k];
+        const int64_t stride = P * C;  /* from one of the 36 positions to the next */
+        int64_t k0 = 0;
+#ifdef MMLM_AVX2
+        for (; k0 + 8 <= C; k0 += 8) {  /* eight channels to a vector */
+            __m256 t[6][6];
+            for (int b = 0; b < 6; b++) {  /* B^T d: each column */
+                __m256 u[6];
+                for (int a = 0; a < 6; a++) u[a] = _mm256_loadu_ps(d[a][b] + k0);
+                winograd_bt8(u, t[0] + b, 6);
             }
-            for (int a = 0; a < 4; a++) {  /* (B^T d) B */
-                v[(4 * a + 0) * stride + k] = t[a][0] - t[a][2];
-                v[(4 * a + 1) * stride + k] = t[a][1] + t[a][2];
-                v[(4 * a + 2) * stride + k] = t[a][2] - t[a][1];
-                v[(4 * a + 3) * stride + k] = t[a][1] - t[a][3];
+            for (int a = 0; a < 6; a++) {  /* (B^T d) B: each row */
+                __m256 r[6];
+                winograd_bt8(t[a], r, 1);
+                for (int b = 0; b < 6; b++) _mm256_storeu_ps(v + (6 * a + b) * stride + k0, r[b]);
             }
+        }
+#endif
+        for (; k0 < C; k0 += 8) {  /* eight channels at a time through a 6x6 scratch */
+            const int64_t kn = C - k0 < 8 ? C - k0 : 8;
+            float u[6][6][8], t[6][6][8];
+            for (int a = 0; a < 6; a++)
+                for (int b = 0; b < 6; b++)
+                    for (int64_t k = 0; k < 8; k++) u[a][b][k] = k < kn ? d[a][b][k0 + k] : 0.0f;
+            for (int b = 0; b < 6; b++)  /* B^T d: each column */
+                for (int64_t k = 0; k < 8; k++) WINOGRAD_BT(&u[0][b][k], 48, &t[0][b][k], 48);
+            for (int a = 0; a < 6; a++)  /* (B^T d) B: each row */
+                for (int64_t k = 0; k < 8; k++) WINOGRAD_BT(&t[a][0][k], 8, &u[a][0][k], 8);
+            for (int a = 0; a < 6; a++)
+                for (int b = 0; b < 6; b++)
+                    for (int64_t k = 0; k < kn; k++) v[(6 * a + b) * stride + k0 + k] = u[a][b][k];
         }
     }
     free(zero);
     return 1;
 }
 
-/* y (N, H, W, O) = A^T m A for every tile's 16 sums m = M[:, p] (M (16, P, O)), + bias (O) + shift (N, O) +
+#ifdef MMLM_AVX2
+/* A^T u for six vectors u into t[0], t[st], t[2 st], t[3 st] */
+static inline void winograd_at8(const __m256 *u, __m256 *t, int st) {
+    const __m256 two = _mm256_set1_ps(2.0f), four = _mm256_set1_ps(4.0f), eight = _mm256_set1_ps(8.0f);
+    const __m256 p12 = _mm256_add_ps(u[1], u[2]), m12 = _mm256_sub_ps(u[1], u[2]);
+    const __m256 p34 = _mm256_add_ps(u[3], u[4]), m34 = _mm256_sub_ps(u[3], u[4]);
+    t[0] = _mm256_add_ps(_mm256_add_ps(u[0], p12), p34);
+    t[st] = _mm256_fmadd_ps(two, m34, m12);
+    t[2 * st] = _mm256_fmadd_ps(four, p34, p12);
+    t[3 * st] = _mm256_add_ps(_mm256_fmadd_ps(eight, m34, m12), u[5]);
+}
+#endif
+
+/* y (N, H, W, O) = A^T m A for every tile's 36 sums m = M[:, p] (M (36, P, O)), + bias (O) + shift (N, O) +
  * residual (N, H, W, O), each of the three optional (NULL). */
 void mmlm_winograd_output(const float *M, int64_t N, int64_t H, int64_t W, int64_t O, const float *bias,
                           const float *shift, const float *residual, float *y, int threads) {
-    const int64_t th = H / 2, tw = W / 2, P = N * th * tw, stride = P * O;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && P * O >= 16384)
+    const int64_t th = H / 4, tw = W / 4, P = N * th * tw, stride = P * O;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && P * O >= 4096)
     for (int64_t p = 0; p < P; p++) {
         const int64_t n = p / (th * tw), i = p / tw % th, j = p % tw;
         const float *m = M + p * O;
-        int64_t at[2][2];
-        for (int a = 0; a < 2; a++)
-            for (int b = 0; b < 2; b++) at[a][b] = ((n * H + 2 * i + a) * W + 2 * j + b) * O;
-#pragma omp simd
-        for (int64_t k = 0; k < O; k++) {
-            float s[2][4];  /* A^T m: its two rows */
-            for (int b = 0; b < 4; b++) {
-                s[0][b] = m[(0 + b) * stride + k] + m[(4 + b) * stride + k] + m[(8 + b) * stride + k];
-                s[1][b] = m[(4 + b) * stride + k] - m[(8 + b) * stride + k] - m[(12 + b) * stride + k];
+        int64_t k0 = 0;
+#ifdef MMLM_AVX2
+        for (; k0 + 8 <= O; k0 += 8) {
+            __m256 add = bias ? _mm256_loadu_ps(bias + k0) : _mm256_setzero_ps();
+            if (shift) add = _mm256_add_ps(add, _mm256_loadu_ps(shift + n * O + k0));
+            __m256 s[4][6];  /* A^T m: its four rows */
+            for (int b = 0; b < 6; b++) {
+                __m256 u[6];
+                for (int a = 0; a < 6; a++) u[a] = _mm256_loadu_ps(m + (6 * a + b) * stride + k0);
+                winograd_at8(u, &s[0][b], 6);
             }
-            const float add = (bias ? bias[k] : 0.0f) + (shift ? shift[n * O + k] : 0.0f);
-            for (int a = 0; a < 2; a++) {
-                float o0 = s[a][0] + s[a][1] + s[a][2] + add, o1 = s[a][1] - s[a][2] - s[a][3] + add;
-                if (residual) {
-                    o0 += residual[at[a][0] + k];
-                    o1 += residual[at[a][1] + k];
+            for (int a = 0; a < 4; a++) {  /* (A^T m) A, + the bias, the shift and the skip */
+                const int64_t at = ((n * H + 4 * i + a) * W + 4 * j) * O + k0;
+                __m256 o[4];
+                winograd_at8(s[a], o, 1);
+                for (int b = 0; b < 4; b++) {
+                    __m256 r = _mm256_add_ps(o[b], add);
+                    if (residual) r = _mm256_add_ps(r, _mm256_loadu_ps(residual + at + b * O));
+                    _mm256_storeu_ps(y + at + b * O, r);
                 }
-                y[at[a][0] + k] = o0;
-                y[at[a][1] + k] = o1;
+            }
+        }
+#endif
+        for (; k0 < O; k0 += 8) {
+            const int64_t kn = O - k0 < 8 ? O - k0 : 8;
+            float s[4][6][8];  /* A^T m: its four rows */
+            for (int b = 0; b < 6; b++)
+                for (int64_t k = 0; k < 8; k++) {
+                    float u[6];
+                    for (int a = 0; a < 6; a++) u[a] = k < kn ? m[(6 * a + b) * stride + k0 + k] : 0.0f;
+                    s[0][b][k] = u[0] + u[1] + u[2] + u[3] + u[4];
+                    s[1][b][k] = u[1] - u[2] + 2.0f * (u[3] - u[4]);
+                    s[2][b][k] = u[1] + u[2] + 4.0f * (u[3] + u[4]);
+                    s[3][b][k] = u[1] - u[2] + 8.0f * (u[3] - u[4]) + u[5];
+                }
+            for (int a = 0; a < 4; a++) {  /* (A^T m) A, + the bias, the shift and the skip */
+                float *yr = y + ((n * H + 4 * i + a) * W + 4 * j) * O + k0;
+                const float *rr = residual ? residual + ((n * H + 4 * i + a) * W + 4 * j) * O + k0 : NULL;
+                for (int64_t k = 0; k < kn; k++) {
+                    const float *u = s[a][0] + k;  /* u[8 b] = s[a][b][k] */
+                    const float add = (bias ? bias[k0 + k] : 0.0f) + (shift ? shift[n * O + k0 + k] : 0.0f);
+                    float o[4] = {u[0] + u[8] + u[16] + u[24] + u[32], u[8] - u[16] + 2.0f * (u[24] - u[32]),
+                                  u[8] + u[16] + 4.0f * (u[24] + u[32]), u[8] - u[16] + 8.0f * (u[24] - u[32]) + u[40]};
+                    for (int b = 0; b < 4; b++) yr[b * O + k] = o[b] + add + (rr ? rr[b * O + k] : 0.0f);
+                }
             }
         }
     }

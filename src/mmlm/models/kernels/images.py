@@ -89,27 +89,28 @@ def conv_add_reference(conv: nn.Conv2d, x: torch.Tensor, shift: torch.Tensor | N
     return y if residual is None else residual + y
 
 
-# Where Winograd beat oneDNN's direct convolution (AVX2, fp32, batch 16): 1.3-1.4x from 128 channels in at 8x8 and
-# 16x16, 1.1x at 96; slower at 32x32 and below 96 channels, where the transforms' memory passes cost more.
-WINOGRAD_MIN_CHANNELS = 96
-WINOGRAD_MAX_PIXELS = 256
-# Winograd's F(2x2, 3x3): Y = A^T [(G g G^T) . (B^T d B)] A per 2x2 tile of outputs (csrc/weight_only.c has B, A)
-_G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+# Where Winograd beat oneDNN's direct convolution (AVX2 Zen 1, fp32, batch 16, 2 threads): 1.2x at 32 -> 32
+# channels on 32x32 maps, 1.5-1.9x from 64 channels there, 1.9-2.5x on 8x8 and 16x16 maps; larger maps not measured.
+WINOGRAD_MIN_CHANNELS = 32
+WINOGRAD_MAX_PIXELS = 1024
+# Winograd's F(4x4, 3x3): Y = A^T [(G g G^T) . (B^T d B)] A per 4x4 tile of outputs (csrc/weight_only.c has B, A)
+_G = torch.tensor([[1 / 4, 0.0, 0.0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
+                   [1 / 24, -1 / 12, 1 / 6], [0.0, 0.0, 1.0]], dtype=torch.float64)
 
 
 def conv_add(conv: nn.Conv2d, x: torch.Tensor, shift: torch.Tensor | None = None,
              residual: torch.Tensor | None = None) -> torch.Tensor:
     """`conv_add_reference`'s values. A 3x3 convolution over small, wide feature maps (a UNet's lower levels) runs as
-    Winograd's F(2x2, 3x3) on a CPU while sampling: each 2x2 tile of outputs from its 4x4 patch of inputs with 16
-    multiplies per channel pair instead of 36. The patches' and kernels' transforms make it 16 matmuls
+    Winograd's F(4x4, 3x3) on a CPU while sampling: each 4x4 tile of outputs from its 6x6 patch of inputs with 36
+    multiplies per channel pair instead of 144. The patches' and kernels' transforms make it 36 matmuls
     (tiles, C_in) x (C_in, C_out) (PyTorch's GEMM), and the output transform adds the bias, the shift and the
-    skip in the same pass (C loops, `native.py`). Float32 error ~1e-6 relative to the direct form's."""
+    skip in the same pass (C loops, `native.py`). Float32 error ~1e-5 of outputs of ~1 (the direct form's: ~2e-6)."""
     if not _winograd(conv, x, shift, residual):
         return conv_add_reference(conv, x, shift, residual)
     N, C, H, W = x.shape
     u = _winograd_weight(conv)
-    v = native.winograd_input(x.permute(0, 2, 3, 1).contiguous())  # (16, tiles, C_in); a view when NHWC
-    m = torch.bmm(v, u)  # (16, tiles, C_out)
+    v = native.winograd_input(x.permute(0, 2, 3, 1).contiguous())  # (36, tiles, C_in); a view when NHWC
+    m = torch.bmm(v, u)  # (36, tiles, C_out)
     if residual is not None:
         residual = residual.permute(0, 2, 3, 1).contiguous()
     y = native.winograd_output(m, (N, H, W), conv.bias, None if shift is None else shift.contiguous(), residual)
@@ -117,25 +118,26 @@ def conv_add(conv: nn.Conv2d, x: torch.Tensor, shift: torch.Tensor | None = None
 
 
 def _winograd(conv: nn.Conv2d, x: torch.Tensor, shift: torch.Tensor | None, residual: torch.Tensor | None) -> bool:
-    """Whether `conv` takes the Winograd path: a 3x3, stride 1, padding 1 convolution of C_in >= 96 channels over at
-    most 256 even-sided positions, float32 on a CPU without a gradient or autocast, the AVX2 build of the C loops
-    (where it was measured)."""
+    """Whether `conv` takes the Winograd path: a 3x3, stride 1, padding 1 convolution of C_in >= 32 channels over at
+    most 1024 positions, sides multiples of 4, float32 on a CPU without a gradient or autocast, the AVX2 build of the
+    C loops (where it was measured)."""
     H, W = x.shape[-2:]
     extras = [t for t in (shift, residual) if t is not None]
     return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1) and conv.dilation == (1, 1)
             and conv.groups == 1 and conv.padding_mode == "zeros" and x.dim() == 4
-            and conv.in_channels >= WINOGRAD_MIN_CHANNELS and H * W <= WINOGRAD_MAX_PIXELS and H % 2 == 0 and W % 2 == 0
+            and conv.in_channels >= WINOGRAD_MIN_CHANNELS and H * W <= WINOGRAD_MAX_PIXELS and H % 4 == 0 and W % 4 == 0
             and not torch.is_autocast_enabled("cpu") and avx2_inference(x, *conv.parameters(), *extras))
 
 
 def _winograd_weight(conv: nn.Conv2d) -> torch.Tensor:
-    """G g G^T for every kernel g of `conv`, as (16, C_in, C_out); kept on the module until its weight changes."""
+    """G g G^T for every kernel g of `conv`, as (36, C_in, C_out) (computed in float64); kept on the module until its
+    weight changes."""
     w = conv.weight
     key = (w.data_ptr(), w._version, tuple(w.shape))
     kept = conv.__dict__.get("_winograd_weight")
     if kept is None or kept[0] != key:
-        u = _G @ w.detach().float() @ _G.T  # (C_out, C_in, 4, 4)
-        kept = (key, u.reshape(w.shape[0], w.shape[1], 16).permute(2, 1, 0).contiguous())
+        u = (_G @ w.detach().double() @ _G.T).float()  # (C_out, C_in, 6, 6)
+        kept = (key, u.reshape(w.shape[0], w.shape[1], 36).permute(2, 1, 0).contiguous())
         conv.__dict__["_winograd_weight"] = kept
     return kept[1]
 
