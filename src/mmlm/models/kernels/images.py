@@ -1,5 +1,5 @@
 """Image ops: the ViT's patch embedding, a ResNet's convolutions (their layout, BatchNorm folded in), and a UNet's
-3x3 convolutions with what is added to them (Winograd's F(2x2, 3x3) where it is faster)."""
+3x3 convolutions with what is added to them (Winograd's F(4x4, 3x3) where it is faster)."""
 
 from __future__ import annotations
 
