@@ -247,8 +247,9 @@ def bench_clip_matrix(acts: tuple[str, ...] = MATRIX_AXES["act"], captions: tupl
                "spread": max(v["spread"] for v in r.values()), "peer": peer,
                "ratio": round(r["mmlm"]["per_s_median"] / r[peer]["per_s_median"], 2), "target": TARGETS["clip_train"],
                # FLOPs an item costs each library, and the share of the matmul peak each reaches at its own FLOPs
-               **{f"{lib}_mflop": round(flops[lib] / 1e6, 1) for lib in r},
-               **{f"{lib}_mfu": round(flops[lib] * r[lib]["per_s_median"] / peaks[key], 2) for lib in r},
+               # (three significant digits: a tiny test config's share of the peak is ~0.01)
+               **{f"{lib}_mflop": float(f"{flops[lib] / 1e6:.3g}") for lib in r},
+               **{f"{lib}_mfu": float(f"{flops[lib] * r[lib]['per_s_median'] / peaks[key]:.3g}") for lib in r},
                "matmul_peak_gflops": round(peaks[key] / 1e9, 1)}
         rows.append(row)
         emit(row)

@@ -948,8 +948,8 @@ static inline __attribute__((always_inline)) void attention_query_pair(const flo
         qb[i] = _mm256_set1_ps(q1[i] * scale);
     }
     __m256 ma = _mm256_set1_ps(-INFINITY), mb = ma;
-    int64_t s = 0;
-    for (; s + 8 <= S; s += 8) {
+    int64_t s;
+    for (s = 0; s < Sp; s += 8) {
         __m256 a = _mm256_setzero_ps(), b = a;
         for (int64_t i = 0; i < d; i++) {
             const __m256 k = _mm256_loadu_ps(kT + i * Sp + s);
@@ -958,21 +958,13 @@ static inline __attribute__((always_inline)) void attention_query_pair(const flo
         }
         _mm256_storeu_ps(p0 + s, a);
         _mm256_storeu_ps(p1 + s, b);
+        if (s + 8 > S) {  /* the last, padded vector: padding scores -inf */
+            for (int64_t j = S; j < Sp; j++) p0[j] = p1[j] = -INFINITY;
+            a = _mm256_loadu_ps(p0 + s);
+            b = _mm256_loadu_ps(p1 + s);
+        }
         ma = _mm256_max_ps(ma, a);
         mb = _mm256_max_ps(mb, b);
-    }
-    if (s < Sp) {  /* the last, padded vector: padding scores -inf */
-        __m256 a = _mm256_setzero_ps(), b = a;
-        for (int64_t i = 0; i < d; i++) {
-            const __m256 k = _mm256_loadu_ps(kT + i * Sp + s);
-            a = _mm256_fmadd_ps(qa[i], k, a);
-            b = _mm256_fmadd_ps(qb[i], k, b);
-        }
-        _mm256_storeu_ps(p0 + s, a);
-        _mm256_storeu_ps(p1 + s, b);
-        for (int64_t j = S; j < Sp; j++) p0[j] = p1[j] = -INFINITY;
-        ma = _mm256_max_ps(ma, _mm256_loadu_ps(p0 + s));
-        mb = _mm256_max_ps(mb, _mm256_loadu_ps(p1 + s));
     }
     float m8[8], ta = -INFINITY, tb = -INFINITY;
     _mm256_storeu_ps(m8, ma);
