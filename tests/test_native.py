@@ -151,11 +151,12 @@ def test_geglu_is_its_formula(lib):
 @pytest.mark.parametrize("channels,groups", [(32, 8), (12, 3), (20, 5)])
 def test_group_norm_silu_is_its_formula(lib, channels, groups):
     """silu(GroupNorm(x)) and GroupNorm alone over channels-last maps: channel counts the eight-wide loop covers
-    and ones it leaves a tail of, affine parameters or none."""
+    and ones it leaves a tail of, affine parameters or none, and scales that take SiLU's input to +-300 (its
+    exponential's exponent clamped: z and 0 there)."""
     torch.manual_seed(channels)
     x = (torch.randn(2, channels, 6, 5) * 3 + 2).contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(channels), torch.randn(channels)
-    for weight, bias in ((w, b), (None, None)):
+    for weight, bias in ((w, b), (None, None), (w * 100, b)):
         norm = torch.nn.functional.group_norm(x, groups, weight, bias, 1e-5)
         torch.testing.assert_close(native.group_norm_silu(x, groups, weight, bias, 1e-5, lib=lib),
                                    torch.nn.functional.silu(norm), atol=2e-5, rtol=1e-5)
