@@ -244,6 +244,9 @@ def test_unsupported_unet_config_names_the_field():
         unet_config_from_diffusers({**SD1, "addition_embed_type": "text", "addition_embed_type_num_heads": 5})
     with pytest.raises(ValueError, match="down_block_types"):
         unet_config_from_diffusers({**SD1, "down_block_types": ["SimpleCrossAttnDownBlock2D", "DownBlock2D"]})
+    with pytest.raises(ValueError, match="sample_size"):
+        unet_config_from_diffusers({**SD1, "sample_size": "64"})
+    assert unet_config_from_diffusers({**SD1, "sample_size": None}).sample_size == 64  # diffusers' default: null
 
 
 def test_cli_export_and_generate(sd_dir, tmp_path, capsys):

@@ -97,7 +97,10 @@ def unet_config_from_diffusers(d: dict, where: str = "unet/config.json") -> UNet
         if isinstance(d.get(key), (list, tuple)):
             raise ValueError(f"{where}: {key} as a per-block list is not supported, got {d[key]}")
     heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)  # SD's attention_head_dim counts heads
-    return UNetConfig(sample_size=int(d.get("sample_size", 64)), in_channels=d.get("in_channels", 4),
+    size = d.get("sample_size")  # null (diffusers' default) as absent: SD 1.x's 64
+    if size is not None and not (isinstance(size, int) and size > 0):
+        raise ValueError(f"{where}: sample_size must be a positive integer, got {size!r}")
+    return UNetConfig(sample_size=64 if size is None else size, in_channels=d.get("in_channels", 4),
                       out_channels=d.get("out_channels", 4), block_out_channels=tuple(d["block_out_channels"]),
                       cross_attention=tuple(kinds[t] for t in down), layers_per_block=d.get("layers_per_block", 2),
                       transformer_layers_per_block=d.get("transformer_layers_per_block", 1),
