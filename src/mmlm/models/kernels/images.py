@@ -91,10 +91,11 @@ def conv_add_reference(conv: nn.Conv2d, x: torch.Tensor, shift: torch.Tensor | N
 
 # Where Winograd beat oneDNN's direct convolution (AVX2 Zen 1, fp32, 2 threads): at batch 16 1.2x at 32 -> 32
 # channels on 32x32 maps, 1.5-1.9x from 64 channels there, 1.9-2.5x on 8x8 and 16x16 maps, 1.3x at 64 channels on
-# 64x64; at batch 2 an SD UNet's 320 and 640 channels on 16x16 to 64x64 maps 2.8-3.3x, 128 channels on 128x128 2.4x.
-# Larger maps were not measured (the transformed patches take 2.25x the input's memory).
+# 64x64; at batch 2 an SD UNet's 320 and 640 channels on 16x16 to 64x64 maps 2.8-3.3x, 128 channels on 128x128 2.4x;
+# one image through an SD VAE's upper levels (128-512 channels, 128x128 to 512x512) 1.9-3.0x. Larger maps were not
+# measured (the transformed patches take 2.25x the input's memory: 300 MB for 128 channels at 512x512).
 WINOGRAD_MIN_CHANNELS = 32
-WINOGRAD_MAX_PIXELS = 128 * 128
+WINOGRAD_MAX_PIXELS = 512 * 512
 # Winograd's F(4x4, 3x3): Y = A^T [(G g G^T) . (B^T d B)] A per 4x4 tile of outputs (csrc/weight_only.c has B, A)
 _G = torch.tensor([[1 / 4, 0.0, 0.0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
                    [1 / 24, -1 / 12, 1 / 6], [0.0, 0.0, 1.0]], dtype=torch.float64)
@@ -121,7 +122,7 @@ def conv_add(conv: nn.Conv2d, x: torch.Tensor, shift: torch.Tensor | None = None
 
 def _winograd(conv: nn.Conv2d, x: torch.Tensor, shift: torch.Tensor | None, residual: torch.Tensor | None) -> bool:
     """Whether `conv` takes the Winograd path: a 3x3, stride 1, padding 1 convolution of C_in >= 32 channels over at
-    most 128x128 positions, sides multiples of 4, float32 on a CPU without a gradient or autocast, the AVX2 build of the
+    most 512x512 positions, sides multiples of 4, float32 on a CPU without a gradient or autocast, the AVX2 build of the
     C loops (where it was measured)."""
     H, W = x.shape[-2:]
     extras = [t for t in (shift, residual) if t is not None]
