@@ -163,6 +163,11 @@ def simd() -> int:
     return _simd
 
 
+def _ptr(t: torch.Tensor | None) -> int | None:
+    """A tensor's address for an optional pointer argument (NULL for None)."""
+    return None if t is None else t.data_ptr()
+
+
 def error() -> str | None:
     """Why `kernels()` is None (None when it is not, or was not asked yet)."""
     return _error
@@ -249,8 +254,7 @@ def group_norm_silu(x: torch.Tensor, groups: int, weight: torch.Tensor | None, b
     C, weight / bias (C,) float32 contiguous or None -> (N, C, H, W), channels-last."""
     N, C, H, W = x.shape
     y = torch.empty(N, H, W, C)
-    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-    (lib or _lib).mmlm_group_norm_silu(x.data_ptr(), N, H * W, C, groups, ptr(weight), ptr(bias), eps, int(silu),
+    (lib or _lib).mmlm_group_norm_silu(x.data_ptr(), N, H * W, C, groups, _ptr(weight), _ptr(bias), eps, int(silu),
                                        y.data_ptr(), torch.get_num_threads())
     return y.permute(0, 3, 1, 2)
 
@@ -273,8 +277,7 @@ def winograd_output(m: torch.Tensor, shape: tuple[int, int, int], bias: torch.Te
     N, H, W = shape
     O = m.shape[2]
     y = torch.empty(N, H, W, O)
-    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-    (lib or _lib).mmlm_winograd_output(m.data_ptr(), N, H, W, O, ptr(bias), ptr(shift), ptr(residual), y.data_ptr(),
+    (lib or _lib).mmlm_winograd_output(m.data_ptr(), N, H, W, O, _ptr(bias), _ptr(shift), _ptr(residual), y.data_ptr(),
                                        torch.get_num_threads())
     return y
 
@@ -284,7 +287,7 @@ def linear_struct(layer) -> Linear:
     w = layer.blocks if layer.bits == 4 else layer.qweight
     return Linear(layer.bits, layer.out_features, layer.in_features, w.data_ptr(),
                   layer.scales.data_ptr() if layer.bits == 8 else None,
-                  None if layer.bias is None else layer.bias.data_ptr())
+                  _ptr(layer.bias))
 
 
 def decoder_layer(x: torch.Tensor, norm1: torch.Tensor, norm2: torch.Tensor, eps: float, linears, cos: torch.Tensor,

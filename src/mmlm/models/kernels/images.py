@@ -103,7 +103,7 @@ _G = torch.tensor([[1 / 4, 0.0, 0.0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, 
 
 def conv_add(conv: nn.Conv2d, x: torch.Tensor, shift: torch.Tensor | None = None,
              residual: torch.Tensor | None = None) -> torch.Tensor:
-    """`conv_add_reference`'s values. A 3x3 convolution over small, wide feature maps (a UNet's lower levels) runs as
+    """`conv_add_reference`'s values. A 3x3 convolution of 32 channels or more (a UNet's and a VAE's) runs as
     Winograd's F(4x4, 3x3) on a CPU while sampling: each 4x4 tile of outputs from its 6x6 patch of inputs with 36
     multiplies per channel pair instead of 144. The patches' and kernels' transforms make it 36 matmuls
     (tiles, C_in) x (C_in, C_out) (PyTorch's GEMM), and the output transform adds the bias, the shift and the
