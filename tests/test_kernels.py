@@ -301,10 +301,12 @@ def test_conv_bn_folds_an_eval_batchnorm_into_the_convolution(autocast, bias):
 
 
 @pytest.mark.parametrize("cin,cout,size", [(96, 64, 16), (128, 128, 8), (32, 32, 32), (160, 96, (8, 12)),
-                                            (36, 20, 8), (64, 48, (6, 10))])  # 36, 20: channel tails past the vectors
+                                            (36, 20, 8), (48, 40, 12), (256, 112, 8), (64, 48, (6, 10))])
 def test_conv_add_winograd_equals_the_direct_convolution(cin, cout, size):
     """conv_add: conv(x) + shift + residual, without a gradient, on feature maps where the Winograd path runs
-    (AVX2 builds; elsewhere the direct form, which this checks too): NCHW and channels-last inputs, with and
+    (AVX2 builds; elsewhere the direct form, which this checks too), in one pass (up to 192 x 128 channels; 36 -> 20
+    and 48 -> 40 leave channel tails past the vectors and the padded 16 columns, 12x12 maps a last block of 3 of 6
+    tiles) or around PyTorch's GEMM (256 -> 112): NCHW and channels-last inputs, with and
     without shift / skip / bias; the kernels' transform is kept until the weight changes in place; with a
     gradient, autocast, sides not multiples of 4, fewer than 32 channels in or a map over 512x512 the direct form runs
     (its values equal exactly). F(4x4, 3x3)'s float32 error: ~1e-5 of conv outputs of ~1."""

@@ -1,5 +1,6 @@
 """mmlm's compiled loops (`csrc/weight_only.c` through `mmlm.native`) against their plain formulas: the int4 and int8
-matmuls, RMSNorm, one-query and many-query attention, and a whole quantized decoding step against `LM.decode_step`'s own loop.
+matmuls, RMSNorm, one-query and many-query attention, GEGLU, GroupNorm + SiLU, Winograd's convolution, and a whole
+quantized decoding step against `LM.decode_step`'s own loop.
 Each check runs on the library as built for this machine (-march=native: AVX-512 VNNI or AVX2 loops), on an AVX2
 build where the CPU has AVX2 and the native build is not already that, and on a plain-C build of the same file
 (what a CPU without those instructions runs)."""
@@ -146,6 +147,31 @@ def test_geglu_is_its_formula(lib):
         z = torch.randn(5, 7, 2 * n) * 4
         h, gate = z.chunk(2, dim=-1)
         torch.testing.assert_close(native.geglu(z, lib=lib), h * torch.nn.functional.gelu(gate), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cin,cout,size,tiles", [(32, 32, (8, 8), 6), (20, 24, (12, 8), 12), (13, 40, (4, 12), 6)])
+def test_winograd_loops_are_the_convolution(lib, cin, cout, size, tiles):
+    """A 3x3 convolution (zero padding 1) + bias + shift + skip over channels-last maps, both ways the C file computes
+    it: its input and output transforms around a batched matmul, and in one pass `tiles` 4x4 tiles at a time (a
+    last block of tiles short of it; output channels short of the padded 16; channel counts with tails past the
+    eight-wide vectors)."""
+    from mmlm.models.kernels import images
+
+    torch.manual_seed(cin)
+    (h, w), n = size, 2
+    x, weight = torch.randn(n, h, w, cin), torch.randn(cout, cin, 3, 3) / (3 * cin ** 0.5)
+    bias, shift, skip = torch.randn(cout), torch.randn(n, cout), torch.randn(n, h, w, cout)
+    want = torch.nn.functional.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=1).permute(0, 2, 3, 1)
+    want = want + shift[:, None, None, :] + skip
+    u = (images._G @ weight.double() @ images._G.T).float().reshape(cout, cin, 36).permute(2, 1, 0)  # (36, C, O)
+    m = torch.bmm(native.winograd_input(x.contiguous(), lib=lib), u)
+    torch.testing.assert_close(native.winograd_output(m, (n, h, w), bias, shift, skip, lib=lib), want, atol=5e-5,
+                               rtol=1e-5)
+    padded = torch.nn.functional.pad(u, (0, -cout % 16)).contiguous()
+    torch.testing.assert_close(native.winograd_conv(x, padded, cout, tiles, bias, shift, skip, lib=lib), want,
+                               atol=5e-5, rtol=1e-5)
+    torch.testing.assert_close(native.winograd_conv(x, padded, cout, tiles, lib=lib), want - shift[:, None, None, :]
+                               - skip - bias, atol=5e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("channels,groups", [(32, 8), (12, 3), (20, 5)])

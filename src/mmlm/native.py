@@ -123,6 +123,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.mmlm_winograd_output.argtypes = [p, i64, i64, i64, i64, p, p, p, p, i32]
     lib.mmlm_winograd_input.restype = ctypes.c_int
     lib.mmlm_winograd_output.restype = None
+    lib.mmlm_winograd_conv.argtypes = [p, i64, i64, i64, i64, p, i64, i64, i64, p, p, p, p, i32]
+    lib.mmlm_winograd_conv.restype = ctypes.c_int
     lib.mmlm_geglu.argtypes = [p, i64, i64, p, i32]
     lib.mmlm_geglu.restype = None
     lib.mmlm_group_norm_silu.argtypes = [p, i64, i64, i64, i64, p, p, ctypes.c_float, i32, p, i32]
@@ -279,6 +281,21 @@ def winograd_output(m: torch.Tensor, shape: tuple[int, int, int], bias: torch.Te
     y = torch.empty(N, H, W, O)
     (lib or _lib).mmlm_winograd_output(m.data_ptr(), N, H, W, O, _ptr(bias), _ptr(shift), _ptr(residual), y.data_ptr(),
                                        torch.get_num_threads())
+    return y
+
+
+def winograd_conv(x: torch.Tensor, u: torch.Tensor, out_channels: int, tiles: int, bias: torch.Tensor | None = None,
+                  shift: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                  lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x (N, H, W, C) float32 contiguous, H and W multiples of 4, u (36, C, Op) G g G^T with Op = out_channels
+    rounded up to 16 (zero columns past them) -> (N, H, W, out_channels): the 3x3 convolution (zero padding 1) in one
+    pass, `tiles` (a multiple of 6) 4x4 tiles at a time, + bias (O,) + shift (N, O) + residual (N, H, W, O)."""
+    N, H, W, C = x.shape
+    y = torch.empty(N, H, W, out_channels)
+    if not (lib or _lib).mmlm_winograd_conv(x.data_ptr(), N, H, W, C, u.data_ptr(), out_channels, u.shape[2], tiles,
+                                            _ptr(bias), _ptr(shift), _ptr(residual), y.data_ptr(),
+                                            torch.get_num_threads()):
+        raise MemoryError(f"no memory for Winograd's scratch ({tiles} tiles of {C} channels)")
     return y
 
 

@@ -1,6 +1,6 @@
 /* mmlm's compiled loops for decoding on a CPU: weight-only matmuls y = x W^T with W read as stored, and a whole
  * Llama block's decoding step in one call. Further down, three loops for sampling a UNet (attention with small
- * heads, GroupNorm + SiLU, Winograd's transforms), each beside the plain formula it replaces in
+ * heads, GroupNorm + SiLU, Winograd's convolutions), each beside the plain formula it replaces in
  * mmlm/models/kernels.
  *
  * Decoding a token reads every weight once. At one token per row PyTorch's per-op dispatch and the Python between
@@ -1268,10 +1268,11 @@ void mmlm_group_norm_silu(const float *x, int64_t N, int64_t P, int64_t C, int64
 /* A 3x3 convolution (stride 1, zero padding 1) as Winograd's F(4x4, 3x3): each 4x4 tile of outputs is
  *   Y = A^T [ (G g G^T) . (B^T d B) ] A
  * with d the 6x6 patch of input under the tile, g the 3x3 kernel and . the elementwise product over the 36
- * positions; summed over input channels, the 36 products are 36 matmuls (P tiles, C) x (C, O) that PyTorch runs
- * (mmlm/models/kernels/images.py, which has G). 36 multiplies per tile and channel pair where the direct form
- * takes 144. These two loops are the transforms around the matmuls, over channels-last (N, H, W, C) tensors, H and
- * W multiples of 4 (the interpolation points 0, 1, -1, 2, -2 and infinity):
+ * positions; summed over input channels, the 36 products are 36 matmuls (P tiles, C) x (C, O)
+ * (mmlm/models/kernels/images.py has G). 36 multiplies per tile and channel pair where the direct form takes 144.
+ * Below: the transforms around the matmuls as two loops (PyTorch's batched GEMM between them, for many channels),
+ * and the whole convolution in one pass over a few tiles at a time (few channels), over channels-last
+ * (N, H, W, C) tensors, H and W multiples of 4 (the interpolation points 0, 1, -1, 2, -2 and infinity):
  *   B^T = [4  0 -5  0  1  0;      A^T = [1  1  1  1  1  0;
  *          0 -4 -4  1  1  0;             0  1 -1  2 -2  0;
  *          0  4 -4 -1  1  0;             0  1  1  4  4  0;
@@ -1308,6 +1309,49 @@ static inline void winograd_bt8(const __m256 *u, __m256 *t, int st) {
 }
 #endif
 
+/* B^T d B of tile p's 6x6 patch of x (N, H, W, C), th x tw tiles an image: position q (0..35) of channel k at
+ * v[q vs + k]. zero: C zeros (the padding). */
+static void winograd_input_tile(const float *x, int64_t H, int64_t W, int64_t C, int64_t th, int64_t tw, int64_t p,
+                                const float *zero, float *v, int64_t vs) {
+    const int64_t n = p / (th * tw), i = p / tw % th, j = p % tw;
+    const float *d[6][6];
+    for (int a = 0; a < 6; a++)
+        for (int b = 0; b < 6; b++) {
+            const int64_t r = 4 * i - 1 + a, c = 4 * j - 1 + b;
+            d[a][b] = (r < 0 || r >= H || c < 0 || c >= W) ? zero : x + ((n * H + r) * W + c) * C;
+        }
+    int64_t k0 = 0;
+#ifdef MMLM_AVX2
+    for (; k0 + 8 <= C; k0 += 8) {  /* eight channels to a vector */
+        __m256 t[6][6];
+        for (int b = 0; b < 6; b++) {  /* B^T d: each column */
+            __m256 u[6];
+            for (int a = 0; a < 6; a++) u[a] = _mm256_loadu_ps(d[a][b] + k0);
+            winograd_bt8(u, t[0] + b, 6);
+        }
+        for (int a = 0; a < 6; a++) {  /* (B^T d) B: each row */
+            __m256 r[6];
+            winograd_bt8(t[a], r, 1);
+            for (int b = 0; b < 6; b++) _mm256_storeu_ps(v + (6 * a + b) * vs + k0, r[b]);
+        }
+    }
+#endif
+    for (; k0 < C; k0 += 8) {  /* eight channels at a time through a 6x6 scratch */
+        const int64_t kn = C - k0 < 8 ? C - k0 : 8;
+        float u[6][6][8], t[6][6][8];
+        for (int a = 0; a < 6; a++)
+            for (int b = 0; b < 6; b++)
+                for (int64_t k = 0; k < 8; k++) u[a][b][k] = k < kn ? d[a][b][k0 + k] : 0.0f;
+        for (int b = 0; b < 6; b++)  /* B^T d: each column */
+            for (int64_t k = 0; k < 8; k++) WINOGRAD_BT(&u[0][b][k], 48, &t[0][b][k], 48);
+        for (int a = 0; a < 6; a++)  /* (B^T d) B: each row */
+            for (int64_t k = 0; k < 8; k++) WINOGRAD_BT(&t[a][0][k], 8, &u[a][0][k], 8);
+        for (int a = 0; a < 6; a++)
+            for (int b = 0; b < 6; b++)
+                for (int64_t k = 0; k < kn; k++) v[(6 * a + b) * vs + k0 + k] = u[a][b][k];
+    }
+}
+
 /* V (36, P, C) = B^T d B for every tile's patch of x (N, H, W, C). Returns 0 (V untouched) when memory for a row
  * of zeros could not be had, else 1. */
 int mmlm_winograd_input(const float *x, int64_t N, int64_t H, int64_t W, int64_t C, float *V, int threads) {
@@ -1315,47 +1359,7 @@ int mmlm_winograd_input(const float *x, int64_t N, int64_t H, int64_t W, int64_t
     float *zero = calloc((size_t)C, sizeof(float));
     if (!zero) return 0;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && P * C >= 4096)
-    for (int64_t p = 0; p < P; p++) {
-        const int64_t n = p / (th * tw), i = p / tw % th, j = p % tw;
-        const float *d[6][6];
-        for (int a = 0; a < 6; a++)
-            for (int b = 0; b < 6; b++) {
-                const int64_t r = 4 * i - 1 + a, c = 4 * j - 1 + b;
-                d[a][b] = (r < 0 || r >= H || c < 0 || c >= W) ? zero : x + ((n * H + r) * W + c) * C;
-            }
-        float *v = V + p * C;
-        const int64_t stride = P * C;  /* from one of the 36 positions to the next */
-        int64_t k0 = 0;
-#ifdef MMLM_AVX2
-        for (; k0 + 8 <= C; k0 += 8) {  /* eight channels to a vector */
-            __m256 t[6][6];
-            for (int b = 0; b < 6; b++) {  /* B^T d: each column */
-                __m256 u[6];
-                for (int a = 0; a < 6; a++) u[a] = _mm256_loadu_ps(d[a][b] + k0);
-                winograd_bt8(u, t[0] + b, 6);
-            }
-            for (int a = 0; a < 6; a++) {  /* (B^T d) B: each row */
-                __m256 r[6];
-                winograd_bt8(t[a], r, 1);
-                for (int b = 0; b < 6; b++) _mm256_storeu_ps(v + (6 * a + b) * stride + k0, r[b]);
-            }
-        }
-#endif
-        for (; k0 < C; k0 += 8) {  /* eight channels at a time through a 6x6 scratch */
-            const int64_t kn = C - k0 < 8 ? C - k0 : 8;
-            float u[6][6][8], t[6][6][8];
-            for (int a = 0; a < 6; a++)
-                for (int b = 0; b < 6; b++)
-                    for (int64_t k = 0; k < 8; k++) u[a][b][k] = k < kn ? d[a][b][k0 + k] : 0.0f;
-            for (int b = 0; b < 6; b++)  /* B^T d: each column */
-                for (int64_t k = 0; k < 8; k++) WINOGRAD_BT(&u[0][b][k], 48, &t[0][b][k], 48);
-            for (int a = 0; a < 6; a++)  /* (B^T d) B: each row */
-                for (int64_t k = 0; k < 8; k++) WINOGRAD_BT(&t[a][0][k], 8, &u[a][0][k], 8);
-            for (int a = 0; a < 6; a++)
-                for (int b = 0; b < 6; b++)
-                    for (int64_t k = 0; k < kn; k++) v[(6 * a + b) * stride + k0 + k] = u[a][b][k];
-        }
-    }
+    for (int64_t p = 0; p < P; p++) winograd_input_tile(x, H, W, C, th, tw, p, zero, V + p * C, P * C);
     free(zero);
     return 1;
 }
@@ -1373,63 +1377,145 @@ static inline void winograd_at8(const __m256 *u, __m256 *t, int st) {
 }
 #endif
 
+/* Output channels o0 .. o0 + on of y's 4x4 tile p (y (N, H, W, O)) = A^T m A + bias (O) + shift (N, O) + residual
+ * (N, H, W, O), the three optional (NULL); the tile's 36 sums of channel o0 + k at m[q ms + k]. */
+static void winograd_output_tile(const float *m, int64_t ms, int64_t H, int64_t W, int64_t O, int64_t th, int64_t tw,
+                                 int64_t p, int64_t o0, int64_t on, const float *bias, const float *shift,
+                                 const float *residual, float *y) {
+    const int64_t n = p / (th * tw), i = p / tw % th, j = p % tw;
+    int64_t k0 = 0;
+#ifdef MMLM_AVX2
+    for (; k0 + 8 <= on; k0 += 8) {
+        const int64_t o = o0 + k0;
+        __m256 add = bias ? _mm256_loadu_ps(bias + o) : _mm256_setzero_ps();
+        if (shift) add = _mm256_add_ps(add, _mm256_loadu_ps(shift + n * O + o));
+        __m256 s[4][6];  /* A^T m: its four rows */
+        for (int b = 0; b < 6; b++) {
+            __m256 u[6];
+            for (int a = 0; a < 6; a++) u[a] = _mm256_loadu_ps(m + (6 * a + b) * ms + k0);
+            winograd_at8(u, &s[0][b], 6);
+        }
+        for (int a = 0; a < 4; a++) {  /* (A^T m) A, + the bias, the shift and the skip */
+            const int64_t at = ((n * H + 4 * i + a) * W + 4 * j) * O + o;
+            __m256 r4[4];
+            winograd_at8(s[a], r4, 1);
+            for (int b = 0; b < 4; b++) {
+                __m256 r = _mm256_add_ps(r4[b], add);
+                if (residual) r = _mm256_add_ps(r, _mm256_loadu_ps(residual + at + b * O));
+                _mm256_storeu_ps(y + at + b * O, r);
+            }
+        }
+    }
+#endif
+    for (; k0 < on; k0 += 8) {
+        const int64_t kn = on - k0 < 8 ? on - k0 : 8, o = o0 + k0;
+        float s[4][6][8];  /* A^T m: its four rows */
+        for (int b = 0; b < 6; b++)
+            for (int64_t k = 0; k < 8; k++) {
+                float u[6];
+                for (int a = 0; a < 6; a++) u[a] = k < kn ? m[(6 * a + b) * ms + k0 + k] : 0.0f;
+                s[0][b][k] = u[0] + u[1] + u[2] + u[3] + u[4];
+                s[1][b][k] = u[1] - u[2] + 2.0f * (u[3] - u[4]);
+                s[2][b][k] = u[1] + u[2] + 4.0f * (u[3] + u[4]);
+                s[3][b][k] = u[1] - u[2] + 8.0f * (u[3] - u[4]) + u[5];
+            }
+        for (int a = 0; a < 4; a++) {  /* (A^T m) A, + the bias, the shift and the skip */
+            float *yr = y + ((n * H + 4 * i + a) * W + 4 * j) * O + o;
+            const float *rr = residual ? residual + ((n * H + 4 * i + a) * W + 4 * j) * O + o : NULL;
+            for (int64_t k = 0; k < kn; k++) {
+                const float *u = s[a][0] + k;  /* u[8 b] = s[a][b][k] */
+                const float add = (bias ? bias[o + k] : 0.0f) + (shift ? shift[n * O + o + k] : 0.0f);
+                float r4[4] = {u[0] + u[8] + u[16] + u[24] + u[32], u[8] - u[16] + 2.0f * (u[24] - u[32]),
+                               u[8] + u[16] + 4.0f * (u[24] + u[32]), u[8] - u[16] + 8.0f * (u[24] - u[32]) + u[40]};
+                for (int b = 0; b < 4; b++) yr[b * O + k] = r4[b] + add + (rr ? rr[b * O + k] : 0.0f);
+            }
+        }
+    }
+}
+
 /* y (N, H, W, O) = A^T m A for every tile's 36 sums m = M[:, p] (M (36, P, O)), + bias (O) + shift (N, O) +
  * residual (N, H, W, O), each of the three optional (NULL). */
 void mmlm_winograd_output(const float *M, int64_t N, int64_t H, int64_t W, int64_t O, const float *bias,
                           const float *shift, const float *residual, float *y, int threads) {
-    const int64_t th = H / 4, tw = W / 4, P = N * th * tw, stride = P * O;
+    const int64_t th = H / 4, tw = W / 4, P = N * th * tw;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && P * O >= 4096)
-    for (int64_t p = 0; p < P; p++) {
-        const int64_t n = p / (th * tw), i = p / tw % th, j = p % tw;
-        const float *m = M + p * O;
-        int64_t k0 = 0;
-#ifdef MMLM_AVX2
-        for (; k0 + 8 <= O; k0 += 8) {
-            __m256 add = bias ? _mm256_loadu_ps(bias + k0) : _mm256_setzero_ps();
-            if (shift) add = _mm256_add_ps(add, _mm256_loadu_ps(shift + n * O + k0));
-            __m256 s[4][6];  /* A^T m: its four rows */
-            for (int b = 0; b < 6; b++) {
-                __m256 u[6];
-                for (int a = 0; a < 6; a++) u[a] = _mm256_loadu_ps(m + (6 * a + b) * stride + k0);
-                winograd_at8(u, &s[0][b], 6);
-            }
-            for (int a = 0; a < 4; a++) {  /* (A^T m) A, + the bias, the shift and the skip */
-                const int64_t at = ((n * H + 4 * i + a) * W + 4 * j) * O + k0;
-                __m256 o[4];
-                winograd_at8(s[a], o, 1);
-                for (int b = 0; b < 4; b++) {
-                    __m256 r = _mm256_add_ps(o[b], add);
-                    if (residual) r = _mm256_add_ps(r, _mm256_loadu_ps(residual + at + b * O));
-                    _mm256_storeu_ps(y + at + b * O, r);
-                }
-            }
+    for (int64_t p = 0; p < P; p++)
+        winograd_output_tile(M + p * O, P * O, H, W, O, th, tw, p, 0, O, bias, shift, residual, y);
+}
+
+/* c (6 rows, 16 columns; row stride ldc) = a (6 rows of K; row stride lda) b (K rows of 16; row stride ldb): the
+ * twelve vectors of sums stay in registers while K goes by, each b row loaded once for the six rows. */
+static inline void gemm6x16(const float *a, int64_t lda, const float *b, int64_t ldb, int64_t K, float *c,
+                            int64_t ldc) {
+#ifndef MMLM_AVX2
+    for (int r = 0; r < 6; r++)
+        for (int o = 0; o < 16; o++) {
+            float s = 0.0f;
+            for (int64_t k = 0; k < K; k++) s += a[r * lda + k] * b[k * ldb + o];
+            c[r * ldc + o] = s;
         }
-#endif
-        for (; k0 < O; k0 += 8) {
-            const int64_t kn = O - k0 < 8 ? O - k0 : 8;
-            float s[4][6][8];  /* A^T m: its four rows */
-            for (int b = 0; b < 6; b++)
-                for (int64_t k = 0; k < 8; k++) {
-                    float u[6];
-                    for (int a = 0; a < 6; a++) u[a] = k < kn ? m[(6 * a + b) * stride + k0 + k] : 0.0f;
-                    s[0][b][k] = u[0] + u[1] + u[2] + u[3] + u[4];
-                    s[1][b][k] = u[1] - u[2] + 2.0f * (u[3] - u[4]);
-                    s[2][b][k] = u[1] + u[2] + 4.0f * (u[3] + u[4]);
-                    s[3][b][k] = u[1] - u[2] + 8.0f * (u[3] - u[4]) + u[5];
-                }
-            for (int a = 0; a < 4; a++) {  /* (A^T m) A, + the bias, the shift and the skip */
-                float *yr = y + ((n * H + 4 * i + a) * W + 4 * j) * O + k0;
-                const float *rr = residual ? residual + ((n * H + 4 * i + a) * W + 4 * j) * O + k0 : NULL;
-                for (int64_t k = 0; k < kn; k++) {
-                    const float *u = s[a][0] + k;  /* u[8 b] = s[a][b][k] */
-                    const float add = (bias ? bias[k0 + k] : 0.0f) + (shift ? shift[n * O + k0 + k] : 0.0f);
-                    float o[4] = {u[0] + u[8] + u[16] + u[24] + u[32], u[8] - u[16] + 2.0f * (u[24] - u[32]),
-                                  u[8] + u[16] + 4.0f * (u[24] + u[32]), u[8] - u[16] + 8.0f * (u[24] - u[32]) + u[40]};
-                    for (int b = 0; b < 4; b++) yr[b * O + k] = o[b] + add + (rr ? rr[b * O + k] : 0.0f);
-                }
-            }
-        }
+#else  /* twelve named sums: an array of them gcc keeps on the stack, storing each one after every multiply-add */
+    __m256 s00 = _mm256_setzero_ps(), s01 = s00, s10 = s00, s11 = s00, s20 = s00, s21 = s00, s30 = s00, s31 = s00,
+           s40 = s00, s41 = s00, s50 = s00, s51 = s00;
+    const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda, *a5 = a + 5 * lda;
+    for (int64_t k = 0; k < K; k++, b += ldb) {
+        const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+        __m256 x;
+#define GEMM_ROW(i)                                                                                                  \
+    x = _mm256_broadcast_ss(a##i + k);                                                                              \
+    s##i##0 = _mm256_fmadd_ps(x, b0, s##i##0);                                                                      \
+    s##i##1 = _mm256_fmadd_ps(x, b1, s##i##1);
+        GEMM_ROW(0) GEMM_ROW(1) GEMM_ROW(2) GEMM_ROW(3) GEMM_ROW(4) GEMM_ROW(5)
+#undef GEMM_ROW
     }
+#define GEMM_STORE(i)                                                                                                \
+    _mm256_storeu_ps(c + i * ldc, s##i##0);                                                                         \
+    _mm256_storeu_ps(c + i * ldc + 8, s##i##1);
+    GEMM_STORE(0) GEMM_STORE(1) GEMM_STORE(2) GEMM_STORE(3) GEMM_STORE(4) GEMM_STORE(5)
+#undef GEMM_STORE
+#endif
+}
+
+/* The whole convolution in one pass, tiles in blocks of T (a multiple of 6) whose transformed patches stay in the
+ * core's cache: y (N, H, W, O) = conv(x (N, H, W, C)) + bias + shift + residual (as mmlm_winograd_output), with
+ * U (36, C, Op) the transformed kernels, Op = O rounded up to 16 (zero columns past O). For each block: B^T d B of
+ * its tiles (36, T, C); then sixteen output channels at a time, the 36 products (T, C) x (C, 16) and A^T m A of
+ * those channels. Returns 0 (y incomplete) when scratch memory could not be had, else 1. */
+int mmlm_winograd_conv(const float *x, int64_t N, int64_t H, int64_t W, int64_t C, const float *U, int64_t O,
+                       int64_t Op, int64_t T, const float *bias, const float *shift, const float *residual, float *y,
+                       int threads) {
+    const int64_t th = H / 4, tw = W / 4, P = N * th * tw, blocks = (P + T - 1) / T;
+    float *zero = calloc((size_t)C, sizeof(float));
+    if (!zero) return 0;
+    int ok = 1;
+#pragma omp parallel num_threads(threads) if (threads > 1 && blocks > 1)
+    {
+        float *V = malloc(sizeof(float) * 36 * T * C), *M = malloc(sizeof(float) * 36 * T * 16);
+        if (!V || !M) {
+#pragma omp atomic write
+            ok = 0;
+        }
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < blocks; blk++) {
+            if (!V || !M) continue;
+            const int64_t p0 = blk * T, tn = P - p0 < T ? P - p0 : T;
+            for (int64_t t = 0; t < tn; t++) winograd_input_tile(x, H, W, C, th, tw, p0 + t, zero, V + t * C, T * C);
+            if (tn < T)  /* the last block's rows past P: zeros (their sums are never read) */
+                for (int q = 0; q < 36; q++) memset(V + (q * T + tn) * C, 0, sizeof(float) * (T - tn) * C);
+            for (int64_t o0 = 0; o0 < O; o0 += 16) {
+                for (int q = 0; q < 36; q++)
+                    for (int64_t r = 0; r < T; r += 6)
+                        gemm6x16(V + (q * T + r) * C, C, U + q * C * Op + o0, Op, C, M + (q * T + r) * 16, 16);
+                for (int64_t t = 0; t < tn; t++)
+                    winograd_output_tile(M + t * 16, T * 16, H, W, O, th, tw, p0 + t, o0, O - o0 < 16 ? O - o0 : 16,
+                                         bias, shift, residual, y);
+            }
+        }
+        free(V);
+        free(M);
+    }
+    free(zero);
+    return ok;
 }
 
 /* Which loops this build has: 2 AVX-512 VNNI, 1 AVX2, 0 the plain C ones. */

@@ -96,6 +96,11 @@ def conv_add_reference(conv: nn.Conv2d, x: torch.Tensor, shift: torch.Tensor | N
 # measured (the transformed patches take 2.25x the input's memory: 300 MB for 128 channels at 512x512).
 WINOGRAD_MIN_CHANNELS = 32
 WINOGRAD_MAX_PIXELS = 512 * 512
+# The one-pass form (`native.winograd_conv`: six tiles' transforms and products in the core's cache) reads every
+# transformed kernel once per six tiles: 1.1-1.9x the three passes around PyTorch's batched GEMM while they stay in
+# the cache (C_in x C_out up to 192 x 128 here), 1.1-3x slower above (an SD UNet's 320-1280 channels).
+WINOGRAD_FUSED_MAX_WEIGHTS = 192 * 128
+WINOGRAD_FUSED_TILES = 6
 # Winograd's F(4x4, 3x3): Y = A^T [(G g G^T) . (B^T d B)] A per 4x4 tile of outputs (csrc/weight_only.c has B, A)
 _G = torch.tensor([[1 / 4, 0.0, 0.0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6], [1 / 24, 1 / 12, 1 / 6],
                    [1 / 24, -1 / 12, 1 / 6], [0.0, 0.0, 1.0]], dtype=torch.float64)
@@ -106,17 +111,24 @@ def conv_add(conv: nn.Conv2d, x: torch.Tensor, shift: torch.Tensor | None = None
     """`conv_add_reference`'s values. A 3x3 convolution of 32 channels or more (a UNet's and a VAE's) runs as
     Winograd's F(4x4, 3x3) on a CPU while sampling: each 4x4 tile of outputs from its 6x6 patch of inputs with 36
     multiplies per channel pair instead of 144. The patches' and kernels' transforms make it 36 matmuls
-    (tiles, C_in) x (C_in, C_out) (PyTorch's GEMM), and the output transform adds the bias, the shift and the
-    skip in the same pass (C loops, `native.py`). Float32 error ~1e-5 of outputs of ~1 (the direct form's: ~2e-6)."""
+    (tiles, C_in) x (C_in, C_out), and the output transform adds the bias, the shift and the skip in the same pass
+    (C loops, `native.py`): for up to 192 x 128 channels all in one pass over six tiles at a time, above that as
+    three passes around PyTorch's batched GEMM. Float32 error ~1e-5 of outputs of ~1 (the direct form's: ~2e-6)."""
     if not _winograd(conv, x, shift, residual):
         return conv_add_reference(conv, x, shift, residual)
     N, C, H, W = x.shape
-    u = _winograd_weight(conv)
-    v = native.winograd_input(x.permute(0, 2, 3, 1).contiguous())  # (36, tiles, C_in); a view when NHWC
-    m = torch.bmm(v, u)  # (36, tiles, C_out)
+    fused = conv.in_channels * conv.out_channels <= WINOGRAD_FUSED_MAX_WEIGHTS
+    u = _winograd_weight(conv, fused)  # (36, C_in, C_out)
+    x = x.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C_in); a view when stored channels-last
     if residual is not None:
         residual = residual.permute(0, 2, 3, 1).contiguous()
-    y = native.winograd_output(m, (N, H, W), conv.bias, None if shift is None else shift.contiguous(), residual)
+    shift = None if shift is None else shift.contiguous()
+    if fused:
+        y = native.winograd_conv(x, u, conv.out_channels, WINOGRAD_FUSED_TILES, conv.bias, shift, residual)
+    else:
+        v = native.winograd_input(x)  # (36, tiles, C_in)
+        m = torch.bmm(v, u)  # (36, tiles, C_out)
+        y = native.winograd_output(m, (N, H, W), conv.bias, shift, residual)
     return y.permute(0, 3, 1, 2)  # (N, C_out, H, W), stored channels-last
 
 
@@ -132,15 +144,16 @@ def _winograd(conv: nn.Conv2d, x: torch.Tensor, shift: torch.Tensor | None, resi
             and not torch.is_autocast_enabled("cpu") and avx2_inference(x, *conv.parameters(), *extras))
 
 
-def _winograd_weight(conv: nn.Conv2d) -> torch.Tensor:
-    """G g G^T for every kernel g of `conv`, as (36, C_in, C_out) (computed in float64); kept on the module until its
-    weight changes."""
+def _winograd_weight(conv: nn.Conv2d, padded: bool = False) -> torch.Tensor:
+    """G g G^T for every kernel g of `conv`, as (36, C_in, C_out) (computed in float64), C_out rounded up to 16 with
+    zero columns when `padded` (the one-pass form's layout); kept on the module until its weight changes."""
     w = conv.weight
-    key = (w.data_ptr(), w._version, tuple(w.shape))
+    key = (w.data_ptr(), w._version, tuple(w.shape), padded)
     kept = conv.__dict__.get("_winograd_weight")
     if kept is None or kept[0] != key:
         u = (_G @ w.detach().double() @ _G.T).float()  # (C_out, C_in, 6, 6)
-        kept = (key, u.reshape(w.shape[0], w.shape[1], 36).permute(2, 1, 0).contiguous())
+        u = u.reshape(w.shape[0], w.shape[1], 36).permute(2, 1, 0)
+        kept = (key, F.pad(u, (0, -w.shape[0] % 16)).contiguous() if padded else u.contiguous())
         conv.__dict__["_winograd_weight"] = kept
     return kept[1]
 
