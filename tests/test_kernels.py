@@ -351,6 +351,27 @@ def test_geglu_is_its_formula():
     _assert_agree(_run(lambda: kernels.geglu(z), [z.requires_grad_()]), atol=1e-6)
 
 
+@pytest.mark.parametrize("dim,hidden,rows", [(64, 256, (2, 256)), (24, 20, (3, 7)), (13, 8, (1, 1))])
+def test_linear_geglu_is_its_formula(dim, hidden, rows):
+    """linear_geglu: geglu(proj(x)) without a gradient (one C pass on AVX2 builds: rows past a multiple of six,
+    gates past a multiple of eight, a single row), with and without a bias; the packed weight follows an in-place
+    change; with a gradient or under the reference switch the formula itself (equal exactly)."""
+    torch.manual_seed(dim)
+    proj, x = torch.nn.Linear(dim, 2 * hidden), torch.randn(*rows, dim)
+    with torch.no_grad():
+        torch.testing.assert_close(kernels.linear_geglu(proj, x), kernels.linear_geglu_reference(proj, x), atol=2e-5,
+                                   rtol=1e-5)
+        proj.weight.mul_(3)
+        torch.testing.assert_close(kernels.linear_geglu(proj, x), kernels.linear_geglu_reference(proj, x), atol=5e-5,
+                                   rtol=1e-5)
+        bare = torch.nn.Linear(dim, 2 * hidden, bias=False)
+        torch.testing.assert_close(kernels.linear_geglu(bare, x), kernels.linear_geglu_reference(bare, x), atol=2e-5,
+                                   rtol=1e-5)
+        with mmlm.reference_mode():
+            assert torch.equal(kernels.linear_geglu(proj, x), kernels.geglu_reference(proj(x)))
+    assert torch.equal(kernels.linear_geglu(proj, x), kernels.geglu_reference(proj(x)))  # a gradient: the formula
+
+
 @pytest.mark.parametrize("channels,groups,size", [(32, 8, 16), (96, 8, 8), (12, 3, 5), (64, 32, 4)])
 def test_group_norm_silu_is_its_formula(channels, groups, size):
     """group_norm_silu: silu(GroupNorm(x)) on channels-last maps without a gradient (the C loop on AVX2 builds),

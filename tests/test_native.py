@@ -1,6 +1,6 @@
 """mmlm's compiled loops (`csrc/weight_only.c` through `mmlm.native`) against their plain formulas: the int4 and int8
-matmuls, RMSNorm, one-query and many-query attention, GEGLU, GroupNorm + SiLU, Winograd's convolution, and a whole
-quantized decoding step against `LM.decode_step`'s own loop.
+matmuls, RMSNorm, one-query and many-query attention, GEGLU, a float32 matmul (and GEGLU in it), GroupNorm + SiLU,
+Winograd's convolution, and a whole quantized decoding step against `LM.decode_step`'s own loop.
 Each check runs on the library as built for this machine (-march=native: AVX-512 VNNI or AVX2 loops), on an AVX2
 build where the CPU has AVX2 and the native build is not already that, and on a plain-C build of the same file
 (what a CPU without those instructions runs)."""
@@ -172,6 +172,25 @@ def test_winograd_loops_are_the_convolution(lib, cin, cout, size, tiles):
                                atol=5e-5, rtol=1e-5)
     torch.testing.assert_close(native.winograd_conv(x, padded, cout, tiles, lib=lib), want - shift[:, None, None, :]
                                - skip - bias, atol=5e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows,k,n", [(12, 32, 48), (7, 13, 20), (1, 8, 5)])
+def test_linear_is_its_formula(lib, rows, k, n):
+    """x w^T + bias + residual through the register-tiled matmul, and h GELU(gate) of its [h, gate] (GEGLU's
+    projection): rows past a multiple of six, columns past the panels' sixteen (eight for GEGLU), no bias."""
+    from mmlm.models.kernels.mlp import packed_linear
+
+    torch.manual_seed(rows)
+    x, layer, residual = torch.randn(rows, k), torch.nn.Linear(k, n), torch.randn(rows, n)
+    w, b = packed_linear(layer)
+    want = layer(x).detach()
+    torch.testing.assert_close(native.linear(x, w, n, b, residual, lib=lib), want + residual, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(native.linear(x, w, n, lib=lib), want - layer.bias.detach(), atol=1e-5, rtol=1e-5)
+    proj = torch.nn.Linear(k, 2 * n)
+    w, b = packed_linear(proj, geglu=True)
+    h, gate = proj(x).detach().chunk(2, dim=-1)
+    torch.testing.assert_close(native.linear(x, w, n, b, geglu=True, lib=lib), h * torch.nn.functional.gelu(gate),
+                               atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("channels,groups", [(32, 8), (12, 3), (20, 5)])

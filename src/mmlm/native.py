@@ -125,6 +125,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.mmlm_winograd_output.restype = None
     lib.mmlm_winograd_conv.argtypes = [p, i64, i64, i64, i64, p, i64, i64, i64, p, p, p, p, i32]
     lib.mmlm_winograd_conv.restype = ctypes.c_int
+    lib.mmlm_linear.argtypes = [p, i64, i64, p, i64, p, p, p, i32, i32]
+    lib.mmlm_linear.restype = None
     lib.mmlm_geglu.argtypes = [p, i64, i64, p, i32]
     lib.mmlm_geglu.restype = None
     lib.mmlm_group_norm_silu.argtypes = [p, i64, i64, i64, i64, p, p, ctypes.c_float, i32, p, i32]
@@ -296,6 +298,18 @@ def winograd_conv(x: torch.Tensor, u: torch.Tensor, out_channels: int, tiles: in
                                             _ptr(bias), _ptr(shift), _ptr(residual), y.data_ptr(),
                                             torch.get_num_threads()):
         raise MemoryError(f"no memory for Winograd's scratch ({tiles} tiles of {C} channels)")
+    return y
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None, geglu: bool = False, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x (M, K) float32 contiguous, w (P, K, 16) and bias (16 P,) a linear layer packed as `kernels.linear` packs it
+    -> (M, out_features): x w^T + bias + residual (M, out_features; float32 contiguous where given), or with `geglu`
+    h GELU(gate) of x w^T + bias = [h, gate]."""
+    M, K = x.shape
+    y = torch.empty(M, out_features)
+    (lib or _lib).mmlm_linear(x.data_ptr(), M, K, w.data_ptr(), out_features, _ptr(bias), _ptr(residual),
+                              y.data_ptr(), int(geglu), torch.get_num_threads())
     return y
 
 

@@ -1171,6 +1171,27 @@ int mmlm_decoder_layer(float *x, int64_t B, int64_t C, const float *norm1, const
 /* out (rows, n) = h GELU(g) for z = [h, g] (rows, 2 n): GELU(g) = g (1 + erf(g / sqrt 2)) / 2, erf by Abramowitz and
  * Stegun's 7.1.26 (|error| < 1.5e-7): 1 - erf(a) = t (a1 + t (a2 + ... a5)) e^(-a^2), t = 1 / (1 + p a) for a >= 0;
  * for x < 0, 1 + erf(x) = 1 - erf(|x|) is taken as that product directly, so the tail keeps its relative precision. One pass where PyTorch makes two (GELU, then the product) and allocates between them. */
+#ifdef MMLM_AVX2
+static inline __m256 gelu8(__m256 x) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f);
+    const __m256 a = _mm256_andnot_ps(sign, _mm256_mul_ps(x, _mm256_set1_ps(0.70710678f)));  /* |x| / sqrt 2 */
+    const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), a, one));
+    __m256 q = _mm256_set1_ps(1.061405429f);
+    q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(-1.453152027f));
+    q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(1.421413741f));
+    q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(-0.284496736f));
+    q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(0.254829592f));
+    const __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(a, a)));
+    const __m256 c = _mm256_mul_ps(_mm256_mul_ps(q, t), e);  /* 1 - erf(|x| / sqrt 2) */
+    /* 1 + erf(x / sqrt 2): c itself where x < 0 (no cancellation in the tail), else 2 - c; blendv picks by the sign
+     * bit, x's own */
+    const __m256 onep = _mm256_blendv_ps(_mm256_sub_ps(_mm256_set1_ps(2.0f), c), c, x);
+    return _mm256_mul_ps(_mm256_mul_ps(half, x), onep);
+}
+#endif
+
+static inline float gelu1(float g) { return 0.5f * g * (1.0f + erff(g * 0.70710678f)); }
+
 void mmlm_geglu(const float *z, int64_t rows, int64_t n, float *out, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && rows * n >= 65536)
     for (int64_t r = 0; r < rows; r++) {
@@ -1178,26 +1199,10 @@ void mmlm_geglu(const float *z, int64_t rows, int64_t n, float *out, int threads
         float *o = out + r * n;
         int64_t i = 0;
 #ifdef MMLM_AVX2
-        const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f);
-        /* blendv picks by the sign bit: x's own */
-        for (; i + 8 <= n; i += 8) {
-            const __m256 x = _mm256_loadu_ps(g + i);
-            const __m256 a = _mm256_andnot_ps(sign, _mm256_mul_ps(x, _mm256_set1_ps(0.70710678f)));  /* |x| / sqrt 2 */
-            const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), a, one));
-            __m256 q = _mm256_set1_ps(1.061405429f);
-            q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(-1.453152027f));
-            q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(1.421413741f));
-            q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(-0.284496736f));
-            q = _mm256_fmadd_ps(q, t, _mm256_set1_ps(0.254829592f));
-            const __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(a, a)));
-            const __m256 c = _mm256_mul_ps(_mm256_mul_ps(q, t), e);  /* 1 - erf(|x| / sqrt 2) */
-            /* 1 + erf(x / sqrt 2): c itself where x < 0 (no cancellation in the tail), else 2 - c */
-            const __m256 onep = _mm256_blendv_ps(_mm256_sub_ps(_mm256_set1_ps(2.0f), c), c, x);
-            const __m256 gelu = _mm256_mul_ps(_mm256_mul_ps(half, x), onep);
-            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_loadu_ps(h + i), gelu));
-        }
+        for (; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_loadu_ps(h + i), gelu8(_mm256_loadu_ps(g + i))));
 #endif
-        for (; i < n; i++) o[i] = h[i] * 0.5f * g[i] * (1.0f + erff(g[i] * 0.70710678f));
+        for (; i < n; i++) o[i] = h[i] * gelu1(g[i]);
     }
 }
 
@@ -1443,21 +1448,30 @@ void mmlm_winograd_output(const float *M, int64_t N, int64_t H, int64_t W, int64
         winograd_output_tile(M + p * O, P * O, H, W, O, th, tw, p, 0, O, bias, shift, residual, y);
 }
 
-/* c (6 rows, 16 columns; row stride ldc) = a (6 rows of K; row stride lda) b (K rows of 16; row stride ldb): the
- * twelve vectors of sums stay in registers while K goes by, each b row loaded once for the six rows. */
-static inline void gemm6x16(const float *a, int64_t lda, const float *b, int64_t ldb, int64_t K, float *c,
-                            int64_t ldc) {
+/* c (6 rows, 16 columns; row stride ldc) = a (6 rows of K; row stride lda) b (K rows of 16; row stride ldb)
+ * + bias (16) + res (6 rows of 16; row stride ldr), the two optional (NULL): the twelve vectors of sums stay in
+ * registers while K goes by, each b row loaded once for the six rows. With `geglu` the sixteen columns are eight h
+ * then their eight gates, and c gets eight: h GELU(gate) (res unread). Rows of a past `rows` repeat its last one
+ * (their sums are written all the same: c must have six rows). */
+static inline void gemm6x16(const float *a, int64_t lda, int rows, const float *b, int64_t ldb, int64_t K, float *c,
+                            int64_t ldc, const float *bias, const float *res, int64_t ldr, int geglu) {
 #ifndef MMLM_AVX2
-    for (int r = 0; r < 6; r++)
+    for (int r = 0; r < 6; r++) {
+        const float *ar = a + (r < rows ? r : rows - 1) * lda;
+        float s[16];
         for (int o = 0; o < 16; o++) {
-            float s = 0.0f;
-            for (int64_t k = 0; k < K; k++) s += a[r * lda + k] * b[k * ldb + o];
-            c[r * ldc + o] = s;
+            s[o] = bias ? bias[o] : 0.0f;
+            for (int64_t k = 0; k < K; k++) s[o] += ar[k] * b[k * ldb + o];
         }
+        for (int o = 0; o < (geglu ? 8 : 16); o++)
+            c[r * ldc + o] = geglu ? s[o] * gelu1(s[8 + o]) : s[o] + (res ? res[(r < rows ? r : 0) * ldr + o] : 0.0f);
+    }
 #else  /* twelve named sums: an array of them gcc keeps on the stack, storing each one after every multiply-add */
     __m256 s00 = _mm256_setzero_ps(), s01 = s00, s10 = s00, s11 = s00, s20 = s00, s21 = s00, s30 = s00, s31 = s00,
            s40 = s00, s41 = s00, s50 = s00, s51 = s00;
-    const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda, *a5 = a + 5 * lda;
+    const float *a0 = a, *a1 = a + (rows > 1) * lda, *a2 = a + (rows > 2 ? 2 : rows - 1) * lda,
+                *a3 = a + (rows > 3 ? 3 : rows - 1) * lda, *a4 = a + (rows > 4 ? 4 : rows - 1) * lda,
+                *a5 = a + (rows > 5 ? 5 : rows - 1) * lda;
     for (int64_t k = 0; k < K; k++, b += ldb) {
         const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
         __m256 x;
@@ -1468,12 +1482,67 @@ static inline void gemm6x16(const float *a, int64_t lda, const float *b, int64_t
         GEMM_ROW(0) GEMM_ROW(1) GEMM_ROW(2) GEMM_ROW(3) GEMM_ROW(4) GEMM_ROW(5)
 #undef GEMM_ROW
     }
+    if (bias) {
+        const __m256 c0 = _mm256_loadu_ps(bias), c1 = _mm256_loadu_ps(bias + 8);
+#define GEMM_ADD(i)                                                                                                  \
+    s##i##0 = _mm256_add_ps(s##i##0, c0);                                                                           \
+    s##i##1 = _mm256_add_ps(s##i##1, c1);
+        GEMM_ADD(0) GEMM_ADD(1) GEMM_ADD(2) GEMM_ADD(3) GEMM_ADD(4) GEMM_ADD(5)
+#undef GEMM_ADD
+    }
+    if (geglu) {
+#define GEMM_GEGLU(i) _mm256_storeu_ps(c + i * ldc, _mm256_mul_ps(s##i##0, gelu8(s##i##1)));
+        GEMM_GEGLU(0) GEMM_GEGLU(1) GEMM_GEGLU(2) GEMM_GEGLU(3) GEMM_GEGLU(4) GEMM_GEGLU(5)
+#undef GEMM_GEGLU
+        return;
+    }
+    if (res) {  /* rows past `rows` read row 0's */
+#define GEMM_RES(i)                                                                                                  \
+    s##i##0 = _mm256_add_ps(s##i##0, _mm256_loadu_ps(res + (i < rows ? i : 0) * ldr));                              \
+    s##i##1 = _mm256_add_ps(s##i##1, _mm256_loadu_ps(res + (i < rows ? i : 0) * ldr + 8));
+        GEMM_RES(0) GEMM_RES(1) GEMM_RES(2) GEMM_RES(3) GEMM_RES(4) GEMM_RES(5)
+#undef GEMM_RES
+    }
 #define GEMM_STORE(i)                                                                                                \
     _mm256_storeu_ps(c + i * ldc, s##i##0);                                                                         \
     _mm256_storeu_ps(c + i * ldc + 8, s##i##1);
     GEMM_STORE(0) GEMM_STORE(1) GEMM_STORE(2) GEMM_STORE(3) GEMM_STORE(4) GEMM_STORE(5)
 #undef GEMM_STORE
 #endif
+}
+
+/* y (M, N) = x (M, K) w^T + bias + residual (M, N) (the two optional: NULL), float32, w and bias as packed by
+ * mmlm/models/kernels/linear.py: w (P, K, 16), panel j holding sixteen columns of w^T, and bias (16 P) in the same
+ * order, zeros past the last column. Plain: panel j is columns 16 j .. 16 j + 15. With `geglu`, y (M, N) is
+ * h GELU(gate) of the 2 N columns [h, gate] of x w^T + bias, and panel j holds h's columns 8 j .. 8 j + 7, then
+ * the gate's for them (residual unread). Threads take chunks of rows; a chunk's rows (in the core's cache) meet
+ * each panel in turn, six rows at a time. */
+void mmlm_linear(const float *x, int64_t M, int64_t K, const float *w, int64_t N, const float *bias,
+                 const float *residual, float *y, int geglu, int threads) {
+    const int64_t width = geglu ? 8 : 16, panels = (N + width - 1) / width;
+    int64_t rows = (M / (4 * (threads > 0 ? threads : 1)) + 5) / 6 * 6;  /* a chunk: ~4 a thread, 6 to 96 rows */
+    rows = rows < 6 ? 6 : rows > 48 ? 48 : rows;
+    const int64_t chunks = (M + rows - 1) / rows;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && M * N * K >= 262144)
+    for (int64_t ch = 0; ch < chunks; ch++) {
+        const int64_t m0 = ch * rows, m1 = m0 + rows < M ? m0 + rows : M;
+        for (int64_t j = 0; j < panels; j++) {
+            const int64_t n0 = width * j, nn = N - n0 < width ? N - n0 : width;
+            const float *wj = w + j * K * 16, *bj = bias ? bias + 16 * j : NULL;
+            for (int64_t m = m0; m < m1; m += 6) {
+                const int r = m1 - m < 6 ? (int)(m1 - m) : 6;
+                const float *res = residual ? residual + m * N + n0 : NULL;
+                if (r == 6 && nn == width) {
+                    gemm6x16(x + m * K, K, 6, wj, 16, K, y + m * N + n0, N, bj, res, N, geglu);
+                } else {  /* a tile past the last row or column: through a scratch tile */
+                    float t[6 * 16];
+                    gemm6x16(x + m * K, K, r, wj, 16, K, t, 16, bj, NULL, 0, geglu);
+                    for (int i = 0; i < r; i++)
+                        for (int64_t o = 0; o < nn; o++) y[(m + i) * N + n0 + o] = t[i * 16 + o] + (res ? res[i * N + o] : 0.0f);
+                }
+            }
+        }
+    }
 }
 
 /* The whole convolution in one pass, tiles in blocks of T (a multiple of 6) whose transformed patches stay in the
@@ -1505,7 +1574,8 @@ int mmlm_winograd_conv(const float *x, int64_t N, int64_t H, int64_t W, int64_t 
             for (int64_t o0 = 0; o0 < O; o0 += 16) {
                 for (int q = 0; q < 36; q++)
                     for (int64_t r = 0; r < T; r += 6)
-                        gemm6x16(V + (q * T + r) * C, C, U + q * C * Op + o0, Op, C, M + (q * T + r) * 16, 16);
+                        gemm6x16(V + (q * T + r) * C, C, 6, U + q * C * Op + o0, Op, C, M + (q * T + r) * 16, 16, NULL,
+                                 NULL, 0, 0);
                 for (int64_t t = 0; t < tn; t++)
                     winograd_output_tile(M + t * 16, T * 16, H, W, O, th, tw, p0 + t, o0, O - o0 < 16 ? O - o0 : 16,
                                          bias, shift, residual, y);
