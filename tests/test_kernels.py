@@ -341,6 +341,32 @@ def test_conv_add_winograd_equals_the_direct_convolution(cin, cout, size):
             assert torch.equal(kernels.conv_add(conv, x, residual=skip), skip + conv(x))
 
 
+@pytest.mark.parametrize("cin,cout,size", [(64, 64, 16), (20, 36, (5, 3)), (8, 3, 4)])
+def test_conv_add_pointwise_equals_the_convolution(cin, cout, size):
+    """conv_add with a 1x1 convolution without a gradient: the matmul over channels-last positions (AVX2 builds;
+    rows and columns past its tiles; fewer than 4 outputs: oneDNN's), with and without the skip, NCHW or
+    channels-last input; a shift or a gradient take the formula itself (equal exactly)."""
+    from mmlm.models.kernels import images
+
+    torch.manual_seed(cin)
+    h, w = (size, size) if isinstance(size, int) else size
+    conv = torch.nn.Conv2d(cin, cout, 1)
+    x, skip = torch.randn(2, cin, h, w), torch.randn(2, cout, h, w)
+    with torch.no_grad():
+        for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+            torch.testing.assert_close(kernels.conv_add(conv, inp), conv(x), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(kernels.conv_add(conv, inp, residual=skip), skip + conv(x), atol=1e-5,
+                                       rtol=1e-5)
+        conv.weight.mul_(2)  # in place: the packed weight must follow
+        torch.testing.assert_close(kernels.conv_add(conv, x), conv(x), atol=1e-5, rtol=1e-5)
+        from mmlm import native
+        avx2 = native.kernels() is not None and native.kernels().mmlm_simd() == 1
+        assert images._pointwise(conv, x, None, skip) == (avx2 and cout >= 4)
+        assert not images._pointwise(conv, x, torch.zeros(2, cout), None)
+    assert not images._pointwise(conv, x, None, None)  # a gradient on the weight
+    assert torch.equal(kernels.conv_add(conv, x, residual=skip), skip + conv(x))
+
+
 def test_geglu_is_its_formula():
     """geglu: h * GELU(gate) of z = [h, gate] without a gradient (the C loop on AVX2 builds), and with one (the
     formula itself, its gradient autograd's)."""

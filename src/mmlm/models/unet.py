@@ -100,7 +100,7 @@ class ResnetBlock2D(nn.Module):
         """x (B, in_ch, H, W), temb (B, temb_dim) -> (B, out_ch, H, W)."""
         shift = None if self.time_emb_proj is None else self.time_emb_proj(F.silu(temb))  # (B, out_ch)
         h = conv_add(self.conv1, group_norm_silu(self.norm1, x), shift=shift)  # conv1(...) + one shift per channel
-        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        skip = x if self.conv_shortcut is None else conv_add(self.conv_shortcut, x)
         return conv_add(self.conv2, group_norm_silu(self.norm2, h), residual=skip)  # skip + conv2(...)
 
 
@@ -182,7 +182,7 @@ class Transformer2D(nn.Module):
         B, C, H, W = x.shape
         h = self.norm(x)
         if not self.linear:
-            h = self.proj_in(h)
+            h = conv_add(self.proj_in, h)
         h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, N, C): one token per position
         if self.linear:
             h = self.proj_in(h)
@@ -192,7 +192,7 @@ class Transformer2D(nn.Module):
             h = self.proj_out(h)
         h = h.reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
         if not self.linear:
-            h = self.proj_out(h)
+            return conv_add(self.proj_out, h, residual=x)  # x + proj_out(h)
         return x + h
 
 

@@ -19,7 +19,7 @@ path otherwise, and tests/test_kernels.py asserts the two agree, values and grad
 | patch_embed | stride-p convolution | one matmul over the flattened patches |
 | conv_layout, conv_weights_layout | NCHW | channels-last activations; weights too around a sampling loop |
 | conv_bn | bn(conv(x)) | an eval-mode BatchNorm folded into the convolution's weights and bias |
-| conv_add | conv(x) + shift + residual | sampling on AVX2: 3x3 convs of >= 32 channels over <= 512x512 positions as Winograd F(4x4, 3x3), the adds in its output pass |
+| conv_add | conv(x) + shift + residual | sampling on AVX2: 3x3 convs of >= 32 channels over <= 512x512 positions as Winograd F(4x4, 3x3), the adds in its output pass; 1x1 convs as one matmul adding the skip in its registers |
 | group_norm_silu | silu(GroupNorm(x)) | sampling on AVX2, channels-last: one compiled pass |
 | pooled | run every token, read one per row | last block on the pooled tokens only; text packed (`Packing`) |
 | decode.decode_step | LM.decode_step's loop over its blocks | a quantized LM's block as one call into compiled loops |

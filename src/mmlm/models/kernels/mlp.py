@@ -77,15 +77,17 @@ def linear_geglu(proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return native.linear(x.reshape(-1, x.shape[-1]), w, n, b, geglu=True).view(*x.shape[:-1], n)
 
 
-def packed_linear(layer: nn.Linear, geglu: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """layer's weight (N, K) as `native.linear` reads it, (P, K, 16): panel j sixteen columns of w^T (columns
+def packed_linear(layer: nn.Linear | nn.Conv2d, geglu: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """layer's weight (N, K) (a 1x1 convolution's (N, K, 1, 1)) as `native.linear` reads it, (P, K, 16): panel j
+    sixteen columns of w^T (columns
     16 j .. 16 j + 15; with `geglu`, h's 8 j .. 8 j + 7 then their gates', h and gate the two halves of the N
     outputs), zeros past the last; the bias (16 P,) in the same order. Kept on the module until a weight changes."""
     w, b = layer.weight, layer.bias
     key = (geglu, w.data_ptr(), w._version, tuple(w.shape), None if b is None else (b.data_ptr(), b._version))
     kept = layer.__dict__.get("_packed_linear")
     if kept is None or kept[0] != key:
-        cols = torch.cat([w.detach(), b.detach()[:, None]], 1) if b is not None else w.detach()  # (N, K [+ 1])
+        w2 = w.detach().flatten(1)
+        cols = torch.cat([w2, b.detach()[:, None]], 1) if b is not None else w2  # (N, K [+ 1])
         if geglu:  # (n, ...) twice, padded to 8 rows a group, then interleaved eight and eight
             h, gate = (F.pad(half, (0, 0, 0, -half.shape[0] % 8)).unflatten(0, (-1, 8)) for half in cols.chunk(2))
             cols = torch.stack([h, gate], 1).flatten(0, 2)  # (P * 16, K [+ 1])
