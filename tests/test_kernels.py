@@ -131,6 +131,30 @@ def test_quick_gelu_mlp_folds_its_scalings_into_the_matmuls():
         torch.testing.assert_close(mlp(x), mlp.fc2(z * torch.sigmoid(1.702 * z)))
 
 
+@pytest.mark.parametrize("act", ["gelu", "quick_gelu"])
+def test_mlp_at_inference_is_its_formula(act):
+    """MLP without a gradient (embedding): fc2(act(fc1(x))) as two compiled matmuls with the activation in the
+    first's registers on AVX2 builds, rows and widths past their tiles; under autocast, with a gradient or the
+    reference switch: PyTorch's."""
+    torch.manual_seed(0)
+    mlp = MLP(20, 72, act=act)
+    x = torch.randn(3, 7, 20) * 2
+    with mmlm.reference_mode(), torch.no_grad():
+        want = mlp(x)
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), want, atol=2e-5, rtol=1e-5)
+        mlp.fc1.weight.mul_(2)  # in place: the packed weight follows
+        with mmlm.reference_mode():
+            want = mlp(x)
+        torch.testing.assert_close(mlp(x), want, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(mlp(x), want, atol=1e-5, rtol=1e-5)  # with a gradient: PyTorch's matmuls
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():  # a dispatch mode sees PyTorch's matmuls
+        mlp(x)
+    assert counter.get_total_flops() == 2 * 21 * (20 * 72 + 72 * 20)
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_swiglu(autocast):
     torch.manual_seed(0)

@@ -176,8 +176,9 @@ def test_winograd_loops_are_the_convolution(lib, cin, cout, size, tiles):
 
 @pytest.mark.parametrize("rows,k,n", [(12, 32, 48), (7, 13, 20), (1, 8, 5)])
 def test_linear_is_its_formula(lib, rows, k, n):
-    """x w^T + bias + residual through the register-tiled matmul, and h GELU(gate) of its [h, gate] (GEGLU's
-    projection): rows past a multiple of six, columns past the panels' sixteen (eight for GEGLU), no bias."""
+    """x w^T + bias + residual through the register-tiled matmul, GELU and quick_gelu of x w^T + bias, and h GELU(gate)
+    of its [h, gate] (GEGLU's projection): rows past a multiple of six, columns past the panels' sixteen (eight for
+    GEGLU), no bias."""
     from mmlm.models.kernels.mlp import packed_linear
 
     torch.manual_seed(rows)
@@ -186,10 +187,17 @@ def test_linear_is_its_formula(lib, rows, k, n):
     want = layer(x).detach()
     torch.testing.assert_close(native.linear(x, w, n, b, residual, lib=lib), want + residual, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(native.linear(x, w, n, lib=lib), want - layer.bias.detach(), atol=1e-5, rtol=1e-5)
+    z = want * 3  # activations far into both tails
+    w, b = packed_linear(layer)
+    w, b = w * 3, b * 3
+    torch.testing.assert_close(native.linear(x, w, n, b, act="gelu", lib=lib), torch.nn.functional.gelu(z), atol=2e-5,
+                               rtol=1e-5)
+    torch.testing.assert_close(native.linear(x, w, n, b, act="quick_gelu", lib=lib), z * torch.sigmoid(1.702 * z),
+                               atol=2e-5, rtol=1e-5)
     proj = torch.nn.Linear(k, 2 * n)
     w, b = packed_linear(proj, geglu=True)
     h, gate = proj(x).detach().chunk(2, dim=-1)
-    torch.testing.assert_close(native.linear(x, w, n, b, geglu=True, lib=lib), h * torch.nn.functional.gelu(gate),
+    torch.testing.assert_close(native.linear(x, w, n, b, act="geglu", lib=lib), h * torch.nn.functional.gelu(gate),
                                atol=2e-5, rtol=1e-5)
 
 

@@ -301,15 +301,18 @@ def winograd_conv(x: torch.Tensor, u: torch.Tensor, out_channels: int, tiles: in
     return y
 
 
+ACTIVATIONS = {None: 0, "geglu": 1, "gelu": 2, "quick_gelu": 3}  # csrc/weight_only.c's ACT_*
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
-           residual: torch.Tensor | None = None, geglu: bool = False, lib: ctypes.CDLL | None = None) -> torch.Tensor:
-    """x (M, K) float32 contiguous, w (P, K, 16) and bias (16 P,) a linear layer packed as `kernels.linear` packs it
-    -> (M, out_features): x w^T + bias + residual (M, out_features; float32 contiguous where given), or with `geglu`
-    h GELU(gate) of x w^T + bias = [h, gate]."""
+           residual: torch.Tensor | None = None, act: str | None = None, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """x (M, K) float32 contiguous, w (P, K, 16) and bias (16 P,) a linear layer packed as `kernels.mlp.packed_linear`
+    packs it -> (M, out_features): act(x w^T + bias) + residual (M, out_features; float32 contiguous where given),
+    act None, "gelu" (erf's) or "quick_gelu"; with "geglu" h GELU(gate) of x w^T + bias = [h, gate] (no residual)."""
     M, K = x.shape
     y = torch.empty(M, out_features)
     (lib or _lib).mmlm_linear(x.data_ptr(), M, K, w.data_ptr(), out_features, _ptr(bias), _ptr(residual),
-                              y.data_ptr(), int(geglu), torch.get_num_threads())
+                              y.data_ptr(), ACTIVATIONS[act], torch.get_num_threads())
     return y
 
 

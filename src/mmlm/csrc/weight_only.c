@@ -1448,13 +1448,21 @@ void mmlm_winograd_output(const float *M, int64_t N, int64_t H, int64_t W, int64
         winograd_output_tile(M + p * O, P * O, H, W, O, th, tw, p, 0, O, bias, shift, residual, y);
 }
 
-/* c (6 rows, 16 columns; row stride ldc) = a (6 rows of K; row stride lda) b (K rows of 16; row stride ldb)
- * + bias (16) + res (6 rows of 16; row stride ldr), the two optional (NULL): the twelve vectors of sums stay in
- * registers while K goes by, each b row loaded once for the six rows. With `geglu` the sixteen columns are eight h
- * then their eight gates, and c gets eight: h GELU(gate) (res unread). Rows of a past `rows` repeat its last one
- * (their sums are written all the same: c must have six rows). */
+/* What a matmul's tile does with its sums before storing them (after the bias). */
+enum { ACT_NONE = 0, ACT_GEGLU = 1, ACT_GELU = 2, ACT_QUICK_GELU = 3 };
+
+static inline float act1(float s, int act) {
+    return act == ACT_GELU ? gelu1(s) : act == ACT_QUICK_GELU ? s / (1.0f + expf(-1.702f * s)) : s;
+}
+
+/* c (6 rows, 16 columns; row stride ldc) = act(a (6 rows of K; row stride lda) b (K rows of 16; row stride ldb)
+ * + bias (16)) + res (6 rows of 16; row stride ldr), bias and res optional (NULL): the twelve vectors of sums stay
+ * in registers while K goes by, each b row loaded once for the six rows. act: ACT_GELU GELU(z) (erf's),
+ * ACT_QUICK_GELU z sigmoid(1.702 z); ACT_GEGLU takes the sixteen columns as eight h, then their eight gates, and
+ * writes eight: h GELU(gate). Rows of a past `rows` repeat its last one (their sums are written all the same: c
+ * must have six rows). */
 static inline void gemm6x16(const float *a, int64_t lda, int rows, const float *b, int64_t ldb, int64_t K, float *c,
-                            int64_t ldc, const float *bias, const float *res, int64_t ldr, int geglu) {
+                            int64_t ldc, const float *bias, const float *res, int64_t ldr, int act) {
 #ifndef MMLM_AVX2
     for (int r = 0; r < 6; r++) {
         const float *ar = a + (r < rows ? r : rows - 1) * lda;
@@ -1463,8 +1471,9 @@ static inline void gemm6x16(const float *a, int64_t lda, int rows, const float *
             s[o] = bias ? bias[o] : 0.0f;
             for (int64_t k = 0; k < K; k++) s[o] += ar[k] * b[k * ldb + o];
         }
-        for (int o = 0; o < (geglu ? 8 : 16); o++)
-            c[r * ldc + o] = geglu ? s[o] * gelu1(s[8 + o]) : s[o] + (res ? res[(r < rows ? r : 0) * ldr + o] : 0.0f);
+        for (int o = 0; o < (act == ACT_GEGLU ? 8 : 16); o++)
+            c[r * ldc + o] = act == ACT_GEGLU ? s[o] * gelu1(s[8 + o])
+                                              : act1(s[o], act) + (res ? res[(r < rows ? r : 0) * ldr + o] : 0.0f);
     }
 #else  /* twelve named sums: an array of them gcc keeps on the stack, storing each one after every multiply-add */
     __m256 s00 = _mm256_setzero_ps(), s01 = s00, s10 = s00, s11 = s00, s20 = s00, s21 = s00, s30 = s00, s31 = s00,
@@ -1490,11 +1499,25 @@ static inline void gemm6x16(const float *a, int64_t lda, int rows, const float *
         GEMM_ADD(0) GEMM_ADD(1) GEMM_ADD(2) GEMM_ADD(3) GEMM_ADD(4) GEMM_ADD(5)
 #undef GEMM_ADD
     }
-    if (geglu) {
+    if (act == ACT_GEGLU) {
 #define GEMM_GEGLU(i) _mm256_storeu_ps(c + i * ldc, _mm256_mul_ps(s##i##0, gelu8(s##i##1)));
         GEMM_GEGLU(0) GEMM_GEGLU(1) GEMM_GEGLU(2) GEMM_GEGLU(3) GEMM_GEGLU(4) GEMM_GEGLU(5)
 #undef GEMM_GEGLU
         return;
+    }
+    if (act == ACT_GELU) {
+#define GEMM_GELU(i)                                                                                                 \
+    s##i##0 = gelu8(s##i##0);                                                                                       \
+    s##i##1 = gelu8(s##i##1);
+        GEMM_GELU(0) GEMM_GELU(1) GEMM_GELU(2) GEMM_GELU(3) GEMM_GELU(4) GEMM_GELU(5)
+#undef GEMM_GELU
+    } else if (act == ACT_QUICK_GELU) {  /* z sigmoid(1.702 z) = silu(1.702 z) / 1.702 */
+        const __m256 k = _mm256_set1_ps(1.702f), inv = _mm256_set1_ps(1.0f / 1.702f);
+#define GEMM_QUICK(i)                                                                                                \
+    s##i##0 = _mm256_mul_ps(silu8(_mm256_mul_ps(s##i##0, k)), inv);                                                 \
+    s##i##1 = _mm256_mul_ps(silu8(_mm256_mul_ps(s##i##1, k)), inv);
+        GEMM_QUICK(0) GEMM_QUICK(1) GEMM_QUICK(2) GEMM_QUICK(3) GEMM_QUICK(4) GEMM_QUICK(5)
+#undef GEMM_QUICK
     }
     if (res) {  /* rows past `rows` read row 0's */
 #define GEMM_RES(i)                                                                                                  \
@@ -1511,15 +1534,15 @@ static inline void gemm6x16(const float *a, int64_t lda, int rows, const float *
 #endif
 }
 
-/* y (M, N) = x (M, K) w^T + bias + residual (M, N) (the two optional: NULL), float32, w and bias as packed by
- * mmlm/models/kernels/linear.py: w (P, K, 16), panel j holding sixteen columns of w^T, and bias (16 P) in the same
- * order, zeros past the last column. Plain: panel j is columns 16 j .. 16 j + 15. With `geglu`, y (M, N) is
- * h GELU(gate) of the 2 N columns [h, gate] of x w^T + bias, and panel j holds h's columns 8 j .. 8 j + 7, then
+/* y (M, N) = act(x (M, K) w^T + bias) + residual (M, N) (bias and residual optional: NULL), float32, w and bias as
+ * packed by mmlm/models/kernels/mlp.py: w (P, K, 16), panel j holding sixteen columns of w^T, and bias (16 P) in the
+ * same order, zeros past the last column. Panel j is columns 16 j .. 16 j + 15, except with ACT_GEGLU: then y (M, N)
+ * is h GELU(gate) of the 2 N columns [h, gate] of x w^T + bias, and panel j holds h's columns 8 j .. 8 j + 7, then
  * the gate's for them (residual unread). Threads take chunks of rows; a chunk's rows (in the core's cache) meet
  * each panel in turn, six rows at a time. */
 void mmlm_linear(const float *x, int64_t M, int64_t K, const float *w, int64_t N, const float *bias,
-                 const float *residual, float *y, int geglu, int threads) {
-    const int64_t width = geglu ? 8 : 16, panels = (N + width - 1) / width;
+                 const float *residual, float *y, int act, int threads) {
+    const int64_t width = act == ACT_GEGLU ? 8 : 16, panels = (N + width - 1) / width;
     int64_t rows = (M / (4 * (threads > 0 ? threads : 1)) + 5) / 6 * 6;  /* a chunk: ~4 a thread, 6 to 96 rows */
     rows = rows < 6 ? 6 : rows > 48 ? 48 : rows;
     const int64_t chunks = (M + rows - 1) / rows;
@@ -1533,10 +1556,10 @@ void mmlm_linear(const float *x, int64_t M, int64_t K, const float *w, int64_t N
                 const int r = m1 - m < 6 ? (int)(m1 - m) : 6;
                 const float *res = residual ? residual + m * N + n0 : NULL;
                 if (r == 6 && nn == width) {
-                    gemm6x16(x + m * K, K, 6, wj, 16, K, y + m * N + n0, N, bj, res, N, geglu);
+                    gemm6x16(x + m * K, K, 6, wj, 16, K, y + m * N + n0, N, bj, res, N, act);
                 } else {  /* a tile past the last row or column: through a scratch tile */
                     float t[6 * 16];
-                    gemm6x16(x + m * K, K, r, wj, 16, K, t, 16, bj, NULL, 0, geglu);
+                    gemm6x16(x + m * K, K, r, wj, 16, K, t, 16, bj, NULL, 0, act);
                     for (int i = 0; i < r; i++)
                         for (int64_t o = 0; o < nn; o++) y[(m + i) * N + n0 + o] = t[i * 16 + o] + (res ? res[i * N + o] : 0.0f);
                 }
@@ -1575,7 +1598,7 @@ int mmlm_winograd_conv(const float *x, int64_t N, int64_t H, int64_t W, int64_t 
                 for (int q = 0; q < 36; q++)
                     for (int64_t r = 0; r < T; r += 6)
                         gemm6x16(V + (q * T + r) * C, C, 6, U + q * C * Op + o0, Op, C, M + (q * T + r) * 16, 16, NULL,
-                                 NULL, 0, 0);
+                                 NULL, 0, ACT_NONE);
                 for (int64_t t = 0; t < tn; t++)
                     winograd_output_tile(M + t * 16, T * 16, H, W, O, th, tw, p0 + t, o0, O - o0 < 16 ? O - o0 : 16,
                                          bias, shift, residual, y);

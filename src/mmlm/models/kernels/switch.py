@@ -36,15 +36,17 @@ def cpu_path(x: torch.Tensor) -> bool:
 
 
 def avx2_inference(*tensors: torch.Tensor) -> bool:
-    """Whether mmlm's AVX2 C loops for inference (a UNet's attention, convolutions and norms) may take a call on
-    `tensors`: the fast paths on, all float32 on a CPU, no gradient wanted from any of them, not being traced by
-    torch.compile (a ctypes call), and this process's build of the loops the AVX2 one (where they were measured;
-    elsewhere PyTorch's kernels run)."""
+    """Whether mmlm's AVX2 C loops for inference (a UNet's attention, convolutions and norms, the matmuls of an
+    embedding MLP) may take a call on `tensors`: the fast paths on, all float32 on a CPU, no gradient wanted from
+    any of them, not being traced by torch.compile nor seen by a dispatch mode (FlopCounterMode, fake tensors: a
+    ctypes call is invisible to them), and this process's build of the loops the AVX2 one (where they were
+    measured; elsewhere PyTorch's kernels run)."""
     from ... import native  # its first use builds the loops: not at import
 
     return (not reference() and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-            and not torch.compiler.is_compiling() and native.simd() == 1)
+            and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()
+            and native.simd() == 1)
 
 
 @contextmanager
