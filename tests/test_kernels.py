@@ -131,6 +131,26 @@ def test_quick_gelu_mlp_folds_its_scalings_into_the_matmuls():
         torch.testing.assert_close(mlp(x), mlp.fc2(z * torch.sigmoid(1.702 * z)))
 
 
+@pytest.mark.parametrize("rows,width,out", [(64, 32, 48), (70, 20, 13), (5, 16, 16)])
+def test_linear_is_its_formula(rows, width, out):
+    """linear: x W^T + b without a gradient (the compiled matmul on AVX2 builds from 64 rows: rows and columns past
+    its tiles; fewer rows, a gradient or the reference switch: PyTorch's), with and without a bias; the packed
+    weight follows an in-place change."""
+    torch.manual_seed(rows)
+    layer, x = torch.nn.Linear(width, out), torch.randn(rows, width)
+    with torch.no_grad():
+        torch.testing.assert_close(kernels.linear(layer, x), layer(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(kernels.linear(layer, x.view(rows, 1, width)), layer(x).view(rows, 1, out),
+                                   atol=1e-5, rtol=1e-5)
+        layer.weight.mul_(-2)
+        torch.testing.assert_close(kernels.linear(layer, x), layer(x), atol=1e-5, rtol=1e-5)
+        bare = torch.nn.Linear(width, out, bias=False)
+        torch.testing.assert_close(kernels.linear(bare, x), bare(x), atol=1e-5, rtol=1e-5)
+        with mmlm.reference_mode():
+            assert torch.equal(kernels.linear(layer, x), layer(x))
+    assert torch.equal(kernels.linear(layer, x), layer(x))  # a gradient: PyTorch's
+
+
 @pytest.mark.parametrize("act", ["gelu", "quick_gelu"])
 def test_mlp_at_inference_is_its_formula(act):
     """MLP without a gradient (embedding): fc2(act(fc1(x))) as two compiled matmuls with the activation in the

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .kernels import apply_rope, attention
+from .kernels import apply_rope, attention, linear
 from .positions import write_cache
 
 
@@ -53,11 +53,11 @@ class Attention(nn.Module):
         """x (B, T, C) -> (B, T, out_dim). attn_mask: bool (True = may attend) or additive float, broadcastable
         to (B, H, T, S); it already holds causality when given (is_causal then adds nothing)."""
         B, T, _ = x.shape
-        q, k, v = self.heads(self.qkv(x), rope)  # (B, H, T, hd), (B, Hkv, T, hd), (B, Hkv, T, hd)
+        q, k, v = self.heads(linear(self.qkv, x), rope)  # (B, H, T, hd), (B, Hkv, T, hd), (B, Hkv, T, hd)
         if cache is not None:
             k, v = write_cache(cache, k, v)  # (B, Hkv, S, hd): the earlier tokens' keys and values too
         y = attention(q, k, v, attn_mask, is_causal and attn_mask is None)  # softmax(q k^T / sqrt(hd) + mask) v
-        return self.proj(y.transpose(1, 2).reshape(B, T, self.q_dim))  # (B, T, H*hd) -> (B, T, out_dim)
+        return linear(self.proj, y.transpose(1, 2).reshape(B, T, self.q_dim))  # (B, T, H*hd) -> (B, T, out_dim)
 
 
 class CrossAttention(nn.Module):

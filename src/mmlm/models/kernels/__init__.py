@@ -9,9 +9,10 @@ path otherwise, and tests/test_kernels.py asserts the two agree, values and grad
 | attention | softmax(q k^T / sqrt(d) + mask) v | SDPA for inference (C loops for one query, and for heads of ≤ 16 dims on AVX2); in-place masking while training on a CPU |
 | apply_rope | x cos + rotate_half(x) sin | one autograd function (the inverse rotation as backward) |
 | rms_norm | w x / rms(x) in float32 | PyTorch's fused op; one autograd function while training |
-| quick_gelu, mlp | x sigmoid(1.702 x); fc2(act(fc1 x)) | silu(1.702 x) / 1.702; the scalings inside the matmuls |
+| quick_gelu, mlp | x sigmoid(1.702 x); fc2(act(fc1 x)) | silu(1.702 x) / 1.702; the scalings inside the matmuls; inference on AVX2: compiled matmuls, the activation in their registers |
 | swiglu | silu(gate) * up | one autograd function writing one gradient buffer |
 | geglu | h * gelu(gate) | sampling on AVX2: one compiled pass |
+| linear | x W^T + b | inference on AVX2, 64 rows or more: a compiled register-tiled matmul |
 | linear_geglu | geglu(proj(x)) | sampling on AVX2: the gate applied in the matmul's registers (compiled), the (..., 2 n) product never stored |
 | swiglu_down | fc2(silu(gate) * up) | with a frozen LoRA fc2: one function keeping z only (the product recomputed) |
 | lora_linear | x W^T + b + s (x A^T) B^T | one autograd function; the frozen W cast once (weight_in) |
@@ -25,8 +26,8 @@ path otherwise, and tests/test_kernels.py asserts the two agree, values and grad
 | decode.decode_step | LM.decode_step's loop over its blocks | a quantized LM's block as one call into compiled loops |
 
 Compiled loops (`mmlm/native.py`, `csrc/weight_only.c`, built on first use) serve `rms_norm`, one-query and
-small-head `attention`, `conv_add`'s Winograd convolutions, `group_norm_silu`, `geglu` and `linear_geglu` at
-inference, the decoding step above and `quant.QuantLinear`'s int4/int8 matmuls.
+small-head `attention`, `conv_add`'s Winograd convolutions, `group_norm_silu`, `geglu`, `linear`, `linear_geglu` and
+`mlp` at inference, the decoding step above and `quant.QuantLinear`'s int4/int8 matmuls.
 """
 
 from .attention import attention, attention_reference
@@ -35,8 +36,8 @@ from .images import (conv_add, conv_add_reference, conv_bn, conv_bn_reference, c
                      group_norm_silu, group_norm_silu_reference, patch_embed, patch_embed_reference)
 from .lora import lora_linear, lora_linear_reference
 from .loss import head_logits, next_token_loss, next_token_loss_reference
-from .mlp import (geglu, geglu_reference, linear_geglu, linear_geglu_reference, mlp, quick_gelu, quick_gelu_reference,
-                  swiglu, swiglu_down, swiglu_reference)
+from .mlp import (geglu, geglu_reference, linear, linear_geglu, linear_geglu_reference, linear_reference, mlp,
+                  quick_gelu, quick_gelu_reference, swiglu, swiglu_down, swiglu_reference)
 from .norms import rms_norm, rms_norm_reference
 from .packing import ROW_MULTIPLE, Packing, round_rows
 from .pooling import pooled, pooled_reference
@@ -47,7 +48,7 @@ __all__ = [
     "attention", "attention_reference", "matmul_dtype", "weight_in", "conv_add", "conv_add_reference", "conv_bn",
     "conv_bn_reference", "conv_layout", "conv_weights_layout", "group_norm_silu", "group_norm_silu_reference",
     "patch_embed", "patch_embed_reference", "lora_linear", "lora_linear_reference", "head_logits", "next_token_loss",
-    "next_token_loss_reference", "geglu", "geglu_reference", "linear_geglu", "linear_geglu_reference", "mlp", "quick_gelu", "quick_gelu_reference", "swiglu",
+    "next_token_loss_reference", "geglu", "geglu_reference", "linear", "linear_reference", "linear_geglu", "linear_geglu_reference", "mlp", "quick_gelu", "quick_gelu_reference", "swiglu",
     "swiglu_down", "swiglu_reference", "rms_norm", "rms_norm_reference", "ROW_MULTIPLE", "Packing", "round_rows",
     "pooled", "pooled_reference", "apply_rope", "apply_rope_reference", "reference", "reference_mode",
 ]

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention
+from .mlp import linear
 from .packing import ROW_MULTIPLE, Packing
 from .recompute import recompute
 from .switch import reference
@@ -57,9 +58,9 @@ def _packed_block(block: nn.Module, x: torch.Tensor, packing: Packing, attn_mask
                   is_causal: bool) -> torch.Tensor:
     """`block` on packed tokens (N, C) -> (N, C): only attention unpacks them to (B, T)."""
     attn = block.attn
-    q, k, v = attn.heads(packing.unpack(attn.qkv(block.norm1(x))))  # (B, H or Hkv, T, hd)
+    q, k, v = attn.heads(packing.unpack(linear(attn.qkv, block.norm1(x))))  # (B, H or Hkv, T, hd)
     y = attention(q, k, v, attn_mask, is_causal and attn_mask is None)  # (B, H, T, hd)
-    x = x + attn.proj(packing.pack(y.transpose(1, 2).flatten(2)))
+    x = x + linear(attn.proj, packing.pack(y.transpose(1, 2).flatten(2)))
     return x + block.mlp(block.norm2(x))
 
 
