@@ -75,17 +75,17 @@ class CrossAttention(nn.Module):
     def keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """context (B, S, context_dim) -> k, v (B, H, S, hd): what a fixed context gives every query (computed
         once and passed as `kv` when the same context is read again, as Flamingo's media while decoding)."""
-        return self.kv(context).unflatten(-1, (2 * self.heads, self.head_dim)).transpose(1, 2).chunk(2, dim=1)
+        return linear(self.kv, context).unflatten(-1, (2 * self.heads, self.head_dim)).transpose(1, 2).chunk(2, dim=1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None, attn_mask: torch.Tensor | None = None,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x (B, N, dim), context (B, S, context_dim) (or its `keys_values`) -> (B, N, dim); attn_mask bool
         (True = may attend), broadcastable to (B, H, N, S)."""
         B, N, D = x.shape
-        q = self.q(x).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # (B, H, N, hd)
+        q = linear(self.q, x).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # (B, H, N, hd)
         k, v = self.keys_values(context) if kv is None else kv  # (B, H, S, hd)
         if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
             y = attention(q.float(), k.float(), v.float(), attn_mask).to(q.dtype)
         else:
             y = attention(q, k, v, attn_mask)  # (B, H, N, hd)
-        return self.proj(y.transpose(1, 2).reshape(B, N, D))
+        return linear(self.proj, y.transpose(1, 2).reshape(B, N, D))

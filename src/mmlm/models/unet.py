@@ -23,7 +23,7 @@ from torch import nn
 
 from ..diffusion_config import UNetConfig
 from .attention import Attention, CrossAttention
-from .kernels import attention, conv_add, conv_layout, group_norm_silu, linear_geglu
+from .kernels import attention, conv_add, conv_layout, group_norm_silu, linear, linear_geglu
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True, freq_shift: float = 0) -> torch.Tensor:
@@ -142,7 +142,7 @@ class GEGLU(nn.Module):
         self.out = nn.Linear(mult * dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(linear_geglu(self.proj, x))  # proj -> [h, gate] (B, N, 4 dim) each; h * GELU(gate)
+        return linear(self.out, linear_geglu(self.proj, x))  # proj -> [h, gate] (B, N, 4 dim) each; h * GELU(gate)
 
 
 class BasicTransformerBlock(nn.Module):
