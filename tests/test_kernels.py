@@ -148,17 +148,20 @@ def test_linear_is_its_formula(rows, width, out):
         torch.testing.assert_close(kernels.linear(bare, x), bare(x), atol=1e-5, rtol=1e-5)
         with mmlm.reference_mode():
             assert torch.equal(kernels.linear(layer, x), layer(x))
+        from mmlm import native
+        from mmlm.models.kernels.mlp import _compiled_matmul
+        assert _compiled_matmul(x, layer) == (native.simd() == 1 and rows >= 64)  # the C path is what ran above
     assert torch.equal(kernels.linear(layer, x), layer(x))  # a gradient: PyTorch's
 
 
 @pytest.mark.parametrize("act", ["gelu", "quick_gelu"])
 def test_mlp_at_inference_is_its_formula(act):
     """MLP without a gradient (embedding): fc2(act(fc1(x))) as two compiled matmuls with the activation in the
-    first's registers on AVX2 builds, rows and widths past their tiles; under autocast, with a gradient or the
-    reference switch: PyTorch's."""
+    first's registers on AVX2 builds (69 rows: past a multiple of six; widths past the 16-column panels); under
+    FlopCounterMode, with a gradient or the reference switch: PyTorch's."""
     torch.manual_seed(0)
     mlp = MLP(20, 72, act=act)
-    x = torch.randn(3, 7, 20) * 2
+    x = torch.randn(3, 23, 20) * 2
     with mmlm.reference_mode(), torch.no_grad():
         want = mlp(x)
     with torch.no_grad():
@@ -172,7 +175,7 @@ def test_mlp_at_inference_is_its_formula(act):
 
     with FlopCounterMode(display=False) as counter, torch.no_grad():  # a dispatch mode sees PyTorch's matmuls
         mlp(x)
-    assert counter.get_total_flops() == 2 * 21 * (20 * 72 + 72 * 20)
+    assert counter.get_total_flops() == 2 * 69 * (20 * 72 + 72 * 20)
 
 
 @pytest.mark.parametrize("autocast", [False, True])
@@ -421,11 +424,12 @@ def test_geglu_is_its_formula():
     _assert_agree(_run(lambda: kernels.geglu(z), [z.requires_grad_()]), atol=1e-6)
 
 
-@pytest.mark.parametrize("dim,hidden,rows", [(64, 256, (2, 256)), (24, 20, (3, 7)), (13, 8, (1, 1))])
+@pytest.mark.parametrize("dim,hidden,rows", [(64, 256, (2, 256)), (24, 20, (3, 23)), (13, 8, (67,)), (16, 16, (1, 1))])
 def test_linear_geglu_is_its_formula(dim, hidden, rows):
-    """linear_geglu: geglu(proj(x)) without a gradient (one C pass on AVX2 builds: rows past a multiple of six,
-    gates past a multiple of eight, a single row), with and without a bias; the packed weight follows an in-place
-    change; with a gradient or under the reference switch the formula itself (equal exactly)."""
+    """linear_geglu: geglu(proj(x)) without a gradient (one C pass on AVX2 builds from 64 rows: rows past a
+    multiple of six, gates past a multiple of eight; a single row: PyTorch's), with and without a bias; the packed
+    weight follows an in-place change; with a gradient or under the reference switch the formula itself (equal
+    exactly)."""
     torch.manual_seed(dim)
     proj, x = torch.nn.Linear(dim, 2 * hidden), torch.randn(*rows, dim)
     with torch.no_grad():

@@ -31,8 +31,7 @@ def mlp(x: torch.Tensor, fc1: nn.Module, act, fc2: nn.Module) -> torch.Tensor:
     matmuls instead of making passes over the (..., hidden) activations: two fewer forward and two backward.
     Without a gradient on an AVX2 CPU (embedding images and text), GELU or quick_gelu: two compiled matmuls
     (`native.linear`), the activation applied to fc1's sums in registers (no pass over the (..., hidden) product)."""
-    if act in _FUSED_ACTS and type(fc1) is nn.Linear and type(fc2) is nn.Linear and x.is_contiguous() \
-            and not torch.is_autocast_enabled("cpu") and avx2_inference(x, *fc1.parameters(), *fc2.parameters()):
+    if act in _FUSED_ACTS and _compiled_matmul(x, fc1, fc2):
         (w1, b1), (w2, b2) = packed_linear(fc1), packed_linear(fc2)
         h = native.linear(x.reshape(-1, x.shape[-1]), w1, fc1.out_features, b1, act=_FUSED_ACTS[act])
         return native.linear(h, w2, fc2.out_features, b2).view(*x.shape[:-1], fc2.out_features)
@@ -80,8 +79,7 @@ def linear_geglu(proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """`linear_geglu_reference`'s values. While sampling on an AVX2 CPU, one C pass (`native.linear`): its matmul
     takes eight columns of h with their eight gates at a time and writes h GELU(gate) straight from the registers, so
     the (..., 2 n) product is never stored nor read again; the weight is packed for it once (`packed_linear`)."""
-    if not (type(proj) is nn.Linear and x.is_contiguous() and not torch.is_autocast_enabled("cpu")
-            and avx2_inference(x, *proj.parameters())):
+    if not _compiled_matmul(x, proj):
         return linear_geglu_reference(proj, x)
     w, b = packed_linear(proj, geglu=True)
     n = proj.out_features // 2
@@ -98,18 +96,26 @@ def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     images: not a decoding step's row, which PyTorch's matrix-vector product serves better), the compiled
     register-tiled matmul (`native.linear`): 1.0-1.2x PyTorch's GEMM at a CLIP tower's and a UNet's shapes, the
     bias added in its registers."""
-    if not (type(layer) is nn.Linear and x.is_contiguous() and x.numel() >= 64 * x.shape[-1]
-            and not torch.is_autocast_enabled("cpu") and avx2_inference(x, *layer.parameters())):
+    if not _compiled_matmul(x, layer):
         return linear_reference(layer, x)
     w, b = packed_linear(layer)
     return native.linear(x.reshape(-1, x.shape[-1]), w, layer.out_features, b).view(*x.shape[:-1], layer.out_features)
 
 
+def _compiled_matmul(x: torch.Tensor, *layers: nn.Module) -> bool:
+    """Whether `native.linear` takes x (..., K) through `layers`: plain nn.Linear layers (not LoRA or quantized
+    ones), x contiguous with 64 rows or more (a decoding step's one row is PyTorch's matrix-vector product's job; the
+    kernel computes six rows at a time), no autocast, and `avx2_inference` (no gradient, float32, AVX2 build)."""
+    return (all(type(layer) is nn.Linear for layer in layers) and x.is_contiguous() and x.dim() >= 2
+            and x.numel() >= 64 * x.shape[-1] > 0 and not torch.is_autocast_enabled("cpu")
+            and avx2_inference(x, *(p for layer in layers for p in layer.parameters())))
+
+
 def packed_linear(layer: nn.Linear | nn.Conv2d, geglu: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """layer's weight (N, K) (a 1x1 convolution's (N, K, 1, 1)) as `native.linear` reads it, (P, K, 16): panel j
-    sixteen columns of w^T (columns
-    16 j .. 16 j + 15; with `geglu`, h's 8 j .. 8 j + 7 then their gates', h and gate the two halves of the N
-    outputs), zeros past the last; the bias (16 P,) in the same order. Kept on the module until a weight changes."""
+    sixteen columns of w^T (columns 16 j .. 16 j + 15; with `geglu`, h's 8 j .. 8 j + 7 then their gates', h and
+    gate the two halves of the N outputs), zeros past the last; the bias (16 P,) in the same order. Kept on the
+    module until a weight changes."""
     w, b = layer.weight, layer.bias
     key = (geglu, w.data_ptr(), w._version, tuple(w.shape), None if b is None else (b.data_ptr(), b._version))
     kept = layer.__dict__.get("_packed_linear")
