@@ -152,6 +152,11 @@ def test_linear_is_its_formula(rows, width, out):
         from mmlm.models.kernels.mlp import _compiled_matmul
         assert _compiled_matmul(x, layer) == (native.simd() == 1 and rows >= 64)  # the C path is what ran above
     assert torch.equal(kernels.linear(layer, x), layer(x))  # a gradient: PyTorch's
+    with torch.inference_mode():  # weights made here keep no version counter: packed at every call
+        made, conv = torch.nn.Linear(width, out), torch.nn.Conv2d(32, 32, 3, padding=1)
+        torch.testing.assert_close(kernels.linear(made, x), made(x), atol=1e-5, rtol=1e-5)
+        image = torch.randn(1, 32, 8, 8)
+        torch.testing.assert_close(kernels.conv_add(conv, image), conv(image), atol=5e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("act", ["gelu", "quick_gelu"])

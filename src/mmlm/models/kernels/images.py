@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import native
-from .casts import matmul_dtype
+from .casts import kept, matmul_dtype
 from .mlp import packed_linear
 from .switch import avx2_inference, reference
 
@@ -168,14 +168,13 @@ def _winograd_weight(conv: nn.Conv2d, padded: bool = False) -> torch.Tensor:
     """G g G^T for every kernel g of `conv`, as (36, C_in, C_out) (computed in float64), C_out rounded up to 16 with
     zero columns when `padded` (the one-pass form's layout); kept on the module until its weight changes."""
     w = conv.weight
-    key = (w.data_ptr(), w._version, tuple(w.shape), padded)
-    kept = conv.__dict__.get("_winograd_weight")
-    if kept is None or kept[0] != key:
+
+    def make() -> torch.Tensor:
         u = (_G @ w.detach().double() @ _G.T).float()  # (C_out, C_in, 6, 6)
         u = u.reshape(w.shape[0], w.shape[1], 36).permute(2, 1, 0)
-        kept = (key, F.pad(u, (0, -w.shape[0] % 16)).contiguous() if padded else u.contiguous())
-        conv.__dict__["_winograd_weight"] = kept
-    return kept[1]
+        return F.pad(u, (0, -w.shape[0] % 16)).contiguous() if padded else u.contiguous()
+
+    return kept(conv, "_winograd_weight", (w,), make, padded)
 
 
 def group_norm_silu_reference(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:

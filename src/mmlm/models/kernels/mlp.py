@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import native
-from .casts import matmul_dtype, weight_in
+from .casts import kept, matmul_dtype, weight_in
 from .lora import lora_backward, lora_forward
 from .switch import avx2_inference, reference
 
@@ -119,9 +119,8 @@ def packed_linear(layer: nn.Linear | nn.Conv2d, geglu: bool = False) -> tuple[to
     gate the two halves of the N outputs), zeros past the last; the bias (16 P,) in the same order. Kept on the
     module until a weight changes."""
     w, b = layer.weight, layer.bias
-    key = (geglu, w.data_ptr(), w._version, tuple(w.shape), None if b is None else (b.data_ptr(), b._version))
-    kept = layer.__dict__.get("_packed_linear")
-    if kept is None or kept[0] != key:
+
+    def make() -> tuple[torch.Tensor, torch.Tensor | None]:
         w2 = w.detach().flatten(1)
         cols = torch.cat([w2, b.detach()[:, None]], 1) if b is not None else w2  # (N, K [+ 1])
         if geglu:  # (n, ...) twice, padded to 8 rows a group, then interleaved eight and eight
@@ -130,9 +129,9 @@ def packed_linear(layer: nn.Linear | nn.Conv2d, geglu: bool = False) -> tuple[to
         else:
             cols = F.pad(cols, (0, 0, 0, -cols.shape[0] % 16))
         panels = cols[:, :w.shape[1]].unflatten(0, (-1, 16)).transpose(1, 2).contiguous()  # (P, K, 16)
-        kept = (key, (panels, cols[:, w.shape[1]].contiguous() if b is not None else None))
-        layer.__dict__["_packed_linear"] = kept
-    return kept[1]
+        return panels, cols[:, w.shape[1]].contiguous() if b is not None else None
+
+    return kept(layer, "_packed_linear", (w, b), make, geglu)
 
 
 def swiglu_reference(z: torch.Tensor, hidden: int, act) -> torch.Tensor:
