@@ -1,5 +1,5 @@
 """mmlm's compiled loops (`csrc/weight_only.c` through `mmlm.native`) against their plain formulas: the int4 and int8
-matmuls, RMSNorm, one-query and many-query attention, GEGLU, a float32 matmul (and GEGLU in it), GroupNorm + SiLU,
+matmuls, RMSNorm, one-query, many-query and tiled attention, GEGLU, a float32 matmul (and GEGLU in it), GroupNorm + SiLU,
 Winograd's convolution, and a whole quantized decoding step against `LM.decode_step`'s own loop.
 Each check runs on the library as built for this machine (-march=native: AVX-512 VNNI or AVX2 loops), on an AVX2
 build where the CPU has AVX2 and the native build is not already that, and on a plain-C build of the same file
@@ -139,6 +139,30 @@ def test_many_query_attention_is_its_formula(lib, d):
             torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("d", [16, 64, 80])
+@pytest.mark.parametrize("causal", [False, True])
+def test_tiled_attention_is_its_formula(lib, d, causal):
+    """Unmasked or causal attention over few keys (a CLIP tower's): q, k, v as strided views of a fused (B, T, 3 H,
+    d) projection (cross-attention: k and v of their own length); queries fewer than six, a block of 48 and more
+    (a second block, a tail of rows), keys fewer than sixteen, a multiple of it and neither; causal with the T
+    queries the last T of S positions; scores far apart stay finite."""
+    torch.manual_seed(d + causal)
+    B, H = 2, 3
+    for T, S in ((1, 1), (5, 13), (17, 17), (50, 50), (50, 64), (7, 100)):
+        if causal and T > S:
+            continue
+        qkv = torch.randn(B, max(T, S), 3 * H, d)
+        q = qkv[:, -T:, :H].transpose(1, 2)
+        k, v = (qkv[:, :S, i * H:(i + 1) * H].transpose(1, 2) for i in (1, 2))
+        for scale in (1.0, 30.0):
+            got = native.tiled_attention(q * scale, k, v, causal, lib=lib)
+            want = attention_reference(q * scale, k, v, None, causal)
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, atol=6e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        native.tiled_attention(torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8), lib=lib)
+
+
 def test_geglu_is_its_formula(lib):
     """h * GELU(gate) for z = [h, gate]: widths the eight-wide loop covers and ones with a tail, gates far into
     both tails (where GELU is ~0 and ~the identity)."""
@@ -236,6 +260,33 @@ def test_attention_takes_the_c_loop_for_small_heads_only_without_gradients(monke
         fast.attention(torch.randn(2, 4, 50, 64), torch.randn(2, 4, 20, 64), torch.randn(2, 4, 20, 64))
         fast.attention(q, k, v, attn_mask=torch.ones(50, 20, dtype=torch.bool))
         fast.attention(q, q, q, is_causal=True)
+    fast.attention(q.requires_grad_(), k, v)
+    assert calls == []
+
+
+def test_attention_takes_the_tiled_loop_for_few_keys_only_without_gradients(monkeypatch):
+    """`kernels.attention` hands unmasked or causal attention with heads of a multiple of 16 dims over at most
+    FEW_KEYS keys to the tiled C loop (AVX2 builds), its values the formula's; with a gradient, a mask, more keys,
+    grouped k/v heads or other head dims it does not."""
+    import importlib
+
+    fast = importlib.import_module("mmlm.models.kernels.attention")
+    calls = []
+    real = native.tiled_attention
+    monkeypatch.setattr(native, "tiled_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = torch.randn(2, 4, 17, 64), torch.randn(2, 4, 17, 64), torch.randn(2, 4, 17, 64)
+    with torch.no_grad():
+        for causal in (False, True):
+            torch.testing.assert_close(fast.attention(q, k, v, is_causal=causal),
+                                       attention_reference(q, k, v, None, causal), atol=2e-5, rtol=1e-5)
+    assert len(calls) == 2 * (native.kernels().mmlm_simd() == 1)
+    calls.clear()
+    many = torch.randn(1, 4, fast.FEW_KEYS + 1, 64)
+    with torch.no_grad():
+        fast.attention(q, k, v, attn_mask=torch.ones(17, 17, dtype=torch.bool))
+        fast.attention(q, many, many)
+        fast.attention(q, k[:, :2], v[:, :2])
+        fast.attention(q[..., :24], k[..., :24], v[..., :24])
     fast.attention(q.requires_grad_(), k, v)
     assert calls == []
 

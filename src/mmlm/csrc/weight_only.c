@@ -1568,6 +1568,88 @@ void mmlm_linear(const float *x, int64_t M, int64_t K, const float *w, int64_t N
     }
 }
 
+/* out (B, T, H, d) = softmax(q k^T / sqrt(d) [causal]) v for heads of d a multiple of 16 and up to a few hundred
+ * keys (a CLIP tower's: 17 to 257 tokens of 64 dims), as two small matmuls through gemm6x16 per (b, h) and block of
+ * up to 48 queries: the keys packed once to (d, Sp) with the scale (in units of log2 e) folded in, Sp = S rounded
+ * up to 16; scores (48, Sp) = q k^T, six queries against sixteen keys at a time, staying in the core's cache; each
+ * row's p = 2^(score - max) / sum; then out = p v straight from v's rows (S of them, sixteen dims at a time) into
+ * the output's rows. causal: the T queries are the last T of the S positions (query t sees keys up to t + S - T).
+ * Returns 0 when scratch memory could not be had (out is then incomplete), else 1. */
+#define ATTN_BLOCK 48
+int mmlm_attention_tiled(const float *q, int64_t qb, int64_t qh, int64_t qt, const float *k, int64_t kb, int64_t kh,
+                         int64_t kt, const float *v, int64_t vb, int64_t vh, int64_t vt, int64_t B, int64_t H,
+                         int64_t T, int64_t S, int64_t d, int causal, float *out, int threads) {
+    const float scale = 1.44269504f / sqrtf((float)d);
+    const int64_t Sp = (S + 15) / 16 * 16, blocks = (T + ATTN_BLOCK - 1) / ATTN_BLOCK, ldo = H * d;
+    int ok = 1;
+#pragma omp parallel num_threads(threads) if (threads > 1 && B * H * T * S * d >= 65536) reduction(&& : ok)
+    {
+        /* kT (d, Sp), scores (ATTN_BLOCK, Sp), a tile of six output rows (6, 16) */
+        float *kT = malloc(sizeof(float) * (size_t)((d + ATTN_BLOCK) * Sp + 6 * 16));
+        float *sc = kT + d * Sp, *tile = sc + ATTN_BLOCK * Sp;
+        int64_t packed = -1;  /* the (b, h) whose keys kT holds */
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < B * H * blocks; item++) {
+            if (!kT) {
+                ok = 0;
+                continue;
+            }
+            const int64_t bh = item / blocks, b = bh / H, h = bh % H, t0 = item % blocks * ATTN_BLOCK;
+            const int64_t t1 = t0 + ATTN_BLOCK < T ? t0 + ATTN_BLOCK : T;
+            const float *kbh = k + b * kb + h * kh, *vbh = v + b * vb + h * vh, *qbh = q + b * qb + h * qh;
+            if (packed != bh) {
+                for (int64_t s = 0; s < Sp; s++)  /* each key's row read along, written down a column */
+                    for (int64_t i = 0; i < d; i++) kT[i * Sp + s] = s < S ? kbh[s * kt + i] * scale : 0.0f;
+                packed = bh;
+            }
+            /* the keys this block's last query sees: causal rows stop early, and so do their products */
+            const int64_t seen = causal && t1 + S - T < S ? t1 + S - T : S;
+            for (int64_t t = t0; t < t1; t += 6) {
+                const int r = t1 - t < 6 ? (int)(t1 - t) : 6;
+                for (int64_t j = 0; j < (seen + 15) / 16; j++)  /* rows past r: gemm6x16 writes six (sc has room) */
+                    gemm6x16(qbh + t * qt, qt, r, kT + 16 * j, Sp, d, sc + (t - t0) * Sp + 16 * j, Sp, NULL, NULL, 0,
+                             ACT_NONE);
+            }
+            for (int64_t t = t0; t < t1; t++) {  /* p = 2^(score - max) / sum over the keys row t sees */
+                float *p = sc + (t - t0) * Sp;
+                const int64_t n = causal && t + 1 + S - T < S ? t + 1 + S - T : S;
+                float top = -INFINITY, total = 0.0f;
+                for (int64_t s = 0; s < n; s++) top = p[s] > top ? p[s] : top;
+                int64_t s = 0;
+#ifdef MMLM_AVX2
+                const __m256 topv = _mm256_set1_ps(top);
+                __m256 sum = _mm256_setzero_ps();
+                for (; s + 8 <= n; s += 8) {
+                    const __m256 e = exp2_8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + s), topv));
+                    _mm256_storeu_ps(p + s, e);
+                    sum = _mm256_add_ps(sum, e);
+                }
+                total = hsum8_ps(sum);
+#endif
+                for (; s < n; s++) total += p[s] = exp2f(p[s] - top);
+                const float inv = 1.0f / total;
+                for (s = 0; s < n; s++) p[s] *= inv;
+                for (; s < seen; s++) p[s] = 0.0f;  /* keys later than this causal row, read by the block's product */
+            }
+            for (int64_t t = t0; t < t1; t += 6) {
+                const int r = t1 - t < 6 ? (int)(t1 - t) : 6;
+                const int64_t n = causal && t + r + S - T < seen ? t + r + S - T : seen;
+                for (int64_t j = 0; j < d / 16; j++) {
+                    float *o = out + (b * T + t) * ldo + h * d + 16 * j;
+                    if (r == 6) {
+                        gemm6x16(sc + (t - t0) * Sp, Sp, 6, vbh + 16 * j, vt, n, o, ldo, NULL, NULL, 0, ACT_NONE);
+                    } else {  /* the block's last rows: through the scratch tile */
+                        gemm6x16(sc + (t - t0) * Sp, Sp, r, vbh + 16 * j, vt, n, tile, 16, NULL, NULL, 0, ACT_NONE);
+                        for (int i = 0; i < r; i++) memcpy(o + i * ldo, tile + i * 16, 16 * sizeof(float));
+                    }
+                }
+            }
+        }
+        free(kT);
+    }
+    return ok;
+}
+
 /* The whole convolution in one pass, tiles in blocks of T (a multiple of 6) whose transformed patches stay in the
  * core's cache: y (N, H, W, O) = conv(x (N, H, W, C)) + bias + shift + residual (as mmlm_winograd_output), with
  * U (36, C, Op) the transformed kernels, Op = O rounded up to 16 (zero columns past O). For each block: B^T d B of

@@ -31,10 +31,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     PyTorch's fused kernel (`scaled_dot_product_attention`) is fast forward but its CPU backward is slow at
     CLIP-sized sequences (measured: a small CLIP trained ~2x faster with plain matmuls), so while training on a
     CPU the same maths runs as three ops with in-place masking; everywhere else (inference, GPUs) the fused
-    kernel does, sharing each k/v head among its query heads without copying (grouped-query attention). Two
+    kernel does, sharing each k/v head among its query heads without copying (grouped-query attention). Three
     shapes run in mmlm's C loops instead (`native.py`): one query per row (a decoding step), and, on an AVX2 CPU
     without a gradient, unmasked attention with heads of at most 16 dims (a UNet's over image positions: there
-    the exponentials dominate, and the C loop's cost ~0.5x PyTorch's).
+    the exponentials dominate, and the C loop's cost ~0.5x PyTorch's), and unmasked or causal attention over at
+    most FEW_KEYS keys with heads of a multiple of 16 dims (a CLIP tower's: per head two small matmuls in the
+    cache, where PyTorch's fused kernel spends more on its setup than on the products).
     """
     if reference():
         return attention_reference(q, k, v, attn_mask, is_causal)
@@ -42,6 +44,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
         return native.decode_attention(q, k, v, None if attn_mask is None else attn_mask[:, 0, 0, :])
     if attn_mask is None and not is_causal and _small_heads(q, k, v):  # a UNet's: exponentials cost the most
         return native.attention(q, k, v)
+    if attn_mask is None and _few_keys(q, k, v, is_causal):  # a CLIP tower's: two small matmuls a head
+        return native.tiled_attention(q, k, v, is_causal)
     gqa = k.shape[1] != q.shape[1]
     if not (cpu_path(q) and torch.is_grad_enabled() and q.requires_grad):  # SDPA: flash / efficient on CUDA
         if gqa:
@@ -71,6 +75,18 @@ def _small_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     k/v heads as query heads, a head dim of at most SMALL_HEAD_DIM, unit stride along it, and the AVX2 build of
     the C loops (the one it was measured on; elsewhere PyTorch's kernel)."""
     return (q.shape[-1] <= SMALL_HEAD_DIM and q.shape[1] == k.shape[1]
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and avx2_inference(q, k, v))
+
+
+FEW_KEYS = 256  # up to here the tiled C loop beat PyTorch's fused CPU kernel (AVX2: 1.0-2.0x; at 512 keys 0.95x)
+
+
+def _few_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> bool:
+    """Whether `native.tiled_attention` takes this (unmasked, or causal) call: float32 on a CPU, no gradient, as
+    many k/v heads as query heads, a head dim that is a multiple of 16, at most FEW_KEYS keys (and, causal, no more
+    queries than keys), unit stride along the head dim, and the AVX2 build of the C loops."""
+    return (q.shape[-1] % 16 == 0 and k.shape[2] <= FEW_KEYS and q.shape[1] == k.shape[1]
+            and not (is_causal and q.shape[2] > k.shape[2])
             and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and avx2_inference(q, k, v))
 
 
