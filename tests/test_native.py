@@ -198,13 +198,14 @@ def test_winograd_loops_are_the_convolution(lib, cin, cout, size, tiles):
                                - skip - bias, atol=5e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("rows,k,n", [(12, 32, 48), (7, 13, 20), (1, 8, 5)])
-def test_linear_is_its_formula(lib, rows, k, n):
+@pytest.mark.parametrize("rows,k,n", [(12, 32, 48), (7, 13, 20), (1, 8, 5), (61, 40, 16), (1091, 64, 40)])
+def test_linear_is_its_formula(lib, rows, k, n, monkeypatch):
     """x w^T + bias + residual through the register-tiled matmul, GELU and quick_gelu of x w^T + bias, and h GELU(gate)
     of its [h, gate] (GEGLU's projection): rows past a multiple of six, columns past the panels' sixteen (eight for
-    GEGLU), no bias."""
+    GEGLU), no bias; enough rows for chunks shared among two threads (unequal chunks, a short last one)."""
     from mmlm.models.kernels.mlp import packed_linear
 
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # what native.linear hands the loop
     torch.manual_seed(rows)
     x, layer, residual = torch.randn(rows, k), torch.nn.Linear(k, n), torch.randn(rows, n)
     w, b = packed_linear(layer)

@@ -1543,12 +1543,16 @@ static inline void gemm6x16(const float *a, int64_t lda, int rows, const float *
 void mmlm_linear(const float *x, int64_t M, int64_t K, const float *w, int64_t N, const float *bias,
                  const float *residual, float *y, int act, int threads) {
     const int64_t width = act == ACT_GEGLU ? 8 : 16, panels = (N + width - 1) / width;
-    int64_t rows = (M / (4 * (threads > 0 ? threads : 1)) + 5) / 6 * 6;  /* a chunk: ~4 a thread, 6 to 96 rows */
-    rows = rows < 6 ? 6 : rows > 48 ? 48 : rows;
-    const int64_t chunks = (M + rows - 1) / rows;
+    /* chunks of up to eight groups of six rows, at least ~4 a thread, a multiple of the threads in number, each
+     * thread's share of the groups within one of the others' (1088 rows in 48-row chunks would give one thread
+     * 12 chunks and the other 11) */
+    const int64_t groups = (M + 5) / 6, nt = threads > 1 ? threads : 1;
+    int64_t chunks = (groups + 7) / 8 > 4 * nt ? (groups + 7) / 8 : 4 * nt;
+    chunks = (chunks + nt - 1) / nt * nt;
+    chunks = chunks < groups ? chunks : groups;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && M * N * K >= 262144)
     for (int64_t ch = 0; ch < chunks; ch++) {
-        const int64_t m0 = ch * rows, m1 = m0 + rows < M ? m0 + rows : M;
+        const int64_t g1 = (ch + 1) * groups / chunks, m0 = ch * groups / chunks * 6, m1 = 6 * g1 < M ? 6 * g1 : M;
         for (int64_t j = 0; j < panels; j++) {
             const int64_t n0 = width * j, nn = N - n0 < width ? N - n0 : width;
             const float *wj = w + j * K * 16, *bj = bias ? bias + 16 * j : NULL;
