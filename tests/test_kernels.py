@@ -314,13 +314,22 @@ def test_next_token_loss_and_head_logits(autocast, dtype, monkeypatch):
 
 
 def test_patch_embedding_is_the_strided_convolution():
+    """The patches' matmul (and without a gradient, with 64 patches or more, the compiled one) equals the strided
+    convolution, with and without a bias."""
     model = CLIP(clip_preset("tiny-vit"))
     pixels = torch.randn(3, 3, 32, 32)
-    w = model.visual.patch_embed.weight
-    _assert_agree(_run(lambda: kernels.patch_embed(pixels, w, 8), [w]), atol=1e-5)
+    conv = model.visual.patch_embed
+    w = conv.weight
+    _assert_agree(_run(lambda: kernels.patch_embed(pixels, conv), [w]), atol=1e-5)
     with mmlm.reference_mode():
-        conv = F.conv2d(pixels, w, stride=8).flatten(2).transpose(1, 2)
-        torch.testing.assert_close(kernels.patch_embed(pixels, w, 8), conv)
+        want = F.conv2d(pixels, w, stride=8).flatten(2).transpose(1, 2)
+        torch.testing.assert_close(kernels.patch_embed(pixels, conv), want)
+    many = torch.randn(8, 3, 32, 32)  # 128 patches
+    biased = torch.nn.Conv2d(3, 24, 8, stride=8)
+    with torch.no_grad():
+        for layer in (conv, biased):
+            want = F.conv2d(many, layer.weight, layer.bias, stride=8).flatten(2).transpose(1, 2)
+            torch.testing.assert_close(kernels.patch_embed(many, layer), want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("autocast", [False, True])

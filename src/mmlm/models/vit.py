@@ -39,7 +39,7 @@ class VisionTransformer(nn.Module):
         if pixel_values.shape[-2:] != (self.cfg.image_size, self.cfg.image_size):
             raise ValueError(f"pixel_values are {tuple(pixel_values.shape[-2:])}, the model expects "
                              f"{self.cfg.image_size}x{self.cfg.image_size}")
-        x = patch_embed(pixel_values, self.patch_embed.weight, self.cfg.patch_size)  # (B, L, w): a stride-p conv
+        x = patch_embed(pixel_values, self.patch_embed)  # (B, L, w): a stride-p convolution
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.pos_embed.to(x.dtype)  # (B, 1 + L, w)
         return self.norm_pre(x)

@@ -16,22 +16,28 @@ from .mlp import packed_linear
 from .switch import avx2_inference, reference
 
 
-def patch_embed_reference(pixel_values: torch.Tensor, weight: torch.Tensor, patch: int) -> torch.Tensor:
+def patch_embed_reference(pixel_values: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """(B, C, H, W) -> (B, L, width): a p x p convolution with stride p (one vector per patch), flattened."""
-    return F.conv2d(pixel_values.to(weight.dtype), weight, stride=patch).flatten(2).transpose(1, 2)
+    return conv(pixel_values.to(conv.weight.dtype)).flatten(2).transpose(1, 2)
 
 
-def patch_embed(pixel_values: torch.Tensor, weight: torch.Tensor, patch: int) -> torch.Tensor:
+def patch_embed(pixel_values: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """`patch_embed_reference` computed as what it is, one matmul of the flattened patches (rows in the conv
-    weight's (C, p, p) order): faster than the convolution kernel."""
+    weight's (C, p, p) order): faster than the convolution kernel. Without a gradient on an AVX2 CPU, the
+    compiled matmul of the linear layers (`native.linear`)."""
     if reference():
-        return patch_embed_reference(pixel_values, weight, patch)
+        return patch_embed_reference(pixel_values, conv)
     B, C, H, W = pixel_values.shape
-    p = patch
+    p = conv.stride[0]
     # in the matmul's dtype before the patches are gathered: under autocast that moves half the bytes
-    pixel_values = pixel_values.to(matmul_dtype(pixel_values, weight.dtype))
+    pixel_values = pixel_values.to(matmul_dtype(pixel_values, conv.weight.dtype))
     patches = pixel_values.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * p * p)
-    return F.linear(patches, weight.flatten(1))
+    if (patches.shape[-1] <= 4096 and patches.numel() >= 64 * patches.shape[-1] and patches.is_contiguous()
+            and not torch.is_autocast_enabled("cpu") and avx2_inference(patches, *conv.parameters())):
+        w, b = packed_linear(conv)  # as the linear layers' (`kernels.linear`)
+        y = native.linear(patches.reshape(-1, patches.shape[-1]), w, conv.out_channels, b)
+        return y.view(B, -1, conv.out_channels)
+    return F.linear(patches, conv.weight.flatten(1), conv.bias)
 
 
 def conv_layout(x: torch.Tensor) -> torch.Tensor:

@@ -114,10 +114,10 @@ def _compiled_matmul(x: torch.Tensor, *layers: nn.Module) -> bool:
 
 
 def packed_linear(layer: nn.Linear | nn.Conv2d, geglu: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """layer's weight (N, K) (a 1x1 convolution's (N, K, 1, 1)) as `native.linear` reads it, (P, K, 16): panel j
-    sixteen columns of w^T (columns 16 j .. 16 j + 15; with `geglu`, h's 8 j .. 8 j + 7 then their gates', h and
-    gate the two halves of the N outputs), zeros past the last; the bias (16 P,) in the same order. Kept on the
-    module until a weight changes."""
+    """layer's weight (N, K) (a convolution's (N, C, p, p), K = C p p: a 1x1 one's, a patch embedding's) as
+    `native.linear` reads it, (P, K, 16): panel j sixteen columns of w^T (columns 16 j .. 16 j + 15; with `geglu`,
+    h's 8 j .. 8 j + 7 then their gates', h and gate the two halves of the N outputs), zeros past the last; the
+    bias (16 P,) in the same order. Kept on the module until a weight changes."""
     w, b = layer.weight, layer.bias
 
     def make() -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -128,8 +128,9 @@ def packed_linear(layer: nn.Linear | nn.Conv2d, geglu: bool = False) -> tuple[to
             cols = torch.stack([h, gate], 1).flatten(0, 2)  # (P * 16, K [+ 1])
         else:
             cols = F.pad(cols, (0, 0, 0, -cols.shape[0] % 16))
-        panels = cols[:, :w.shape[1]].unflatten(0, (-1, 16)).transpose(1, 2).contiguous()  # (P, K, 16)
-        return panels, cols[:, w.shape[1]].contiguous() if b is not None else None
+        K = w2.shape[1]
+        panels = cols[:, :K].unflatten(0, (-1, 16)).transpose(1, 2).contiguous()  # (P, K, 16)
+        return panels, cols[:, K].contiguous() if b is not None else None
 
     return kept(layer, "_packed_linear", (w, b), make, geglu)
 
