@@ -242,15 +242,20 @@ def test_group_norm_silu_is_its_formula(lib, channels, groups):
                                    atol=2e-5, rtol=1e-5)
 
 
+def _counted(monkeypatch, name: str):
+    """(the attention kernels' module, a list that gets an entry per call of `native.<name>`)."""
+    import importlib
+
+    calls = []
+    real = getattr(native, name)
+    monkeypatch.setattr(native, name, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return importlib.import_module("mmlm.models.kernels.attention"), calls
+
+
 def test_attention_takes_the_c_loop_for_small_heads_only_without_gradients(monkeypatch):
     """`kernels.attention` hands unmasked small-head attention to the C loop (AVX2 builds) and its values equal
     the formula; with a gradient, a mask or large heads it does not."""
-    import importlib
-
-    fast = importlib.import_module("mmlm.models.kernels.attention")
-    calls = []
-    real = native.attention
-    monkeypatch.setattr(native, "attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    fast, calls = _counted(monkeypatch, "attention")
     q, k, v = torch.randn(2, 4, 50, 8), torch.randn(2, 4, 20, 8), torch.randn(2, 4, 20, 8)
     with torch.no_grad():
         torch.testing.assert_close(fast.attention(q, k, v), attention_reference(q, k, v, None, False),
@@ -269,12 +274,7 @@ def test_attention_takes_the_tiled_loop_for_few_keys_only_without_gradients(monk
     """`kernels.attention` hands unmasked or causal attention with heads of a multiple of 16 dims over at most
     FEW_KEYS keys to the tiled C loop (AVX2 builds), its values the formula's; with a gradient, a mask, more keys,
     grouped k/v heads or other head dims it does not."""
-    import importlib
-
-    fast = importlib.import_module("mmlm.models.kernels.attention")
-    calls = []
-    real = native.tiled_attention
-    monkeypatch.setattr(native, "tiled_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    fast, calls = _counted(monkeypatch, "tiled_attention")
     q, k, v = torch.randn(2, 4, 17, 64), torch.randn(2, 4, 17, 64), torch.randn(2, 4, 17, 64)
     with torch.no_grad():
         for causal in (False, True):
