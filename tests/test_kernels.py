@@ -68,10 +68,13 @@ def test_switch_context_manager_and_environment(monkeypatch):
 # ----------------------------------------------------------------------------- one kernel at a time
 
 @pytest.mark.parametrize("grad", [True, False])
-@pytest.mark.parametrize("mask_kind,kv_heads", [("none", 4), ("causal", 2), ("bool", 1), ("additive", 4)])
-def test_attention(grad, mask_kind, kv_heads):
+@pytest.mark.parametrize("mask_kind,kv_heads,queries", [("none", 4, 6), ("causal", 2, 6), ("causal", 4, 3), ("bool", 1, 6),
+                                                      ("additive", 4, 6)])
+def test_attention(grad, mask_kind, kv_heads, queries):
+    """Every path against the formula; causal with fewer queries than keys: the queries are the last ones (a
+    prompt's continuation over a cache), on every path (PyTorch's fused kernel would align them with the first)."""
     torch.manual_seed(0)
-    q = torch.randn(2, 4, 6, 8, requires_grad=grad)
+    q = torch.randn(2, 4, queries, 8, requires_grad=grad)
     k, v = (torch.randn(2, kv_heads, 6, 8, requires_grad=grad) for _ in range(2))
     mask = None
     if mask_kind in ("bool", "additive"):

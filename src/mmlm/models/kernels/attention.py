@@ -48,6 +48,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
         return native.tiled_attention(q, k, v, is_causal)
     gqa = k.shape[1] != q.shape[1]
     if not (cpu_path(q) and torch.is_grad_enabled() and q.requires_grad):  # SDPA: flash / efficient on CUDA
+        if is_causal and attn_mask is None and q.shape[2] != k.shape[2]:  # SDPA aligns is_causal top-left; the
+            T, S = q.shape[2], k.shape[2]                                 # formula's T queries are the last T
+            attn_mask, is_causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T), False
         if gqa:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=True)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
