@@ -250,14 +250,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lib: ctypes.CDL
 def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
                     lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v, no mask or causal (the T queries the last T of the S positions): q (B, H, T, d),
-    k, v (B, H, S, d) float32 with unit stride along d, d a multiple of 16 -> (B, H, T, d) (`mmlm_attention_tiled`:
-    two small matmuls per head, for up to a few hundred keys), stored (B, T, H, d) so that the caller's transpose
-    back to (B, T, H d) is a view."""
+    k, v (B, H, S, d) float32 with unit stride along d -> (B, H, T, d) (`mmlm_attention_tiled`: small matmuls per
+    head, blocks of 48 queries and 256 keys), stored (B, T, H, d) so that the caller's transpose back to (B, T, H d)
+    is a view."""
     B, H, T, d = q.shape
     S = k.shape[2]
-    if d % 16 or (causal and T > S):
-        raise ValueError(f"head dim {d}, {T} queries, {S} keys: the tiled attention takes head dims that are multiples "
-                         "of 16 (and, causal, no more queries than keys)")
+    if causal and T > S:
+        raise ValueError(f"{T} queries, {S} keys: causal tiled attention takes no more queries than keys")
     out = torch.empty(B, T, H, d)
     if not (lib or _lib).mmlm_attention_tiled(q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3],
                                               v.data_ptr(), *v.stride()[:3], B, H, T, S, d, int(causal),

@@ -1572,14 +1572,17 @@ void mmlm_linear(const float *x, int64_t M, int64_t K, const float *w, int64_t N
     }
 }
 
-/* out (B, T, H, d) = softmax(q k^T / sqrt(d) [causal]) v for heads of d a multiple of 16 and up to a few hundred
- * keys (a CLIP tower's: 17 to 257 tokens of 64 dims), as two small matmuls through gemm6x16 per (b, h) and block of
- * up to 48 queries: the keys packed once to (d, Sp) with the scale (in units of log2 e) folded in, Sp = S rounded
- * up to 16; scores (48, Sp) = q k^T, six queries against sixteen keys at a time, staying in the core's cache; each
- * row's p = 2^(score - max) / sum; then out = p v straight from v's rows (S of them, sixteen dims at a time) into
- * the output's rows. causal: the T queries are the last T of the S positions (query t sees keys up to t + S - T).
- * Returns 0 when scratch memory could not be had (out is then incomplete), else 1. */
+/* out (B, T, H, d) = softmax(q k^T / sqrt(d) [causal]) v as small matmuls through gemm6x16, per (b, h) and block
+ * of up to 48 queries (a CLIP tower's 17 to 257 tokens, a UNet's cross-attention to 77): the keys packed once to
+ * (d, Sp) with the scale (in units of log2 e) folded in, Sp = S rounded up to 16; then per block of up to 256 keys
+ * the scores (48, 256) = q k^T, six queries against sixteen keys at a time, staying in the core's cache; each row's
+ * p = 2^(score - its largest so far), the sums of earlier blocks scaled down when a larger score comes (the online
+ * softmax of flash attention); out += p v straight from v's rows, sixteen dims at a time (the last d % 16 through a
+ * padded copy); at the end out / the row's total, into the output's rows. causal: the T queries are the last T of
+ * the S positions (query t sees keys up to t + S - T). Returns 0 when scratch memory could not be had (out is then
+ * incomplete), else 1. */
 #define ATTN_BLOCK 48
+#define ATTN_KEYS 256
 int mmlm_attention_tiled(const float *q, int64_t qb, int64_t qh, int64_t qt, const float *k, int64_t kb, int64_t kh,
                          int64_t kt, const float *v, int64_t vb, int64_t vh, int64_t vt, int64_t B, int64_t H,
                          int64_t T, int64_t S, int64_t d, int causal, float *out, int threads) {
@@ -1588,9 +1591,13 @@ int mmlm_attention_tiled(const float *q, int64_t qb, int64_t qh, int64_t qt, con
     int ok = 1;
 #pragma omp parallel num_threads(threads) if (threads > 1 && B * H * T * S * d >= 65536) reduction(&& : ok)
     {
-        /* kT (d, Sp), scores (ATTN_BLOCK, Sp), a tile of six output rows (6, 16) */
-        float *kT = malloc(sizeof(float) * (size_t)((d + ATTN_BLOCK) * Sp + 6 * 16));
-        float *sc = kT + d * Sp, *tile = sc + ATTN_BLOCK * Sp;
+        /* kT (d, Sp); scores (ATTN_BLOCK, ATTN_KEYS); the block's sums (ATTN_BLOCK, d), largest scores and totals;
+         * for d not a multiple of 16, the last dims of a block's values padded to sixteen (ATTN_KEYS, 16) and a
+         * tile of their products (6, 16) */
+        float *kT = malloc(sizeof(float) * (size_t)(d * Sp + ATTN_BLOCK * (ATTN_KEYS + d + 2) + ATTN_KEYS * 16 + 96));
+        float *sc = kT + d * Sp, *acc = sc + ATTN_BLOCK * ATTN_KEYS, *top = acc + ATTN_BLOCK * d, *total = top + ATTN_BLOCK;
+        float *vtail = total + ATTN_BLOCK, *tile = vtail + ATTN_KEYS * 16;
+        const int64_t full = d / 16 * 16, rest = d - full;
         int64_t packed = -1;  /* the (b, h) whose keys kT holds */
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < B * H * blocks; item++) {
@@ -1606,47 +1613,70 @@ int mmlm_attention_tiled(const float *q, int64_t qb, int64_t qh, int64_t qt, con
                     for (int64_t i = 0; i < d; i++) kT[i * Sp + s] = s < S ? kbh[s * kt + i] * scale : 0.0f;
                 packed = bh;
             }
+            for (int64_t t = t0; t < t1; t++) top[t - t0] = -INFINITY, total[t - t0] = 0.0f;
+            memset(acc, 0, sizeof(float) * ATTN_BLOCK * d);
             /* the keys this block's last query sees: causal rows stop early, and so do their products */
             const int64_t seen = causal && t1 + S - T < S ? t1 + S - T : S;
-            for (int64_t t = t0; t < t1; t += 6) {
-                const int r = t1 - t < 6 ? (int)(t1 - t) : 6;
-                for (int64_t j = 0; j < (seen + 15) / 16; j++)  /* rows past r: gemm6x16 writes six (sc has room) */
-                    gemm6x16(qbh + t * qt, qt, r, kT + 16 * j, Sp, d, sc + (t - t0) * Sp + 16 * j, Sp, NULL, NULL, 0,
-                             ACT_NONE);
-            }
-            for (int64_t t = t0; t < t1; t++) {  /* p = 2^(score - max) / sum over the keys row t sees */
-                float *p = sc + (t - t0) * Sp;
-                const int64_t n = causal && t + 1 + S - T < S ? t + 1 + S - T : S;
-                float top = -INFINITY, total = 0.0f;
-                for (int64_t s = 0; s < n; s++) top = p[s] > top ? p[s] : top;
-                int64_t s = 0;
-#ifdef MMLM_AVX2
-                const __m256 topv = _mm256_set1_ps(top);
-                __m256 sum = _mm256_setzero_ps();
-                for (; s + 8 <= n; s += 8) {
-                    const __m256 e = exp2_8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + s), topv));
-                    _mm256_storeu_ps(p + s, e);
-                    sum = _mm256_add_ps(sum, e);
+            for (int64_t s0 = 0; s0 < seen; s0 += ATTN_KEYS) {  /* a block of keys: its scores, then online softmax */
+                const int64_t s1 = s0 + ATTN_KEYS < seen ? s0 + ATTN_KEYS : seen;
+                for (int64_t t = t0; t < t1; t += 6) {
+                    const int r = t1 - t < 6 ? (int)(t1 - t) : 6;
+                    for (int64_t j = s0; j < s1; j += 16)  /* rows past r: gemm6x16 writes six (sc has room) */
+                        gemm6x16(qbh + t * qt, qt, r, kT + j, Sp, d, sc + (t - t0) * ATTN_KEYS + (j - s0), ATTN_KEYS,
+                                 NULL, NULL, 0, ACT_NONE);
                 }
-                total = hsum8_ps(sum);
+                for (int64_t t = t0; t < t1; t++) {  /* p = 2^(score - max so far); earlier sums rescaled to it */
+                    float *p = sc + (t - t0) * ATTN_KEYS, *a = acc + (t - t0) * d;
+                    const int64_t lim = causal && t + 1 + S - T < s1 ? t + 1 + S - T : s1, n = lim > s0 ? lim - s0 : 0;
+                    float m = top[t - t0];
+                    for (int64_t s = 0; s < n; s++) m = p[s] > m ? p[s] : m;
+                    float sum = 0.0f;
+                    int64_t s = 0;
+                    if (n > 0) {
+#ifdef MMLM_AVX2
+                        const __m256 mv = _mm256_set1_ps(m);
+                        __m256 sv = _mm256_setzero_ps();
+                        for (; s + 8 <= n; s += 8) {
+                            const __m256 e = exp2_8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(p + s), mv));
+                            _mm256_storeu_ps(p + s, e);
+                            sv = _mm256_add_ps(sv, e);
+                        }
+                        sum = hsum8_ps(sv);
 #endif
-                for (; s < n; s++) total += p[s] = exp2f(p[s] - top);
-                const float inv = 1.0f / total;
-                for (s = 0; s < n; s++) p[s] *= inv;
-                for (; s < seen; s++) p[s] = 0.0f;  /* keys later than this causal row, read by the block's product */
-            }
-            for (int64_t t = t0; t < t1; t += 6) {
-                const int r = t1 - t < 6 ? (int)(t1 - t) : 6;
-                const int64_t n = causal && t + r + S - T < seen ? t + r + S - T : seen;
-                for (int64_t j = 0; j < d / 16; j++) {
-                    float *o = out + (b * T + t) * ldo + h * d + 16 * j;
-                    if (r == 6) {
-                        gemm6x16(sc + (t - t0) * Sp, Sp, 6, vbh + 16 * j, vt, n, o, ldo, NULL, NULL, 0, ACT_NONE);
-                    } else {  /* the block's last rows: through the scratch tile */
-                        gemm6x16(sc + (t - t0) * Sp, Sp, r, vbh + 16 * j, vt, n, tile, 16, NULL, NULL, 0, ACT_NONE);
-                        for (int i = 0; i < r; i++) memcpy(o + i * ldo, tile + i * 16, 16 * sizeof(float));
+                        for (; s < n; s++) sum += p[s] = exp2f(p[s] - m);
+                        if (m > top[t - t0] && top[t - t0] > -INFINITY) {  /* a larger score: the sums so far shrink */
+                            const float c = exp2f(top[t - t0] - m);
+                            total[t - t0] *= c;
+                            for (int64_t i = 0; i < d; i++) a[i] *= c;
+                        }
+                        top[t - t0] = m;
+                        total[t - t0] += sum;
+                    }
+                    for (; s < s1 - s0; s++) p[s] = 0.0f;  /* keys later than this causal row */
+                }
+                if (rest)
+                    for (int64_t s = s0; s < s1; s++)
+                        for (int64_t i = 0; i < 16; i++) vtail[(s - s0) * 16 + i] = i < rest ? vbh[s * vt + full + i] : 0.0f;
+                for (int64_t t = t0; t < t1; t += 6) {  /* acc += p v over the block's keys, sixteen dims at a time */
+                    const int r = t1 - t < 6 ? (int)(t1 - t) : 6;
+                    const int64_t n = causal && t + r + S - T < s1 ? t + r + S - T - s0 : s1 - s0;
+                    if (n <= 0) continue;
+                    for (int64_t j = 0; j < full; j += 16) {
+                        float *a = acc + (t - t0) * d + j;  /* rows past r: acc has room */
+                        gemm6x16(sc + (t - t0) * ATTN_KEYS, ATTN_KEYS, r, vbh + s0 * vt + j, vt, n, a, d, NULL, a, d,
+                                 ACT_NONE);
+                    }
+                    if (rest) {
+                        gemm6x16(sc + (t - t0) * ATTN_KEYS, ATTN_KEYS, r, vtail, 16, n, tile, 16, NULL, NULL, 0, ACT_NONE);
+                        for (int i = 0; i < r; i++)
+                            for (int64_t c = 0; c < rest; c++) acc[(t - t0 + i) * d + full + c] += tile[i * 16 + c];
                     }
                 }
+            }
+            for (int64_t t = t0; t < t1; t++) {
+                const float inv = 1.0f / total[t - t0];
+                float *o = out + (b * T + t) * ldo + h * d;
+                for (int64_t i = 0; i < d; i++) o[i] = acc[(t - t0) * d + i] * inv;
             }
         }
         free(kT);

@@ -35,8 +35,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     shapes run in mmlm's C loops instead (`native.py`): one query per row (a decoding step), and, on an AVX2 CPU
     without a gradient, unmasked attention with heads of at most 16 dims (a UNet's over image positions: there
     the exponentials dominate, and the C loop's cost ~0.5x PyTorch's), and unmasked or causal attention over at
-    most FEW_KEYS keys with heads of a multiple of 16 dims (a CLIP tower's: per head two small matmuls in the
-    cache, where PyTorch's fused kernel spends more on its setup than on the products).
+    most FEW_KEYS keys with heads of 16 dims or more (a CLIP tower's, a UNet's cross-attention: per head two small
+    matmuls in the cache, where PyTorch's fused kernel spends more on its setup than on the products).
     """
     if reference():
         return attention_reference(q, k, v, attn_mask, is_causal)
@@ -81,14 +81,15 @@ def _small_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
             and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and avx2_inference(q, k, v))
 
 
-FEW_KEYS = 256  # up to here the tiled C loop beat PyTorch's fused CPU kernel (AVX2: 1.0-2.0x; at 512 keys 0.95x)
+FEW_KEYS = 256  # up to here the tiled C loop beat PyTorch's fused CPU kernel (AVX2: 1.0-2.0x; 0.87-1.04x at 512-4096)
 
 
 def _few_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool) -> bool:
     """Whether `native.tiled_attention` takes this (unmasked, or causal) call: float32 on a CPU, no gradient, as
-    many k/v heads as query heads, a head dim that is a multiple of 16, at most FEW_KEYS keys (and, causal, no more
-    queries than keys), unit stride along the head dim, and the AVX2 build of the C loops."""
-    return (q.shape[-1] % 16 == 0 and k.shape[2] <= FEW_KEYS and q.shape[1] == k.shape[1]
+    many k/v heads as query heads, a head dim of 16 or more (smaller ones leave its sixteen-wide tiles half empty),
+    at most FEW_KEYS keys (and, causal, no more queries than keys), unit stride along the head dim, and the AVX2
+    build of the C loops."""
+    return (q.shape[-1] >= 16 and k.shape[2] <= FEW_KEYS and q.shape[1] == k.shape[1]
             and not (is_causal and q.shape[2] > k.shape[2])
             and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1 and avx2_inference(q, k, v))
 
