@@ -9,6 +9,12 @@ from ... import native
 from .switch import avx2_inference, cpu_path, reference
 
 
+def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
+    """(T, S) bool, True where query t may see key s: the T queries are the last T of the S positions, so query t
+    sees keys up to t + S - T."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
+
+
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                         is_causal: bool) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) v, written out. q (B, H, T, d); k, v (B, Hkv, S, d), H a multiple of Hkv;
@@ -18,7 +24,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_
     scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5  # (B, H, T, S)
     if is_causal:  # query t sees keys up to t (the last T of S keys are the new ones)
         T, S = scores.shape[-2:]
-        scores = scores.masked_fill(~torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T), float("-inf"))
+        scores = scores.masked_fill(~causal_mask(T, S, q.device), float("-inf"))
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
     return scores.softmax(dim=-1).to(v.dtype) @ v  # (B, H, T, d)
@@ -49,8 +55,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     gqa = k.shape[1] != q.shape[1]
     if not (cpu_path(q) and torch.is_grad_enabled() and q.requires_grad):  # SDPA: flash / efficient on CUDA
         if is_causal and attn_mask is None and q.shape[2] != k.shape[2]:  # SDPA aligns is_causal top-left; the
-            T, S = q.shape[2], k.shape[2]                                 # formula's T queries are the last T
-            attn_mask, is_causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T), False
+            attn_mask, is_causal = causal_mask(q.shape[2], k.shape[2], q.device), False  # formula's: the last T
         if gqa:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=True)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
@@ -64,7 +69,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
         scores = (q @ k.transpose(-2, -1)) * scale
     if is_causal:
         T, S = scores.shape[-2:]
-        attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        attn_mask = causal_mask(T, S, q.device)
     if attn_mask is not None:  # in place: neither product's backward needs the scores
         scores = scores.masked_fill_(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores.add_(attn_mask)
     return scores.softmax(dim=-1).to(v.dtype) @ v

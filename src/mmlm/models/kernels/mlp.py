@@ -104,12 +104,12 @@ def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 def _compiled_matmul(x: torch.Tensor, *layers: nn.Module) -> bool:
     """Whether `native.linear` takes x (..., K) through `layers`: plain nn.Linear layers (not LoRA or quantized
-    ones) of K at most 4096 inputs each (at 11008 its row chunks leave the cache: 0.91x PyTorch's GEMM, where up to
-    4096 it measured 0.98-1.17x), x contiguous with 64 rows or more (a decoding step's one row is PyTorch's
-    matrix-vector product's job; the kernel computes six rows at a time), no autocast, and `avx2_inference` (no
-    gradient, float32, AVX2 build)."""
-    return (all(type(layer) is nn.Linear and 0 < layer.in_features <= 4096 for layer in layers) and x.dim() >= 2
-            and x.is_contiguous() and x.numel() >= 64 * x.shape[-1] > 0 and not torch.is_autocast_enabled("cpu")
+    ones; or a convolution taken as its matmul, K = C p p, as the patch embedding) of K at most 4096 inputs each
+    (at 11008 its row chunks leave the cache: 0.91x PyTorch's GEMM, where up to 4096 it measured 0.98-1.17x), x
+    contiguous with 64 rows or more (a decoding step's one row is PyTorch's matrix-vector product's job; the kernel
+    computes six rows at a time), no autocast, and `avx2_inference` (no gradient, float32, AVX2 build)."""
+    return (all(type(layer) in (nn.Linear, nn.Conv2d) and 0 < layer.weight.shape[1:].numel() <= 4096
+                for layer in layers) and x.dim() >= 2 and x.is_contiguous() and x.numel() >= 64 * x.shape[-1] > 0 and not torch.is_autocast_enabled("cpu")
             and avx2_inference(x, *(p for layer in layers for p in layer.parameters())))
 
 
