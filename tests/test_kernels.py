@@ -152,8 +152,8 @@ def test_linear_is_its_formula(rows, width, out):
         with mmlm.reference_mode():
             assert torch.equal(kernels.linear(layer, x), layer(x))
         from mmlm import native
-        from mmlm.models.kernels.mlp import _compiled_matmul
-        assert _compiled_matmul(x, layer) == (native.simd() == 1 and rows >= 64)  # the C path is what ran above
+        from mmlm.models.kernels.mlp import compiled_matmul
+        assert compiled_matmul(x, layer) == (native.simd() == 1 and rows >= 64)  # the C path is what ran above
     assert torch.equal(kernels.linear(layer, x), layer(x))  # a gradient: PyTorch's
     with torch.inference_mode():  # weights made here keep no version counter: packed at every call
         made, conv = torch.nn.Linear(width, out), torch.nn.Conv2d(32, 32, 3, padding=1)

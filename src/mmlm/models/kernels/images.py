@@ -12,7 +12,7 @@ from torch import nn
 
 from ... import native
 from .casts import kept, matmul_dtype
-from .mlp import _compiled_matmul, packed_linear
+from .mlp import compiled_matmul, packed_linear
 from .switch import avx2_inference, reference
 
 
@@ -32,7 +32,7 @@ def patch_embed(pixel_values: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     # in the matmul's dtype before the patches are gathered: under autocast that moves half the bytes
     pixel_values = pixel_values.to(matmul_dtype(pixel_values, conv.weight.dtype))
     patches = pixel_values.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * p * p)
-    if _compiled_matmul(patches, conv):
+    if compiled_matmul(patches, conv):
         w, b = packed_linear(conv)  # as the linear layers' (`kernels.linear`)
         y = native.linear(patches.reshape(-1, patches.shape[-1]), w, conv.out_channels, b)
         return y.view(B, -1, conv.out_channels)

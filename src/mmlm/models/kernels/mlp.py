@@ -31,7 +31,7 @@ def mlp(x: torch.Tensor, fc1: nn.Module, act, fc2: nn.Module) -> torch.Tensor:
     matmuls instead of making passes over the (..., hidden) activations: two fewer forward and two backward.
     Without a gradient on an AVX2 CPU (embedding images and text), GELU or quick_gelu: two compiled matmuls
     (`native.linear`), the activation applied to fc1's sums in registers (no pass over the (..., hidden) product)."""
-    if act in _FUSED_ACTS and _compiled_matmul(x, fc1, fc2):
+    if act in _FUSED_ACTS and compiled_matmul(x, fc1, fc2):
         (w1, b1), (w2, b2) = packed_linear(fc1), packed_linear(fc2)
         h = native.linear(x.reshape(-1, x.shape[-1]), w1, fc1.out_features, b1, act=_FUSED_ACTS[act])
         return native.linear(h, w2, fc2.out_features, b2).view(*x.shape[:-1], fc2.out_features)
@@ -79,7 +79,7 @@ def linear_geglu(proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """`linear_geglu_reference`'s values. While sampling on an AVX2 CPU, one C pass (`native.linear`): its matmul
     takes eight columns of h with their eight gates at a time and writes h GELU(gate) straight from the registers, so
     the (..., 2 n) product is never stored nor read again; the weight is packed for it once (`packed_linear`)."""
-    if not _compiled_matmul(x, proj):
+    if not compiled_matmul(x, proj):
         return linear_geglu_reference(proj, x)
     w, b = packed_linear(proj, geglu=True)
     n = proj.out_features // 2
@@ -96,13 +96,13 @@ def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     images: not a decoding step's row, which PyTorch's matrix-vector product serves better), the compiled
     register-tiled matmul (`native.linear`): 1.0-1.2x PyTorch's GEMM at a CLIP tower's and a UNet's shapes, the
     bias added in its registers."""
-    if not _compiled_matmul(x, layer):
+    if not compiled_matmul(x, layer):
         return linear_reference(layer, x)
     w, b = packed_linear(layer)
     return native.linear(x.reshape(-1, x.shape[-1]), w, layer.out_features, b).view(*x.shape[:-1], layer.out_features)
 
 
-def _compiled_matmul(x: torch.Tensor, *layers: nn.Module) -> bool:
+def compiled_matmul(x: torch.Tensor, *layers: nn.Module) -> bool:
     """Whether `native.linear` takes x (..., K) through `layers`: plain nn.Linear layers (not LoRA or quantized
     ones; or a convolution taken as its matmul, K = C p p, as the patch embedding) of K at most 4096 inputs each
     (at 11008 its row chunks leave the cache: 0.91x PyTorch's GEMM, where up to 4096 it measured 0.98-1.17x), x
