@@ -193,6 +193,25 @@ def test_guided_ddim_run_matches_diffusers(sd_dir):
         torch.testing.assert_close(pipe.encode_prompt(ids), text(ids).last_hidden_state, atol=1e-5, rtol=0)
 
 
+def test_an_autoencoder_opens_alone_from_its_folder_or_its_pipeline(sd_dir):
+    """A pipeline's vae/ folder (diffusers' AutoencoderKL) opens with mmlm.load as the autoencoder; load_vae takes
+    the folder or the whole pipeline (what a latent recipe's vae_from accepts)."""
+    from mmlm.convert.diffusers_pipeline import load_vae
+    from mmlm.models.vae import AutoencoderKL
+
+    ref = diffusers.AutoencoderKL.from_pretrained(sd_dir / "vae").eval()
+    alone = mmlm.load(sd_dir / "vae")
+    assert isinstance(alone, AutoencoderKL) and alone.scaling_factor == ref.config.scaling_factor
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(alone.encode(x)[0], ref.encode(x).latent_dist.mean, atol=1e-4, rtol=0)
+    whole = load_vae(sd_dir)
+    for name, tensor in alone.state_dict().items():
+        torch.testing.assert_close(whole.state_dict()[name], tensor, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="not an autoencoder"):
+        load_vae(sd_dir / "unet")
+
+
 def test_sd2_like_v_prediction_pipeline_matches_diffusers_and_exports(tmp_path):
     """SD-2.x-like: linear projections, a head count per level, v-prediction, trailing timesteps; with the pooled
     prompt in the timestep embedding, which StableDiffusionPipeline runs unchanged (the UNet pools it itself)."""

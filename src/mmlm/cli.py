@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     gi.set_defaults(func=cmd_generate)
 
     t = sub.add_parser("train", help="train a model from a YAML recipe (resumes when --out holds a checkpoint)")
-    t.add_argument("model", choices=["clip", "llava", "diffusion"])
+    t.add_argument("model", choices=["clip", "llava", "diffusion", "vae"])
     t.add_argument("--config", type=Path, default=None, help="recipe YAML (see configs/)")
     t.add_argument("--out", type=Path, required=True, help="run directory")
     t.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --out")

@@ -18,7 +18,7 @@ from .assets import resolve
 from .checkpoint import CONFIG_NAME, PREPROCESS_NAME, load_model, read_json, save
 from .config import CLIPConfig
 from .convert import from_open_clip, from_openai
-from .convert.diffusers_pipeline import export_pipeline, is_pipeline_dir, load_pipeline
+from .convert.diffusers_pipeline import export_pipeline, is_pipeline_dir, is_vae_dir, load_pipeline, load_vae
 from .convert.diffusers_pipeline import load_checkpoint as load_diffusion_checkpoint
 from .convert.gguf import header, load_gguf, stored_mode, tokenizer_from_gguf
 from .convert.hf import export_hf, load_hf
@@ -32,9 +32,9 @@ def load(path: str | Path, dtype: torch.dtype | str | None = torch.float32,
          device: torch.device | str | None = "cpu") -> nn.Module:
     """Open a model: an mmlm checkpoint dir, a transformers CLIPModel / LlamaForCausalLM / Qwen2ForCausalLM /
     LlavaForConditionalGeneration dir, a diffusers Stable Diffusion pipeline dir (a `TextToImage` with its parts),
-    or a llama-architecture .gguf file. Eval mode; float32 on the CPU unless
-    `dtype` (torch.bfloat16 / float16 / float32 or a name: "bf16", ...) and `device` ("cuda", "cuda:1", "auto")
-    say otherwise.
+    an autoencoder (`AutoencoderKL`: mmlm's checkpoint or a diffusers folder), or a llama-architecture .gguf
+    file. Eval mode; float32 on the CPU unless `dtype` (torch.bfloat16 / float16 / float32 or a name: "bf16", ...)
+    and `device` ("cuda", "cuda:1", "auto") say otherwise.
 
     Checkpoint and transformers directories load with little memory: the model is built on the meta device and
     each tensor streams from the memory-mapped (sharded) safetensors straight into `dtype` on `device`, fused
@@ -43,6 +43,8 @@ def load(path: str | Path, dtype: torch.dtype | str | None = torch.float32,
     dtype, device = parse_dtype(dtype), parse_device(device)
     if is_pipeline_dir(path):  # a diffusers text-to-image pipeline (model_index.json + one folder per part)
         return load_pipeline(path, dtype, device).eval()
+    if is_vae_dir(path):  # an autoencoder alone: `mmlm train vae`'s, or a diffusers AutoencoderKL folder
+        return load_vae(path, dtype, device)
     if path.is_dir() and (path / CONFIG_NAME).is_file():
         if read_json(path / CONFIG_NAME).get("kind") == "diffusion":
             model = load_diffusion_checkpoint(path, dtype, device)

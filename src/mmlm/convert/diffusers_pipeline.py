@@ -21,8 +21,10 @@ import torch
 from torch import nn
 
 from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_state_dict_strict, read_json, read_state_dict, save_tensors, write_json
+from ..config import from_dict
 from ..diffusion_config import DiffusionConfig, NoiseScheduleConfig, UNetConfig, VAEConfig
 from ..models.diffusion import TextToImage
+from ..models.vae import AutoencoderKL
 from ..tokenizer import TOKENIZER_FILE, Tokenizer
 from ..weights import close_all, load_into, open_weights
 from . import hf_clip
@@ -314,6 +316,43 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, device
     if (d / TOKENIZER_FILE).is_file():
         model.tokenizer = Tokenizer.load(d)
     return model
+
+
+def is_vae_dir(path: Path) -> bool:
+    """An autoencoder alone: mmlm's checkpoint (config.json kind "autoencoder_kl") or diffusers' folder."""
+    if not (path.is_dir() and (path / CONFIG_NAME).is_file()):
+        return False
+    cfg = read_json(path / CONFIG_NAME)
+    return isinstance(cfg, dict) and (cfg.get("kind") == "autoencoder_kl" or cfg.get("_class_name") == "AutoencoderKL")
+
+
+def load_vae(path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> AutoencoderKL:
+    """An AutoencoderKL, strictly: mmlm's checkpoint of one (`mmlm train vae`), a diffusers `AutoencoderKL` folder
+    (a pipeline's vae/), or the autoencoder of a latent text-to-image model (a pipeline or an mmlm checkpoint)."""
+    d = Path(path)
+    if not d.exists():
+        raise FileNotFoundError(f"{d}: no such file or directory (expected an autoencoder)")
+    if not is_vae_dir(d):
+        model = None
+        if is_pipeline_dir(d):
+            model = load_pipeline(d, dtype, device)
+        elif (d / CONFIG_NAME).is_file() and read_json(d / CONFIG_NAME).get("kind") == "diffusion":
+            model = load_checkpoint(d, dtype, device)
+        if model is None or model.vae is None:
+            raise ValueError(f"{d}: not an autoencoder, nor a latent text-to-image model that holds one")
+        return model.vae.eval()
+    raw = read_json(d / CONFIG_NAME)
+    ours = raw.get("kind") == "autoencoder_kl"
+    cfg = from_dict(VAEConfig, raw, str(d / CONFIG_NAME)) if ours else vae_config_from_diffusers(raw, str(d / CONFIG_NAME))
+    with torch.device("meta"):
+        model = AutoencoderKL(cfg)
+    tensors, files = _lazy_part(d, (WEIGHTS_NAME,) if ours else (DIFFUSERS_WEIGHTS,))
+    try:
+        sd = tensors if ours else rename(tensors, rules_for(model), "to_ours", str(d))
+        load_into(model, sd, str(d), dtype, device)
+    finally:
+        close_all(files)
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------- export

@@ -129,6 +129,10 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(L, L, 1) if cfg.use_post_quant_conv else None
 
     @property
+    def config(self) -> VAEConfig:  # what checkpoint.save writes to config.json
+        return self.cfg
+
+    @property
     def scaling_factor(self) -> float:
         return self.cfg.scaling_factor
 
@@ -145,7 +149,8 @@ class AutoencoderKL(nn.Module):
     @staticmethod
     def sample(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """A draw from the diagonal Gaussian: mean + std * noise."""
-        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        device = generator.device if generator is not None else mean.device  # a CPU generator serves a GPU run
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=device).to(mean.device)
         return mean + torch.exp(0.5 * logvar) * noise
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:

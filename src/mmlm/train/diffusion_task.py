@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from .. import distributed
 from ..checkpoint import read_state_dict, save, save_tensors
+from ..convert.diffusers_pipeline import load_vae
 from ..config import TextConfig, to_dict
 from ..data.sources import IMAGE_TEXT, DataConfig
 from ..data.transforms import PreprocessConfig
@@ -58,6 +59,9 @@ class DiffusionRunConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # used when there is no text_from
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=3e-4, weight_decay=0.0, betas=(0.9, 0.999)))
     text_from: str = ""  # a trained CLIP (anything mmlm.load opens): its text tower and tokenizer, frozen
+    # latent diffusion: a trained autoencoder (`mmlm train vae`'s run, a diffusers AutoencoderKL folder, or a
+    # latent pipeline), frozen; its config replaces model.vae. Empty: model.vae must be null (pixel space)
+    vae_from: str = ""
     caption_dropout: float = 0.1  # share of captions replaced by "" (for classifier-free guidance)
     ema_decay: float = 0.999  # the UNet's weight average: ema = decay ema + (1 - decay) w after each step; 0 = off
 
@@ -111,15 +115,15 @@ class DiffusionTask:
         ids = F.pad(ids, (0, self.cfg.model.text.context_length - ids.shape[1]), value=self.tokenizer.pad_id)
         drop = torch.rand(B, generator=self.generator) < self.cfg.caption_dropout
         ids = torch.where(drop[:, None].to(device), self.empty_ids.to(device), ids)
+        if model.vae is not None:  # latent diffusion: the frozen autoencoder's scaled latents (B, L, S/f, S/f)
+            with torch.no_grad(), autocast():
+                mean, logvar = model.vae.encode(x)
+                x = model.vae.sample(mean.float(), logvar.float(), self.generator) * model.vae.scaling_factor
         t = torch.randint(0, sched.num_train_timesteps, (B,), generator=self.generator).to(device)
         noise = torch.randn(x.shape, generator=self.generator).to(device)
         with autocast():
             with torch.set_grad_enabled(not self.freeze_text):
                 context = model.encode_prompt(ids)  # (B, T, D)
-            if model.vae is not None:
-                with torch.no_grad():
-                    mean, logvar = model.vae.encode(x)
-                    x = model.vae.sample(mean, logvar, self.generator) * model.vae.scaling_factor
             pred = model.unet(add_noise(sched, x, noise, t), t, context)
             loss = F.mse_loss(pred.float(), training_target(sched, x, noise, t).float())
         loss.backward()
@@ -165,6 +169,12 @@ def build_task(cfg: DiffusionRunConfig, run: Path, resume: bool = True) -> Diffu
     """The run's data, tokenizer (a trained CLIP's, or a BPE fitted to the captions and written to `run`), model."""
     from ..tokenizer import Tokenizer
 
+    vae = load_vae(cfg.vae_from) if cfg.vae_from else None
+    if vae is not None:
+        cfg.model.vae = vae.config
+    elif cfg.model.vae is not None:
+        raise ValueError("model.vae is set but vae_from is empty: latent diffusion trains on a trained autoencoder's "
+                         "latents (mmlm train vae), or set model.vae to null for pixel space")
     size = cfg.model.image_size
     preprocess = PreprocessConfig(image_size=size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     data = IMAGE_TEXT[cfg.data.kind].train(cfg.data, preprocess)
@@ -194,6 +204,8 @@ def build_task(cfg: DiffusionRunConfig, run: Path, resume: bool = True) -> Diffu
     cfg.model = DiffusionConfig.from_dict(to_dict(cfg.model))  # checked again with the text tower settled
     torch.manual_seed(cfg.train.seed)
     model = TextToImage(cfg.model)
+    if vae is not None:
+        model.vae.load_state_dict(vae.state_dict())
     if text_state is not None:
         model.text_encoder.load_state_dict(text_state)
     else:

@@ -30,6 +30,7 @@ from .clip_task import ClipRunConfig
 from .diffusion_task import DiffusionRunConfig, train_diffusion
 from .llava_run import train_llava
 from .llava_task import LlavaRunConfig
+from .vae_task import VAERunConfig, train_vae
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ KINDS: dict[str, RecipeKind] = {
     "clip": RecipeKind(ClipRunConfig, train_clip, model=lambda preset: clip_preset(preset) if preset else CLIPConfig()),
     "llava": RecipeKind(LlavaRunConfig, train_llava),
     "diffusion": RecipeKind(DiffusionRunConfig, train_diffusion),
+    "vae": RecipeKind(VAERunConfig, train_vae),
 }
 
 
