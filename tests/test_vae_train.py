@@ -83,6 +83,13 @@ def test_vae_recipe_trains_saves_with_scaling_factor_resumes_and_feeds_latent_di
         torch.testing.assert_close(pipe.vae.state_dict()[name], tensor, atol=0, rtol=0)
     images = mmlm.generate_image(pipe, ["a red circle", "a blue star"], steps=2)
     assert images.shape == (2, 3, 24, 24) and 0 <= images.min() and images.max() <= 1
+    # judged: beside the rendered scenes, the same scenes through the autoencoder (a latent generator's ceiling)
+    from mmlm.eval.generation import ATTRIBUTES, eval_generation
+    from mmlm.serve.tiny import tiny_clip
+
+    result = eval_generation(lat / "final", tiny_clip(tmp_path / "judge"), per_group=2, steps=1)
+    assert set(result["autoencoded_attributes"]) == set(ATTRIBUTES)
+    assert all(0 <= v <= 1 for g in result["groups"].values() for v in g["autoencoded"].values())
 
 
 def test_latent_recipe_without_an_autoencoder_is_refused(tmp_path):

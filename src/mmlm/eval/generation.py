@@ -5,6 +5,7 @@
     the judge, zero-shot per attribute (colour, shape, position, count): correct when its top choice among
         the attribute's values is one the prompt asked for (for count: the number of objects); the same judge on
         the rendered (real) images of the same scenes is the ceiling beside each share
+    a latent model: the judge on the rendered images through its autoencoder too (a latent generator's ceiling)
     Frechet distance between the judge's image features of generated and real (rendered) images of the same
         scenes, beside the floor: real against real images of other scenes (what the metric reads for a perfect
         generator with this many images)
@@ -83,6 +84,15 @@ def _grid(images: Sequence[np.ndarray], prompts: Sequence[str], out: Path, cell:
 
 
 @torch.no_grad()
+@torch.no_grad()
+def autoencode(pipe: Any, images: Sequence[np.ndarray], seed: int) -> torch.Tensor:
+    """(H, W, 3) uint8 images -> the same through a latent model's autoencoder (encode, a draw, decode): (B, 3, H, W)
+    in [0, 1]."""
+    p = next(pipe.vae.parameters())
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(p.device, p.dtype) / 255
+    return pipe.to_image(pipe.to_latents(x, torch.Generator(p.device).manual_seed(seed)))
+
+
 def eval_generation(model: str | Path, judge: str | Path, per_group: int = 8, steps: int = 50,
                     guidance: float | None = None, seed: int = 0, out: str | Path | None = None, dtype: Any = None,
                     device: Any = None) -> dict[str, Any]:
@@ -112,7 +122,8 @@ def eval_generation(model: str | Path, judge: str | Path, per_group: int = 8, st
         prompts = [describe(s) for s in group]
         images = to_uint8(generate_image(pipe, prompts, steps=steps, guidance=guidance, seed=seed + g))
         feats = image_embeddings(clip, array_batches(list(images), processor))
-        real_feats = image_embeddings(clip, array_batches([render(s, real_size) for s in group], processor))
+        rendered = [render(s, real_size) for s in group]
+        real_feats = image_embeddings(clip, array_batches(rendered, processor))
 
         def judged(f: torch.Tensor) -> dict[str, float]:
             tops = {name: (f @ weights.T).argmax(dim=-1).tolist() for name, weights in classifiers.items()}
@@ -121,6 +132,9 @@ def eval_generation(model: str | Path, judge: str | Path, per_group: int = 8, st
 
         # the judge on the rendered images of the same scenes: the most a perfect generator could score
         groups[f"{split}-{n}"] = {"prompts": len(group), **judged(feats), "real": judged(real_feats)}
+        if pipe.vae is not None:  # the rendered scenes through the autoencoder: what a perfect latent generator scores
+            recon = to_uint8(autoencode(pipe, rendered, seed + g))
+            groups[f"{split}-{n}"]["autoencoded"] = judged(image_embeddings(clip, array_batches(list(recon), processor)))
         generated.append(feats)
         real.append(real_feats)
         grid_images += list(images[:2])
@@ -132,6 +146,8 @@ def eval_generation(model: str | Path, judge: str | Path, per_group: int = 8, st
         "images": len(generated_all), "steps": steps, "guidance": guidance, "seed": seed,
         "attributes": {name: float(np.mean([v[name] for v in groups.values()])) for name in ATTRIBUTES},
         "real_attributes": {name: float(np.mean([v["real"][name] for v in groups.values()])) for name in ATTRIBUTES},
+        **({"autoencoded_attributes": {name: float(np.mean([v["autoencoded"][name] for v in groups.values()]))
+                                       for name in ATTRIBUTES}} if pipe.vae is not None else {}),
         "groups": groups,
         "frechet": frechet_distance(generated_all, real_all),
         "frechet_real_floor": frechet_distance(floor_feats, real_all),
