@@ -13,7 +13,8 @@ Each step here:
 
 The small KL weight (the LDM paper's 1e-6) keeps the latents from drifting to huge values without blurring them.
 Left out from the paper's recipe: the perceptual (LPIPS) and adversarial losses, which sharpen natural photos'
-texture; flat-coloured scenes reconstruct from L1 alone. Every checkpoint writes the autoencoder with its
+texture; on the flat-coloured shapes L1 alone gets colours and places right and rounds the corners of small
+objects (docs/results.md). Every checkpoint writes the autoencoder with its
 `scaling_factor`, 1 / the standard deviation of the latents of the first `scale_images` training images, so the
 UNet trained on it sees latents of unit variance (Stable Diffusion's 0.18215 was found the same way).
 """
