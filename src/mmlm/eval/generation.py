@@ -84,7 +84,6 @@ def _grid(images: Sequence[np.ndarray], prompts: Sequence[str], out: Path, cell:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def autoencode(pipe: Any, images: Sequence[np.ndarray], seed: int) -> torch.Tensor:
     """(H, W, 3) uint8 images -> the same through a latent model's autoencoder (encode, a draw, decode): (B, 3, H, W)
     in [0, 1]."""
@@ -93,6 +92,7 @@ def autoencode(pipe: Any, images: Sequence[np.ndarray], seed: int) -> torch.Tens
     return pipe.to_image(pipe.to_latents(x, torch.Generator(p.device).manual_seed(seed)))
 
 
+@torch.no_grad()
 def eval_generation(model: str | Path, judge: str | Path, per_group: int = 8, steps: int = 50,
                     guidance: float | None = None, seed: int = 0, out: str | Path | None = None, dtype: Any = None,
                     device: Any = None) -> dict[str, Any]:
