@@ -95,6 +95,29 @@ def test_quickstart_generation_stage_trains_judges_and_reports(tmp_path):
     assert result["frechet"]["rendered_vs_rendered"] >= 0
 
 
+def test_the_judge_reads_colour_and_shape_from_the_best_pair():
+    """Colour: the colour of the best pair over all shapes; shape: the shape of the best pair over all colours (not
+    the best mean), other attributes from their own classifiers."""
+    from mmlm.data.shapes import COLOURS, SHAPES
+    from mmlm.eval.generation import ATTRIBUTES, judge_attributes
+
+    g = torch.Generator().manual_seed(0)
+    pairs = torch.nn.functional.normalize(torch.randn(len(COLOURS) * len(SHAPES), 512, generator=g), dim=-1)
+    others = {name: torch.eye(512)[:len(values)] for name, (values, template) in ATTRIBUTES.items() if template}
+    rows = [0, 9, 63, 8 * 3 + 5]  # (colour, shape) = (0, 0), (1, 1), (7, 7), (3, 5)
+    tops = judge_attributes(pairs[rows], pairs, others)
+    assert set(tops) == set(ATTRIBUTES)
+    assert tops["colour"] == [0, 1, 7, 3] and tops["shape"] == [0, 1, 7, 5]
+    # one image near a single pair (2, 6) but with every other pair of colour 4 a little closer than average:
+    # the best pair decides, a mean over the shapes would pick colour 4
+    f = pairs[2 * 8 + 6] + 0.45 * pairs[4 * 8:4 * 8 + 8].sum(0) - 0.45 * pairs[4 * 8 + 6]
+    f = torch.nn.functional.normalize(f, dim=-1)[None]
+    by_pair = (f @ pairs.T).view(8, 8)
+    assert by_pair.mean(1).argmax() == 4  # what averaging would read
+    tops = judge_attributes(f, pairs, others)
+    assert (tops["colour"], tops["shape"]) == ([2], [6])
+
+
 def test_eval_generation_structure_and_real_floor(tmp_path, capsys):
     from mmlm.eval.generation import ATTRIBUTES, GROUPS, frechet_distance
     from mmlm.serve.tiny import tiny_clip, tiny_text_to_image

@@ -5,6 +5,10 @@
     the judge, zero-shot per attribute (colour, shape, position, count): correct when its top choice among
         the attribute's values is one the prompt asked for (for count: the number of objects); the same judge on
         the rendered (real) images of the same scenes is the ceiling beside each share
+    colour and shape are read from the judge's own zero-shot classes, every "colour shape" pair in its training
+        templates: a colour scores its best pair over the shapes, a shape its best pair over the colours (a
+        bare "a hexagon." is a phrase its captions never use: on rendered one-object scenes it reads the shape
+        of 84 % seen / 66 % novel, the pairs 99 % / 87 %)
     a latent model: the judge on the rendered images through its autoencoder too (a latent generator's ceiling)
     Frechet distance between the judge's image features of generated and real (rendered) images of the same
         scenes, beside the floor: real against real images of other scenes (what the metric reads for a perfect
@@ -19,13 +23,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..data.shapes import COLOURS, POSITIONS, SHAPES, describe, position_phrase, render, sample_scene
+from ..data.shapes import (CLASS_NAMES, COLOURS, POSITIONS, SHAPES, TEMPLATES, describe, position_phrase, render,
+                           sample_scene)
 
 GROUPS = [(split, n) for split in ("val", "novel") for n in (1, 2, 3)]
 COUNT_WORDS = ("one", "two", "three")
-ATTRIBUTES = {  # attribute -> (its values, the judge's template)
-    "colour": (COLOURS, "a {} shape."),
-    "shape": (SHAPES, "a {}."),
+ATTRIBUTES = {  # attribute -> (its values, the judge's template; none: read from the colour-shape pairs)
+    "colour": (COLOURS, None),
+    "shape": (SHAPES, None),
     "position": (tuple(position_phrase(p) for p in POSITIONS), "a shape {}."),
     "count": (tuple(f"{w} object{'s' if w != 'one' else ''}" for w in COUNT_WORDS), "{} on a dark background."),
 }
@@ -50,6 +55,16 @@ def _wanted(scene: Any, attribute: str) -> set[int]:
         return {POSITIONS.index(o.position) for o in scene.objects}
     values = COLOURS if attribute == "colour" else SHAPES
     return {values.index(getattr(o, attribute)) for o in scene.objects}
+
+
+def judge_attributes(features: torch.Tensor, pairs: torch.Tensor, classifiers: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    """(B, E) normalised image features -> the judge's top value index per attribute and image.
+
+    pairs (C*S, E): the classifier of every CLASS_NAMES pair (row = colour * S + shape); classifiers: the others'."""
+    by_pair = (features @ pairs.T).view(len(features), len(COLOURS), len(SHAPES))  # (B, C, S) cosine similarities
+    tops = {"colour": by_pair.amax(2).argmax(-1), "shape": by_pair.amax(1).argmax(-1)}
+    tops.update({name: (features @ weights.T).argmax(-1) for name, weights in classifiers.items()})
+    return {name: tops[name].tolist() for name in ATTRIBUTES}
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -113,8 +128,9 @@ def eval_generation(model: str | Path, judge: str | Path, per_group: int = 8, st
     clip, tokenizer, processor = open_model(judge, dtype=dtype, device=device)
     if not hasattr(clip, "encode_image") or not hasattr(clip, "encode_text"):
         raise ValueError(f"--judge {judge} is not a CLIP model")
+    pairs = text_classifier(clip, tokenizer, CLASS_NAMES, TEMPLATES)
     classifiers = {name: text_classifier(clip, tokenizer, values, [template])
-                   for name, (values, template) in ATTRIBUTES.items()}
+                   for name, (values, template) in ATTRIBUTES.items() if template is not None}
     real_size = max(24, pipe.config.image_size)  # the renderer's smallest size; the judge resizes both
     groups, generated, real, grid_images, grid_prompts = {}, [], [], [], []
     for g, (split, n) in enumerate(GROUPS):
@@ -126,7 +142,7 @@ def eval_generation(model: str | Path, judge: str | Path, per_group: int = 8, st
         real_feats = image_embeddings(clip, array_batches(rendered, processor))
 
         def judged(f: torch.Tensor) -> dict[str, float]:
-            tops = {name: (f @ weights.T).argmax(dim=-1).tolist() for name, weights in classifiers.items()}
+            tops = judge_attributes(f, pairs, classifiers)
             return {name: float(np.mean([t in _wanted(s, name) for t, s in zip(top, group)]))
                     for name, top in tops.items()}
 
