@@ -137,6 +137,23 @@ def test_training_noise_matches_ddpm(prediction_type):
     torch.testing.assert_close(schedulers.training_target(cfg, x0, noise, t), want, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weights_match_diffusers_training_script(prediction_type):
+    """diffusers' train_text_to_image with --snr_gamma: min(SNR, gamma), then / SNR (eps) or / (SNR + 1) (v)."""
+    from diffusers.training_utils import compute_snr
+
+    ref = diffusers.DDPMScheduler(beta_schedule="scaled_linear", prediction_type=prediction_type)
+    cfg = scheduler_config_from_diffusers({"_class_name": "DDPMScheduler", **dict(ref.config)})
+    t = torch.tensor([0, 1, 50, 200, 500, 999])
+    snr = compute_snr(ref, t)
+    want = torch.stack([snr, 5.0 * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+    want = want / snr if prediction_type == "epsilon" else want / (snr + 1) if prediction_type == "v_prediction" else want
+    got = schedulers.min_snr_weight(cfg, t, 5.0)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert float(got.max()) <= {"epsilon": 1.0, "v_prediction": 1.0, "sample": 5.0}[prediction_type] + 1e-6
+    assert float(got[0]) < 0.01 if prediction_type != "sample" else float(got[0]) == 5.0  # the cap bites at t = 0
+
+
 # ----------------------------------------------------------------------------- whole pipelines
 
 VOCAB = ["l", "o", "w", "e", "r", "s", "t", "i", "d", "n", "lo", "l</w>", "w</w>", "r</w>", "t</w>", "low</w>", "er</w>",

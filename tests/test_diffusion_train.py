@@ -58,6 +58,9 @@ def test_recipe_reads_and_bad_field_is_named():
     assert cfg.model.vae is None and cfg.model.image_size == 32
     with pytest.raises(ValueError, match="caption_dropout"):
         load_recipe("diffusion", recipe_path("diffusion-shapes"), ["caption_dropout=1.5"])
+    for bad in ("nan", "-1"):
+        with pytest.raises(ValueError, match="snr_gamma"):
+            load_recipe("diffusion", recipe_path("diffusion-shapes"), [f"snr_gamma={bad}"])
     with pytest.raises(ValueError, match="guidance"):
         load_recipe("diffusion", recipe_path("diffusion-shapes"), ["model.guidance=nan"])
     with pytest.raises(ValueError, match="in_channels"):

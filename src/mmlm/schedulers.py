@@ -73,6 +73,24 @@ def training_target(cfg: NoiseScheduleConfig, x0: torch.Tensor, noise: torch.Ten
     return x0
 
 
+def min_snr_weight(cfg: NoiseScheduleConfig, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """(B,) Min-SNR-gamma loss weights (Hang et al. 2023) for the timesteps t: each sample's squared error on x0,
+    weighted by its signal-to-noise ratio SNR_t = a_t / (1 - a_t) capped at gamma, in the units of `prediction_type`.
+
+    An eps error is an x0 error times SNR_t, so the plain eps loss weighs nearly clean steps (huge SNR) most, though
+    they teach least; capping lets the noisy steps, where the layout and the shapes are decided, count as much.
+        epsilon: min(SNR, gamma) / SNR      v_prediction: min(SNR, gamma) / (SNR + 1)      sample: min(SNR, gamma)
+    """
+    a = alphas_cumprod(cfg)[t.cpu()].to(t.device)
+    snr = a / (1 - a)
+    weight = snr.clamp(max=gamma)
+    if cfg.prediction_type == "epsilon":
+        return weight / snr
+    if cfg.prediction_type == "v_prediction":
+        return weight / (snr + 1)
+    return weight
+
+
 # ----------------------------------------------------------------------------- which timesteps a sampler visits
 
 def timesteps(cfg: NoiseScheduleConfig, steps: int) -> torch.Tensor:

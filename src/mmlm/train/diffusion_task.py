@@ -3,7 +3,8 @@ as a `Task` for the one training loop, plus its run config (read from a recipe b
 
 Each step: images -> x0 in [-1, 1] (or scaled VAE latents), t ~ U{0..T-1}, noise ~ N(0, 1),
 x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise; the UNet, reading the text tower's token states, predicts the noise (or
-the velocity) and the loss is the mean squared error (Ho et al. 2020). A share of the captions (`caption_dropout`)
+the velocity) and the loss is the mean squared error (Ho et al. 2020), optionally each sample's weighted by its
+timestep's capped signal-to-noise ratio (`snr_gamma`, Min-SNR). A share of the captions (`caption_dropout`)
 is replaced by the empty prompt, so that one model learns both the conditional and the unconditional prediction
 that classifier-free guidance combines. The text tower comes from a trained CLIP (`text_from`) and stays frozen,
 or is trained with the UNet when there is none. An exponential moving average of the UNet's weights (`ema_decay`)
@@ -12,6 +13,7 @@ is kept beside them: every checkpoint writes it to ema.safetensors, and `mmlm.lo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from ..distributed import all_mean
 from ..formats import load as load_model
 from ..formats import load_tokenizer
 from ..models.diffusion import TextToImage
-from ..schedulers import add_noise, training_target
+from ..schedulers import add_noise, min_snr_weight, training_target
 from .clip_task import TokenizerConfig
 from .loop import TrainConfig, latest_checkpoint, run_training
 
@@ -64,10 +66,14 @@ class DiffusionRunConfig:
     vae_from: str = ""
     caption_dropout: float = 0.1  # share of captions replaced by "" (for classifier-free guidance)
     ema_decay: float = 0.999  # the UNet's weight average: ema = decay ema + (1 - decay) w after each step; 0 = off
+    # Min-SNR-gamma loss weighting (Hang et al. 2023; diffusers' --snr_gamma; the paper's 5): 0 = the plain mean
+    snr_gamma: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not (math.isfinite(self.snr_gamma) and self.snr_gamma >= 0):
+            raise ValueError(f"snr_gamma must be a finite number >= 0 (0: off), got {self.snr_gamma}")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
 
@@ -125,7 +131,11 @@ class DiffusionTask:
             with torch.set_grad_enabled(not self.freeze_text):
                 context = model.encode_prompt(ids)  # (B, T, D)
             pred = model.unet(add_noise(sched, x, noise, t), t, context)
-            loss = F.mse_loss(pred.float(), training_target(sched, x, noise, t).float())
+            target = training_target(sched, x, noise, t).float()
+            per_sample = (pred.float() - target).square().flatten(1).mean(1)  # (B,) each sample's mean squared error
+            if self.cfg.snr_gamma:  # each timestep weighted by its capped signal-to-noise ratio
+                per_sample = per_sample * min_snr_weight(sched, t, self.cfg.snr_gamma)
+            loss = per_sample.mean()
         loss.backward()
         return {"loss": all_mean(loss.item())}
 
