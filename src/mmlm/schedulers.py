@@ -77,8 +77,9 @@ def min_snr_weight(cfg: NoiseScheduleConfig, t: torch.Tensor, gamma: float) -> t
     """(B,) Min-SNR-gamma loss weights (Hang et al. 2023) for the timesteps t: each sample's squared error on x0,
     weighted by its signal-to-noise ratio SNR_t = a_t / (1 - a_t) capped at gamma, in the units of `prediction_type`.
 
-    An eps error is an x0 error times SNR_t, so the plain eps loss weighs nearly clean steps (huge SNR) most, though
-    they teach least; capping lets the noisy steps, where the layout and the shapes are decided, count as much.
+    In x0 units the plain eps loss weighs a step by SNR_t and the plain v loss by SNR_t + 1, so the nearly clean steps
+    (huge SNR), which teach least, dominate both; capping at gamma gives the middle of the schedule, where the layout
+    and the shapes are decided, the larger share of the gradient.
         epsilon: min(SNR, gamma) / SNR      v_prediction: min(SNR, gamma) / (SNR + 1)      sample: min(SNR, gamma)
     """
     a = alphas_cumprod(cfg)[t.cpu()].to(t.device)
