@@ -47,7 +47,7 @@ def scenes(split: str, n_objects: int, count: int, seed: int) -> list[Any]:
     return found
 
 
-def _wanted(scene: Any, attribute: str) -> set[int]:
+def wanted(scene: Any, attribute: str) -> set[int]:
     """Indices of the attribute's values that the scene's prompt asks for."""
     if attribute == "count":
         return {len(scene.objects) - 1}
@@ -64,7 +64,7 @@ def judge_attributes(features: torch.Tensor, pairs: torch.Tensor, classifiers: d
     by_pair = (features @ pairs.T).view(len(features), len(COLOURS), len(SHAPES))  # (B, C, S) cosine similarities
     tops = {"colour": by_pair.amax(2).argmax(-1), "shape": by_pair.amax(1).argmax(-1)}
     tops.update({name: (features @ weights.T).argmax(-1) for name, weights in classifiers.items()})
-    return {name: tops[name].tolist() for name in ATTRIBUTES}
+    return {name: tops[name].tolist() for name in ATTRIBUTES if name in tops}
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -143,7 +143,7 @@ def eval_generation(model: str | Path, judge: str | Path, per_group: int = 8, st
 
         def judged(f: torch.Tensor) -> dict[str, float]:
             tops = judge_attributes(f, pairs, classifiers)
-            return {name: float(np.mean([t in _wanted(s, name) for t, s in zip(top, group)]))
+            return {name: float(np.mean([t in wanted(s, name) for t, s in zip(top, group)]))
                     for name, top in tops.items()}
 
         # the judge on the rendered images of the same scenes: the most a perfect generator could score
