@@ -405,6 +405,26 @@ def test_conv_add_winograd_equals_the_direct_convolution(cin, cout, size):
             assert torch.equal(kernels.conv_add(conv, x, residual=skip), skip + conv(x))
 
 
+def test_a_kept_transform_follows_the_training_loops_fused_optimizer():
+    """The loop's AdamW (fused on CPU) writes the weights without PyTorch bumping their version counters; the kept
+    Winograd transform and packed linear weight must still follow each step, as an evaluation during training reads
+    them (it once computed with the weights of the first evaluation)."""
+    from mmlm.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"conv": torch.nn.Conv2d(32, 32, 3, padding=1), "linear": torch.nn.Linear(64, 64)})
+    opt = build_optimizer(model, lr=0.1, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
+    assert opt.defaults["fused"]
+    x, h = torch.randn(2, 32, 8, 8), torch.randn(64, 64)
+    for _ in range(2):
+        with torch.no_grad():  # the fast paths, which keep weight-derived tensors between calls
+            torch.testing.assert_close(kernels.conv_add(model["conv"], x), model["conv"](x), atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(kernels.linear(model["linear"], h), model["linear"](h), atol=1e-4, rtol=1e-5)
+        (model["conv"](x).square().mean() + model["linear"](h).square().mean()).backward()
+        opt.step()
+        opt.zero_grad()
+
+
 @pytest.mark.parametrize("cin,cout,size", [(64, 64, 16), (20, 36, (5, 3)), (8, 3, 4)])
 def test_conv_add_pointwise_equals_the_convolution(cin, cout, size):
     """conv_add with a 1x1 convolution without a gradient: the matmul over channels-last positions (AVX2 builds;
