@@ -7,8 +7,8 @@
         the rendered (real) images of the same scenes is the ceiling beside each share
     colour and shape are read from the judge's own zero-shot classes, every "colour shape" pair in its training
         templates: a colour scores its best pair over the shapes, a shape its best pair over the colours (a
-        bare "a hexagon." is a phrase its captions never use: on rendered one-object scenes it reads the shape
-        of 84 % seen / 66 % novel, the pairs 99 % / 87 %)
+        bare "a hexagon." is a phrase its captions never use, and reads far fewer shapes right:
+        scripts/judge_ceiling.py compares the two)
     a latent model: the judge on the rendered images through its autoencoder too (a latent generator's ceiling)
     Frechet distance between the judge's image features of generated and real (rendered) images of the same
         scenes, beside the floor: real against real images of other scenes (what the metric reads for a perfect
