@@ -65,3 +65,19 @@ def test_recipe_reads_and_bad_field_is_named():
         load_recipe("diffusion", recipe_path("diffusion-shapes"), ["model.guidance=nan"])
     with pytest.raises(ValueError, match="in_channels"):
         load_recipe("diffusion", recipe_path("diffusion-shapes"), ["model.unet.in_channels=4"])
+
+
+def test_the_denoising_loss_is_the_mean_squared_error_or_its_min_snr_weighting():
+    from mmlm.schedulers import alphas_cumprod
+    from mmlm.train.diffusion_task import denoising_loss
+
+    sched = load_recipe("diffusion", recipe_path("diffusion-shapes")).model.scheduler  # v-prediction
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
+    t = torch.tensor([0, 10, 500, 999])
+    torch.testing.assert_close(denoising_loss(pred, target, sched, t), torch.nn.functional.mse_loss(pred, target))
+    a = alphas_cumprod(sched)[t]
+    snr = a / (1 - a)
+    by_hand = sum(min(float(snr[i]), 5.0) / (float(snr[i]) + 1) * float((pred[i] - target[i]).square().mean())
+                  for i in range(4)) / 4
+    assert float(denoising_loss(pred, target, sched, t, snr_gamma=5.0)) == pytest.approx(by_hand, rel=1e-5)

@@ -81,6 +81,16 @@ class DiffusionRunConfig:
         return to_dict(self)
 
 
+def denoising_loss(pred: torch.Tensor, target: torch.Tensor, sched: NoiseScheduleConfig, t: torch.Tensor,
+                   snr_gamma: float = 0.0) -> torch.Tensor:
+    """The mean squared error of the UNet's prediction (B, C, H, W) against its target, in float32; with snr_gamma,
+    each sample's mean first weighted by its timestep's capped signal-to-noise ratio (Min-SNR)."""
+    per_sample = (pred.float() - target.float()).square().flatten(1).mean(1)  # (B,)
+    if snr_gamma:
+        per_sample = per_sample * min_snr_weight(sched, t, snr_gamma)
+    return per_sample.mean()
+
+
 class DiffusionTask:
     """Denoising training of a TextToImage's UNet on image-caption pairs."""
 
@@ -131,11 +141,7 @@ class DiffusionTask:
             with torch.set_grad_enabled(not self.freeze_text):
                 context = model.encode_prompt(ids)  # (B, T, D)
             pred = model.unet(add_noise(sched, x, noise, t), t, context)
-            target = training_target(sched, x, noise, t).float()
-            per_sample = (pred.float() - target).square().flatten(1).mean(1)  # (B,) each sample's mean squared error
-            if self.cfg.snr_gamma:  # each timestep weighted by its capped signal-to-noise ratio
-                per_sample = per_sample * min_snr_weight(sched, t, self.cfg.snr_gamma)
-            loss = per_sample.mean()
+            loss = denoising_loss(pred, training_target(sched, x, noise, t), sched, t, self.cfg.snr_gamma)
         loss.backward()
         return {"loss": all_mean(loss.item())}
 
