@@ -11,13 +11,13 @@ per shape."""
 import argparse
 
 import numpy as np
-import torch
 
 import mmlm
 from mmlm.data.shapes import CLASS_NAMES, COLOURS, SHAPES, TEMPLATES, render
 from mmlm.eval.cli import array_batches, open_model
-from mmlm.eval.generation import judge_attributes, scenes, wanted
+from mmlm.eval.generation import autoencode, judge_attributes, scenes, wanted
 from mmlm.eval.zeroshot import image_embeddings, text_classifier
+from mmlm.image_generation import to_uint8
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 ap.add_argument("--judge", required=True)
@@ -34,13 +34,6 @@ bare = {"colour": text_classifier(clip, tokenizer, COLOURS, ["a {} shape."]),
 vae = mmlm.load(args.vae).float().eval() if args.vae else None
 
 
-@torch.no_grad()
-def autoencoded(images: list[np.ndarray], seed: int) -> list[np.ndarray]:
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, S, S) in [-1, 1]
-    mean, logvar = vae.encode(x)
-    x_hat = vae.decode(vae.sample(mean, logvar, torch.Generator().manual_seed(seed)))
-    return list(((x_hat.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
-
 
 print(f"| {args.size} px, {args.per_group} one-object scenes per split | seen pairs: colour / shape (bare prompts) "
       "| colour / shape (colour-shape pairs) | novel pairs: colour / shape (bare) | colour / shape (pairs) |")
@@ -50,7 +43,7 @@ for split in ("val", "novel"):
     group = scenes(split, 1, args.per_group, args.seed)
     images = {"rendered": [render(s, args.size) for s in group]}
     if vae is not None:
-        images["autoencoded"] = autoencoded(images["rendered"], args.seed)
+        images["autoencoded"] = list(to_uint8(autoencode(vae, images["rendered"], args.seed)))
     for name, imgs in images.items():
         f = image_embeddings(clip, array_batches(imgs, processor))
         by_pairs = judge_attributes(f, pairs, {})

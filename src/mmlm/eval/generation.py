@@ -99,12 +99,13 @@ def _grid(images: Sequence[np.ndarray], prompts: Sequence[str], out: Path, cell:
 
 
 @torch.no_grad()
-def autoencode(pipe: Any, images: Sequence[np.ndarray], seed: int) -> torch.Tensor:
-    """(H, W, 3) uint8 images -> the same through a latent model's autoencoder (encode, a draw, decode): (B, 3, H, W)
-    in [0, 1]."""
-    p = next(pipe.vae.parameters())
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(p.device, p.dtype) / 255
-    return pipe.to_image(pipe.to_latents(x, torch.Generator(p.device).manual_seed(seed)))
+def autoencode(vae: Any, images: Sequence[np.ndarray], seed: int) -> torch.Tensor:
+    """(H, W, 3) uint8 images -> the same through an autoencoder (encode, a draw, decode): (B, 3, H, W) in [0, 1]."""
+    p = next(vae.parameters())
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(p.device, p.dtype) / 127.5 - 1  # [-1, 1]
+    mean, logvar = vae.encode(x)
+    x_hat = vae.decode(vae.sample(mean, logvar, torch.Generator(p.device).manual_seed(seed)))
+    return (x_hat / 2 + 0.5).clamp(0, 1)
 
 
 @torch.no_grad()
@@ -149,7 +150,7 @@ def eval_generation(model: str | Path, judge: str | Path, per_group: int = 8, st
         # the judge on the rendered images of the same scenes: the most a perfect generator could score
         groups[f"{split}-{n}"] = {"prompts": len(group), **judged(feats), "real": judged(real_feats)}
         if pipe.vae is not None:  # the rendered scenes through the autoencoder: what a perfect latent generator scores
-            recon = to_uint8(autoencode(pipe, rendered, seed + g))
+            recon = to_uint8(autoencode(pipe.vae, rendered, seed + g))
             groups[f"{split}-{n}"]["autoencoded"] = judged(image_embeddings(clip, array_batches(list(recon), processor)))
         generated.append(feats)
         real.append(real_feats)
