@@ -3,6 +3,8 @@ and under bf16 autocast; and whole models give the same outputs and gradients in
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -83,6 +85,27 @@ def test_attention(grad, mask_kind, kv_heads, queries):
     with torch.set_grad_enabled(grad):
         results = _run(lambda: kernels.attention(q, k, v, mask, mask_kind == "causal"), [q, k, v] if grad else [])
     _assert_agree(results)
+
+
+def test_training_attention_over_many_keys_takes_the_fused_kernel(monkeypatch):
+    """With a gradient on a CPU, unmasked attention over MANY_KEYS keys or more (a UNet's over 16 x 16 positions)
+    runs PyTorch's fused kernel, its values and gradients the formula's; fewer keys, a mask or causality keep the
+    three ops."""
+    fast = importlib.import_module("mmlm.models.kernels.attention")
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(fast.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    torch.manual_seed(0)
+    n = fast.MANY_KEYS
+    q, k, v = (torch.randn(2, 4, n, 16, requires_grad=True) for _ in range(3))
+    _assert_agree(_run(lambda: kernels.attention(q, k, v), [q, k, v]), grad_scale=True)
+    assert calls == [1]
+    calls.clear()
+    few = [t[:, :, : n - 1].detach().requires_grad_() for t in (q, k, v)]
+    kernels.attention(*few)
+    kernels.attention(q, k, v, is_causal=True)
+    kernels.attention(q, k, v, attn_mask=torch.ones(n, n, dtype=torch.bool))
+    assert calls == []
 
 
 def test_rope_in_float64_and_its_gradient():

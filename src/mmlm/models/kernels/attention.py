@@ -36,7 +36,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
 
     PyTorch's fused kernel (`scaled_dot_product_attention`) is fast forward but its CPU backward is slow at
     CLIP-sized sequences (measured: a small CLIP trained ~2x faster with plain matmuls), so while training on a
-    CPU the same maths runs as three ops with in-place masking; everywhere else (inference, GPUs) the fused
+    CPU the same maths runs as three ops with in-place masking, unless the attention is unmasked over MANY_KEYS
+    keys or more (a UNet's over image positions), where the plain scores (B, H, T, S) outgrow the caches and the
+    fused kernel, which never stores them, is faster both ways; everywhere else (inference, GPUs) the fused
     kernel does, sharing each k/v head among its query heads without copying (grouped-query attention). Three
     shapes run in mmlm's C loops instead (`native.py`): one query per row (a decoding step), and, on an AVX2 CPU
     without a gradient, unmasked attention with heads of at most 16 dims (a UNet's over image positions: there
@@ -53,7 +55,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     if attn_mask is None and _few_keys(q, k, v, is_causal):  # a CLIP tower's: two small matmuls a head
         return native.tiled_attention(q, k, v, is_causal)
     gqa = k.shape[1] != q.shape[1]
-    if not (cpu_path(q) and torch.is_grad_enabled() and q.requires_grad):  # SDPA: flash / efficient on CUDA
+    if not (cpu_path(q) and torch.is_grad_enabled() and q.requires_grad) or _many_keys(k, attn_mask, is_causal):
         if is_causal and attn_mask is None and q.shape[2] != k.shape[2]:  # SDPA aligns is_causal top-left; the
             attn_mask, is_causal = causal_mask(q.shape[2], k.shape[2], q.device), False  # formula's: the last T
         if gqa:
@@ -73,6 +75,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torc
     if attn_mask is not None:  # in place: neither product's backward needs the scores
         scores = scores.masked_fill_(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores.add_(attn_mask)
     return scores.softmax(dim=-1).to(v.dtype) @ v
+
+
+MANY_KEYS = 256  # from here PyTorch's fused kernel trained faster than three ops (AVX2, fp32, forward + backward:
+# 1.2-1.4x at 256 keys x 16 images, 4.5x at 256 keys x 64 images with 16-dim heads, 2.2-3.3x at 1024 keys)
+
+
+def _many_keys(k: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> bool:
+    """Whether a call with a gradient on a CPU takes PyTorch's fused kernel: unmasked, not causal, MANY_KEYS keys
+    or more."""
+    return attn_mask is None and not is_causal and k.shape[2] >= MANY_KEYS
 
 
 SMALL_HEAD_DIM = 16  # up to here the C loop beat PyTorch's fused CPU kernel (AVX2: 1.3x at 16, 2x at 4 and 8)
