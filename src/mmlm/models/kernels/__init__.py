@@ -6,7 +6,7 @@ path otherwise, and tests/test_kernels.py asserts the two agree, values and grad
 
 | operation | plain formula | fast path |
 |---|---|---|
-| attention | softmax(q k^T / sqrt(d) + mask) v | SDPA for inference (C loops for one query, and for heads of ≤ 16 dims on AVX2); in-place masking while training on a CPU |
+| attention | softmax(q k^T / sqrt(d) + mask) v | SDPA for inference (C loops for one query, and for heads of ≤ 16 dims on AVX2); while training on a CPU, in-place masking, or SDPA over ≥ 256 unmasked keys |
 | apply_rope | x cos + rotate_half(x) sin | one autograd function (the inverse rotation as backward) |
 | rms_norm | w x / rms(x) in float32 | PyTorch's fused op; one autograd function while training |
 | quick_gelu, mlp | x sigmoid(1.702 x); fc2(act(fc1 x)) | silu(1.702 x) / 1.702; the scalings inside the matmuls; inference on AVX2: compiled matmuls, the activation in their registers |
