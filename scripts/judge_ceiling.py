@@ -33,8 +33,6 @@ bare = {"colour": text_classifier(clip, tokenizer, COLOURS, ["a {} shape."]),
         "shape": text_classifier(clip, tokenizer, SHAPES, ["a {}."])}
 vae = mmlm.load(args.vae).float().eval() if args.vae else None
 
-
-
 print(f"| {args.size} px, {args.per_group} one-object scenes per split | seen pairs: colour / shape (bare prompts) "
       "| colour / shape (colour-shape pairs) | novel pairs: colour / shape (bare) | colour / shape (pairs) |")
 print("|---|---|---|---|---|")
